@@ -1,0 +1,181 @@
+"""Stage 01: long-tailed subset of CIFAR-10 and partial (candidate) labels.
+
+- Long tail (exponential profile): n_c = int(n_max · IF^(c/(C−1))).
+- ``uniform`` candidates (PiCO/RECORDS): each wrong label enters with probability q.
+- ``instance`` candidates (VALEN/ABLE): flip rates from a classifier trained on clean
+  CIFAR-10 (trained here and cached), q_j = min(1, r · p̃_j / mean(p̃)).
+The true label is always a candidate; all draws are seeded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import config
+from .augment import random_crop_flip
+from .data import Cifar
+from .networks import build_backbone, normalize, pick_device
+
+
+def long_tail_counts(n_max: int, num_classes: int, imbalance_factor: float) -> list[int]:
+    """Per-class image counts of the exponential long-tail profile."""
+    config.validate({"IMBALANCE_FACTOR": imbalance_factor})
+    counts = [int(n_max * imbalance_factor ** (c / (num_classes - 1))) for c in range(num_classes)]
+    if min(counts) < 1:
+        raise ValueError(f"IMBALANCE_FACTOR={imbalance_factor} with n_max={n_max} leaves a class "
+                         f"with no image ({counts}); raise n_max or the factor.")
+    return counts
+
+
+def long_tail_indices(labels: np.ndarray, counts: list[int], seed: int = 0) -> np.ndarray:
+    """Indices of the first ``counts[c]`` images of each class after a seeded shuffle."""
+    picked = []
+    for c, n in enumerate(counts):
+        members = np.flatnonzero(labels == c)
+        if n > len(members):
+            raise ValueError(f"class {c} has {len(members)} images, {n} requested")
+        rng = np.random.default_rng([seed, c])
+        picked.append(np.sort(rng.permutation(members)[:n]))
+    return np.concatenate(picked)
+
+
+def uniform_candidates(labels: np.ndarray, num_classes: int, q: float, seed: int = 0
+                       ) -> np.ndarray:
+    """N×C bool candidate sets: every wrong label enters independently with probability q."""
+    config.validate({"Q": q})
+    rng = np.random.default_rng(seed)
+    cand = rng.random((len(labels), num_classes)) < q
+    cand[np.arange(len(labels)), labels] = True
+    return cand
+
+
+def instance_flip_rates(probs: np.ndarray, labels: np.ndarray, rate: float) -> np.ndarray:
+    """VALEN/ABLE rule: p[true]=0, p̃ = p / max p, q_j = min(1, r · p̃_j / mean_j p̃)."""
+    config.validate({"RATE": rate})
+    p = probs.astype(np.float64).copy()
+    p[np.arange(len(labels)), labels] = 0.0
+    p /= np.maximum(p.max(axis=1, keepdims=True), 1e-12)
+    return np.minimum(1.0, rate * p / np.maximum(p.mean(axis=1, keepdims=True), 1e-12))
+
+
+def instance_candidates(probs: np.ndarray, labels: np.ndarray, rate: float, seed: int = 0
+                        ) -> np.ndarray:
+    """N×C bool candidate sets: one Bernoulli per wrong label with instance flip rates."""
+    flip = instance_flip_rates(probs, labels, rate)
+    rng = np.random.default_rng(seed)
+    cand = rng.random(flip.shape) < flip
+    cand[np.arange(len(labels)), labels] = True
+    return cand
+
+
+def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int,
+         lr: float) -> None:
+    """Plain supervised SGD with crop+flip augmentation and a cosine schedule."""
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    steps = epochs * max(1, len(x) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps)
+    net.train()
+    for _ in tqdm(range(epochs), desc="clean classifier", unit="epoch", leave=False):
+        for idx in torch.randperm(len(x), device=x.device).split(batch):
+            if len(idx) < batch:
+                continue
+            loss = F.cross_entropy(net(random_crop_flip(normalize(x[idx]))), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+
+
+@torch.no_grad()
+def predict_proba(net: nn.Module, x_uint8: np.ndarray, device: torch.device,
+                  batch: int = 1000) -> np.ndarray:
+    """Softmax probabilities of ``net`` on uint8 images (evaluation mode)."""
+    net.eval()
+    out = [F.softmax(net(normalize(torch.as_tensor(x_uint8[i:i + batch], device=device))), 1)
+           for i in range(0, len(x_uint8), batch)]
+    return torch.cat(out).float().cpu().numpy()
+
+
+def clean_classifier(cifar: Cifar, arch: str, epochs: int, seed: int = 0, device: str = "auto",
+                     per_class: int | None = None) -> tuple[nn.Module, dict]:
+    """Train (or load from cache) a classifier on clean CIFAR-10; returns (net, info).
+
+    ``info`` records architecture, epochs, training-set size and test accuracy.
+    """
+    dev = pick_device(device)
+    source = hashlib.sha1(cifar.source.encode()).hexdigest()[:10]
+    key = f"clean-{arch}-e{epochs}-s{seed}-n{per_class or 'all'}-{source}"
+    weights, meta = config.cache_dir() / f"{key}.safetensors", config.cache_dir() / f"{key}.json"
+    torch.manual_seed(seed)
+    backbone = build_backbone(arch)
+    net = nn.Sequential(backbone, nn.Linear(backbone.feat_dim, cifar.num_classes)).to(dev)
+    if weights.exists() and meta.exists():
+        net.load_state_dict(load_file(weights, device=str(dev)))
+        return net, json.loads(meta.read_text())
+    idx = np.arange(len(cifar.train_y))
+    if per_class:
+        idx = long_tail_indices(cifar.train_y, [per_class] * cifar.num_classes, seed)
+    x = torch.as_tensor(cifar.train_x[idx], device=dev)
+    y = torch.as_tensor(cifar.train_y[idx], device=dev)
+    _fit(net, x, y, epochs, batch=min(128, len(idx)), lr=0.1)
+    acc = float((predict_proba(net, cifar.test_x, dev).argmax(1) == cifar.test_y).mean())
+    info = dict(arch=arch, epochs=epochs, seed=seed, train_images=int(len(idx)),
+                test_accuracy=acc, device=str(dev))
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, weights)
+    meta.write_text(json.dumps(info, indent=1))
+    return net, info
+
+
+def build_dataset(cifar: Cifar, imbalance_factor: float, partial: str, q: float, rate: float,
+                  seed: int = 0, n_max: int = 5000, clean_arch: str = "resnet18",
+                  clean_epochs: int = 60, clean_per_class: int | None = None,
+                  device: str = "auto") -> dict:
+    """Long-tailed subset plus candidate sets: the content of ``dataset.npz``."""
+    config.validate({"PARTIAL": partial, "IMBALANCE_FACTOR": imbalance_factor, "Q": q,
+                     "RATE": rate, "SEED": seed})
+    counts = long_tail_counts(n_max, cifar.num_classes, imbalance_factor)
+    indices = long_tail_indices(cifar.train_y, counts, seed)
+    labels = cifar.train_y[indices]
+    info: dict = {}
+    if partial == "uniform":
+        candidates = uniform_candidates(labels, cifar.num_classes, q, seed)
+    else:
+        net, info = clean_classifier(cifar, clean_arch, clean_epochs, seed, device, clean_per_class)
+        probs = predict_proba(net, cifar.train_x[indices], next(net.parameters()).device)
+        candidates = instance_candidates(probs, labels, rate, seed)
+    return dict(indices=indices, labels=labels, candidates=candidates,
+                class_counts=np.asarray(counts, dtype=np.int64), clean_classifier=info)
+
+
+def save_dataset(run_dir: str | os.PathLike, ds: dict, params: dict) -> None:
+    """Write ``dataset.npz`` and ``dataset.json`` atomically into the run directory."""
+    run_dir = Path(run_dir)
+    arrays = {k: ds[k] for k in ("indices", "labels", "candidates", "class_counts")}
+    tmp = run_dir / "dataset.tmp.npz"
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, run_dir / "dataset.npz")
+    meta = dict(params, clean_classifier=ds.get("clean_classifier", {}),
+                num_images=int(len(ds["labels"])),
+                mean_candidates=float(ds["candidates"].sum(1).mean()))
+    (run_dir / "dataset.json").write_text(json.dumps(meta, indent=1, default=str))
+
+
+def load_dataset(run_dir: str | os.PathLike) -> dict:
+    """Read ``dataset.npz`` (+ its parameters) from a run directory, with a clear error."""
+    path = Path(run_dir) / "dataset.npz"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run notebook 01_dataset_imbalance first "
+                                f"(python -m rable_nb run --only 01 --out {run_dir}).")
+    with np.load(path) as z:
+        ds = {k: z[k] for k in z.files}
+    ds["params"] = json.loads((Path(run_dir) / "dataset.json").read_text())
+    return ds

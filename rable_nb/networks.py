@@ -1,0 +1,129 @@
+"""Backbones: CIFAR ResNet-18 (3×3 stride-1 stem, no max-pool) and small CNNs.
+
+Every backbone maps a normalised N×3×32×32 batch to N×feat_dim features.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchvision.models import resnet18
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+def cifar_resnet18() -> nn.Module:
+    """torchvision ResNet-18 adapted to 32×32 inputs; returns 512-d features."""
+    net = resnet18(num_classes=10)
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    net.feat_dim = 512
+    return net
+
+
+def _conv_block(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def small_cnn(width: int = 64) -> nn.Module:
+    """A fast VGG-style CNN for CPU ('quick' profile): 3 stages, global pooling."""
+    w = width
+    net = nn.Sequential(*_conv_block(3, w), *_conv_block(w, w), nn.MaxPool2d(2),
+                        *_conv_block(w, 2 * w), *_conv_block(2 * w, 2 * w), nn.MaxPool2d(2),
+                        *_conv_block(2 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    net.feat_dim = 4 * w
+    return net
+
+
+def tiny_cnn() -> nn.Module:
+    """A network for the 'smoke' profile: seconds on CPU."""
+    net = nn.Sequential(*_conv_block(3, 16), nn.MaxPool2d(2), *_conv_block(16, 32),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    net.feat_dim = 32
+    return net
+
+
+BACKBONES = {"resnet18": cifar_resnet18, "small_cnn": small_cnn, "tiny_cnn": tiny_cnn}
+
+
+def build_backbone(arch: str) -> nn.Module:
+    """Backbone by name (see ``BACKBONES``); raises ``ValueError`` for unknown names."""
+    if arch not in BACKBONES:
+        raise ValueError(f"Unknown architecture {arch!r}; choose one of {sorted(BACKBONES)}.")
+    return BACKBONES[arch]()
+
+
+def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 N×32×32×3 (or N×3×32×32) → float N×3×32×32 normalised with CIFAR statistics."""
+    x = x_uint8
+    if x.shape[-1] == 3:
+        x = x.permute(0, 3, 1, 2)
+    x = x.float().div_(255)
+    mean = torch.tensor(CIFAR_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """'auto' → CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("DEVICE='cuda' was requested but no CUDA GPU is available.")
+    return torch.device(device)
+
+
+class PLLNet(nn.Module):
+    """Backbone + linear classifier + projection head (feat→feat→ReLU→proj_dim, L2-normed).
+
+    ``forward`` returns logits; :meth:`embed` returns (features, logits, projections).
+    """
+
+    def __init__(self, arch: str, num_classes: int = 10, proj_dim: int = 128):
+        super().__init__()
+        self.arch, self.num_classes = arch, num_classes
+        self.backbone = build_backbone(arch)
+        dim = self.backbone.feat_dim
+        self.classifier = nn.Linear(dim, num_classes)
+        self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, proj_dim))
+
+    def embed(self, x: torch.Tensor):
+        feats = self.backbone(x)
+        return feats, self.classifier(feats), nn.functional.normalize(self.head(feats), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone(x))
+
+
+def save_model(net: PLLNet, path, meta: dict | None = None,
+               extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Write model weights (+ extra tensors, e.g. a test-time logit prior) to safetensors.
+
+    ``meta`` (json-serialisable) is stored in the file's metadata with arch/num_classes.
+    """
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
+    info = dict(meta or {}, arch=net.arch, num_classes=net.num_classes)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp, metadata={"rable_nb": json.dumps(info)})
+    os.replace(tmp, path)
+
+
+def load_model(path, device: str | torch.device = "cpu"):
+    """Inverse of :func:`save_model`: (net in eval mode, meta dict, extra tensors)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["rable_nb"])
+    tensors = load_file(str(path), device=str(device))
+    net = PLLNet(meta["arch"], meta["num_classes"]).to(device)
+    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return net.eval(), meta, extra

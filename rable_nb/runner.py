@@ -1,0 +1,133 @@
+"""Execute the notebooks in pipeline order with papermill into a run directory."""
+from __future__ import annotations
+
+import ast
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import papermill as pm
+from tqdm.auto import tqdm
+
+from . import config
+
+NOTEBOOK_DIR = config.PROJECT_ROOT / "notebooks"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class RunError(RuntimeError):
+    """A notebook failed; the message names the notebook and the cell."""
+
+
+def list_notebooks(notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
+    """Notebooks ``NN_name.ipynb`` in pipeline order."""
+    return sorted(p for p in notebook_dir.glob("[0-9][0-9]_*.ipynb"))
+
+
+def parameter_cell(path: Path) -> dict:
+    """Names and literal values of the cell tagged ``parameters``."""
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            tree = ast.parse(cell.source)
+            return {t.id: ast.literal_eval(node.value) for node in tree.body
+                    if isinstance(node, ast.Assign) for t in node.targets}
+    raise RunError(f"{path.name} has no cell tagged 'parameters'.")
+
+
+def select(only: str | None, notebooks: list[Path]) -> list[Path]:
+    """Notebooks whose two-digit prefix is in ``only`` ('00,01'); all when None."""
+    if not only:
+        return notebooks
+    wanted = [w.strip() for w in only.split(",") if w.strip()]
+    by_prefix = {p.name[:2]: p for p in notebooks}
+    unknown = [w for w in wanted if w not in by_prefix]
+    if unknown:
+        raise RunError(f"Unknown notebook(s) {unknown}; available: {sorted(by_prefix)}.")
+    return [by_prefix[w] for w in sorted(set(wanted))]
+
+
+def parse_value(text: str):
+    """Command-line value → Python literal when it parses as one, else the string itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def check_parameters(params: dict, notebooks: list[Path]) -> dict[Path, set]:
+    """Every name must be declared by some selected notebook; values are validated."""
+    declared = {nb: set(parameter_cell(nb)) for nb in notebooks}
+    known = set().union(*declared.values())
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise RunError(f"Unknown parameter(s) {unknown}; the selected notebooks take: "
+                       f"{sorted(known)}.")
+    try:
+        config.validate(params)
+    except ValueError as err:
+        raise RunError(str(err)) from err
+    return declared
+
+
+def _failure_message(nb: Path, out: Path, err: pm.PapermillExecutionError) -> str:
+    cells = nbformat.read(out, as_version=4).cells if out.exists() else []
+    logged = ""
+    if err.cell_index < len(cells):
+        logged = "".join(o.get("text", "") for o in cells[err.cell_index].get("outputs", [])
+                         if o.get("output_type") == "stream")[-3000:]
+    trace = ANSI.sub("", "\n".join(err.traceback))[-3000:]
+    return (f"Notebook {nb.name} failed in cell {err.exec_count} (index {err.cell_index}):\n"
+            f"--- cell source ---\n{err.source}\n--- cell output ---\n{logged}\n"
+            f"--- error ---\n{trace}\n{err.ename}: {err.evalue}\n"
+            f"Executed notebook kept at {out}")
+
+
+def run(profile: str = "smoke", only: str | None = None, out: str | None = None,
+        params: dict | None = None, kernel: str = "python3",
+        notebook_dir: Path = NOTEBOOK_DIR) -> Path:
+    """Run the selected notebooks in order; return the run directory.
+
+    Everything is checked before the first notebook starts; a failing notebook raises
+    :class:`RunError` naming the notebook and cell.
+    """
+    params = dict(params or {})
+    if profile not in config.PROFILES:
+        raise RunError(f"Unknown profile {profile!r}; choose one of {config.PROFILES}.")
+    notebooks = select(only, list_notebooks(notebook_dir))
+    if not notebooks:
+        raise RunError(f"No notebooks found in {notebook_dir}.")
+    declared = check_parameters(params, notebooks)
+    run_dir = Path(out) if out else config.PROJECT_ROOT / "runs" / profile
+    run_dir = (run_dir if run_dir.is_absolute() else Path.cwd() / run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    base = dict(PROFILE=profile, RUN_DIR=str(run_dir))
+    log = []
+    for nb in tqdm(notebooks, desc=f"run [{profile}]", unit="notebook"):
+        injected = {k: v for k, v in {**base, **params}.items() if k in declared[nb]}
+        target = run_dir / nb.name
+        start = time.time()
+        try:
+            pm.execute_notebook(str(nb), str(target), parameters=injected, kernel_name=kernel,
+                                cwd=str(nb.parent), progress_bar=dict(desc=nb.stem, leave=False))
+        except pm.PapermillExecutionError as err:
+            raise RunError(_failure_message(nb, target, err)) from None
+        log.append(dict(notebook=nb.name, seconds=round(time.time() - start, 1),
+                        parameters=injected))
+    (run_dir / "run.json").write_text(json.dumps(dict(profile=profile, notebooks=log), indent=1))
+    return run_dir
+
+
+def main_run(args) -> int:
+    """``python -m rable_nb run`` entry point."""
+    params = {name: parse_value(value) for name, value in (args.p or [])}
+    try:
+        run_dir = run(args.profile, args.only, args.out, params, args.kernel)
+    except RunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"done: executed notebooks and artefacts in {run_dir}")
+    return 0
