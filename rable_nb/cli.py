@@ -1,7 +1,8 @@
-"""Command line: ``python -m rable_nb run|...`` (see README)."""
+"""Command line: ``python -m rable_nb run|sweep|bench|figures`` (see README)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from . import config
@@ -19,6 +20,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"),
                      help="notebook parameter (repeatable); values parse as Python literals")
     run.add_argument("--kernel", default="python3", help="Jupyter kernel name")
+
+    sweep = sub.add_parser("sweep", help="one papermill run per point of a parameter grid")
+    sweep.add_argument("grid", help="YAML grid file (see examples/)")
+    sweep.add_argument("--out", help="sweep directory (default runs/sweep-<grid name>)")
+    sweep.add_argument("--kernel", default="python3", help="Jupyter kernel name")
+
+    bench = sub.add_parser("bench", help="throughput benchmark; last line is one JSON object")
+    bench.add_argument("what", choices=("train", "synth"))
+    bench.add_argument("--profile", default="smoke", help=f"one of {config.PROFILES}")
+    bench.add_argument("--device", default="auto", help=f"one of {config.DEVICES}")
+    bench.add_argument("--batch-size", type=int, nargs="*", help="batch size(s) to time")
+
+    figures = sub.add_parser("figures", help="copy a run's report figures into figures/")
+    figures.add_argument("--run", required=True, help="run directory, e.g. runs/paper")
+    figures.add_argument("--force", action="store_true", help="allow non-paper profiles")
     return parser
 
 
@@ -27,7 +43,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from .runner import main_run
         return main_run(args)
-    return 2
+    if args.command == "sweep":
+        from .sweep import main_sweep
+        return main_sweep(args)
+    if args.command == "figures":
+        from .figures import main_figures
+        return main_figures(args)
+    if args.profile not in config.PROFILES:
+        print(f"error: unknown profile {args.profile!r}; choose one of {config.PROFILES}",
+              file=sys.stderr)
+        return 1
+    if args.what == "train":
+        from .training import bench
+    else:
+        from .synthesis import bench
+    result = bench(profile=args.profile, device=args.device, batch_sizes=args.batch_size)
+    print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":

@@ -63,15 +63,18 @@ def validate(params: dict) -> None:
             raise ValueError(f"{name}={params[name]!r} is invalid: {name} {rule}.")
 
 
-def resolve(**params) -> dict:
+def resolve(stage_defaults: dict[str, dict] | None = None, **params) -> dict:
     """Apply profile defaults and environment overrides, validate, create ``RUN_DIR``.
 
-    Returns a plain dict of every parameter plus the profile's derived settings.
+    ``stage_defaults`` maps profile → extra defaults of one pipeline stage (e.g.
+    ``training.PROFILE_DEFAULTS``). Returns a plain dict of every parameter.
     """
     params = dict(params)
     params["PROFILE"] = params.get("PROFILE") or env_profile() or "smoke"
     validate({"PROFILE": params["PROFILE"]})
-    for key, value in PROFILE_DEFAULTS[params["PROFILE"]].items():
+    defaults = {**PROFILE_DEFAULTS[params["PROFILE"]],
+                **(stage_defaults or {}).get(params["PROFILE"], {})}
+    for key, value in defaults.items():
         if params.get(key) is None:
             params[key] = value
     validate(params)
