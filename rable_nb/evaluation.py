@@ -1,0 +1,100 @@
+"""Test-set evaluation: overall, many/medium/few, per-class accuracy, confusion matrix,
+and the ``metrics-<method>.json`` file of DESIGN §8."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import config
+from .networks import normalize
+
+METRICS_FIELDS = ("method", "protocol", "params", "accuracy", "device", "wall_s",
+                  "images_per_s", "commit")
+ACCURACY_FIELDS = ("last", "best", "many", "medium", "few", "per_class")
+
+
+def class_groups(class_counts) -> dict[str, list[int]]:
+    """many / medium / few classes by training-set frequency (LT-PLL convention).
+
+    CIFAR-10: the 3 most frequent, the middle 4, the 3 rarest; CIFAR-100: 33/34/33;
+    otherwise thirds (the middle group takes the remainder).
+    """
+    counts = np.asarray(class_counts)
+    order = [int(c) for c in np.argsort(-counts, kind="stable")]
+    k = len(order) // 3
+    return {"many": order[:k], "medium": order[k:len(order) - k], "few": order[len(order) - k:]}
+
+
+@torch.no_grad()
+def predict(net: torch.nn.Module, x_uint8: torch.Tensor, log_prior: torch.Tensor | None = None,
+            batch: int = 1000) -> torch.Tensor:
+    """Predicted classes of uint8 images (on the net's device); subtracts ``log_prior``
+    from the logits when given (test-time adjustment)."""
+    was_training = net.training
+    net.eval()
+    dev = next(net.parameters()).device
+    preds = []
+    for i in range(0, len(x_uint8), batch):
+        x = normalize(x_uint8[i:i + batch].to(dev))
+        if dev.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            logits = net(x).float()
+        if log_prior is not None:
+            logits = logits - log_prior.to(dev)
+        preds.append(logits.argmax(1))
+    net.train(was_training)
+    return torch.cat(preds)
+
+
+def summarize(pred, truth, class_counts) -> dict:
+    """Accuracy overall, per group and per class, plus the confusion matrix (rows = truth)."""
+    pred, truth = np.asarray(torch.as_tensor(pred).cpu()), np.asarray(torch.as_tensor(truth).cpu())
+    c = len(class_counts)
+    confusion = np.zeros((c, c), dtype=np.int64)
+    np.add.at(confusion, (truth, pred), 1)
+    per_class = (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist()
+    out = {"overall": float((pred == truth).mean()), "per_class": per_class,
+           "confusion": confusion.tolist()}
+    for name, members in class_groups(class_counts).items():
+        mask = np.isin(truth, members)
+        out[name] = float((pred[mask] == truth[mask]).mean()) if mask.any() else float("nan")
+    return out
+
+
+def accuracy_block(history: list[dict], final: dict, key: str = "test_acc") -> dict:
+    """The ``accuracy`` object of a metrics file: last/best epoch plus the final groups."""
+    accs = [h[key] for h in history if h.get(key) is not None]
+    return {"last": final["overall"], "best": max(accs + [final["overall"]]),
+            "many": final["many"], "medium": final["medium"], "few": final["few"],
+            "per_class": final["per_class"]}
+
+
+def git_commit(root: Path = config.PROJECT_ROOT) -> str:
+    """Current commit of the project (``-dirty`` when tracked files changed), or 'unknown'."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_metrics(run_dir, metrics: dict) -> Path:
+    """Write ``metrics-<method>.json`` atomically after checking every DESIGN §8 field."""
+    missing = [k for k in METRICS_FIELDS if k not in metrics]
+    missing += [f"accuracy.{k}" for k in ACCURACY_FIELDS if k not in metrics.get("accuracy", {})]
+    if missing:
+        raise ValueError(f"metrics for {metrics.get('method')!r} lack {missing}")
+    path = Path(run_dir) / f"metrics-{metrics['method']}.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(metrics, indent=1, default=str))
+    os.replace(tmp, path)
+    return path
