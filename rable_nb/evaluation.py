@@ -98,3 +98,51 @@ def write_metrics(run_dir, metrics: dict) -> Path:
     tmp.write_text(json.dumps(metrics, indent=1, default=str))
     os.replace(tmp, path)
     return path
+
+
+# -- figures --------------------------------------------------------------------------------
+def plot_curves(histories: dict[str, list[dict]]):
+    """Learning curves: test accuracy, pseudo-label accuracy and losses per epoch."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    for method, hist in histories.items():
+        ep = [h["epoch"] for h in hist]
+        line, = axes[0].plot(ep, [h["test_acc"] for h in hist], label=method)
+        if any("test_acc_adjusted" in h for h in hist):
+            axes[0].plot(ep, [h.get("test_acc_adjusted") for h in hist], "--",
+                         color=line.get_color(), label=f"{method} (adjusted)")
+        if hist and hist[0].get("pseudo_label_acc") is not None:
+            axes[1].plot(ep, [h["pseudo_label_acc"] for h in hist], label=method)
+        for key, style in (("loss_cls", "-"), ("loss_cont", ":")):
+            if hist and key in hist[0]:
+                axes[2].plot(ep, [h[key] for h in hist], style, color=line.get_color(),
+                             label=f"{method} {key[5:]}")
+    for ax, title in zip(axes, ("test accuracy", "pseudo-label accuracy (train)", "losses")):
+        ax.set(title=title, xlabel="epoch")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_per_class(per_class: dict[str, list[float]], classes, class_counts):
+    """Per-class accuracy bars (classes ordered by training frequency), groups shaded."""
+    import matplotlib.pyplot as plt
+    groups = class_groups(class_counts)
+    order = groups["many"] + groups["medium"] + groups["few"]
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    start = 0
+    for name, shade in (("many", "#e8f0fb"), ("medium", "#f4f4f4"), ("few", "#fbe9e7")):
+        k = len(groups[name])
+        ax.axvspan(start - 0.5, start + k - 0.5, color=shade, zorder=0)
+        ax.text(start + k / 2 - 0.5, 1.02, name, ha="center", va="bottom")
+        start += k
+    width = 0.8 / max(len(per_class), 1)
+    for i, (method, accs) in enumerate(per_class.items()):
+        pos = np.arange(len(order)) + (i - (len(per_class) - 1) / 2) * width
+        ax.bar(pos, [accs[c] for c in order], width, label=method, zorder=2)
+    ax.set_xticks(range(len(order)),
+                  [f"{classes[c]}\n({int(class_counts[c])})" for c in order], fontsize=8)
+    ax.set(ylim=(0, 1.1), ylabel="test accuracy")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig

@@ -34,8 +34,8 @@ LT_RHO100_IMAGES = 12406  # CIFAR-10-LT, rho = 100, n_max = 5000
 # Stage defaults per profile (config.resolve(stage_defaults=...)); protocol L changes the
 # paper profile's epochs and batch size (see stage_defaults).
 PROFILE_DEFAULTS: dict[str, dict] = {
-    "smoke": dict(ARCH="tiny_cnn", EPOCHS=2, BATCH_SIZE=64, CHECKPOINT_EVERY=1, PROTOCOL="R"),
-    "quick": dict(ARCH="mini_cnn", EPOCHS=20, BATCH_SIZE=128, CHECKPOINT_EVERY=5, PROTOCOL="L"),
+    "smoke": dict(ARCH="tiny_cnn", EPOCHS=2, BATCH_SIZE=64, CHECKPOINT_EVERY=1),
+    "quick": dict(ARCH="mini_cnn", EPOCHS=20, BATCH_SIZE=128, CHECKPOINT_EVERY=5),
     "paper": dict(ARCH="resnet18", EPOCHS=500, BATCH_SIZE=64, CHECKPOINT_EVERY=10, PROTOCOL="R"),
 }
 PROTOCOL_SETTINGS = {"R": dict(EPOCHS=500, BATCH_SIZE=64), "L": dict(EPOCHS=800, BATCH_SIZE=256)}
@@ -269,12 +269,10 @@ def test_subset(test_y: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray
 def read_synthetic(run_dir) -> tuple[np.ndarray, np.ndarray] | None:
     """Images (uint8 N×32×32×3) and labels listed in ``synthetic/manifest.jsonl``, or None."""
     from PIL import Image
+    rows = read_synthetic_manifest(run_dir)
+    if rows is None:
+        return None
     manifest = Path(run_dir) / "synthetic" / "manifest.jsonl"
-    if not manifest.exists():
-        return None
-    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-    if not rows:
-        return None
     images = []
     for r in rows:
         with Image.open(manifest.parent / r["file"]) as img:
@@ -385,7 +383,22 @@ def _write_log(path: Path, history: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def finish(result: dict, run_dir, params: dict, protocol: str) -> dict:
+def protocol_name(P: dict, ds_params: dict) -> str:
+    """'R' or 'L' when the data and training settings are that protocol's (DESIGN §6),
+    else 'custom'."""
+    common = P.get("ARCH") == "resnet18" and ds_params.get("N_MAX") == 5000
+    if (common and ds_params.get("PARTIAL") == "instance" and ds_params.get("RATE") == 0.4
+            and ds_params.get("IMBALANCE_FACTOR") == 0.01
+            and (P["EPOCHS"], P["BATCH_SIZE"]) == (500, 64)):
+        return "R"
+    if (common and ds_params.get("PARTIAL") == "uniform"
+            and ds_params.get("IMBALANCE_FACTOR") in (0.02, 0.01)
+            and (P["EPOCHS"], P["BATCH_SIZE"]) == (800, 256)):
+        return "L"
+    return "custom"
+
+
+def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int = 0) -> dict:
     """Write the final model checkpoint and ``metrics-<method>.json``; returns the metrics."""
     trainer, cfg = result["trainer"], result["trainer"].cfg
     extra = {"logit_prior": result["log_prior"]} if result["log_prior"] is not None else None
@@ -394,10 +407,11 @@ def finish(result: dict, run_dir, params: dict, protocol: str) -> dict:
                      "params": asdict(cfg)}, extra=extra)
     metrics = {
         "method": cfg.method, "protocol": protocol,
-        "params": {**{k: v for k, v in params.items() if k.isupper()}, "train": asdict(cfg)},
+        "params": {**{k: v for k, v in params.items() if k.isupper()}, "train": asdict(cfg),
+                   "dataset": params.get("dataset", {})},
         "accuracy": evaluation.accuracy_block(result["history"], result["final"]),
         "test_time_adjustment": False,
-        "epochs_done": trainer.epoch,
+        "epochs_done": trainer.epoch, "n_train": len(trainer.labels), "n_synthetic": n_synthetic,
         "confusion": result["final"]["confusion"],
         "device": _device_name(trainer.dev),
         "wall_s": result["wall_s"], "images_per_s": result["images_per_s"],
@@ -474,3 +488,57 @@ def _rate(fn, steps: int, batch: int, dev: torch.device) -> float:
     if dev.type == "cuda":
         torch.cuda.synchronize()
     return steps * batch / (time.perf_counter() - t0)
+
+
+# -- notebook helpers ---------------------------------------------------------------------
+def validate(P: dict) -> None:
+    """Check this stage's parameters (ValueError with a clear message)."""
+    from .networks import BACKBONES
+    checks = {
+        "METHODS": (lambda v: isinstance(v, (list, tuple)) and v and set(v) <= set(METHODS),
+                    f"must be a non-empty list drawn from {METHODS}"),
+        "ARCH": (lambda v: v in BACKBONES, f"must be one of {sorted(BACKBONES)}"),
+        "PROTOCOL": (lambda v: v in PROTOCOL_SETTINGS, f"must be one of {sorted(PROTOCOL_SETTINGS)}"),
+        "SYNTHETIC_LABELS": (lambda v: v in SYNTHETIC_LABELS, f"must be one of {SYNTHETIC_LABELS}"),
+        "CHECKPOINT_EVERY": (lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
+        "STOP_AFTER": (lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
+    }
+    for name, (ok, rule) in checks.items():
+        if P.get(name) is not None and not ok(P[name]):
+            raise ValueError(f"{name}={P[name]!r} is invalid: {name} {rule}.")
+
+
+def runnable_methods(methods, run_dir) -> tuple[list[str], dict[str, str]]:
+    """Split ``methods`` into those that can run now and {method: reason} for the rest."""
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"METHODS has unknown method(s) {bad}; choose from {METHODS}.")
+    skipped = {}
+    if "rable" in methods and read_synthetic_manifest(run_dir) is None:
+        skipped["rable"] = (f"no synthetic images in {Path(run_dir) / 'synthetic'} yet; run the "
+                            "synthesis notebook first (skipping 'rable').")
+    return [m for m in methods if m not in skipped], skipped
+
+
+def read_synthetic_manifest(run_dir) -> list[dict] | None:
+    path = Path(run_dir) / "synthetic" / "manifest.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows or None
+
+
+def run_method(method: str, P: dict, cifar, progress: bool = True) -> dict:
+    """Prepare data, train (resuming), write checkpoint + metrics; returns the metrics."""
+    data = prepare_data(P["RUN_DIR"], cifar, method, P["N_TEST_PER_CLASS"], P["SEED"],
+                        P.get("SYNTHETIC_LABELS") or "exact", P["DEVICE"])
+    cfg = config_from_params(method, P, cifar.num_classes)
+    result = train(cfg, data, P["RUN_DIR"], P["DEVICE"], bool(P.get("COMPILE")),
+                   P["CHECKPOINT_EVERY"], P.get("STOP_AFTER"), progress)
+    if not result["done"]:
+        print(f"{method}: stopped after epoch {result['trainer'].epoch}/{cfg.epochs} "
+              "(STOP_AFTER); run again to resume.")
+        return {}
+    metrics = finish(result, P["RUN_DIR"], {**P, "dataset": data["dataset_params"]},
+                     protocol_name(P, data["dataset_params"]), data["n_synthetic"])
+    return metrics

@@ -1,0 +1,132 @@
+"""Trainer: exact resume, metrics file, checkpoints, notebook 04 in smoke, bench."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rable_nb import cli, dataset, evaluation, networks, training
+
+
+def tiny_data(n=256, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(10), n // 10 + 1)[:n]
+    base = np.stack([np.full((32, 32, 3), (c * 25, 255 - c * 20, (c * 70) % 256)) for c in y])
+    x = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+    cand = dataset.uniform_candidates(y, 10, 0.3, seed)
+    return dict(train_x=x, candidates=cand, labels=y, test_x=x[:100], test_y=y[:100],
+                class_counts=np.bincount(y, minlength=10))
+
+
+def weights(tr):
+    return {k: v.clone() for k, v in tr.net.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["able+records", "proden"])
+def test_split_run_equals_uninterrupted_run(tmp_path, method):
+    data = tiny_data()
+    cfg = training.TrainConfig(method=method, epochs=3, batch_size=32, mixup=method == "proden")
+    whole = training.train(cfg, data, tmp_path / "a", "cpu", progress=False)
+    first = training.train(cfg, data, tmp_path / "b", "cpu", stop_after=1, progress=False)
+    assert not first["done"] and first["trainer"].epoch == 1
+    rest = training.train(cfg, data, tmp_path / "b", "cpu", progress=False)
+    assert rest["resumed"] and rest["done"]
+    a, b = weights(whole["trainer"]), weights(rest["trainer"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(whole["trainer"].conf, rest["trainer"].conf)
+    keys = ("test_acc", "pseudo_label_acc", "loss_cls", "lr")
+    assert ([[h[k] for k in keys] for h in whole["history"]]
+            == [[h[k] for k in keys] for h in rest["history"]])
+    log = (tmp_path / "b" / "logs" / f"{method}.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [1, 2, 3]   # no duplicated rows
+
+
+def test_changed_settings_start_from_scratch(tmp_path, capsys):
+    data = tiny_data(128)
+    training.train(training.TrainConfig(epochs=1, batch_size=32), data, tmp_path, "cpu",
+                   progress=False)
+    again = training.train(training.TrainConfig(epochs=2, batch_size=32), data, tmp_path, "cpu",
+                           progress=False)
+    assert not again["resumed"] and "starting from scratch" in capsys.readouterr().out
+
+
+def test_finish_writes_metrics_and_loadable_checkpoint(tmp_path):
+    data = tiny_data(128)
+    cfg = training.TrainConfig(method="able+records", epochs=1, batch_size=32)
+    result = training.train(cfg, data, tmp_path, "cpu", progress=False)
+    metrics = training.finish(result, tmp_path, {"PROFILE": "smoke", "EPOCHS": 1}, "custom")
+    saved = json.loads((tmp_path / "metrics-able+records.json").read_text())
+    assert set(evaluation.METRICS_FIELDS) <= set(saved) and saved == json.loads(json.dumps(metrics))
+    assert set(evaluation.ACCURACY_FIELDS) <= set(saved["accuracy"])
+    assert set(evaluation.ACCURACY_FIELDS) <= set(saved["accuracy_adjusted"])
+    assert saved["accuracy"]["best"] >= saved["accuracy"]["last"]
+    net, meta, extra = networks.load_model(tmp_path / "checkpoints" / "able+records.safetensors")
+    assert meta["method"] == "able+records" and extra["logit_prior"].shape == (10,)
+    x = torch.as_tensor(data["test_x"])
+    assert torch.equal(evaluation.predict(net, x), evaluation.predict(result["trainer"].net, x))
+
+
+def test_summary_groups_and_confusion():
+    counts = [500, 300, 200, 100, 90, 80, 70, 20, 10, 5]
+    groups = evaluation.class_groups(counts)
+    assert groups == {"many": [0, 1, 2], "medium": [3, 4, 5, 6], "few": [7, 8, 9]}
+    truth = np.arange(10).repeat(2)
+    pred = truth.copy()
+    pred[truth >= 7] = 0                       # all few-shot classes wrong
+    s = evaluation.summarize(pred, truth, counts)
+    assert s["many"] == 1.0 and s["medium"] == 1.0 and s["few"] == 0.0
+    assert s["overall"] == pytest.approx(0.7) and np.asarray(s["confusion"]).sum() == 20
+
+
+def test_bad_parameters_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="method"):
+        training.TrainConfig(method="pico")
+    with pytest.raises(ValueError, match="METHODS"):
+        training.validate({"METHODS": ["able", "corr"]})
+    with pytest.raises(ValueError, match="BATCH_SIZE"):
+        training.Trainer(training.TrainConfig(batch_size=64), *list(tiny_data(32).values())[:3],
+                         device="cpu")
+    runnable, skipped = training.runnable_methods(["able", "rable"], tmp_path)
+    assert runnable == ["able"] and "synthetic" in skipped["rable"]
+
+
+def write_synthetic(run_dir, per_class=4):
+    folder = run_dir / "synthetic"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for c in range(10):
+        for i in range(per_class):
+            name = f"{c}/{i:03d}.png"
+            (folder / str(c)).mkdir(exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / name)
+            rows.append(dict(file=name, label=c, prompt="a photo", seed=i, model_id="fake"))
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_notebook_04_smoke_writes_metrics_and_checkpoints(run_notebooks, smoke_dataset_run,
+                                                          tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_dataset_run, run)
+    write_synthetic(run)
+    run_notebooks("04", run, METHODS=["able", "rable"], SYNTHETIC_LABELS="partial")
+    for method in ("able", "rable"):
+        m = json.loads((run / f"metrics-{method}.json").read_text())
+        assert set(evaluation.METRICS_FIELDS) <= set(m)
+        assert set(evaluation.ACCURACY_FIELDS) <= set(m["accuracy"])
+        assert len(m["accuracy"]["per_class"]) == 10 and m["wall_s"] > 0
+        assert (run / "checkpoints" / f"{method}.safetensors").exists()
+    rable = json.loads((run / "metrics-rable.json").read_text())
+    assert rable["n_synthetic"] == 40
+    assert rable["n_train"] == json.loads((run / "metrics-able.json").read_text())["n_train"] + 40
+
+
+def test_bench_train_cli_prints_json(capsys):
+    assert cli.main(["bench", "train", "--device", "cpu", "--batch-size", "16"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("able_images_per_s", "bare_images_per_s", "bare_over_able",
+                "able_epoch_s_cifar10_lt_rho100", "device"):
+        assert key in result
+    assert result["able_images_per_s"] > 0 and result["bare_over_able"] > 0
