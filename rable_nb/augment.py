@@ -164,18 +164,20 @@ def rand_augment(x: torch.Tensor, theta: torch.Tensor, n_ops: int = 3, generator
 
 
 def cutout(x: torch.Tensor, size: int = 16, fill: float = 0.5, generator=None) -> torch.Tensor:
-    """Fill one ``size``×``size`` square per image (centre uniform, clipped at borders)."""
+    """Fill one square per image: side drawn in [1, ``size``], centre uniform, clipped."""
     n, _, h, w = x.shape
     cy = torch.randint(0, h, (n, 1, 1), device=x.device, generator=generator)
     cx = torch.randint(0, w, (n, 1, 1), device=x.device, generator=generator)
+    side = torch.randint(1, size + 1, (n, 1, 1), device=x.device, generator=generator)
     rows = torch.arange(h, device=x.device).view(1, -1, 1)
     cols = torch.arange(w, device=x.device).view(1, 1, -1)
-    box = ((rows - cy).abs() <= size // 2) & ((cols - cx).abs() <= size // 2)
+    lo_r, lo_c = cy - side // 2, cx - side // 2
+    box = (rows >= lo_r) & (rows < lo_r + side) & (cols >= lo_c) & (cols < lo_c + side)
     return torch.where(box[:, None], torch.full_like(x, fill), x)
 
 
 def strong_view(x: torch.Tensor, generator=None) -> torch.Tensor:
-    """RandomResizedCrop + flip + 3 RandAugment-style ops + Cutout(16)."""
+    """RandomResizedCrop + flip + 3 RandAugment-style ops + Cutout (side ≤ 16)."""
     theta = resized_crop_theta(len(x), x.device, generator=generator)
     return cutout(rand_augment(x, theta, generator=generator), generator=generator)
 
