@@ -73,3 +73,17 @@ def test_cli_exits_non_zero_with_one_clear_line(tmp_path):
                            "--out", str(tmp_path / "r")], capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("error: Unknown notebook(s) ['99']")
+
+
+def test_resume_skips_finished_notebooks_only(nb_dir, tmp_path):
+    out = tmp_path / "r"
+    with pytest.raises(runner.RunError):
+        runner.run("smoke", None, str(out), notebook_dir=nb_dir)
+    stamp = (out / "seen.json").stat().st_mtime_ns
+    with pytest.raises(runner.RunError, match="01_fails"):
+        runner.run("smoke", None, str(out), notebook_dir=nb_dir, resume=True)
+    assert (out / "seen.json").stat().st_mtime_ns == stamp  # 00 was not executed again
+    log = json.loads((out / "run.json").read_text())
+    assert log["notebooks"][0]["skipped"] is True
+    runner.run("smoke", "00", str(out), {"Q": 0.6}, notebook_dir=nb_dir, resume=True)
+    assert json.loads((out / "seen.json").read_text())[1] == 0.6  # new parameters: rerun
