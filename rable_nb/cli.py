@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"),
                      help="notebook parameter (repeatable); values parse as Python literals")
     run.add_argument("--kernel", default="python3", help="Jupyter kernel name")
+    run.add_argument("--resume", action="store_true",
+                     help="skip notebooks this run directory already finished with the same parameters")
 
     sweep = sub.add_parser("sweep", help="one papermill run per point of a parameter grid")
     sweep.add_argument("grid", help="YAML grid file (see examples/)")

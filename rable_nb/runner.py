@@ -86,13 +86,29 @@ def _failure_message(nb: Path, out: Path, err: pm.PapermillExecutionError) -> st
             f"Executed notebook kept at {out}")
 
 
+def _finished(run_dir: Path, profile: str) -> dict[str, dict]:
+    """Notebooks already executed successfully in this run directory, with their parameters."""
+    path = run_dir / "run.json"
+    if not path.exists():
+        return {}
+    log = json.loads(path.read_text())
+    return {e["notebook"]: e["parameters"] for e in log["notebooks"]} \
+        if log.get("profile") == profile else {}
+
+
+def _record(run_dir: Path, log: dict, name: str, params: dict, **entry) -> None:
+    log["notebooks"].append(dict(notebook=name, parameters=params, **entry))
+    (run_dir / "run.json").write_text(json.dumps(log, indent=1))
+
+
 def run(profile: str = "smoke", only: str | None = None, out: str | None = None,
         params: dict | None = None, kernel: str = "python3",
-        notebook_dir: Path = NOTEBOOK_DIR) -> Path:
+        notebook_dir: Path = NOTEBOOK_DIR, resume: bool = False) -> Path:
     """Run the selected notebooks in order; return the run directory.
 
     Everything is checked before the first notebook starts; a failing notebook raises
-    :class:`RunError` naming the notebook and cell.
+    :class:`RunError` naming the notebook and cell. ``run.json`` records each finished
+    notebook; with ``resume`` a notebook already finished with the same parameters is skipped.
     """
     params = dict(params or {})
     if profile not in config.PROFILES:
@@ -105,19 +121,22 @@ def run(profile: str = "smoke", only: str | None = None, out: str | None = None,
     run_dir = (run_dir if run_dir.is_absolute() else Path.cwd() / run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     base = dict(PROFILE=profile, RUN_DIR=str(run_dir))
-    log = []
+    done = _finished(run_dir, profile)
+    log = {"profile": profile, "notebooks": []}
     for nb in tqdm(notebooks, desc=f"run [{profile}]", unit="notebook"):
         injected = {k: v for k, v in {**base, **params}.items() if k in declared[nb]}
         target = run_dir / nb.name
+        if resume and done.get(nb.name) == injected and target.exists():
+            tqdm.write(f"skip {nb.name}: already finished with the same parameters")
+            _record(run_dir, log, nb.name, injected, seconds=0.0, skipped=True)
+            continue
         start = time.time()
         try:
             pm.execute_notebook(str(nb), str(target), parameters=injected, kernel_name=kernel,
                                 cwd=str(nb.parent), progress_bar=dict(desc=nb.stem, leave=False))
         except pm.PapermillExecutionError as err:
             raise RunError(_failure_message(nb, target, err)) from None
-        log.append(dict(notebook=nb.name, seconds=round(time.time() - start, 1),
-                        parameters=injected))
-    (run_dir / "run.json").write_text(json.dumps(dict(profile=profile, notebooks=log), indent=1))
+        _record(run_dir, log, nb.name, injected, seconds=round(time.time() - start, 1))
     return run_dir
 
 
@@ -125,7 +144,8 @@ def main_run(args) -> int:
     """``python -m rable_nb run`` entry point."""
     params = {name: parse_value(value) for name, value in (args.p or [])}
     try:
-        run_dir = run(args.profile, args.only, args.out, params, args.kernel)
+        run_dir = run(args.profile, args.only, args.out, params, args.kernel,
+                      resume=args.resume)
     except RunError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

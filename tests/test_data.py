@@ -1,0 +1,93 @@
+"""CIFAR-10 sources, caching, resolution order and error messages (DESIGN §4)."""
+import tarfile
+import warnings
+
+import numpy as np
+import pytest
+
+from rable_nb import data
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RABLE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def fake(tmp_path):
+    return data.write_fake_cifar(tmp_path / "fake", n_train=6, n_test=3)
+
+
+def test_image_folder_layout_is_decoded_class_sorted_and_cached(fake, cache):
+    cifar = data.load_cifar10(fake)
+    assert cifar.train_x.shape == (60, 32, 32, 3) and cifar.train_x.dtype == np.uint8
+    assert cifar.test_x.shape == (30, 32, 32, 3)
+    assert cifar.classes == data.CLASSES
+    assert (np.diff(cifar.train_y) >= 0).all()
+    assert len(list(cache.glob("cifar10-*.npz"))) == 1
+    again = data.load_cifar10(fake)
+    assert np.array_equal(again.train_x, cifar.train_x)
+
+
+def test_archive_layout_matches_folder_layout(fake, cache, tmp_path):
+    arch = tmp_path / "archives"
+    arch.mkdir()
+    for split in ("train", "test"):
+        with tarfile.open(arch / f"{split}.tar.gz", "w:gz") as tar:
+            tar.add(fake / split, arcname=f"cifar10/{split}")
+    assert data.detect_layout(arch) == "archives"
+    a, b = data.load_cifar10(arch), data.load_cifar10(fake)
+    assert np.array_equal(a.train_x, b.train_x) and np.array_equal(a.test_y, b.test_y)
+
+
+def test_corrupt_image_is_skipped_with_a_counted_warning(fake, cache):
+    bad = fake / "train" / "cat" / "0001.png"
+    bad.write_bytes(b"not an image at all")
+    with pytest.warns(UserWarning, match=r"skipped 1 corrupt image file\(s\).*0001.png"):
+        cifar = data.load_cifar10(fake)
+    assert len(cifar.train_y) == 59
+    assert (cifar.train_y == data.CLASSES.index("cat")).sum() == 5
+
+
+def test_resolution_order(monkeypatch, tmp_path):
+    monkeypatch.setenv("RABLE_DATA", str(tmp_path / "env"))
+    assert data.resolve_data_dir("explicit") .name == "explicit"
+    assert data.resolve_data_dir(None) == tmp_path / "env"
+    monkeypatch.delenv("RABLE_DATA")
+    monkeypatch.setattr(data, "SHARED_COPY", tmp_path / "missing")
+    assert data.resolve_data_dir(None) == data.DOWNLOAD_DIR
+
+
+def test_missing_data_dir_says_what_to_do(cache, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist.*train.tar.gz"):
+        data.load_cifar10(tmp_path / "nowhere")
+
+
+def test_empty_data_dir_without_network_names_where_it_looked(cache, tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+    monkeypatch.setattr("torchvision.datasets.CIFAR10.download", offline)
+    with pytest.raises(FileNotFoundError, match="(?s)No CIFAR-10 found.*RABLE_DATA"):
+        data.load_cifar10(empty)
+    assert not list(cache.glob("*.npz"))
+
+
+def test_empty_class_folders_fail_clearly(cache, tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / "d" / split / "cat").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no readable images"):
+        data.load_cifar10(tmp_path / "d")
+
+
+@pytest.mark.skipif(not data.SHARED_COPY.is_dir(), reason="shared CIFAR-10 copy not present")
+def test_real_cifar10_copy():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the shared copy has no corrupt files
+        cifar = data.load_cifar10(data.SHARED_COPY)
+    assert cifar.train_x.shape == (50000, 32, 32, 3) and cifar.test_x.shape == (10000, 32, 32, 3)
+    assert np.bincount(cifar.train_y).tolist() == [5000] * 10
+    assert np.bincount(cifar.test_y).tolist() == [1000] * 10
