@@ -157,8 +157,10 @@ def rand_augment(x: torch.Tensor, theta: torch.Tensor, n_ops: int = 3, generator
     x = warp(x, full[:, :2])
     for k in range(n_ops):
         for i, name in enumerate(PHOTOMETRIC, start=len(GEOMETRIC)):
-            idx = (choice[:, k] == i).nonzero().squeeze(1)
-            if len(idx):
+            sel = choice[:, k] == i
+            if x.is_cuda:  # whole batch + select: no host synchronisation
+                x = torch.where(sel.view(-1, 1, 1, 1), PHOTOMETRIC[name](x, mag[:, k]), x)
+            elif (idx := sel.nonzero().squeeze(1)).numel():  # CPU: only the chosen images
                 x = x.index_copy(0, idx, PHOTOMETRIC[name](x[idx], mag[idx, k]))
     return x.clamp(0, 1)
 
