@@ -107,16 +107,17 @@ def plot_curves(histories: dict[str, list[dict]]):
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for method, hist in histories.items():
         ep = [h["epoch"] for h in hist]
-        line, = axes[0].plot(ep, [h["test_acc"] for h in hist], label=method)
+        line, = axes[0].plot(ep, [h["test_acc"] for h in hist], ".-", label=method)
         if any("test_acc_adjusted" in h for h in hist):
-            axes[0].plot(ep, [h.get("test_acc_adjusted") for h in hist], "--",
+            axes[0].plot(ep, [h.get("test_acc_adjusted") for h in hist], ".--",
                          color=line.get_color(), label=f"{method} (adjusted)")
         if hist and hist[0].get("pseudo_label_acc") is not None:
-            axes[1].plot(ep, [h["pseudo_label_acc"] for h in hist], label=method)
-        for key, style in (("loss_cls", "-"), ("loss_cont", ":")):
+            axes[1].plot(ep, [h["pseudo_label_acc"] for h in hist], ".-", label=method)
+        for key, style in (("loss_cls", ".-"), ("loss_cont", ".:")):
             if hist and key in hist[0]:
                 axes[2].plot(ep, [h[key] for h in hist], style, color=line.get_color(),
                              label=f"{method} {key[5:]}")
+    axes[2].set_yscale("log")
     for ax, title in zip(axes, ("test accuracy", "pseudo-label accuracy (train)", "losses")):
         ax.set(title=title, xlabel="epoch")
         ax.legend(fontsize=7)
