@@ -130,3 +130,22 @@ def test_bench_train_cli_prints_json(capsys):
                 "able_epoch_s_cifar10_lt_rho100", "device"):
         assert key in result
     assert result["able_images_per_s"] > 0 and result["bare_over_able"] > 0
+
+
+@pytest.mark.parametrize("partial", ["uniform", "instance"])
+def test_synthetic_partial_labels_use_the_real_data_generator(cifar_dir, partial):
+    from rable_nb import data
+    cifar = data.load_cifar10(cifar_dir)
+    ds = dataset.build_dataset(cifar, 0.1, partial, 0.3, 0.4, seed=0, n_max=20,
+                               clean_arch="tiny_cnn", clean_epochs=1, clean_per_class=10,
+                               device="cpu")
+    params = dict(SEED=0, PARTIAL=partial, Q=0.3, RATE=0.4, clean_classifier=ds["clean_classifier"])
+    labels = np.arange(10).repeat(20)
+    x = cifar.test_x[:200]
+    exact = training.synthetic_candidates(labels, params, "exact", cifar, x, "cpu")
+    assert (exact.sum(1) == 1).all() and exact[np.arange(200), labels].all()
+    cand = training.synthetic_candidates(labels, params, "partial", cifar, x, "cpu")
+    assert cand.shape == (200, 10) and cand[np.arange(200), labels].all()
+    assert cand.sum() > 200                                 # some wrong labels entered
+    with pytest.raises(ValueError, match="SYNTHETIC_LABELS"):
+        training.synthetic_candidates(labels, params, "noisy", cifar, x, "cpu")
