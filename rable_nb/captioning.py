@@ -142,3 +142,24 @@ def load_captions(run_dir: str | os.PathLike) -> list[dict]:
         raise FileNotFoundError(f"{path} is missing: run notebook 02_captioning first "
                                 f"(python -m rable_nb run --only 02 --out {run_dir}).")
     return jsonl.read(path)
+
+
+STOPWORDS = frozenset("a an the of in on with and is are to at it its this that there".split())
+
+
+def caption_stats(rows: list[dict], classes, top: int = 5):
+    """Per-class table: captions, mean length in words, most frequent non-stop words."""
+    import re
+    from collections import Counter
+
+    import pandas as pd
+
+    table = []
+    for c, name in enumerate(classes):
+        caps = [r["caption"] for r in rows if r["label"] == c]
+        words = [w for cap in caps for w in re.findall(r"[a-z']+", cap.lower())]
+        common = Counter(w for w in words if w not in STOPWORDS).most_common(top)
+        table.append({"class": name, "captions": len(caps),
+                      "mean words": np.mean([len(cap.split()) for cap in caps]) if caps else 0.0,
+                      "most frequent words": ", ".join(f"{w} ({n})" for w, n in common)})
+    return pd.DataFrame(table)

@@ -150,7 +150,7 @@ def load_sd(model_id: str, device: str = "auto", scheduler: str = "default",
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     path = resolve_model_id(model_id, "SD_MODEL_ID")
     pipe = load_pretrained(diffusers.StableDiffusionPipeline.from_pretrained, path,
-                           "SD_MODEL_ID", torch_dtype=dtype)
+                           "SD_MODEL_ID", dtype=dtype)
     return configure(pipe.to(dev), scheduler, attention_slicing, vae_slicing)
 
 
@@ -359,3 +359,36 @@ def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dic
                 guidance=guidance, scheduler=type(pipe.scheduler).__name__, results=rows,
                 best_images_per_s=best, topup_images=REPORT_TOPUP,
                 projected_topup_hours=round(REPORT_TOPUP / best / 3600, 3))
+
+
+# --- figures ---------------------------------------------------------------------------
+def rebalanced_figure(real_counts, synth_counts, classes):
+    """The report's Figure 5.1: real vs synthetic images per class, before and after."""
+    import matplotlib.pyplot as plt
+
+    real, synth = np.asarray(real_counts), np.asarray(synth_counts)
+    x = np.arange(len(classes))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, title, add in zip(axes, ("before: long-tailed", "after: rebalanced"), (0 * synth, synth)):
+        ax.bar(x, real, color="tab:blue", label="real")
+        ax.bar(x, add, bottom=real, color="tab:orange", label="synthetic")
+        ax.set_xticks(x, classes, rotation=45, ha="right")
+        ax.set(title=title, ylabel="training images")
+        for i, n in enumerate(real + add):
+            ax.text(i, n, str(int(n)), ha="center", va="bottom", fontsize=7)
+    axes[1].legend()
+    fig.tight_layout()
+    return fig
+
+
+def side_by_side(real_x, real_y, syn_x, syn_y, classes, n: int = 4, seed: int = 0):
+    """Images and titles: per class with synthetic images, n real then n synthetic."""
+    rng = np.random.default_rng(seed)
+    images, titles = [], []
+    for c in np.unique(syn_y):
+        for kind, x, y in (("real", real_x, real_y), ("synth", syn_x, syn_y)):
+            pick = np.flatnonzero(y == c)
+            pick = rng.choice(pick, size=min(n, len(pick)), replace=False)
+            images += [x[i] for i in pick] + [np.full_like(real_x[0], 255)] * (n - len(pick))
+            titles += [f"{classes[c][:5]} {kind}"] * len(pick) + [""] * (n - len(pick))
+    return np.stack(images), titles
