@@ -21,7 +21,7 @@ from .tiny_models import TINY, load_pretrained, resolve_model_id
 
 DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
 WHICH = ("all", "below_target")
-CAPTIONS = "captions.jsonl"
+CAPTIONS, SETTINGS = "captions.jsonl", "captions.json"
 
 PROFILE_DEFAULTS = {
     # smoke: tiny random BLIP-2, only the classes that will be topped up (few images).
@@ -112,7 +112,11 @@ def caption_images(run_dir: str | os.PathLike, images: np.ndarray, labels: np.nd
     Indices already in the file are skipped. Returns counts and timing of this call.
     """
     path = Path(run_dir) / CAPTIONS
+    settings = dict(model_id=model_id, prompt=prompt, max_new_tokens=max_new_tokens,
+                    rescale=rescale)
     done = {r["index"] for r in jsonl.read(path)}
+    if done:
+        jsonl.check_settings(path.with_name(SETTINGS), settings, what=str(path))
     todo = [i for i, idx in enumerate(indices) if int(idx) not in done]
     stats = dict(requested=len(indices), skipped=len(indices) - len(todo), captioned=0,
                  seconds=0.0, model_id=model_id)
@@ -129,6 +133,8 @@ def caption_images(run_dir: str | os.PathLike, images: np.ndarray, labels: np.nd
                                      prompt, max_new_tokens)
             jsonl.append(path, [dict(index=int(indices[r]), label=int(labels[r]), caption=c)
                                 for r, c in zip(rows, captions)])
+            if lo == 0:
+                jsonl.record_settings(path.with_name(SETTINGS), settings)
             bar.update(len(rows))
     stats.update(captioned=len(todo), seconds=round(time.time() - start, 2))
     stats["images_per_s"] = round(len(todo) / max(stats["seconds"], 1e-9), 2)

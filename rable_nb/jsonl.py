@@ -49,3 +49,21 @@ def append(path: str | os.PathLike, rows: list[dict]) -> None:
             f.write(json.dumps(r) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def check_settings(path: str | os.PathLike, settings: dict, what: str) -> None:
+    """Refuse to extend an existing output (``what``) under other recorded settings."""
+    path = Path(path)
+    old = json.loads(path.read_text()) if path.exists() else settings
+    diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+    if diff:
+        raise ValueError(f"{what} was made with other settings {diff} (old, new): use another "
+                         f"RUN_DIR, or delete {what} and {path.name} to start over.")
+
+
+def record_settings(path: str | os.PathLike, settings: dict) -> None:
+    """Write the settings of an output atomically (after its first rows exist)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(settings, indent=1))
+    os.replace(tmp, path)

@@ -125,21 +125,6 @@ def recover(out_dir: Path) -> list[dict]:
     return kept
 
 
-def _check_settings(out_dir: Path, settings: dict) -> None:
-    """Refuse to mix images made with other settings into one synthetic folder."""
-    path = out_dir / SETTINGS
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if diff:
-            raise ValueError(f"{out_dir} holds images made with other settings {diff} "
-                             f"(old, new): use another RUN_DIR or delete {out_dir}.")
-    else:
-        tmp = path.with_name(f".{SETTINGS}.tmp")
-        tmp.write_text(json.dumps(settings, indent=1))
-        os.replace(tmp, path)
-
-
 def load_sd(model_id: str, device: str = "auto", scheduler: str = "default",
             attention_slicing: bool = False, vae_slicing: bool = False):
     """StableDiffusionPipeline (fp16 on CUDA) with the chosen scheduler and memory options."""
@@ -192,10 +177,12 @@ def synthesize(run_dir: str | os.PathLike, class_counts, classes, captions: list
                   TARGET_PER_CLASS=target))
     out = Path(run_dir) / SYNTH_DIR
     out.mkdir(parents=True, exist_ok=True)
-    _check_settings(out, dict(model_id=model_id, seed=seed, size=size, steps=steps,
-                              guidance=guidance, scheduler=scheduler, template=template,
-                              negative_prompt=negative_prompt, filter=resize_filter))
+    settings = dict(model_id=model_id, seed=seed, size=size, steps=steps, guidance=guidance,
+                    scheduler=scheduler, template=template, negative_prompt=negative_prompt,
+                    filter=resize_filter)
     done = {r["file"] for r in recover(out)}
+    if done:
+        jsonl.check_settings(out / SETTINGS, settings, what=str(out))
     by_class = defaultdict(list)
     for r in captions:
         by_class[int(r["label"])].append(r["caption"])
@@ -225,6 +212,8 @@ def synthesize(run_dir: str | os.PathLike, class_counts, classes, captions: list
                            seed=s, model_id=model_id)
                 _save_png(img.convert("RGB").resize((32, 32), FILTERS[resize_filter]), out / row["file"])
                 jsonl.append(out / MANIFEST, [row])
+                if stats["generated"] == 0:
+                    jsonl.record_settings(out / SETTINGS, settings)
                 stats["generated"] += 1
                 bar.update(1)
                 if on_image:
@@ -287,7 +276,7 @@ def sd21_base_random(device, dtype):
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL(**SD21_BASE_VAE), unet=UNet2DConditionModel(**SD21_BASE_UNET),
         text_encoder=CLIPTextModel(CLIPTextConfig(**SD21_BASE_TEXT)), tokenizer=tokenizer,
-        scheduler=PNDMScheduler(**SD21_BASE_SCHEDULER), safety_checker=None,
+        scheduler=PNDMScheduler.from_config(SD21_BASE_SCHEDULER), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     return configure(pipe.to(device, dtype))
 

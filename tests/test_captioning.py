@@ -38,17 +38,22 @@ def test_captions_are_appended_and_reruns_skip_done_indices(tmp_path, monkeypatc
     with open(tmp_path / "captions.jsonl", "a") as f:
         f.write('{"index": 30, "label": 2, "capt')
     second = captioning.caption_images(tmp_path, images, labels, indices, "tiny", "cpu",
-                                       batch_size=2, max_new_tokens=4, rescale=True)
+                                       batch_size=2, max_new_tokens=4)
     assert second["captioned"] == 2 and second["skipped"] == 3
     rows = [json.loads(line) for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
     assert sorted(r["index"] for r in rows) == indices.tolist()
     assert all(isinstance(r["caption"], str) for r in rows)
     assert {r["index"]: r["label"] for r in rows} == dict(zip(indices.tolist(), labels.tolist()))
 
+    with pytest.raises(ValueError, match="other settings"):  # never mix caption settings
+        captioning.caption_images(tmp_path, images, labels, indices, "tiny", "cpu",
+                                  max_new_tokens=4, rescale=True)
+
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not be loaded when everything is captioned")
     monkeypatch.setattr(captioning, "load_blip2", no_model)
-    third = captioning.caption_images(tmp_path, images, labels, indices, "tiny", "cpu")
+    third = captioning.caption_images(tmp_path, images, labels, indices, "tiny", "cpu",
+                                      max_new_tokens=4)
     assert third["captioned"] == 0 and third["skipped"] == 5
     assert len(jsonl.read(tmp_path / "captions.jsonl")) == 5
 
@@ -60,7 +65,7 @@ def test_unknown_model_id_names_the_id_and_the_local_path_option(tmp_path):
                                   "nobody/no-such-blip2", "cpu")
     msg = str(err.value)
     assert "nobody/no-such-blip2" in msg and "CAPTION_MODEL_ID=" in msg and "local" in msg
-    assert not (tmp_path / "captions.jsonl").exists()
+    assert not (tmp_path / "captions.jsonl").exists() and not (tmp_path / "captions.json").exists()
 
 
 def test_validate_rejects_bad_parameters():

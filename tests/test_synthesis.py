@@ -87,6 +87,7 @@ def test_unknown_model_id_gives_one_clear_error(tmp_path):
                              **{**FAST, "model_id": "nobody/no-such-sd"})
     assert "nobody/no-such-sd" in str(err.value) and "SD_MODEL_ID=" in str(err.value)
     assert not list((tmp_path / "synthetic").glob("*/*.png"))
+    assert not (tmp_path / "synthetic" / "settings.json").exists()
 
 
 def test_validate_rejects_bad_parameters():
