@@ -22,6 +22,7 @@ CORPUS_WORDS = ("a photo of the an with on in front background small large red b
                 "white black brown grey yellow flying sitting standing running parked road "
                 "water sky grass field sea street close up picture image two").split()
 MARKER = ".complete"
+VERSION = "rable_nb tiny models v1"  # bump when a builder changes: cached folders rebuild
 
 
 def _corpus() -> list[str]:
@@ -34,16 +35,23 @@ def _corpus() -> list[str]:
 
 def _build_atomic(target: Path, build) -> Path:
     """Run ``build(tmp_dir)`` and move the result to ``target`` (reused when complete)."""
-    if (target / MARKER).exists():
+    def complete() -> bool:
+        return (target / MARKER).exists() and (target / MARKER).read_text() == VERSION
+
+    if complete():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         build(tmp)
-        (tmp / MARKER).write_text("built by rable_nb.tiny_models\n")
-        if target.exists():
+        (tmp / MARKER).write_text(VERSION)
+        if target.exists() and not complete():
             shutil.rmtree(target)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished the same build first
+            if not complete():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

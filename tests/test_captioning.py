@@ -73,3 +73,12 @@ def test_validate_rejects_bad_parameters():
         captioning.validate({"CAPTION_BATCH": 0})
     with pytest.raises(ValueError, match="TARGET_PER_CLASS"):
         captioning.validate({"TARGET_PER_CLASS": -3})
+
+
+def test_tiny_models_are_built_once_and_reused():
+    from rable_nb import tiny_models
+    path = tiny_models.build_tiny_blip2()
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert tiny_models.resolve_model_id("tiny", "CAPTION_MODEL_ID") == str(path)
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+    assert tiny_models.resolve_model_id("org/model", "SD_MODEL_ID") == "org/model"
