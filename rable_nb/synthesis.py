@@ -187,8 +187,13 @@ def synthesize(run_dir: str | os.PathLike, class_counts, classes, captions: list
     for r in captions:
         by_class[int(r["label"])].append(r["caption"])
     plan = topup_plan(class_counts, target)
-    todo = [(c, k) for c, n in plan.items() for k in range(n)
-            if slot_file(classes, c, k) not in done]
+    planned = {(c, k): slot_file(classes, c, k) for c, n in plan.items() for k in range(n)}
+    extra = done - set(planned.values())
+    if extra:
+        raise ValueError(f"{out} holds {len(extra)} images beyond the top-up for "
+                         f"TARGET_PER_CLASS={target} (e.g. {sorted(extra)[0]}): it was made "
+                         f"for a higher target; use another RUN_DIR or delete {out}.")
+    todo = [slot for slot, name in planned.items() if name not in done]
     prompts = {s: slot_prompt(template, by_class[s[0]], classes[s[0]], seed, *s) for s in todo}
     stats = dict(planned=sum(plan.values()), skipped=sum(plan.values()) - len(todo),
                  generated=0, seconds=0.0, model_id=model_id)
@@ -208,8 +213,8 @@ def synthesize(run_dir: str | os.PathLike, class_counts, classes, captions: list
                           generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
                           output_type="pil").images
             for (c, k), s, img in zip(slots, seeds, images):
-                row = dict(file=slot_file(classes, c, k), label=int(c), prompt=prompts[(c, k)],
-                           seed=s, model_id=model_id)
+                row = dict(file=planned[(c, k)], label=int(c), prompt=prompts[(c, k)], seed=s,
+                           model_id=model_id)
                 _save_png(img.convert("RGB").resize((32, 32), FILTERS[resize_filter]), out / row["file"])
                 jsonl.append(out / MANIFEST, [row])
                 if stats["generated"] == 0:

@@ -79,6 +79,9 @@ def test_changed_settings_are_refused(tmp_path):
     synthesis.synthesize(tmp_path, COUNTS, CLASSES, CAPTIONS, **{**FAST, "target": 6})
     with pytest.raises(ValueError, match="other settings"):
         synthesis.synthesize(tmp_path, COUNTS, CLASSES, CAPTIONS, **{**FAST, "steps": 3})
+    with pytest.raises(ValueError, match="beyond the top-up"):  # target lowered
+        synthesis.synthesize(tmp_path, COUNTS, CLASSES, CAPTIONS, **{**FAST, "target": 5})
+    assert len(manifest(tmp_path)) == 3  # nothing was touched
 
 
 def test_unknown_model_id_gives_one_clear_error(tmp_path):
