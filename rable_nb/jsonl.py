@@ -28,7 +28,8 @@ def read(path: str | os.PathLike, repair: bool = True) -> list[dict]:
             if i != len(lines) - 1:
                 raise ValueError(f"{path} line {i + 1} is corrupt (not the last line, so not "
                                  f"an interrupted write); fix or delete the file.") from None
-    torn = bool(text) and (not text.endswith("\n") or len(rows) != sum(1 for x in lines if x.strip()))
+    complete = len(rows) == sum(1 for x in lines if x.strip())
+    torn = bool(text) and (not text.endswith("\n") or not complete)
     if torn and repair:
         write(path, rows)
     return rows

@@ -13,7 +13,6 @@ the missing slots are generated.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import Counter, defaultdict
@@ -145,7 +144,8 @@ def configure(pipe, scheduler: str = "default", attention_slicing: bool = False,
     import diffusers
 
     if SCHEDULERS[scheduler]:
-        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+        cls = getattr(diffusers, SCHEDULERS[scheduler])
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
     if attention_slicing:
         pipe.enable_attention_slicing()
     if vae_slicing:
@@ -207,15 +207,17 @@ def synthesize(run_dir: str | os.PathLike, class_counts, classes, captions: list
         for lo in range(0, len(todo), batch_size):
             slots = todo[lo:lo + batch_size]
             seeds = [slot_seed(seed, c, k) for c, k in slots]
+            negative = [negative_prompt] * len(slots) if negative_prompt else None
             images = pipe([prompts[s] for s in slots], height=size, width=size,
                           num_inference_steps=steps, guidance_scale=guidance,
-                          negative_prompt=[negative_prompt] * len(slots) if negative_prompt else None,
+                          negative_prompt=negative,
                           generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
                           output_type="pil").images
             for (c, k), s, img in zip(slots, seeds, images):
                 row = dict(file=planned[(c, k)], label=int(c), prompt=prompts[(c, k)], seed=s,
                            model_id=model_id)
-                _save_png(img.convert("RGB").resize((32, 32), FILTERS[resize_filter]), out / row["file"])
+                small = img.convert("RGB").resize((32, 32), FILTERS[resize_filter])
+                _save_png(small, out / row["file"])
                 jsonl.append(out / MANIFEST, [row])
                 if stats["generated"] == 0:
                     jsonl.record_settings(out / SETTINGS, settings)
@@ -273,7 +275,8 @@ SD21_BASE_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="sc
 def sd21_base_random(device, dtype):
     """SD-2.1-base architecture with random weights (no download); tiny CLIP tokenizer."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
@@ -313,7 +316,8 @@ def _unet_loop(pipe, batch: int, size: int, steps: int, guidance: float) -> None
     sched.set_timesteps(steps, device=unet.device)
     with torch.inference_mode():
         for t in sched.timesteps:
-            eps_u, eps_c = unet(torch.cat([lat, lat]), t, encoder_hidden_states=cond).sample.chunk(2)
+            eps = unet(torch.cat([lat, lat]), t, encoder_hidden_states=cond).sample
+            eps_u, eps_c = eps.chunk(2)
             lat = sched.step(eps_u + guidance * (eps_c - eps_u), t, lat).prev_sample
 
 
@@ -363,7 +367,8 @@ def rebalanced_figure(real_counts, synth_counts, classes):
     real, synth = np.asarray(real_counts), np.asarray(synth_counts)
     x = np.arange(len(classes))
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
-    for ax, title, add in zip(axes, ("before: long-tailed", "after: rebalanced"), (0 * synth, synth)):
+    panels = (("before: long-tailed", 0 * synth), ("after: rebalanced", synth))
+    for ax, (title, add) in zip(axes, panels):
         ax.bar(x, real, color="tab:blue", label="real")
         ax.bar(x, add, bottom=real, color="tab:orange", label="synthetic")
         ax.set_xticks(x, classes, rotation=45, ha="right")

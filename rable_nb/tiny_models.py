@@ -69,7 +69,8 @@ def _opt_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
                                   show_progress=False)
     tok.train_from_iterator(_corpus(), trainer)
-    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A",
+                                                       special_tokens=[("</s>", 2)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>",
                                    pad_token="<pad>", unk_token="<unk>", padding_side="left")
     fast.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
@@ -77,7 +78,7 @@ def _opt_tokenizer():
 
 
 def build_tiny_blip2(path: str | os.PathLike | None = None) -> Path:
-    """Save a random tiny BLIP-2 (ViT → Q-Former → OPT) with its processor; return the folder."""
+    """Save a random tiny BLIP-2 (ViT → Q-Former → OPT) and its processor; return the path."""
     target = Path(path) if path else config.cache_dir() / "tiny-blip2"
 
     def build(tmp: Path) -> None:
@@ -126,7 +127,8 @@ def _clip_tokenizer_files(folder: Path) -> None:
     for ch in sorted(alphabet):  # every byte may end a word
         vocab.setdefault(ch + "</w>", len(vocab))
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(dict(sorted(vocab.items(), key=lambda kv: kv[1]))))
+    ordered = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
+    (folder / "vocab.json").write_text(json.dumps(ordered))
     merges = json.loads(tok.to_str())["model"]["merges"]
     lines = [" ".join(m) if isinstance(m, list) else m for m in merges]
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n")
