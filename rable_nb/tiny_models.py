@@ -97,7 +97,8 @@ def build_tiny_blip2(path: str | os.PathLike | None = None) -> Path:
             text_config=dict(model_type="opt", vocab_size=len(tokenizer), hidden_size=32,
                              word_embed_proj_dim=32, ffn_dim=64, num_hidden_layers=2,
                              num_attention_heads=4, max_position_embeddings=128,
-                             bos_token_id=2, eos_token_id=2, pad_token_id=1, init_std=0.5),  # varied words
+                             bos_token_id=2, eos_token_id=2, pad_token_id=1,
+                             init_std=0.5),  # wide init: random captions vary per image
             num_query_tokens=n_query, image_token_index=image_token)
         torch.manual_seed(0)
         model = Blip2ForConditionalGeneration(cfg).eval()
