@@ -1,0 +1,70 @@
+"""Append-only JSON-lines files that survive interruption (captions, synthetic manifest).
+
+Each line is written with a trailing newline and flushed to disk before the next one, so
+an interrupted run leaves at most one torn last line; :func:`read` drops it (rewriting
+the file atomically) and the resumed run redoes that item.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def read(path: str | os.PathLike, repair: bool = True) -> list[dict]:
+    """Rows of a JSON-lines file ([] when absent); a torn last line is dropped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    text = path.read_text()
+    lines = text.splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path} line {i + 1} is corrupt (not the last line, so not "
+                                 f"an interrupted write); fix or delete the file.") from None
+    complete = len(rows) == sum(1 for x in lines if x.strip())
+    torn = bool(text) and (not text.endswith("\n") or not complete)
+    if torn and repair:
+        write(path, rows)
+    return rows
+
+
+def write(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Replace the file with ``rows`` atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def append(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Append ``rows`` (one line each) and flush them to disk."""
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def check_settings(path: str | os.PathLike, settings: dict, what: str) -> None:
+    """Refuse to extend an existing output (``what``) under other recorded settings."""
+    path = Path(path)
+    old = json.loads(path.read_text()) if path.exists() else settings
+    diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+    if diff:
+        raise ValueError(f"{what} was made with other settings {diff} (old, new): use another "
+                         f"RUN_DIR, or delete {what} and {path.name} to start over.")
+
+
+def record_settings(path: str | os.PathLike, settings: dict) -> None:
+    """Write the settings of an output atomically (after its first rows exist)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(settings, indent=1))
+    os.replace(tmp, path)
