@@ -27,8 +27,8 @@ def find_models(run_dir, methods=None) -> dict[str, Path]:
     Raises ``FileNotFoundError`` naming notebook 04 when there is none (or one is missing).
     """
     folder = Path(run_dir) / "checkpoints"
-    found = {p.stem: p for p in sorted(folder.glob("*.safetensors"))
-             if not p.stem.endswith(STATE_SUFFIX)}
+    found = dict(sorted((p.stem, p) for p in folder.glob("*.safetensors")
+                        if not p.stem.endswith(STATE_SUFFIX)))
     if not found:
         raise FileNotFoundError(
             f"No trained model in {folder}: run notebook 04_training first "
