@@ -196,10 +196,6 @@ class DemoApp:
         colour = "#b00020" if error else "#555"
         self.message.value = f'<span style="color:{colour}">{html.escape(text)}</span>'
 
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget)
-
     # -- callbacks --------------------------------------------------------------------
     @_never_raise
     def _on_upload(self, change) -> None:

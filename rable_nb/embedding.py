@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.manifold import TSNE
 from sklearn.metrics import silhouette_score
 from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
 
 from .networks import normalize
 
@@ -63,6 +65,19 @@ def tsne(feats: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> np.ndarr
 def separation(feats: np.ndarray, labels: np.ndarray) -> float:
     """Silhouette score of the true classes in feature space (cosine); −1 … 1, higher = better."""
     return float(silhouette_score(feats, labels, metric="cosine"))
+
+
+def embed_all(models: dict, x_uint8: np.ndarray, labels: np.ndarray, spaces=("penultimate",),
+              seed: int = 0, perplexity: float = 30.0) -> tuple[dict, pd.DataFrame]:
+    """t-SNE coordinates ``{(method, space): N×2}`` and a table of silhouette scores."""
+    coords, scores = {}, []
+    for method, space in tqdm([(m, s) for m in models for s in spaces], desc="t-SNE",
+                              unit="embedding"):
+        feats = features(models[method], x_uint8, space)
+        coords[method, space] = tsne(feats, seed, perplexity)
+        scores.append(dict(model=method, space=space, dim=feats.shape[1],
+                           silhouette=separation(feats, labels)))
+    return coords, pd.DataFrame(scores).set_index(["model", "space"])
 
 
 def scatter(ax, coords: np.ndarray, labels: np.ndarray, classes, title: str) -> None:

@@ -121,6 +121,10 @@ def test_tsne_is_seeded_and_features_have_the_right_shape(trained_run, cifar_dir
     a, b = embedding.tsne(feats, seed=1), embedding.tsne(feats, seed=1)
     assert a.shape == (60, 2) and np.allclose(a, b)
     assert -1 <= embedding.separation(feats, cifar.test_y[idx]) <= 1
+    coords, scores = embedding.embed_all(models, cifar.test_x[idx], cifar.test_y[idx],
+                                         ["penultimate", "projection"], seed=1)
+    assert np.allclose(coords["able", "penultimate"], a) and len(coords) == 4
+    assert scores.loc[("able", "projection"), "dim"] == 128
     fig = embedding.panels({"able": a, "other": b}, cifar.test_y[idx], CLASSES)
     assert len(fig.axes) == 2 and len(fig.legends[0].get_texts()) == 10
     with pytest.raises(ValueError, match="EMBEDDINGS"):
