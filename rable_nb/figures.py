@@ -50,9 +50,12 @@ def run_provenance(run_dir: Path) -> dict:
     run_params = {}
     for entry in run_log.get("notebooks", []):
         run_params.update(entry.get("parameters", {}))
-    commits = sorted({m["commit"] for m in metrics.values() if m.get("commit")})
+    commits = sorted({m["commit"] for m in metrics.values()
+                      if m.get("commit") not in (None, "", "unknown")})
+    inside = run_dir.is_relative_to(config.PROJECT_ROOT)
     return dict(
-        run=str(run_dir), profile=profile,
+        run=str(run_dir.relative_to(config.PROJECT_ROOT) if inside else run_dir),
+        profile=profile,
         commit=commits[0] if len(commits) == 1 else (commits or git_commit()),
         parameters=dict(run=run_params, dataset=ds,
                         training={k: m.get("params") for k, m in metrics.items()}),
