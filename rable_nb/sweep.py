@@ -60,8 +60,11 @@ def load_grid(path, notebook_dir: Path = runner.NOTEBOOK_DIR) -> dict:
     overlap = set(grid) & set(spec["fixed"])
     if overlap:
         raise ValueError(f"{path}: {sorted(overlap)} appear in both 'grid' and 'fixed'.")
-    if spec.get("notebooks") is not None:
-        spec["notebooks"] = str(spec["notebooks"])
+    if spec.get("notebooks") is not None:  # "01,04", [1, 4] or 1 (YAML reads 01 as 1)
+        nbs = spec["notebooks"]
+        nbs = nbs if isinstance(nbs, list) else str(nbs).split(",")
+        spec["notebooks"] = ",".join(f"{int(n):02d}" if str(n).strip().isdigit() else str(n)
+                                     for n in nbs)
     notebooks = runner.select(spec.get("notebooks"), runner.list_notebooks(notebook_dir))
     known = set().union(*(runner.parameter_cell(nb) for nb in notebooks))
     unknown = sorted((set(grid) | set(spec["fixed"])) - known)

@@ -57,6 +57,12 @@ def test_bad_grids_fail_before_anything_runs(tmp_path, spec, pattern, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("notebooks", ["01", 1, [1], ["01"]])
+def test_notebook_selection_accepts_yaml_spellings(tmp_path, notebooks):
+    spec = sweep.load_grid(_grid(tmp_path, notebooks=notebooks, grid={"Q": [0.1, 0.2]}))
+    assert spec["notebooks"] == "01" and spec["profile"] == "smoke"
+
+
 def test_points_are_the_cartesian_product_with_distinct_directories():
     spec = {"grid": {"IMBALANCE_FACTOR": [0.1, 0.01], "METHODS": [["able"], ["able", "rable"]]}}
     pts = sweep.points(spec)
