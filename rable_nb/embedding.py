@@ -63,7 +63,7 @@ def tsne(feats: np.ndarray, seed: int = 0, perplexity: float = 30.0) -> np.ndarr
 
 
 def separation(feats: np.ndarray, labels: np.ndarray) -> float:
-    """Silhouette score of the true classes in feature space (cosine); −1 … 1, higher = better."""
+    """Silhouette score of the true classes in feature space (cosine distance), in [−1, 1]."""
     return float(silhouette_score(feats, labels, metric="cosine"))
 
 

@@ -118,7 +118,8 @@ def draw_grid(ax, images, preds, truth, classes, title: str, ncols: int = 10,
     preds, truth = np.asarray(preds), np.asarray(truth)
     correct = preds == truth
     h = images.shape[1]
-    tiles, origins = mosaic(greyscale_wrong(images, correct), ncols, caption=CAPTION_PX if captions else 0)
+    tiles, origins = mosaic(greyscale_wrong(images, correct), ncols,
+                            caption=CAPTION_PX if captions else 0)
     ax.imshow(tiles, interpolation="nearest")
     ax.axis("off")
     if captions:

@@ -44,9 +44,10 @@ def load_grid(path, notebook_dir: Path = runner.NOTEBOOK_DIR) -> dict:
     if not path.is_file():
         raise ValueError(f"Grid file {path} does not exist.")
     spec = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(spec, dict) or set(spec) - GRID_KEYS:
+    unexpected = sorted(set(spec) - GRID_KEYS) if isinstance(spec, dict) else spec
+    if unexpected:
         raise ValueError(f"{path}: a grid file is a mapping with keys {sorted(GRID_KEYS)}; "
-                         f"unexpected: {sorted(set(spec) - GRID_KEYS) if isinstance(spec, dict) else spec!r}.")
+                         f"unexpected: {unexpected!r}.")
     spec.setdefault("profile", "smoke")
     spec.setdefault("fixed", {})
     if spec["profile"] not in config.PROFILES:

@@ -89,7 +89,8 @@ def test_results_rows_read_metrics_and_the_figure_uses_the_hardest_point(tmp_pat
     rows.append(sweep._row({"IMBALANCE_FACTOR": 0.5, "Q": 0.1},
                            {"status": "failed", "error": "boom"}, tmp_path / "p9"))
     res = pd.DataFrame(rows)
-    assert res.loc[2, "rable/few"] == pytest.approx(0.5) and res.loc[3, "ambiguity"] == pytest.approx(2.7)
+    assert res.loc[2, "rable/few"] == pytest.approx(0.5)
+    assert res.loc[3, "ambiguity"] == pytest.approx(2.7)
     assert sweep.varying(res) == ["IMBALANCE_FACTOR", "Q"]
     long = sweep.long_format(res)
     assert len(long) == 8 and set(long["method"]) == {"able", "rable"}
