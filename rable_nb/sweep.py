@@ -36,6 +36,8 @@ GRID_KEYS = {"profile", "notebooks", "fixed", "grid"}
 METRICS = ("last", "best", "many", "medium", "few")
 POINT_FILE = "point.json"
 SMOKE_GRID = "examples/sweep-smoke.yaml"
+# Where notebook 08 looks when SWEEP_DIR is not given (the README's sweep commands write there)
+DEFAULT_SWEEP_DIRS = {"quick": "runs/sweep-quick", "paper": "runs/sweep-paper"}
 
 
 def load_grid(path, notebook_dir: Path = runner.NOTEBOOK_DIR) -> dict:
@@ -209,12 +211,14 @@ def _project_path(path) -> Path:
     return path if path.is_absolute() else config.PROJECT_ROOT / path
 
 
-def notebook_results(P: dict, kernel: str = "python3") -> tuple[pd.DataFrame, Path]:
+def notebook_results(P: dict, kernel: str = "python3") -> tuple[pd.DataFrame | None, Path]:
     """Notebook 08's sweep: (results, sweep directory).
 
     With ``SWEEP_GRID`` the grid is run (finished points are skipped) into ``SWEEP_DIR`` or
-    ``RUN_DIR/sweep-<grid name>``; without, ``SWEEP_DIR``'s results are read. In the smoke
-    profile with neither set, the tiny ``examples/sweep-smoke.yaml`` is run.
+    ``RUN_DIR/sweep-<grid name>``; without, ``SWEEP_DIR``'s results are read. With neither:
+    the smoke profile runs the tiny ``examples/sweep-smoke.yaml``; quick and paper read
+    ``DEFAULT_SWEEP_DIRS[profile]`` and return ``(None, dir)`` when it holds no results yet
+    (a full pipeline run must not fail on the optional sweep).
     """
     grid = P.get("SWEEP_GRID")
     if grid is None and P.get("SWEEP_DIR") is None and P["PROFILE"] == "smoke":
@@ -226,10 +230,8 @@ def notebook_results(P: dict, kernel: str = "python3") -> tuple[pd.DataFrame, Pa
                   if P.get("DATA_DIR") else None)
         return read_results(out), out
     if P.get("SWEEP_DIR") is None:
-        raise FileNotFoundError(
-            "Set SWEEP_DIR to a sweep directory (made by e.g. `python -m rable_nb sweep "
-            "examples/sweep-paper.yaml --out runs/sweep-paper`), or SWEEP_GRID to a grid file "
-            "to run here.")
+        out = _project_path(DEFAULT_SWEEP_DIRS[P["PROFILE"]])
+        return (read_results(out) if (out / "results.csv").exists() else None), out
     out = _project_path(P["SWEEP_DIR"])
     return read_results(out), out
 

@@ -104,7 +104,20 @@ def test_results_rows_read_metrics_and_the_figure_uses_the_hardest_point(tmp_pat
         sweep.sweep_figure(res.iloc[4:])
 
 
-@pytest.mark.parametrize("name", ["sweep-smoke.yaml", "sweep-paper.yaml"])
+def test_notebook_08_reads_a_given_sweep_and_tolerates_a_missing_default(tmp_path, monkeypatch):
+    (tmp_path / "s").mkdir()
+    pd.DataFrame([{"Q": 0.1, "status": "failed", "error": "x"}]).to_csv(
+        tmp_path / "s" / "results.csv", index=False)
+    P = {"PROFILE": "paper", "RUN_DIR": str(tmp_path), "SWEEP_DIR": str(tmp_path / "s")}
+    results, where = sweep.notebook_results(P)
+    assert where == tmp_path / "s" and results["status"].tolist() == ["failed"]
+    with pytest.raises(FileNotFoundError, match="run a sweep first"):
+        sweep.notebook_results(dict(P, SWEEP_DIR=str(tmp_path / "nothing")))
+    monkeypatch.setitem(sweep.DEFAULT_SWEEP_DIRS, "paper", str(tmp_path / "none-yet"))
+    assert sweep.notebook_results(dict(P, SWEEP_DIR=None)) == (None, tmp_path / "none-yet")
+
+
+@pytest.mark.parametrize("name", ["sweep-smoke.yaml", "sweep-quick.yaml", "sweep-paper.yaml"])
 def test_shipped_example_grids_are_valid(name):
     needed = {"01", "04"}
     if not needed <= {p.name[:2] for p in runner.list_notebooks()}:
