@@ -32,3 +32,38 @@ def run_notebooks(cifar_dir):
 def smoke_dataset_run(run_notebooks, tmp_path_factory) -> Path:
     """A run directory where notebook 01 has written dataset.npz (smoke profile)."""
     return run_notebooks("01", tmp_path_factory.mktemp("run-01"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(cifar_dir, tmp_path_factory) -> Path:
+    """A run directory with two tiny checkpoints (as notebook 04 writes them), each trained
+    for a few steps on 100 clean images per class so their predictions differ and vary."""
+    import torch
+    import torch.nn.functional as F
+
+    from rable_nb import dataset, networks
+
+    cifar = data.load_cifar10(cifar_dir)
+    idx = dataset.long_tail_indices(cifar.train_y, [100] * 10, seed=0)
+    x = networks.normalize(torch.as_tensor(cifar.train_x[idx]))
+    y = torch.as_tensor(cifar.train_y[idx])
+    run = tmp_path_factory.mktemp("trained-run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: threads only add overhead on a busy CPU
+    for seed, method in enumerate(("able", "able+records")):
+        torch.manual_seed(seed)
+        net = networks.PLLNet("tiny_cnn")
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        for step in range(30 + 30 * seed):
+            batch = torch.randint(len(x), (64,))
+            loss = F.cross_entropy(net(x[batch]), y[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        extra = {"logit_prior": torch.log(torch.full((10,), 0.1))} if seed else None
+        networks.save_model(net, run / "checkpoints" / f"{method}.safetensors",
+                            meta={"method": method}, extra=extra)
+    torch.set_num_threads(threads)
+    # the resumable training state notebook 04 keeps beside the model is not a model
+    (run / "checkpoints" / "able-state.safetensors").write_bytes(b"not a model")
+    return run

@@ -1,0 +1,258 @@
+"""Stage 07: interactive demo — upload an image (or draw a test image), see the top-5
+softmax of a trained model, and record which labels a person finds plausible.
+
+Uploads are checked before decoding: at most ``MAX_BYTES`` of file, at most
+``MAX_PIXELS`` pixels (a small file can declare a huge image: a decompression bomb), and
+Pillow must recognise the format. Accepted images get the evaluation's preprocessing:
+RGB, resized to 32×32 with the bicubic filter that ``data`` uses for non-32×32 files,
+normalised with :func:`networks.normalize`.
+
+Feedback is a partial label: the set of ticked labels. Each one is appended as one line
+to ``feedback.jsonl`` (``sha256``, ``image`` — the 32×32 PNG under ``feedback/`` —,
+``candidates``, ``source``, ``model``, ``top5``); :func:`load_feedback` turns the file
+into images and an N×C candidate matrix, the format of ``dataset.npz``.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import html
+import io
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import ipywidgets as widgets
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .predictions import predict_proba
+
+MAX_BYTES = 10 * 1024 * 1024
+MAX_PIXELS = 40_000_000  # 40 megapixels: any camera photo; Pillow itself warns at 89 MP
+FEEDBACK_FILE = "feedback.jsonl"
+
+
+class RejectedImage(ValueError):
+    """An upload that is not used; the message says why."""
+
+
+def read_image(blob: bytes, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS
+               ) -> np.ndarray:
+    """Uploaded file bytes → uint8 32×32×3, or :class:`RejectedImage` with the reason."""
+    if not blob:
+        raise RejectedImage("the file is empty.")
+    if len(blob) > max_bytes:
+        raise RejectedImage(f"the file has {len(blob) / 2**20:.1f} MB; the limit is "
+                            f"{max_bytes / 2**20:.0f} MB.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(blob)) as img:  # reads the header only
+                if img.width * img.height > max_pixels:
+                    raise RejectedImage(
+                        f"{img.width}×{img.height} pixels is over the {max_pixels / 1e6:.0f}-"
+                        "megapixel limit (a decompression bomb or a huge image).")
+                rgb = ImageOps.exif_transpose(img).convert("RGB")
+    except RejectedImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise RejectedImage(f"refused as a decompression bomb ({err}).") from None
+    except UnidentifiedImageError:
+        raise RejectedImage("this is not an image format Pillow can read "
+                            "(use PNG, JPEG, GIF, BMP, WebP, ...).") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise RejectedImage(f"the image is damaged or truncated ({err}).") from None
+    if rgb.size != (32, 32):
+        rgb = rgb.resize((32, 32), Image.Resampling.BICUBIC)
+    return np.array(rgb, dtype=np.uint8)
+
+
+def png_bytes(image: np.ndarray, scale: int = 4) -> bytes:
+    """PNG of a uint8 image, enlarged ``scale``× with nearest-neighbour (what the model sees)."""
+    img = Image.fromarray(image)
+    if scale != 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def append_feedback(run_dir, image: np.ndarray, sha256: str, candidates: list[int], classes,
+                    **info) -> dict:
+    """Save the 32×32 image under ``feedback/`` and append one line to ``feedback.jsonl``.
+
+    The image is written (atomically) before the line, so no line points to a missing file.
+    """
+    if not candidates:
+        raise ValueError("tick at least one plausible label.")
+    run_dir = Path(run_dir)
+    rel = Path("feedback") / f"{sha256}.png"
+    target = run_dir / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(png_bytes(image, scale=1))
+        os.replace(tmp, target)
+    entry = dict(time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), sha256=sha256, image=str(rel),
+                 candidates=[classes[c] for c in candidates],
+                 candidate_ids=[int(c) for c in candidates], **info)
+    with open(run_dir / FEEDBACK_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+    return entry
+
+
+def load_feedback(run_dir, num_classes: int = 10) -> dict:
+    """``feedback.jsonl`` as partial-label data: images (N×32×32×3), candidates (N×C bool),
+    sha256; the latest line wins when an image was labelled more than once."""
+    path = Path(run_dir) / FEEDBACK_FILE
+    latest = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                latest[entry["sha256"]] = entry
+    images = np.zeros((len(latest), 32, 32, 3), np.uint8)
+    candidates = np.zeros((len(latest), num_classes), bool)
+    for i, entry in enumerate(latest.values()):
+        with Image.open(Path(run_dir) / entry["image"]) as img:
+            images[i] = np.asarray(img.convert("RGB"))
+        candidates[i, entry["candidate_ids"]] = True
+    return dict(images=images, candidates=candidates, sha256=list(latest))
+
+
+def _never_raise(callback):
+    """Widget callbacks report errors in the message line instead of raising."""
+    @functools.wraps(callback)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return callback(self, *args, **kwargs)
+        except RejectedImage as err:
+            self.show_message(f"Upload rejected: {err}", error=True)
+        except Exception as err:  # noqa: BLE001 - a demo must keep running
+            self.show_message(f"Error: {type(err).__name__}: {err}", error=True)
+    return wrapper
+
+
+class DemoApp:
+    """The widget app; ``app.widget`` is what the notebook displays.
+
+    ``models``: ``predictions.load_models`` output; ``test_x``/``test_y``: uint8 test images
+    and labels for the "random test image" button.
+    """
+
+    def __init__(self, models: dict, classes, test_x, test_y, run_dir, seed: int = 0,
+                 adjust: bool = False, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS):
+        self.models, self.classes = models, list(classes)
+        self.test_x, self.test_y, self.run_dir = test_x, test_y, Path(run_dir)
+        self.limits = dict(max_bytes=max_bytes, max_pixels=max_pixels)
+        self.rng = np.random.default_rng(seed)
+        self.current: dict | None = None
+        self.top5: list[tuple[str, float]] = []
+
+        self.uploader = widgets.FileUpload(accept="image/*", multiple=False,
+                                           description="upload image")
+        self.random_button = widgets.Button(description="random test image", icon="random")
+        self.model = widgets.Dropdown(options=list(models), description="model")
+        self.adjust = widgets.Checkbox(value=adjust, description="test-time logit adjustment",
+                                       disabled=all(m["prior"] is None for m in models.values()))
+        self.message = widgets.HTML()
+        self.preview = widgets.Image(format="png", width=128, height=128)
+        self.caption = widgets.HTML()
+        self.bar_names = [widgets.Label(layout=widgets.Layout(width="90px")) for _ in range(5)]
+        self.bars = [widgets.FloatProgress(min=0, max=1, layout=widgets.Layout(width="240px"))
+                     for _ in range(5)]
+        self.bar_values = [widgets.Label() for _ in range(5)]
+        self.checks = [widgets.Checkbox(description=c, indent=False,
+                                        layout=widgets.Layout(width="110px")) for c in classes]
+        self.save_button = widgets.Button(description="save feedback", button_style="success",
+                                          disabled=True)
+
+        self.uploader.observe(self._on_upload, "value")
+        self.random_button.on_click(self._on_random)
+        self.model.observe(self._on_model, "value")
+        self.adjust.observe(self._on_model, "value")
+        self.save_button.on_click(self._on_save)
+
+        bars = widgets.VBox([widgets.HBox([n, b, v]) for n, b, v in
+                             zip(self.bar_names, self.bars, self.bar_values)])
+        feedback = widgets.VBox([
+            widgets.HTML("<b>Which labels are plausible?</b> Tick every one; the set is "
+                         "saved as a partial label."),
+            widgets.GridBox(self.checks, layout=widgets.Layout(
+                grid_template_columns="repeat(5, 115px)")),
+            self.save_button])
+        self.widget = widgets.VBox([
+            widgets.HBox([self.uploader, self.random_button, self.model, self.adjust]),
+            self.message,
+            widgets.HBox([widgets.VBox([self.preview, self.caption]),
+                          widgets.VBox([widgets.HTML("<b>top-5 softmax</b>"), bars])]),
+            feedback])
+
+    # -- display ----------------------------------------------------------------------
+    def show_message(self, text: str, error: bool = False) -> None:
+        colour = "#b00020" if error else "#555"
+        self.message.value = f'<span style="color:{colour}">{html.escape(text)}</span>'
+
+    # -- callbacks --------------------------------------------------------------------
+    @_never_raise
+    def _on_upload(self, change) -> None:
+        files = change["new"]
+        if not files:  # the reset below
+            return
+        f = files[0]
+        blob = bytes(f["content"])  # bytes or memoryview
+        try:
+            image = read_image(blob, **self.limits)
+        finally:
+            self.uploader.value = ()  # the same file can be uploaded again
+        self.show(image, hashlib.sha256(blob).hexdigest(), f"upload: {f['name']}")
+
+    @_never_raise
+    def _on_random(self, _button=None) -> None:
+        i = int(self.rng.integers(len(self.test_x)))
+        image = np.ascontiguousarray(self.test_x[i])
+        self.show(image, hashlib.sha256(image.tobytes()).hexdigest(), f"CIFAR-10 test #{i}",
+                  true_label=self.classes[int(self.test_y[i])])
+
+    @_never_raise
+    def _on_model(self, _change=None) -> None:
+        if self.current is not None:
+            self.predict()
+
+    @_never_raise
+    def _on_save(self, _button=None) -> None:
+        if self.current is None:
+            raise ValueError("show an image first.")
+        ticked = [c for c, box in enumerate(self.checks) if box.value]
+        cur = self.current
+        entry = append_feedback(self.run_dir, cur["image"], cur["sha256"], ticked, self.classes,
+                                source=cur["source"], true_label=cur.get("true_label"),
+                                model=self.model.value, top5=self.top5)
+        for box in self.checks:
+            box.value = False
+        self.show_message(f"Saved {{{', '.join(entry['candidates'])}}} for {cur['source']} "
+                          f"to {self.run_dir / FEEDBACK_FILE}.")
+
+    # -- actions ----------------------------------------------------------------------
+    def show(self, image: np.ndarray, sha256: str, source: str, true_label=None) -> None:
+        """Make ``image`` the current one, show it and its top-5 prediction."""
+        self.current = dict(image=image, sha256=sha256, source=source, true_label=true_label)
+        self.preview.value = png_bytes(image)
+        truth = f"<br>true label: <b>{true_label}</b>" if true_label else ""
+        self.caption.value = f"{html.escape(source)} (32×32, as the model sees it){truth}"
+        self.save_button.disabled = False
+        self.predict()
+        self.show_message(f"{source}: predicted {self.top5[0][0]} ({self.top5[0][1]:.1%}).")
+
+    def predict(self) -> list[tuple[str, float]]:
+        """Top-5 (label, probability) of the selected model on the current image."""
+        probs = predict_proba(self.models[self.model.value], self.current["image"][None],
+                              adjust=self.adjust.value)[0]
+        order = np.argsort(-probs)[:5]
+        self.top5 = [(self.classes[c], float(probs[c])) for c in order]
+        for (name, p), n, b, v in zip(self.top5, self.bar_names, self.bars, self.bar_values):
+            n.value, b.value, v.value = name, p, f"{p:.1%}"
+        return self.top5

@@ -1,0 +1,126 @@
+"""Parameter sweeps: grid checking, failed points recorded, reruns skip finished points,
+results.csv contents and the notebook-08 figure."""
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from rable_nb import cli, runner, sweep
+
+
+def _grid(tmp_path, **spec):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_two_point_sweep_records_the_failure_and_a_rerun_skips_finished_points(
+        tmp_path, cifar_dir, capsys):
+    grid = _grid(tmp_path, profile="smoke", notebooks="01",
+                 fixed={"DATA_DIR": str(cifar_dir), "Q": 0.2},
+                 grid={"IMBALANCE_FACTOR": [0.1, 5]})  # 5 is not in (0, 1]: fails
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", str(grid), "--out", str(out)]) == 1  # one point failed
+    assert "1 of 2 points finished" in capsys.readouterr().out
+    res = pd.read_csv(out / "results.csv")
+    assert len(res) == 2 and res["IMBALANCE_FACTOR"].tolist() == [0.1, 5]
+    ok, bad = res.iloc[0], res.iloc[1]
+    assert ok["status"] == "done" and bad["status"] == "failed"
+    assert "IMBALANCE_FACTOR=5 is invalid" in bad["error"]
+    assert 0 < ok["ambiguity"] < 9 * 0.2 + 0.5  # measured from the point's dataset.json
+    done_dir = out / sweep.point_name(0, {"IMBALANCE_FACTOR": 0.1})
+    assert (done_dir / "dataset.npz").exists()
+    stamp = (done_dir / "dataset.npz").stat().st_mtime_ns
+    point = json.loads((done_dir / sweep.POINT_FILE).read_text())
+    assert point["status"] == "done" and point["params"]["Q"] == 0.2
+
+    again = sweep.run_sweep(sweep.load_grid(grid), out)
+    assert "skip 000_IMBALANCE_FACTOR=0.1: finished" in capsys.readouterr().out
+    assert (done_dir / "dataset.npz").stat().st_mtime_ns == stamp  # not run again
+    assert again["status"].tolist() == ["done", "failed"] and len(again) == 2
+    assert pd.read_csv(out / "results.csv")["status"].tolist() == ["done", "failed"]
+
+
+@pytest.mark.parametrize("spec, pattern", [
+    (dict(grid={"NOPE": [1, 2]}, notebooks="01"), r"unknown parameter\(s\) \['NOPE'\]"),
+    (dict(grid={"Q": 0.3}, notebooks="01"), "non-empty lists"),
+    (dict(grid={"Q": [0.1]}, fixed={"Q": 0.2}, notebooks="01"), "both 'grid' and 'fixed'"),
+    (dict(grid={"Q": [0.1]}, profile="huge"), "profile 'huge'"),
+    (dict(grid={"Q": [0.1]}, notebook="01"), "unexpected: \\['notebook'\\]"),
+])
+def test_bad_grids_fail_before_anything_runs(tmp_path, spec, pattern, capsys):
+    path = _grid(tmp_path, **spec)
+    with pytest.raises(ValueError, match=pattern):
+        sweep.load_grid(path)
+    assert cli.main(["sweep", str(path), "--out", str(tmp_path / "o")]) == 1
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("notebooks", ["01", 1, [1], ["01"]])
+def test_notebook_selection_accepts_yaml_spellings(tmp_path, notebooks):
+    spec = sweep.load_grid(_grid(tmp_path, notebooks=notebooks, grid={"Q": [0.1, 0.2]}))
+    assert spec["notebooks"] == "01" and spec["profile"] == "smoke"
+
+
+def test_points_are_the_cartesian_product_with_distinct_directories():
+    spec = {"grid": {"IMBALANCE_FACTOR": [0.1, 0.01], "METHODS": [["able"], ["able", "rable"]]}}
+    pts = sweep.points(spec)
+    assert len(pts) == 4 and pts[1] == {"IMBALANCE_FACTOR": 0.1, "METHODS": ["able", "rable"]}
+    names = [sweep.point_name(i, p) for i, p in enumerate(pts)]
+    assert len(set(names)) == 4 and all("/" not in n and "[" not in n for n in names)
+
+
+def _metrics(run, method, last, groups):
+    run.mkdir(parents=True, exist_ok=True)
+    acc = dict(last=last, best=last + 0.01, many=groups[0], medium=groups[1], few=groups[2],
+               per_class=[last] * 10)
+    (run / f"metrics-{method}.json").write_text(json.dumps({"method": method, "accuracy": acc}))
+
+
+def test_results_rows_read_metrics_and_the_figure_uses_the_hardest_point(tmp_path):
+    rows = []
+    for i, (f, q) in enumerate([(0.1, 0.1), (0.1, 0.3), (0.01, 0.1), (0.01, 0.3)]):
+        run = tmp_path / f"p{i}"
+        _metrics(run, "able", 0.8 - i / 10, (0.9, 0.8 - i / 10, 0.5 - i / 10))
+        _metrics(run, "rable", 0.85 - i / 10, (0.9, 0.8, 0.7 - i / 10))
+        (run / "dataset.json").write_text(json.dumps({"mean_candidates": 1 + 9 * q}))
+        rows.append(sweep._row({"IMBALANCE_FACTOR": f, "Q": q}, {"status": "done"}, run))
+    rows.append(sweep._row({"IMBALANCE_FACTOR": 0.5, "Q": 0.1},
+                           {"status": "failed", "error": "boom"}, tmp_path / "p9"))
+    res = pd.DataFrame(rows)
+    assert res.loc[2, "rable/few"] == pytest.approx(0.5)
+    assert res.loc[3, "ambiguity"] == pytest.approx(2.7)
+    assert sweep.varying(res) == ["IMBALANCE_FACTOR", "Q"]
+    long = sweep.long_format(res)
+    assert len(long) == 8 and set(long["method"]) == {"able", "rable"}
+    fig = sweep.sweep_figure(res)
+    bars = fig.axes[2]
+    assert "IMBALANCE_FACTOR=0.01, ambiguity=2.7" in bars.get_title()
+    few = [p.get_height() for p in bars.containers[2]]
+    assert few == pytest.approx([0.5 - 0.3, 0.7 - 0.3])  # point 3: the hardest
+    assert len(fig.axes[0].lines) == 4  # 2 methods × 2 values of Q
+    with pytest.raises(ValueError, match="No finished point"):
+        sweep.sweep_figure(res.iloc[4:])
+
+
+def test_notebook_08_reads_a_given_sweep_and_tolerates_a_missing_default(tmp_path, monkeypatch):
+    (tmp_path / "s").mkdir()
+    pd.DataFrame([{"Q": 0.1, "status": "failed", "error": "x"}]).to_csv(
+        tmp_path / "s" / "results.csv", index=False)
+    P = {"PROFILE": "paper", "RUN_DIR": str(tmp_path), "SWEEP_DIR": str(tmp_path / "s")}
+    results, where = sweep.notebook_results(P)
+    assert where == tmp_path / "s" and results["status"].tolist() == ["failed"]
+    with pytest.raises(FileNotFoundError, match="run a sweep first"):
+        sweep.notebook_results(dict(P, SWEEP_DIR=str(tmp_path / "nothing")))
+    monkeypatch.setitem(sweep.DEFAULT_SWEEP_DIRS, "paper", str(tmp_path / "none-yet"))
+    assert sweep.notebook_results(dict(P, SWEEP_DIR=None)) == (None, tmp_path / "none-yet")
+
+
+@pytest.mark.parametrize("name", ["sweep-smoke.yaml", "sweep-quick.yaml", "sweep-paper.yaml"])
+def test_shipped_example_grids_are_valid(name):
+    needed = {"01", "04"}
+    if not needed <= {p.name[:2] for p in runner.list_notebooks()}:
+        pytest.skip("notebook 04 is not in this checkout")
+    spec = sweep.load_grid(sweep.config.PROJECT_ROOT / "examples" / name)
+    assert len(sweep.points(spec)) >= 2
