@@ -8,6 +8,7 @@ inject parameters) and validates everything once.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +27,18 @@ PROFILE_DEFAULTS: dict[str, dict] = {
     "paper": dict(N_MAX=5000, N_TEST_PER_CLASS=1000, CLEAN_ARCH="resnet18", CLEAN_EPOCHS=40,
                   CLEAN_PER_CLASS=0),
 }
+
+
+def git_commit(root: Path = PROJECT_ROOT) -> str:
+    """Current commit of the project (``-dirty`` when tracked files changed), or 'unknown'."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def cache_dir() -> Path:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import config
 from .augment import random_crop_flip
 from .data import Cifar
-from .networks import build_backbone, normalize, pick_device
+from .networks import batched_logits, build_backbone, normalize, pick_device
 
 
 def long_tail_counts(n_max: int, num_classes: int, imbalance_factor: float) -> list[int]:
@@ -95,14 +95,9 @@ def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: i
             sched.step()
 
 
-@torch.no_grad()
-def predict_proba(net: nn.Module, x_uint8: np.ndarray, device: torch.device,
-                  batch: int = 1000) -> np.ndarray:
+def predict_proba(net: nn.Module, x_uint8: np.ndarray) -> np.ndarray:
     """Softmax probabilities of ``net`` on uint8 images (evaluation mode)."""
-    net.eval()
-    out = [F.softmax(net(normalize(torch.as_tensor(x_uint8[i:i + batch], device=device))), 1)
-           for i in range(0, len(x_uint8), batch)]
-    return torch.cat(out).float().cpu().numpy()
+    return F.softmax(batched_logits(net, x_uint8), 1).cpu().numpy()
 
 
 def clean_classifier(cifar: Cifar, arch: str, epochs: int, seed: int = 0, device: str = "auto",
@@ -127,7 +122,7 @@ def clean_classifier(cifar: Cifar, arch: str, epochs: int, seed: int = 0, device
     x = torch.as_tensor(cifar.train_x[idx], device=dev)
     y = torch.as_tensor(cifar.train_y[idx], device=dev)
     _fit(net, x, y, epochs, batch=min(128, len(idx)), lr=0.1)
-    acc = float((predict_proba(net, cifar.test_x, dev).argmax(1) == cifar.test_y).mean())
+    acc = float((predict_proba(net, cifar.test_x).argmax(1) == cifar.test_y).mean())
     info = dict(arch=arch, epochs=epochs, seed=seed, train_images=int(len(idx)),
                 test_accuracy=acc, device=str(dev))
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, weights)
@@ -150,7 +145,7 @@ def build_dataset(cifar: Cifar, imbalance_factor: float, partial: str, q: float,
         candidates = uniform_candidates(labels, cifar.num_classes, q, seed)
     else:
         net, info = clean_classifier(cifar, clean_arch, clean_epochs, seed, device, clean_per_class)
-        probs = predict_proba(net, cifar.train_x[indices], next(net.parameters()).device)
+        probs = predict_proba(net, cifar.train_x[indices])
         candidates = instance_candidates(probs, labels, rate, seed)
     return dict(indices=indices, labels=labels, candidates=candidates,
                 class_counts=np.asarray(counts, dtype=np.int64), clean_classifier=info)

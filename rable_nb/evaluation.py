@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import config
-from .networks import normalize
+from .networks import batched_logits
 
 METRICS_FIELDS = ("method", "protocol", "params", "accuracy", "device", "wall_s",
                   "images_per_s", "commit")
@@ -35,21 +33,7 @@ def predict(net: torch.nn.Module, x_uint8: torch.Tensor, log_prior: torch.Tensor
             batch: int = 1000) -> torch.Tensor:
     """Predicted classes of uint8 images (on the net's device); subtracts ``log_prior``
     from the logits when given (test-time adjustment)."""
-    was_training = net.training
-    net.eval()
-    dev = next(net.parameters()).device
-    preds = []
-    for i in range(0, len(x_uint8), batch):
-        x = normalize(x_uint8[i:i + batch].to(dev))
-        if dev.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            logits = net(x).float()
-        if log_prior is not None:
-            logits = logits - log_prior.to(dev)
-        preds.append(logits.argmax(1))
-    net.train(was_training)
-    return torch.cat(preds)
+    return batched_logits(net, x_uint8, log_prior, batch).argmax(1)
 
 
 def summarize(pred, truth, class_counts) -> dict:
@@ -73,18 +57,6 @@ def accuracy_block(history: list[dict], final: dict, key: str = "test_acc") -> d
     return {"last": final["overall"], "best": max(accs + [final["overall"]]),
             "many": final["many"], "medium": final["medium"], "few": final["few"],
             "per_class": final["per_class"]}
-
-
-def git_commit(root: Path = config.PROJECT_ROOT) -> str:
-    """Current commit of the project (``-dirty`` when tracked files changed), or 'unknown'."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def write_metrics(run_dir, metrics: dict) -> Path:

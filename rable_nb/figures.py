@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,15 +27,6 @@ class FigureError(RuntimeError):
 
 def _json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def git_commit() -> str | None:
-    """HEAD of the project checkout (None outside git)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=config.PROJECT_ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def run_provenance(run_dir: Path) -> dict:
@@ -56,7 +46,7 @@ def run_provenance(run_dir: Path) -> dict:
     return dict(
         run=str(run_dir.relative_to(config.PROJECT_ROOT) if inside else run_dir),
         profile=profile,
-        commit=commits[0] if len(commits) == 1 else (commits or git_commit()),
+        commit=commits[0] if len(commits) == 1 else (commits or config.git_commit()),
         parameters=dict(run=run_params, dataset=ds,
                         training={k: m.get("params") for k, m in metrics.items()}),
         device=sorted({m["device"] for m in metrics.values() if m.get("device")}) or None,

@@ -77,6 +77,26 @@ def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+@torch.no_grad()
+def batched_logits(net: nn.Module, x_uint8, log_prior: torch.Tensor | None = None,
+                   batch: int = 1000) -> torch.Tensor:
+    """Float logits (on the net's device) of uint8 images in evaluation mode, minus
+    ``log_prior`` when given (test-time adjustment); bf16 + channels_last on CUDA."""
+    was_training = net.training
+    net.eval()
+    dev = next(net.parameters()).device
+    out = []
+    for i in range(0, len(x_uint8), batch):
+        x = normalize(torch.as_tensor(x_uint8[i:i + batch], device=dev))
+        if dev.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            logits = net(x).float()
+        out.append(logits - log_prior.to(dev) if log_prior is not None else logits)
+    net.train(was_training)
+    return torch.cat(out)
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """'auto' → CUDA when available, else CPU."""
     if device == "auto":

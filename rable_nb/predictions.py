@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from . import dataset
-from .networks import load_model, normalize, pick_device
+from .networks import batched_logits, load_model, pick_device
 
 STATE_SUFFIX = "-state"  # checkpoints/<method>-state.safetensors: resumable training state
 CAPTION_PX = 9  # space above each grid row for the predicted label, in image pixels
@@ -55,7 +55,6 @@ def load_models(run_dir, methods=None, device: str = "auto") -> dict[str, dict]:
     return models
 
 
-@torch.no_grad()
 def predict_proba(model: dict, x_uint8: np.ndarray, adjust: bool = False,
                   batch: int = 500) -> np.ndarray:
     """Softmax probabilities (N×C) of a loaded model on uint8 N×32×32×3 images.
@@ -63,15 +62,8 @@ def predict_proba(model: dict, x_uint8: np.ndarray, adjust: bool = False,
     Preprocessing is the evaluation's: :func:`networks.normalize`, no augmentation. With
     ``adjust`` the model's ``logit_prior`` (if any) is subtracted from the logits first.
     """
-    net = model["net"]
-    dev = next(net.parameters()).device
-    out = []
-    for i in range(0, len(x_uint8), batch):
-        logits = net(normalize(torch.as_tensor(np.asarray(x_uint8[i:i + batch]), device=dev)))
-        if adjust and model.get("prior") is not None:
-            logits = logits - model["prior"].to(dev)
-        out.append(torch.softmax(logits.float(), 1))
-    return torch.cat(out).cpu().numpy()
+    prior = model.get("prior") if adjust else None
+    return torch.softmax(batched_logits(model["net"], x_uint8, prior, batch), 1).cpu().numpy()
 
 
 def fixed_test_set(test_y: np.ndarray, per_class: int = 10, seed: int = 0) -> np.ndarray:

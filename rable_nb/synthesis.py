@@ -230,10 +230,15 @@ def synthesize(run_dir: str | os.PathLike, class_counts, classes, captions: list
     return stats
 
 
+def manifest_rows(run_dir: str | os.PathLike) -> list[dict]:
+    """The lines of a run's ``synthetic/manifest.jsonl`` (empty when there is none)."""
+    return jsonl.read(Path(run_dir) / SYNTH_DIR / MANIFEST, repair=False)
+
+
 def load_synthetic(run_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """(uint8 images N×32×32×3, labels, manifest rows) of a run's synthetic folder."""
     out = Path(run_dir) / SYNTH_DIR
-    rows = jsonl.read(out / MANIFEST, repair=False)
+    rows = manifest_rows(run_dir)
     if not rows:
         return np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64), []
     images = np.stack([np.asarray(Image.open(out / r["file"]).convert("RGB")) for r in rows])
@@ -242,8 +247,7 @@ def load_synthetic(run_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, 
 
 def synthetic_counts(run_dir: str | os.PathLike, num_classes: int) -> np.ndarray:
     """Synthetic images per class according to the manifest."""
-    counts = Counter(r["label"] for r in jsonl.read(Path(run_dir) / SYNTH_DIR / MANIFEST,
-                                                    repair=False))
+    counts = Counter(r["label"] for r in manifest_rows(run_dir))
     return np.array([counts.get(c, 0) for c in range(num_classes)], dtype=np.int64)
 
 

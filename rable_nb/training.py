@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import able, augment, dataset, evaluation
+from . import able, augment, config, dataset, evaluation, synthesis
 from .networks import CIFAR_MEAN, CIFAR_STD, PLLNet, pick_device, save_model
 
 METHODS = ("able", "able+records", "proden", "supervised", "rable")
@@ -270,23 +270,6 @@ def test_subset(test_y: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray
         seed))
 
 
-def read_synthetic(run_dir) -> tuple[np.ndarray, np.ndarray] | None:
-    """Images (uint8 N×32×32×3) and labels listed in ``synthetic/manifest.jsonl``, or None."""
-    from PIL import Image
-    rows = read_synthetic_manifest(run_dir)
-    if rows is None:
-        return None
-    manifest = Path(run_dir) / "synthetic" / "manifest.jsonl"
-    images = []
-    for r in rows:
-        with Image.open(manifest.parent / r["file"]) as img:
-            img = img.convert("RGB")
-            if img.size != (32, 32):
-                img = img.resize((32, 32), Image.Resampling.BICUBIC)
-            images.append(np.asarray(img, dtype=np.uint8))
-    return np.stack(images), np.asarray([r["label"] for r in rows], dtype=np.int64)
-
-
 def synthetic_candidates(labels: np.ndarray, ds_params: dict, kind: str, cifar, x: np.ndarray,
                          device: str = "auto") -> np.ndarray:
     """Candidate sets of synthetic images: one-hot (``exact``) or drawn by the generator of
@@ -303,7 +286,7 @@ def synthetic_candidates(labels: np.ndarray, ds_params: dict, kind: str, cifar, 
     per_class = None if info["train_images"] >= len(cifar.train_y) else info["train_images"] // c
     net, _ = dataset.clean_classifier(cifar, info["arch"], info["epochs"], info["seed"], device,
                                       per_class)
-    probs = dataset.predict_proba(net, x, next(net.parameters()).device)
+    probs = dataset.predict_proba(net, x)
     return dataset.instance_candidates(probs, labels, float(ds_params["RATE"]), seed)
 
 
@@ -317,11 +300,10 @@ def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int =
     x, cand, y = cifar.train_x[ds["indices"]], ds["candidates"], ds["labels"]
     n_synth = 0
     if method == "rable":
-        synth = read_synthetic(run_dir)
-        if synth is None:
+        sx, sy, rows = synthesis.load_synthetic(run_dir)
+        if not rows:
             raise FileNotFoundError(f"{Path(run_dir) / 'synthetic/manifest.jsonl'} is missing: "
                                     "run the synthesis notebook before training 'rable'.")
-        sx, sy = synth
         sc = synthetic_candidates(sy, ds["params"], synthetic_labels, cifar, sx, device)
         x, cand, y = np.concatenate([x, sx]), np.concatenate([cand, sc]), np.concatenate([y, sy])
         n_synth = len(sy)
@@ -419,7 +401,7 @@ def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int 
         "confusion": result["final"]["confusion"],
         "device": _device_name(trainer.dev),
         "wall_s": result["wall_s"], "images_per_s": result["images_per_s"],
-        "commit": evaluation.git_commit(),
+        "commit": config.git_commit(),
     }
     if result["adjusted"] is not None:
         metrics["accuracy_adjusted"] = evaluation.accuracy_block(
@@ -520,18 +502,10 @@ def runnable_methods(methods, run_dir) -> tuple[list[str], dict[str, str]]:
     if bad:
         raise ValueError(f"METHODS has unknown method(s) {bad}; choose from {METHODS}.")
     skipped = {}
-    if "rable" in methods and read_synthetic_manifest(run_dir) is None:
+    if "rable" in methods and not synthesis.manifest_rows(run_dir):
         skipped["rable"] = (f"no synthetic images in {Path(run_dir) / 'synthetic'} yet; run the "
                             "synthesis notebook first (skipping 'rable').")
     return [m for m in methods if m not in skipped], skipped
-
-
-def read_synthetic_manifest(run_dir) -> list[dict] | None:
-    path = Path(run_dir) / "synthetic" / "manifest.jsonl"
-    if not path.exists():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return rows or None
 
 
 def run_method(method: str, P: dict, cifar, progress: bool = True) -> dict:
