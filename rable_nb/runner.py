@@ -122,7 +122,7 @@ def run(profile: str = "smoke", only: str | None = None, out: str | None = None,
     run_dir.mkdir(parents=True, exist_ok=True)
     base = dict(PROFILE=profile, RUN_DIR=str(run_dir))
     done = _finished(run_dir, profile)
-    log = {"profile": profile, "notebooks": []}
+    log = {"profile": profile, "commit": config.git_commit(), "notebooks": []}
     for nb in tqdm(notebooks, desc=f"run [{profile}]", unit="notebook"):
         injected = {k: v for k, v in {**base, **params}.items() if k in declared[nb]}
         target = run_dir / nb.name
