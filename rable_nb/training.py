@@ -35,7 +35,7 @@ LT_RHO100_IMAGES = 12406  # CIFAR-10-LT, rho = 100, n_max = 5000
 # paper profile's epochs and batch size (see stage_defaults).
 PROFILE_DEFAULTS: dict[str, dict] = {
     "smoke": dict(ARCH="tiny_cnn", EPOCHS=2, BATCH_SIZE=64, LR=0.01, CHECKPOINT_EVERY=1),
-    # quick: a CPU comparison (~30 min for 4 methods on a shared 2-core machine with
+    # quick: a CPU comparison (4 methods took 14 min on a shared 2-core machine with
     # OMP_NUM_THREADS=1); the larger lr makes up for the short cosine schedule.
     "quick": dict(ARCH="mini_cnn", EPOCHS=12, BATCH_SIZE=128, LR=0.05, CHECKPOINT_EVERY=1),
     "paper": dict(ARCH="resnet18", EPOCHS=500, BATCH_SIZE=64, LR=0.01, CHECKPOINT_EVERY=10,
