@@ -118,6 +118,8 @@ def test_notebook_04_smoke_writes_metrics_and_checkpoints(run_notebooks, smoke_d
         assert set(evaluation.ACCURACY_FIELDS) <= set(m["accuracy"])
         assert len(m["accuracy"]["per_class"]) == 10 and m["wall_s"] > 0
         assert (run / "checkpoints" / f"{method}.safetensors").exists()
+    for fig in ("fig-curves.png", "fig-per-class.png"):
+        assert (run / fig).stat().st_size > 10_000
     rable = json.loads((run / "metrics-rable.json").read_text())
     assert rable["n_synthetic"] == 40
     assert rable["n_train"] == json.loads((run / "metrics-able.json").read_text())["n_train"] + 40
