@@ -84,7 +84,8 @@ def plot_curves(histories: dict[str, list[dict]]):
             axes[0].plot(ep, [h.get("test_acc_adjusted") for h in hist], ".--",
                          color=line.get_color(), label=f"{method} (adjusted)")
         if hist and hist[0].get("pseudo_label_acc") is not None:
-            axes[1].plot(ep, [h["pseudo_label_acc"] for h in hist], ".-", label=method)
+            axes[1].plot(ep, [h["pseudo_label_acc"] for h in hist], ".-",
+                         color=line.get_color(), label=method)
         for key, style in (("loss_cls", ".-"), ("loss_cont", ".:")):
             if hist and key in hist[0]:
                 axes[2].plot(ep, [h[key] for h in hist], style, color=line.get_color(),
