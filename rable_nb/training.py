@@ -9,6 +9,7 @@ draws come from a generator seeded by (seed, epoch), so resuming needs no hidden
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -99,8 +100,8 @@ class Trainer:
     """Network, optimizer and confidences of one method on one training set."""
 
     def __init__(self, cfg: TrainConfig, train_x, candidates, labels, device: str = "auto",
-                 compile: bool = False):
-        self.cfg, self.dev = cfg, pick_device(device)
+                 compile: bool = False, data_key: str = ""):
+        self.cfg, self.dev, self.data_key = cfg, pick_device(device), data_key
         if len(train_x) < cfg.batch_size:
             raise ValueError(f"BATCH_SIZE={cfg.batch_size} exceeds the {len(train_x)} training "
                              "images (batches drop the remainder).")
@@ -129,6 +130,13 @@ class Trainer:
         x = (x - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.dev.type == "cuda" else x
 
+    def _forward(self, fn, x: torch.Tensor):
+        """Network call under bf16 autocast on CUDA; outputs back in fp32 so that the
+        losses, weights and confidence updates are computed in full precision."""
+        with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.dev.type == "cuda"):
+            out = fn(self._norm(x))
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+
     def log_prior(self) -> torch.Tensor | None:
         """RECORDS log-prior log softmax(classifier(F)) (None for other methods)."""
         return able.log_prior(self.net.classifier, self.feat_mean) if self.cfg.records else None
@@ -139,34 +147,30 @@ class Trainer:
         x = augment.to_unit(self.x[idx])
         cand = self.cand[idx]
         weak = augment.weak_view(x, generator=gen)
-        autocast = torch.autocast(self.dev.type, dtype=torch.bfloat16,
-                                  enabled=self.dev.type == "cuda")
-        terms = {}
-        with autocast:
-            if cfg.method in CONTRASTIVE:
-                views = torch.cat([weak, augment.strong_view(x, generator=gen)])
-                feats, logits, z = self.embed(self._norm(views))
-                logits_w = logits[:b]
-                contrast_conf = self.conf[:b] if cfg.faithful_bug else self.conf[idx]
-                l_cls, l_cont, new = able.able_losses(
-                    logits_w, z, cand, self.conf[idx], contrast_conf, self.log_prior(),
-                    cfg.tau, cfg.base_tau)
-                loss = l_cls + cfg.loss_weight * l_cont
-                terms = {"loss_cls": l_cls, "loss_cont": l_cont}
-                if cfg.records:
-                    self.feat_mean = able.records_update(self.feat_mean, feats[:b], cfg.records_m)
-            else:
-                logits_w = self.net(self._norm(weak))
-                if cfg.method == "supervised":
-                    loss = F.cross_entropy(logits_w.float(), self.labels[idx])
-                    new = None
-                else:  # proden
-                    loss = able.soft_cross_entropy(logits_w, self.conf[idx])
-                    new = able.updated_confidence(F.softmax(logits_w.detach().float(), 1), cand)
-                terms = {"loss_cls": loss}
-            if cfg.mixup:
-                terms["loss_mix"] = self._mixup_loss(weak, idx, gen)
-                loss = loss + terms["loss_mix"]
+        if cfg.method in CONTRASTIVE:
+            views = torch.cat([weak, augment.strong_view(x, generator=gen)])
+            feats, logits, z = self._forward(self.embed, views)
+            logits_w = logits[:b]
+            contrast_conf = self.conf[:b] if cfg.faithful_bug else self.conf[idx]
+            l_cls, l_cont, new = able.able_losses(
+                logits_w, z, cand, self.conf[idx], contrast_conf, self.log_prior(),
+                cfg.tau, cfg.base_tau)
+            loss = l_cls + cfg.loss_weight * l_cont
+            terms = {"loss_cls": l_cls, "loss_cont": l_cont}
+            if cfg.records:
+                self.feat_mean = able.records_update(self.feat_mean, feats[:b], cfg.records_m)
+        else:
+            logits_w = self._forward(self.net, weak)
+            if cfg.method == "supervised":
+                loss = F.cross_entropy(logits_w, self.labels[idx])
+                new = None
+            else:  # proden
+                loss = able.soft_cross_entropy(logits_w, self.conf[idx])
+                new = able.updated_confidence(F.softmax(logits_w.detach(), 1), cand)
+            terms = {"loss_cls": loss}
+        if cfg.mixup:
+            terms["loss_mix"] = self._mixup_loss(weak, idx, gen)
+            loss = loss + terms["loss_mix"]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -182,7 +186,7 @@ class Trainer:
         targets = (F.one_hot(self.labels[idx], self.cfg.num_classes).float()
                    if self.cfg.method == "supervised" else self.conf[idx])
         mixed = lam * weak + (1 - lam) * weak[perm]
-        return able.soft_cross_entropy(self.net(self._norm(mixed)),
+        return able.soft_cross_entropy(self._forward(self.net, mixed),
                                        lam * targets + (1 - lam) * targets[perm])
 
     # -- epochs ---------------------------------------------------------------------------
@@ -231,7 +235,7 @@ class Trainer:
         if self.dev.type == "cuda":
             tensors["rng_cuda"] = torch.cuda.get_rng_state()
         meta = {"config": json.dumps(asdict(self.cfg)), "epoch": str(self.epoch),
-                "history": json.dumps(self.history)}
+                "history": json.dumps(self.history), "data": self.data_key}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, meta)
@@ -247,6 +251,9 @@ class Trainer:
         if saved != asdict(self.cfg):
             diff = sorted(k for k in saved if saved[k] != asdict(self.cfg).get(k))
             print(f"{path.name}: saved with other settings ({diff}); starting from scratch.")
+            return False
+        if meta.get("data") != self.data_key:
+            print(f"{path.name}: saved for other training or test data; starting from scratch.")
             return False
         t = load_file(str(path), device=str(self.dev))
         self.net.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
@@ -325,11 +332,17 @@ def train(cfg: TrainConfig, data: dict, out_dir, device: str = "auto", compile: 
     """
     out = Path(out_dir)
     state_path = out / "checkpoints" / f"{cfg.method}-state.safetensors"
-    trainer = Trainer(cfg, data["train_x"], data["candidates"], data["labels"], device, compile)
+    trainer = Trainer(cfg, data["train_x"], data["candidates"], data["labels"], device, compile,
+                      data_key=data_fingerprint(data))
     resumed = trainer.load_state(state_path)
+    if not resumed:  # results of an earlier, different run must not pass for this one
+        for stale in (out / "checkpoints" / f"{cfg.method}.safetensors",
+                      out / f"metrics-{cfg.method}.json"):
+            stale.unlink(missing_ok=True)
     test_x = torch.as_tensor(np.asarray(data["test_x"]), device=trainer.dev)
     test_y = np.asarray(data["test_y"])
     last = min(cfg.epochs, stop_after or cfg.epochs)
+    commit = config.git_commit()
     bar = tqdm(range(trainer.epoch, last), desc=cfg.method, unit="epoch", disable=not progress,
                initial=trainer.epoch, total=cfg.epochs)
     for _ in bar:
@@ -343,6 +356,7 @@ def train(cfg: TrainConfig, data: dict, out_dir, device: str = "auto", compile: 
                 evaluation.predict(trainer.net, test_x, prior), test_y,
                 data["class_counts"])["overall"]
         row["seconds"] = time.time() - t0
+        row["commit"] = commit
         trainer.history.append(row)
         bar.set_postfix(test_acc=f"{row['test_acc']:.3f}", loss=f"{row.get('loss_cls', 0):.3f}")
         _write_log(out / "logs" / f"{cfg.method}.jsonl", trainer.history)
@@ -362,6 +376,16 @@ def train(cfg: TrainConfig, data: dict, out_dir, device: str = "auto", compile: 
                               if train_s else None))
 
 
+def data_fingerprint(data: dict) -> str:
+    """Hash of the training images, candidates, labels and test labels of a run."""
+    h = hashlib.sha1()
+    for key in ("train_x", "candidates", "labels", "test_y"):
+        arr = np.ascontiguousarray(data[key])
+        h.update(f"{key}{arr.shape}{arr.dtype}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
 def _write_log(path: Path, history: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -372,12 +396,13 @@ def _write_log(path: Path, history: list[dict]) -> None:
 def protocol_name(P: dict, ds_params: dict) -> str:
     """'R' or 'L' when the data and training settings are that protocol's (DESIGN §6),
     else 'custom'."""
-    common = P.get("ARCH") == "resnet18" and ds_params.get("N_MAX") == 5000
+    common = (P.get("ARCH") == "resnet18" and ds_params.get("N_MAX") == 5000
+              and P.get("LR") == 0.01 and ds_params.get("SEED") == 0)
     if (common and ds_params.get("PARTIAL") == "instance" and ds_params.get("RATE") == 0.4
             and ds_params.get("IMBALANCE_FACTOR") == 0.01
             and (P["EPOCHS"], P["BATCH_SIZE"]) == (500, 64)):
         return "R"
-    if (common and ds_params.get("PARTIAL") == "uniform"
+    if (common and ds_params.get("PARTIAL") == "uniform" and ds_params.get("Q") in (0.3, 0.5, 0.7)
             and ds_params.get("IMBALANCE_FACTOR") in (0.02, 0.01)
             and (P["EPOCHS"], P["BATCH_SIZE"]) == (800, 256)):
         return "L"
@@ -401,7 +426,8 @@ def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int 
         "confusion": result["final"]["confusion"],
         "device": _device_name(trainer.dev),
         "wall_s": result["wall_s"], "images_per_s": result["images_per_s"],
-        "commit": config.git_commit(),
+        # the commit(s) that trained the model (a resumed run can span several)
+        "commit": ",".join(dict.fromkeys(h.get("commit", "unknown") for h in result["history"])),
     }
     if result["adjusted"] is not None:
         metrics["accuracy_adjusted"] = evaluation.accuracy_block(

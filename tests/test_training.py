@@ -52,6 +52,20 @@ def test_changed_settings_start_from_scratch(tmp_path, capsys):
     assert not again["resumed"] and "starting from scratch" in capsys.readouterr().out
 
 
+def test_changed_data_start_from_scratch_and_drop_stale_results(tmp_path, capsys):
+    data = tiny_data(128)
+    cfg = training.TrainConfig(epochs=1, batch_size=32)
+    training.finish(training.train(cfg, data, tmp_path, "cpu", progress=False), tmp_path,
+                    {"PROFILE": "smoke"}, "custom")
+    assert (tmp_path / "metrics-able.json").exists()
+    other = dict(data, candidates=~data["candidates"] | np.eye(10, dtype=bool)[data["labels"]])
+    again = training.train(cfg, other, tmp_path, "cpu", progress=False)
+    assert not again["resumed"] and "other training or test data" in capsys.readouterr().out
+    assert not (tmp_path / "metrics-able.json").exists()  # stale results of the old data
+    assert not (tmp_path / "checkpoints" / "able.safetensors").exists()
+    assert again["done"] and len(again["history"]) == 1
+
+
 def test_finish_writes_metrics_and_loadable_checkpoint(tmp_path):
     data = tiny_data(128)
     cfg = training.TrainConfig(method="able+records", epochs=1, batch_size=32)
