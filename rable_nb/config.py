@@ -7,6 +7,7 @@ inject parameters) and validates everything once.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -39,6 +40,20 @@ def git_commit(root: Path = PROJECT_ROOT) -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def write_atomic(path: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """Atomically write ``obj`` as indented JSON."""
+    return write_atomic(path, lambda t: t.write_text(json.dumps(obj, indent=1, default=str)))
 
 
 def cache_dir() -> Path:

@@ -18,7 +18,6 @@ import functools
 import hashlib
 import html
 import io
-import json
 import os
 import time
 import warnings
@@ -28,6 +27,7 @@ import ipywidgets as widgets
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import jsonl
 from .predictions import predict_proba
 
 MAX_BYTES = 10 * 1024 * 1024
@@ -99,21 +99,14 @@ def append_feedback(run_dir, image: np.ndarray, sha256: str, candidates: list[in
     entry = dict(time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), sha256=sha256, image=str(rel),
                  candidates=[classes[c] for c in candidates],
                  candidate_ids=[int(c) for c in candidates], **info)
-    with open(run_dir / FEEDBACK_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry) + "\n")
+    jsonl.append(run_dir / FEEDBACK_FILE, [entry])
     return entry
 
 
 def load_feedback(run_dir, num_classes: int = 10) -> dict:
     """``feedback.jsonl`` as partial-label data: images (N×32×32×3), candidates (N×C bool),
     sha256; the latest line wins when an image was labelled more than once."""
-    path = Path(run_dir) / FEEDBACK_FILE
-    latest = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                latest[entry["sha256"]] = entry
+    latest = {e["sha256"]: e for e in jsonl.read(Path(run_dir) / FEEDBACK_FILE)}
     images = np.zeros((len(latest), 32, 32, 3), np.uint8)
     candidates = np.zeros((len(latest), num_classes), bool)
     for i, entry in enumerate(latest.values()):

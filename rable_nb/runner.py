@@ -86,19 +86,19 @@ def _failure_message(nb: Path, out: Path, err: pm.PapermillExecutionError) -> st
             f"Executed notebook kept at {out}")
 
 
-def _finished(run_dir: Path, profile: str) -> dict[str, dict]:
-    """Notebooks already executed successfully in this run directory, with their parameters."""
+def _previous_log(run_dir: Path, profile: str) -> dict:
+    """``run.json`` of earlier runs of this profile in ``run_dir`` (else an empty log)."""
     path = run_dir / "run.json"
-    if not path.exists():
-        return {}
-    log = json.loads(path.read_text())
-    return {e["notebook"]: e["parameters"] for e in log["notebooks"]} \
-        if log.get("profile") == profile else {}
+    log = json.loads(path.read_text()) if path.exists() else {}
+    if log.get("profile") != profile:
+        log = {"profile": profile, "notebooks": []}
+    return dict(log, commit=config.git_commit())
 
 
 def _record(run_dir: Path, log: dict, name: str, params: dict, **entry) -> None:
+    log["notebooks"] = [e for e in log["notebooks"] if e["notebook"] != name]
     log["notebooks"].append(dict(notebook=name, parameters=params, **entry))
-    (run_dir / "run.json").write_text(json.dumps(log, indent=1))
+    config.write_json(run_dir / "run.json", log)
 
 
 def run(profile: str = "smoke", only: str | None = None, out: str | None = None,
@@ -108,7 +108,8 @@ def run(profile: str = "smoke", only: str | None = None, out: str | None = None,
 
     Everything is checked before the first notebook starts; a failing notebook raises
     :class:`RunError` naming the notebook and cell. ``run.json`` records each finished
-    notebook; with ``resume`` a notebook already finished with the same parameters is skipped.
+    notebook; with ``resume`` the leading notebooks already finished with the same parameters
+    are skipped.
     """
     params = dict(params or {})
     if profile not in config.PROFILES:
@@ -121,14 +122,15 @@ def run(profile: str = "smoke", only: str | None = None, out: str | None = None,
     run_dir = (run_dir if run_dir.is_absolute() else Path.cwd() / run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     base = dict(PROFILE=profile, RUN_DIR=str(run_dir))
-    done = _finished(run_dir, profile)
-    log = {"profile": profile, "commit": config.git_commit(), "notebooks": []}
+    log = _previous_log(run_dir, profile)
+    done = {e["notebook"]: e["parameters"] for e in log["notebooks"]}
+    skipping = resume  # once a notebook reruns, every later one reruns too (new inputs)
     for nb in tqdm(notebooks, desc=f"run [{profile}]", unit="notebook"):
         injected = {k: v for k, v in {**base, **params}.items() if k in declared[nb]}
         target = run_dir / nb.name
-        if resume and done.get(nb.name) == injected and target.exists():
+        skipping = skipping and done.get(nb.name) == injected and target.exists()
+        if skipping:
             tqdm.write(f"skip {nb.name}: already finished with the same parameters")
-            _record(run_dir, log, nb.name, injected, seconds=0.0, skipped=True)
             continue
         start = time.time()
         try:

@@ -84,6 +84,7 @@ def test_resume_skips_finished_notebooks_only(nb_dir, tmp_path):
         runner.run("smoke", None, str(out), notebook_dir=nb_dir, resume=True)
     assert (out / "seen.json").stat().st_mtime_ns == stamp  # 00 was not executed again
     log = json.loads((out / "run.json").read_text())
-    assert log["notebooks"][0]["skipped"] is True
+    assert [e["notebook"] for e in log["notebooks"]] == ["00_ok.ipynb"]  # kept from run 1
     runner.run("smoke", "00", str(out), {"Q": 0.6}, notebook_dir=nb_dir, resume=True)
     assert json.loads((out / "seen.json").read_text())[1] == 0.6  # new parameters: rerun
+    assert len(json.loads((out / "run.json").read_text())["notebooks"]) == 1
