@@ -112,6 +112,7 @@ class Trainer:
         if self.dev.type == "cuda":
             self.net = self.net.to(memory_format=torch.channels_last)
         self.embed = torch.compile(self.net.embed) if compile else self.net.embed
+        self.classify = torch.compile(self.net) if compile else self.net
         self.opt = torch.optim.SGD(self.net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
         self.x = torch.as_tensor(np.asarray(train_x), device=self.dev)
@@ -160,7 +161,7 @@ class Trainer:
             if cfg.records:
                 self.feat_mean = able.records_update(self.feat_mean, feats[:b], cfg.records_m)
         else:
-            logits_w = self._forward(self.net, weak)
+            logits_w = self._forward(self.classify, weak)
             if cfg.method == "supervised":
                 loss = F.cross_entropy(logits_w, self.labels[idx])
                 new = None
@@ -186,7 +187,7 @@ class Trainer:
         targets = (F.one_hot(self.labels[idx], self.cfg.num_classes).float()
                    if self.cfg.method == "supervised" else self.conf[idx])
         mixed = lam * weak + (1 - lam) * weak[perm]
-        return able.soft_cross_entropy(self._forward(self.net, mixed),
+        return able.soft_cross_entropy(self._forward(self.classify, mixed),
                                        lam * targets + (1 - lam) * targets[perm])
 
     # -- epochs ---------------------------------------------------------------------------
