@@ -45,7 +45,8 @@ def git_commit(root: Path = PROJECT_ROOT) -> str:
 def write_atomic(path: str | os.PathLike, write) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers never see half a file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # keeps the suffix for savefig/savez
     write(tmp)
     os.replace(tmp, path)
     return path

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import PROJECT_ROOT, cache_dir
+from .config import PROJECT_ROOT, cache_dir, write_atomic
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
@@ -156,10 +156,8 @@ def load_cifar10(data_dir: str | os.PathLike | None = None) -> Cifar:
     if not cache.exists():
         (trx, try_), (tex, tey), classes = _decode_source(root, layout)
         order = np.argsort(try_, kind="stable")
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, train_x=trx[order], train_y=try_[order], test_x=tex, test_y=tey,
-                 classes=np.array(classes))
-        os.replace(tmp, cache)
+        write_atomic(cache, lambda t: np.savez(t, train_x=trx[order], train_y=try_[order],
+                                               test_x=tex, test_y=tey, classes=np.array(classes)))
     with np.load(cache) as z:
         return Cifar(z["train_x"], z["train_y"], z["test_x"], z["test_y"],
                      tuple(str(c) for c in z["classes"]), f"{root} ({layout})")

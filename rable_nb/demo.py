@@ -18,7 +18,6 @@ import functools
 import hashlib
 import html
 import io
-import os
 import time
 import warnings
 from pathlib import Path
@@ -27,7 +26,7 @@ import ipywidgets as widgets
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import jsonl
+from . import config, jsonl
 from .predictions import predict_proba
 
 MAX_BYTES = 10 * 1024 * 1024
@@ -93,9 +92,7 @@ def append_feedback(run_dir, image: np.ndarray, sha256: str, candidates: list[in
     target = run_dir / rel
     target.parent.mkdir(parents=True, exist_ok=True)
     if not target.exists():
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_bytes(png_bytes(image, scale=1))
-        os.replace(tmp, target)
+        config.write_atomic(target, lambda t: t.write_bytes(png_bytes(image, scale=1)))
     entry = dict(time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), sha256=sha256, image=str(rel),
                  candidates=[classes[c] for c in candidates],
                  candidate_ids=[int(c) for c in candidates], **info)

@@ -2,13 +2,12 @@
 and the ``metrics-<method>.json`` file of DESIGN §8."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import config
 from .networks import batched_logits
 
 METRICS_FIELDS = ("method", "protocol", "params", "accuracy", "device", "wall_s",
@@ -65,10 +64,7 @@ def write_metrics(run_dir, metrics: dict) -> Path:
     missing += [f"accuracy.{k}" for k in ACCURACY_FIELDS if k not in metrics.get("accuracy", {})]
     if missing:
         raise ValueError(f"metrics for {metrics.get('method')!r} lack {missing}")
-    path = Path(run_dir) / f"metrics-{metrics['method']}.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=1, default=str))
-    os.replace(tmp, path)
+    path = config.write_json(Path(run_dir) / f"metrics-{metrics['method']}.json", metrics)
     return path
 
 

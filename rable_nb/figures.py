@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -72,9 +71,7 @@ def copy_figures(run_dir, dest=FIGURES_DIR, force: bool = False) -> list[Path]:
     provenance = _json(dest / PROVENANCE)
     copied = []
     for fig in figs:
-        tmp = dest / f".{fig.name}.tmp"
-        shutil.copyfile(fig, tmp)
-        os.replace(tmp, dest / fig.name)
+        config.write_atomic(dest / fig.name, lambda t, src=fig: shutil.copyfile(src, t))
         provenance[fig.name] = dict(
             info, sha256=hashlib.sha256(fig.read_bytes()).hexdigest(),
             date=dt.datetime.fromtimestamp(fig.stat().st_mtime, dt.timezone.utc).isoformat(
@@ -82,9 +79,7 @@ def copy_figures(run_dir, dest=FIGURES_DIR, force: bool = False) -> list[Path]:
             copied=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             forced=info["profile"] != "paper")
         copied.append(dest / fig.name)
-    tmp = dest / f".{PROVENANCE}.tmp"
-    tmp.write_text(json.dumps(provenance, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, dest / PROVENANCE)
+    config.write_json(dest / PROVENANCE, provenance)
     return copied
 
 

@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from .config import write_atomic, write_json
+
 
 def read(path: str | os.PathLike, repair: bool = True) -> list[dict]:
     """Rows of a JSON-lines file ([] when absent); a torn last line is dropped."""
@@ -37,10 +39,7 @@ def read(path: str | os.PathLike, repair: bool = True) -> list[dict]:
 
 def write(path: str | os.PathLike, rows: list[dict]) -> None:
     """Replace the file with ``rows`` atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_atomic(path, lambda t: t.write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
 
 def append(path: str | os.PathLike, rows: list[dict]) -> None:
@@ -64,7 +63,4 @@ def check_settings(path: str | os.PathLike, settings: dict, what: str) -> None:
 
 def record_settings(path: str | os.PathLike, settings: dict) -> None:
     """Write the settings of an output atomically (after its first rows exist)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(settings, indent=1))
-    os.replace(tmp, path)
+    write_json(path, settings)

@@ -5,14 +5,14 @@ Every backbone maps a normalised N×3×32×32 batch to N×feat_dim features.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.models import resnet18
+
+from .config import write_atomic
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -137,11 +137,7 @@ def save_model(net: PLLNet, path, meta: dict | None = None,
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
     info = dict(meta or {}, arch=net.arch, num_classes=net.num_classes)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp, metadata={"rable_nb": json.dumps(info)})
-    os.replace(tmp, path)
+    write_atomic(path, lambda t: save_file(tensors, t, metadata={"rable_nb": json.dumps(info)}))
 
 
 def load_model(path, device: str | torch.device = "cpu"):

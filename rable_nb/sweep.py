@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import sys
 import time
@@ -110,12 +109,6 @@ def ambiguity(run_dir) -> float | None:
     return None if mean is None else mean - 1
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def _row(point: dict, record: dict, run_dir: Path) -> dict:
     row = {**{k: repr(v) if isinstance(v, (list, dict)) else v for k, v in point.items()},
            "status": record.get("status", "pending"), "error": record.get("error", ""),
@@ -128,10 +121,8 @@ def _row(point: dict, record: dict, run_dir: Path) -> dict:
 
 def write_results(out: Path, rows: list[dict]) -> Path:
     """Write ``results.csv`` atomically."""
-    path = out / "results.csv"
-    tmp = path.with_name(".results.csv.tmp")
-    pd.DataFrame(rows).to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    path = config.write_atomic(out / "results.csv",
+                               lambda t: pd.DataFrame(rows).to_csv(t, index=False))
     return path
 
 
@@ -144,7 +135,7 @@ def run_sweep(spec: dict, out, kernel: str = "python3", extra: dict | None = Non
     """
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "grid.json", spec)
+    config.write_json(out / "grid.json", spec)
     todo = points(spec)
     records = []
     for i, point in enumerate(todo):
@@ -176,7 +167,7 @@ def run_sweep(spec: dict, out, kernel: str = "python3", extra: dict | None = Non
             tqdm.write(f"point {run_dir.name} failed: {str(err).splitlines()[0]}")
         record["seconds"] = round(time.time() - start, 1)
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(run_dir / POINT_FILE, record)
+        config.write_json(run_dir / POINT_FILE, record)
         rows[i] = _row(point, record, run_dir)
         write_results(out, rows)
     return pd.DataFrame(rows)

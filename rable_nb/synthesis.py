@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import captioning, jsonl
+from .config import write_atomic
 from .dataset import long_tail_counts
 from .networks import pick_device
 from .tiny_models import TINY, build_tiny_sd, load_pretrained, resolve_model_id
@@ -119,7 +120,7 @@ def recover(out_dir: Path) -> list[dict]:
     for png in out_dir.glob("*/*.png"):  # written, but the run stopped before its line
         if png.relative_to(out_dir).as_posix() not in seen:
             png.unlink()
-    for tmp in out_dir.glob("*/.*.tmp"):
+    for tmp in out_dir.glob("*/.*.tmp*"):
         tmp.unlink()
     return kept
 
@@ -155,10 +156,7 @@ def configure(pipe, scheduler: str = "default", attention_slicing: bool = False,
 
 
 def _save_png(img: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_atomic(path, lambda t: img.save(t, format="PNG"))
 
 
 def synthesize(run_dir: str | os.PathLike, class_counts, classes, captions: list[dict],

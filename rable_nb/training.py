@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -237,10 +236,8 @@ class Trainer:
             tensors["rng_cuda"] = torch.cuda.get_rng_state()
         meta = {"config": json.dumps(asdict(self.cfg)), "epoch": str(self.epoch),
                 "history": json.dumps(self.history), "data": self.data_key}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, meta)
-        os.replace(tmp, path)
+        config.write_atomic(path, lambda t: save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, t, meta))
 
     def load_state(self, path: Path) -> bool:
         """Resume from ``path`` when it exists and was made with the same settings."""
@@ -388,10 +385,7 @@ def data_fingerprint(data: dict) -> str:
 
 
 def _write_log(path: Path, history: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-    os.replace(tmp, path)
+    config.write_atomic(path, lambda t: t.write_text("".join(json.dumps(h) + "\n" for h in history)))
 
 
 def protocol_name(P: dict, ds_params: dict) -> str:

@@ -7,14 +7,12 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .config import write_atomic
+
 
 def save(fig, path: str | os.PathLike) -> Path:
     """Save a figure atomically (temp file + rename) at 150 dpi."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=150, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda t: fig.savefig(t, dpi=150, bbox_inches="tight"))
 
 
 def class_distribution(counts, classes, title: str = "training images per class"):
