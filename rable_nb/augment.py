@@ -182,10 +182,3 @@ def strong_view(x: torch.Tensor, generator=None) -> torch.Tensor:
     """RandomResizedCrop + flip + 3 RandAugment-style ops + Cutout (side ≤ 16)."""
     theta = resized_crop_theta(len(x), x.device, generator=generator)
     return cutout(rand_augment(x, theta, generator=generator), generator=generator)
-
-
-def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 N×3×H×W (or N×H×W×3) → float in [0, 1], N×3×H×W."""
-    if x_uint8.shape[-1] == 3:
-        x_uint8 = x_uint8.permute(0, 3, 1, 2)
-    return x_uint8.float().div_(255)

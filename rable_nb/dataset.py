@@ -51,6 +51,12 @@ def long_tail_indices(labels: np.ndarray, counts: list[int], seed: int = 0) -> n
     return np.concatenate(picked)
 
 
+def balanced_subset(labels: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
+    """Seeded indices of up to ``per_class`` images of every class, grouped by class."""
+    counts = np.bincount(labels)
+    return long_tail_indices(labels, np.minimum(counts, per_class).tolist(), seed)
+
+
 def uniform_candidates(labels: np.ndarray, num_classes: int, q: float, seed: int = 0
                        ) -> np.ndarray:
     """N×C bool candidate sets: every wrong label enters independently with probability q."""
@@ -121,7 +127,7 @@ def clean_classifier(cifar: Cifar, arch: str, epochs: int, seed: int = 0, device
         return net, json.loads(meta.read_text())
     idx = np.arange(len(cifar.train_y))
     if per_class:
-        idx = long_tail_indices(cifar.train_y, [per_class] * cifar.num_classes, seed)
+        idx = balanced_subset(cifar.train_y, per_class, seed)
     x = torch.as_tensor(cifar.train_x[idx], device=dev)
     y = torch.as_tensor(cifar.train_y[idx], device=dev)
     _fit(net, x, y, epochs, batch=min(128, len(idx)), lr=0.1)

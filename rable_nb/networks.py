@@ -66,15 +66,23 @@ def build_backbone(arch: str) -> nn.Module:
     return BACKBONES[arch]()
 
 
-def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 N×32×32×3 (or N×3×32×32) → float N×3×32×32 normalised with CIFAR statistics."""
-    x = x_uint8
-    if x.shape[-1] == 3:
-        x = x.permute(0, 3, 1, 2)
-    x = x.float().div_(255)
+def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 N×3×H×W (or N×H×W×3) → float in [0, 1], N×3×H×W."""
+    if x_uint8.shape[-1] == 3:
+        x_uint8 = x_uint8.permute(0, 3, 1, 2)
+    return x_uint8.float().div_(255)
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """Float N×3×H×W in [0, 1] → standardised with the CIFAR-10 channel statistics."""
     mean = torch.tensor(CIFAR_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 N×32×32×3 (or N×3×32×32) → float N×3×32×32 normalised with CIFAR statistics."""
+    return standardize(to_unit(x_uint8))
 
 
 @torch.no_grad()

@@ -72,7 +72,7 @@ def fixed_test_set(test_y: np.ndarray, per_class: int = 10, seed: int = 0) -> np
     if per_class < 1 or per_class > counts.min():
         raise ValueError(f"GRID_PER_CLASS={per_class} is invalid: it must lie in "
                          f"[1, {counts.min()}] (images per class in the test set).")
-    return dataset.long_tail_indices(test_y, [per_class] * len(counts), seed)
+    return dataset.balanced_subset(test_y, per_class, seed)
 
 
 def greyscale_wrong(images: np.ndarray, correct: np.ndarray) -> np.ndarray:

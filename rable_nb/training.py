@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import able, augment, config, dataset, evaluation, synthesis
-from .networks import CIFAR_MEAN, CIFAR_STD, PLLNet, pick_device, save_model
+from .networks import PLLNet, pick_device, save_model, standardize, to_unit
 
 METHODS = ("able", "able+records", "proden", "supervised", "rable")
 CONTRASTIVE = ("able", "able+records", "rable")
@@ -120,14 +120,12 @@ class Trainer:
         self.labels = torch.as_tensor(np.asarray(labels), device=self.dev).long()
         self.conf = able.uniform_confidence(self.cand)
         self.feat_mean = torch.zeros(self.net.backbone.feat_dim, device=self.dev)
-        self.mean = torch.tensor(CIFAR_MEAN, device=self.dev).view(1, 3, 1, 1)
-        self.std = torch.tensor(CIFAR_STD, device=self.dev).view(1, 3, 1, 1)
         self.epoch = 0
         self.history: list[dict] = []
 
     # -- one step -------------------------------------------------------------------------
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean) / self.std
+        x = standardize(x)
         return x.contiguous(memory_format=torch.channels_last) if self.dev.type == "cuda" else x
 
     def _forward(self, fn, x: torch.Tensor):
@@ -144,7 +142,7 @@ class Trainer:
     def step(self, idx: torch.Tensor, gen: torch.Generator) -> dict:
         """One optimisation step on the images ``idx``; returns the loss terms."""
         cfg, b = self.cfg, len(idx)
-        x = augment.to_unit(self.x[idx])
+        x = to_unit(self.x[idx])
         cand = self.cand[idx]
         weak = augment.weak_view(x, generator=gen)
         if cfg.method in CONTRASTIVE:
@@ -268,13 +266,6 @@ class Trainer:
 
 
 # -- data ---------------------------------------------------------------------------------
-def test_subset(test_y: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
-    """Indices of a seeded balanced subset of the test set (all when per_class is large)."""
-    return np.sort(dataset.long_tail_indices(
-        test_y, [min(per_class, int((test_y == c).sum())) for c in range(int(test_y.max()) + 1)],
-        seed))
-
-
 def synthetic_candidates(labels: np.ndarray, ds_params: dict, kind: str, cifar, x: np.ndarray,
                          device: str = "auto") -> np.ndarray:
     """Candidate sets of synthetic images: one-hot (``exact``) or drawn by the generator of
@@ -312,7 +303,7 @@ def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int =
         sc = synthetic_candidates(sy, ds["params"], synthetic_labels, cifar, sx, device)
         x, cand, y = np.concatenate([x, sx]), np.concatenate([cand, sc]), np.concatenate([y, sy])
         n_synth = len(sy)
-    test = test_subset(cifar.test_y, n_test_per_class, seed)
+    test = dataset.balanced_subset(cifar.test_y, n_test_per_class, seed)
     return dict(train_x=x, candidates=cand, labels=y, test_x=cifar.test_x[test],
                 test_y=cifar.test_y[test], class_counts=ds["class_counts"],
                 n_synthetic=n_synth, dataset_params=ds["params"])
@@ -468,7 +459,7 @@ def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dic
         gen = tr.epoch_generator(0)
         able_ips = _rate(lambda i: tr.step(torch.arange(i * bs, (i + 1) * bs, device=dev), gen),
                          steps, bs, dev)
-        views = tr._norm(augment.to_unit(tr.x[:bs]))
+        views = tr._norm(to_unit(tr.x[:bs]))
 
         def bare(_):
             loss = tr.net(views).float().logsumexp(1).mean()

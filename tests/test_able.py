@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import able, augment, training
+from rable_nb import able, augment, networks, training
 
 
 def random_batch(b=6, c=4, seed=0):
@@ -108,7 +108,7 @@ def test_faithful_bug_uses_batch_positions(start, differs):
 
 
 def test_augmentations_shapes_range_and_per_sample_randomness():
-    x = augment.to_unit(torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8)).repeat(8, 1, 1, 1)
+    x = networks.to_unit(torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8)).repeat(8, 1, 1, 1)
     for view in (augment.weak_view, augment.strong_view):
         out = view(x, generator=torch.Generator().manual_seed(0))
         again = view(x, generator=torch.Generator().manual_seed(0))
