@@ -72,6 +72,7 @@ def write_metrics(run_dir, metrics: dict) -> Path:
 def plot_curves(histories: dict[str, list[dict]]):
     """Learning curves: test accuracy, pseudo-label accuracy and losses per epoch."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for method, hist in histories.items():
         ep = [h["epoch"] for h in hist]
@@ -89,6 +90,7 @@ def plot_curves(histories: dict[str, list[dict]]):
     axes[2].set_yscale("log")
     for ax, title in zip(axes, ("test accuracy", "pseudo-label accuracy (train)", "losses")):
         ax.set(title=title, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
