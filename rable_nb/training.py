@@ -97,6 +97,7 @@ class TrainConfig:
         methods.check(self.method)
         self.mixup = "mixup" in methods.parse(self.method)[1]
         self.method_params = methods.resolve_params(self.method, self, self.method_params)
+        methods.build(self)  # every piece checks its settings now, before any training
 
     @property
     def records(self) -> bool:

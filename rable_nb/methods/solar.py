@@ -38,7 +38,14 @@ before 50) and guards its divisions instead of re-running on NaN; the per-class 
 is vectorised (ties broken by batch position); the mixup partner of a selected image is
 drawn among the selected images of the whole batch forward (see ``mixup.pairing``).
 
-Sinkhorn implementation: TO BE MEASURED.
+Sinkhorn: the short loop below rather than POT. Measured on this project's shared 2-core
+CPU (torch 2.14.1, POT 0.9.7.post1, OMP_NUM_THREADS=1, 4 runs under load), SoLar's size —
+a full queue of 64×256 costs plus a batch of 256 = 16,640 samples × 10 classes, 50
+iterations: this function 11–25 ms per call; ``ot.sinkhorn(a, b, M = −log cost,
+reg = 1/3, numItermax=50, stopThr=0)`` 23–48 ms (numpy float64), 25–59 ms (torch
+float32), 1.0–2.0 s (``method='sinkhorn_log'``); this function was the faster in every
+run and its pseudo-labels agree with POT's to 2e−3. POT would also add a dependency and
+check convergence on the host (a synchronisation per call on a GPU).
 """
 from __future__ import annotations
 
@@ -60,7 +67,10 @@ def sinkhorn(cost: torch.Tensor, prior: torch.Tensor, lamd: float = 3.0, iters: 
     ``cost`` N×K non-negative (masked probabilities), ``prior`` K summing to 1. Rows of the
     result sum to 1; its column sums approach N·prior.
     """
-    kernel = cost.float().pow(lamd)
+    cost = cost.float()
+    # Scaling a row of the kernel leaves the plan unchanged (the row's scaling factor
+    # absorbs it); dividing by the row maximum first keeps cost^λ from underflowing.
+    kernel = (cost / cost.amax(1, keepdim=True).clamp_min(TINY)).pow(lamd)
     n = len(kernel)
     c = torch.full((n,), 1.0 / n, device=kernel.device)
     prior = prior.float()
