@@ -353,3 +353,11 @@ def test_per_image_weights(name):
     alone = make(name, epoch=60)
     assert weighted[0].step(weighted[1])[0].item() == pytest.approx(
         alone[0].step(subset(alone[1], keep))[0].item(), rel=1e-5)
+
+
+def test_runner_refuses_an_unknown_method_before_running_anything(tmp_path):
+    from rable_nb import runner
+    with pytest.raises(runner.RunError, match="METHODS='corr\\+mixup\\+records'"):
+        runner.run("smoke", "01,04", str(tmp_path / "r"),
+                   {"METHODS": ["corr", "corr+mixup+records"]})
+    assert not (tmp_path / "r").exists()
