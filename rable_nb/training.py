@@ -145,6 +145,7 @@ class Trainer:
         self.net = PLLNet(cfg.arch, cfg.num_classes).to(self.dev)
         if self.dev.type == "cuda":
             self.net = self.net.to(memory_format=torch.channels_last)
+        self.extra = torch.nn.ModuleDict(self.method.modules(self.net)).to(self.dev)
         net = self.net
 
         def features(x):
@@ -152,8 +153,12 @@ class Trainer:
             return feats, net.classifier(feats)
         wrap = torch.compile if self.compile else (lambda fn: fn)
         self._nets = {"logits": wrap(net), "features": wrap(features), "embed": wrap(net.embed)}
-        self.opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        self.opt = torch.optim.SGD(self._parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
+
+    def _parameters(self) -> list[torch.nn.Parameter]:
+        """Everything the optimizer trains: the network, then the method's modules."""
+        return [*self.net.parameters(), *self.extra.parameters()]
 
     # -- stages ---------------------------------------------------------------------------
     @property
@@ -272,9 +277,11 @@ class Trainer:
 
     # -- state ----------------------------------------------------------------------------
     def save_state(self, path: Path) -> None:
-        """Model, optimizer momentum, confidences, method state, RNG, epoch and history."""
+        """Model (+ the method's modules), optimizer momentum, confidences, method state,
+        RNG, epoch and history."""
         tensors = {f"model.{k}": v for k, v in self.net.state_dict().items()}
-        for i, p in enumerate(self.net.parameters()):
+        tensors.update({f"modules.{k}": v for k, v in self.extra.state_dict().items()})
+        for i, p in enumerate(self._parameters()):
             buf = self.opt.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
                 tensors[f"optim.{i}"] = buf
@@ -303,7 +310,8 @@ class Trainer:
             return False
         t = load_file(str(path), device=str(self.dev))
         self.net.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
-        params = list(self.net.parameters())
+        self.extra.load_state_dict({k[8:]: v for k, v in t.items() if k.startswith("modules.")})
+        params = self._parameters()
         for k, v in t.items():
             if k.startswith("optim."):
                 self.opt.state[params[int(k[6:])]]["momentum_buffer"] = v.clone()

@@ -361,3 +361,48 @@ def test_runner_refuses_an_unknown_method_before_running_anything(tmp_path):
         runner.run("smoke", "01,04", str(tmp_path / "r"),
                    {"METHODS": ["corr", "corr+mixup+records"]})
     assert not (tmp_path / "r").exists()
+
+
+class Toy(methods.Base):
+    """A new base written as another engineer would: PRODEN plus an auxiliary head of its
+    own on the features, one hyper-parameter and one state tensor."""
+
+    name = "toy"
+    needs = "features"
+    params = {"aux_weight": 0.5}
+
+    def modules(self, net):
+        self.head = torch.nn.Linear(net.backbone.feat_dim, 2)
+        return {"head": self.head}
+
+    def init_state(self, trainer):
+        self.steps = torch.zeros((), device=trainer.dev)
+
+    def state(self):
+        return {"steps": self.steps}
+
+    def losses(self, batch, out, log_prior):
+        base = methods.BASES["proden"].losses(self, batch, out, log_prior)
+        aux = self.head(out.feats["weak"]).logsumexp(1).mean()
+        self.steps = self.steps + 1
+        return base[0] + self.p["aux_weight"] * aux, {**base[1], "loss_aux": aux}, base[2]
+
+
+def test_a_new_method_is_one_class_and_one_registry_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(methods.BASES, "toy", Toy)
+    monkeypatch.setitem(methods.PIECES, "toy", Toy)
+    assert "toy+records+mixup" in methods.names()
+    from test_training import tiny_data
+    data = tiny_data(128)
+    cfg = training.TrainConfig(method="toy+mixup", epochs=2, batch_size=32,
+                               method_params={"toy": {"aux_weight": 0.25}})
+    whole = training.train(cfg, data, tmp_path / "a", "cpu", progress=False)
+    training.train(cfg, data, tmp_path / "b", "cpu", stop_after=1, progress=False)
+    rest = training.train(cfg, data, tmp_path / "b", "cpu", progress=False)
+    assert rest["resumed"]
+    a, b = whole["trainer"], rest["trainer"]
+    assert torch.equal(a.extra["toy_head"].weight, b.extra["toy_head"].weight)
+    assert a.method.base.steps.item() == b.method.base.steps.item() == 8
+    assert whole["history"][-1]["loss_aux"] == rest["history"][-1]["loss_aux"]
+    untrained = training.Trainer(cfg, data["train_x"], data["candidates"], data["labels"], "cpu")
+    assert not torch.equal(a.extra["toy_head"].weight, untrained.extra["toy_head"].weight)

@@ -41,7 +41,9 @@ A **modifier** (subclass :class:`base.Modifier`) may add inputs to the forward p
 (``observe``), supply the disambiguation log-prior and the test-time log-prior, add a loss
 term (``extra_loss``) and declare combinations it refuses (``incompatible``).
 
-Both may keep **state** tensors (``init_state``/``state``/``load_state``: checkpointed
+Both may own extra trainable **modules** (``modules(net)``: e.g. a rotation head for
+self-supervised pre-training, a second classifier), trained and checkpointed with the
+network, and keep **state** tensors (``init_state``/``state``/``load_state``: checkpointed
 with the run and restored on resume), read **hyper-parameters** ``self.p`` (declared in
 ``params``/``default_params(cfg)``, overridden by ``TrainConfig.method_params
 {piece: {param: value}}``), ask for extra **training data** (``data_sources``, e.g.

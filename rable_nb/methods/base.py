@@ -85,6 +85,12 @@ class Piece:
     def default_params(cls, cfg) -> dict:
         return dict(cls.params)
 
+    def modules(self, net: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """Extra trainable modules (e.g. a rotation head), made with every fresh network:
+        the trainer moves them to the device, trains them with the network's optimizer and
+        checkpoints them. Keep a reference to use them in the step."""
+        return {}
+
     # -- state: tensors that must survive a checkpoint (device tensors) ------------------
     def init_state(self, trainer) -> None:
         """Create the state tensors at the start of a run (and of a fresh-model stage)."""
@@ -235,7 +241,10 @@ class Method:
         return next((p for m in self.modifiers
                      if (p := m.test_log_prior(trainer)) is not None), None)
 
-    # -- state and hooks over every piece ---------------------------------------------------
+    # -- modules, state and hooks over every piece ------------------------------------------
+    def modules(self, net: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        return {f"{p.name}_{k}": m for p in self.pieces for k, m in p.modules(net).items()}
+
     def state(self) -> dict[str, torch.Tensor]:
         return {f"{p.name}.{k}": v for p in self.pieces for k, v in p.state().items()}
 
