@@ -193,7 +193,6 @@ class Method:
         self.name, self.base, self.modifiers = name, base, modifiers
         self.pieces: list[Piece] = [base, *modifiers]
         self.needs = max((p.needs for p in self.pieces), key=OUTPUTS.index)
-        self.data_sources = tuple(dict.fromkeys(s for p in self.pieces for s in p.data_sources))
 
     @property
     def disambiguates(self) -> bool:
