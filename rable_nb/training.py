@@ -99,10 +99,6 @@ class TrainConfig:
         self.method_params = methods.resolve_params(self.method, self, self.method_params)
         methods.build(self)  # every piece checks its settings now, before any training
 
-    @property
-    def records(self) -> bool:
-        return "records" in methods.parse(self.method)[1]
-
 
 def cosine_lr(cfg: TrainConfig, epoch: int) -> float:
     """Learning rate of ``epoch`` (0-based, within a stage): cosine from lr to lr_min over
