@@ -68,6 +68,9 @@ def check_parameters(params: dict, notebooks: list[Path]) -> dict[Path, set]:
                        f"{sorted(known)}.")
     try:
         config.validate(params)
+        if params.keys() & {"METHODS", "METHOD_PARAMS"}:  # method names: the registry's
+            from . import training
+            training.validate(params)
     except ValueError as err:
         raise RunError(str(err)) from err
     return declared

@@ -1,11 +1,15 @@
-"""Stage 04: one trainer for ABLE, ABLE+RECORDS, PRODEN, supervised and RABLE.
+"""Stage 04: one trainer for every learning method of ``rable_nb/methods/``.
 
-The uint8 training and test images live on the device; both views are augmented there
-per batch (``augment.weak_view`` / ``strong_view``). Every ``checkpoint_every`` epochs the
-whole state (model, optimizer, confidences, RECORDS mean, history, RNG) goes to
-``checkpoints/<method>-state.safetensors``; a later call with the same settings resumes
-from it and ends with the same numbers as an uninterrupted run. Each epoch's random
-draws come from a generator seeded by (seed, epoch), so resuming needs no hidden state.
+The trainer owns the loop, the network and optimizer, the N×C confidence table, the data
+on the device, checkpoints, logs and evaluation; what a step computes belongs to the
+method (``methods.build(cfg).step``), and the trainer never looks at a method's name.
+The uint8 training and test images live on the device; views are augmented there per
+batch (``augment.weak_view`` / ``strong_view``). Every ``checkpoint_every`` epochs the
+whole state (model, optimizer, confidences, the method's state tensors, history, RNG)
+goes to ``checkpoints/<method>-state.safetensors``; a later call with the same settings
+resumes from it and ends with the same numbers as an uninterrupted run. Each epoch's
+random draws come from a generator seeded by (seed, epoch), so resuming needs no hidden
+state.
 """
 from __future__ import annotations
 
@@ -13,21 +17,20 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import able, augment, config, dataset, evaluation, synthesis
+from . import config, dataset, evaluation, methods, synthesis
+from .methods._losses import uniform_confidence
 from .networks import PLLNet, pick_device, save_model, standardize, to_unit
 
-METHODS = ("able", "able+records", "proden", "supervised", "rable")
-CONTRASTIVE = ("able", "able+records", "rable")
+METHODS = tuple(methods.names())  # every valid method name (see rable_nb/methods)
 SYNTHETIC_LABELS = ("exact", "partial")
 LT_RHO100_IMAGES = 12406  # CIFAR-10-LT, rho = 100, n_max = 5000
 
@@ -58,7 +61,13 @@ def stage_defaults(protocol: str | None = None) -> dict[str, dict]:
 
 @dataclass
 class TrainConfig:
-    """Every setting that changes the numbers of a run (compared on resume)."""
+    """Every setting that changes the numbers of a run (compared on resume).
+
+    ``method`` is a name of ``methods.names()`` (e.g. ``'corr+records+mixup'``);
+    ``mixup=True`` is the older spelling of ``+mixup`` and is folded into the name.
+    ``method_params`` {piece: {param: value}} overrides a method's hyper-parameters; after
+    construction it holds every resolved value (recorded in metrics and checkpoints).
+    """
 
     method: str = "able"
     arch: str = "tiny_cnn"
@@ -73,55 +82,105 @@ class TrainConfig:
     loss_weight: float = 1.0
     records_m: float = 0.9
     mixup: bool = False
-    mixup_alpha: float = 1.0
+    mixup_alpha: float = 4.0
     faithful_bug: bool = False
     seed: int = 0
     num_classes: int = 10
+    method_params: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is invalid: choose from {METHODS}.")
         for name in ("epochs", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer.")
-
-    @property
-    def records(self) -> bool:
-        return self.method == "able+records"
+        if self.mixup and "mixup" not in methods.parse(self.method)[1]:
+            self.method = f"{self.method}+mixup"   # +mixup comes last in every name
+        methods.check(self.method)
+        self.mixup = "mixup" in methods.parse(self.method)[1]
+        self.method_params = methods.resolve_params(self.method, self, self.method_params)
+        methods.build(self)  # every piece checks its settings now, before any training
 
 
 def cosine_lr(cfg: TrainConfig, epoch: int) -> float:
-    """Learning rate of ``epoch`` (0-based): cosine from lr to lr_min over the run."""
+    """Learning rate of ``epoch`` (0-based, within a stage): cosine from lr to lr_min over
+    ``cfg.epochs``."""
     return cfg.lr_min + (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * epoch / cfg.epochs)) / 2
 
 
 class Trainer:
-    """Network, optimizer and confidences of one method on one training set."""
+    """Network, optimizer, confidences and method state of one method on one training set.
+
+    ``sample_weight`` (N, optional): per-image loss weights handed to the method.
+    """
 
     def __init__(self, cfg: TrainConfig, train_x, candidates, labels, device: str = "auto",
-                 compile: bool = False, data_key: str = ""):
-        self.cfg, self.dev, self.data_key = cfg, pick_device(device), data_key
+                 compile: bool = False, data_key: str = "", sample_weight=None):
+        self.cfg, self.dev, self.data_key, self.compile = cfg, pick_device(device), data_key, compile
         if len(train_x) < cfg.batch_size:
             raise ValueError(f"BATCH_SIZE={cfg.batch_size} exceeds the {len(train_x)} training "
                              "images (batches drop the remainder).")
         if self.dev.type == "cpu":
             torch.set_flush_denormal(True)  # augmentations produce denormals: 10× slower
-        torch.manual_seed(cfg.seed)
-        self.net = PLLNet(cfg.arch, cfg.num_classes).to(self.dev)
-        if self.dev.type == "cuda":
-            self.net = self.net.to(memory_format=torch.channels_last)
-        self.embed = torch.compile(self.net.embed) if compile else self.net.embed
-        self.classify = torch.compile(self.net) if compile else self.net
-        self.opt = torch.optim.SGD(self.net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay)
+        self.method = methods.build(cfg)
+        self.stages = self.method.stages()
+        self._build_model(cfg.seed)
         self.x = torch.as_tensor(np.asarray(train_x), device=self.dev)
         self.x = self.x.permute(0, 3, 1, 2).contiguous()             # uint8 N×3×32×32
         self.cand = torch.as_tensor(np.asarray(candidates), device=self.dev).bool()
         self.labels = torch.as_tensor(np.asarray(labels), device=self.dev).long()
-        self.conf = able.uniform_confidence(self.cand)
-        self.feat_mean = torch.zeros(self.net.backbone.feat_dim, device=self.dev)
+        self.weight = (None if sample_weight is None else
+                       torch.as_tensor(np.asarray(sample_weight), device=self.dev).float())
+        self.conf = uniform_confidence(self.cand)
         self.epoch = 0
         self.history: list[dict] = []
+        self.method.init_state(self)
+
+    def _build_model(self, seed: int) -> None:
+        """A freshly initialised network (seeded), its optimizer and forward functions."""
+        cfg = self.cfg
+        torch.manual_seed(seed)
+        self.net = PLLNet(cfg.arch, cfg.num_classes).to(self.dev)
+        if self.dev.type == "cuda":
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.extra = torch.nn.ModuleDict(self.method.modules(self.net)).to(self.dev)
+        net = self.net
+
+        def features(x):
+            feats = net.backbone(x)
+            return feats, net.classifier(feats)
+        wrap = torch.compile if self.compile else (lambda fn: fn)
+        self._nets = {"logits": wrap(net), "features": wrap(features), "embed": wrap(net.embed)}
+        self.opt = torch.optim.SGD(self._parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay)
+
+    def _parameters(self) -> list[torch.nn.Parameter]:
+        """Everything the optimizer trains: the network, then the method's modules."""
+        return [*self.net.parameters(), *self.extra.parameters()]
+
+    # -- stages ---------------------------------------------------------------------------
+    @property
+    def total_epochs(self) -> int:
+        return sum(s.epochs for s in self.stages)
+
+    def _stage_at(self, epoch: int) -> tuple[int, int]:
+        """(index of the stage that ``epoch`` belongs to, its first epoch)."""
+        start = 0
+        for i, stage in enumerate(self.stages):
+            if epoch < start + stage.epochs or i == len(self.stages) - 1:
+                return i, start
+            start += stage.epochs
+        raise AssertionError("no stages")
+
+    @property
+    def stage(self):
+        return self.stages[self._stage_at(self.epoch)[0]]
+
+    def _start_stage(self, i: int) -> None:
+        stage = self.stages[i]
+        if i > 0 and stage.fresh_model:
+            self._build_model(self.cfg.seed + 1_000_003 * i)
+        if i > 0 and stage.fresh_confidence:
+            self.conf = uniform_confidence(self.cand)
+        self.method.start_stage(self, stage)
 
     # -- one step -------------------------------------------------------------------------
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,57 +194,40 @@ class Trainer:
             out = fn(self._norm(x))
         return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
-    def log_prior(self) -> torch.Tensor | None:
-        """RECORDS log-prior log softmax(classifier(F)) (None for other methods)."""
-        return able.log_prior(self.net.classifier, self.feat_mean) if self.cfg.records else None
+    def forward(self, inputs: dict[str, torch.Tensor], need: str = "logits") -> methods.Outputs:
+        """One pass over the concatenated image batches ``inputs``; outputs split by name."""
+        names = list(inputs)
+        x = torch.cat([inputs[n] for n in names]) if len(names) > 1 else inputs[names[0]]
+        res = self._forward(self._nets[need], x)
+        res = (None, res, None) if need == "logits" else (*res, None)[:3]
+        sizes = [len(inputs[n]) for n in names]
 
-    def step(self, idx: torch.Tensor, gen: torch.Generator) -> dict:
+        def split(t):
+            return {} if t is None else dict(zip(names, t.split(sizes)))
+        feats, logits, proj = res
+        return methods.Outputs(split(logits), split(feats), split(proj))
+
+    def log_prior(self) -> torch.Tensor | None:
+        """The method's test-time log-prior (RECORDS), or None."""
+        return self.method.test_log_prior(self)
+
+    def step(self, idx: torch.Tensor, gen: torch.Generator, step_in_epoch: int = 0) -> dict:
         """One optimisation step on the images ``idx``; returns the loss terms."""
-        cfg, b = self.cfg, len(idx)
-        x = to_unit(self.x[idx])
-        cand = self.cand[idx]
-        weak = augment.weak_view(x, generator=gen)
-        if cfg.method in CONTRASTIVE:
-            views = torch.cat([weak, augment.strong_view(x, generator=gen)])
-            feats, logits, z = self._forward(self.embed, views)
-            logits_w = logits[:b]
-            contrast_conf = self.conf[:b] if cfg.faithful_bug else self.conf[idx]
-            l_cls, l_cont, new = able.able_losses(
-                logits_w, z, cand, self.conf[idx], contrast_conf, self.log_prior(),
-                cfg.tau, cfg.base_tau)
-            loss = l_cls + cfg.loss_weight * l_cont
-            terms = {"loss_cls": l_cls, "loss_cont": l_cont}
-            if cfg.records:
-                self.feat_mean = able.records_update(self.feat_mean, feats[:b], cfg.records_m)
-        else:
-            logits_w = self._forward(self.classify, weak)
-            if cfg.method == "supervised":
-                loss = F.cross_entropy(logits_w, self.labels[idx])
-                new = None
-            else:  # proden
-                loss = able.soft_cross_entropy(logits_w, self.conf[idx])
-                new = able.updated_confidence(F.softmax(logits_w.detach(), 1), cand)
-            terms = {"loss_cls": loss}
-        if cfg.mixup:
-            terms["loss_mix"] = self._mixup_loss(weak, idx, gen)
-            loss = loss + terms["loss_mix"]
+        _, start = self._stage_at(self.epoch)
+        epoch = self.epoch - start
+        batch = methods.Batch(
+            idx=idx, x=to_unit(self.x[idx]), cand=self.cand[idx], conf=self.conf[idx],
+            conf_table=self.conf, labels=self.labels[idx],
+            weight=None if self.weight is None else self.weight[idx], gen=gen, epoch=epoch,
+            step=epoch * (len(self.x) // self.cfg.batch_size) + step_in_epoch,
+            stage=self.stage.name, net=self.net, forward=self.forward)
+        loss, terms, new = self.method.step(batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         if new is not None:
             self.conf[idx] = new
         return {k: v.detach() for k, v in terms.items()}
-
-    def _mixup_loss(self, weak: torch.Tensor, idx: torch.Tensor, gen: torch.Generator):
-        """Soft cross-entropy on a mixup of the weak view with mixed targets."""
-        seed = int(torch.randint(0, 2**31 - 1, (1,), device=self.dev, generator=gen))
-        lam = float(np.random.default_rng(seed).beta(self.cfg.mixup_alpha, self.cfg.mixup_alpha))
-        perm = torch.randperm(len(idx), device=self.dev, generator=gen)
-        targets = (F.one_hot(self.labels[idx], self.cfg.num_classes).float()
-                   if self.cfg.method == "supervised" else self.conf[idx])
-        mixed = lam * weak + (1 - lam) * weak[perm]
-        return able.soft_cross_entropy(self._forward(self.classify, mixed),
-                                       lam * targets + (1 - lam) * targets[perm])
 
     # -- epochs ---------------------------------------------------------------------------
     def epoch_generator(self, epoch: int) -> torch.Generator:
@@ -196,40 +238,51 @@ class Trainer:
     def train_epoch(self, progress: bool = True) -> dict:
         """One pass over the data in random order (drop_last); returns the epoch's log row."""
         cfg, n = self.cfg, len(self.x)
-        lr = cosine_lr(cfg, self.epoch)
+        i, start = self._stage_at(self.epoch)
+        if self.epoch == start:
+            self._start_stage(i)
+        lr = cosine_lr(cfg, self.epoch - start)
         for group in self.opt.param_groups:
             group["lr"] = lr
+        self.method.start_epoch(self)
         gen = self.epoch_generator(self.epoch)
         order = torch.randperm(n, device=self.dev, generator=gen)
         steps = n // cfg.batch_size
         sums: dict[str, torch.Tensor] = {}
         self.net.train()
         t0 = time.time()
-        bar = tqdm(range(steps), desc=f"{cfg.method} epoch {self.epoch + 1}/{cfg.epochs}",
+        bar = tqdm(range(steps), desc=f"{cfg.method} epoch {self.epoch + 1}/{self.total_epochs}",
                    unit="step", leave=False, disable=not progress)
         for s in bar:
-            for k, v in self.step(order[s * cfg.batch_size:(s + 1) * cfg.batch_size], gen).items():
+            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            for k, v in self.step(idx, gen, s).items():
                 sums[k] = sums.get(k, 0) + v.float()
+        self.method.end_epoch(self)
         if self.dev.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.time() - t0
         row = {"epoch": self.epoch + 1, "lr": lr, "train_s": seconds,
                "images_per_s": steps * cfg.batch_size / max(seconds, 1e-9)}
+        if len(self.stages) > 1:
+            row["stage"] = self.stages[i].name
         row.update({k: float(v) / steps for k, v in sums.items()})
-        row["pseudo_label_acc"] = (None if cfg.method == "supervised" else
-                                   float((self.conf.argmax(1) == self.labels).float().mean()))
+        row["pseudo_label_acc"] = (float((self.conf.argmax(1) == self.labels).float().mean())
+                                   if self.method.disambiguates else None)
         self.epoch += 1
         return row
 
     # -- state ----------------------------------------------------------------------------
     def save_state(self, path: Path) -> None:
-        """Model, optimizer momentum, confidences, RECORDS mean, RNG, epoch and history."""
+        """Model (+ the method's modules), optimizer momentum, confidences, method state,
+        RNG, epoch and history."""
         tensors = {f"model.{k}": v for k, v in self.net.state_dict().items()}
-        for i, p in enumerate(self.net.parameters()):
+        tensors.update({f"modules.{k}": v for k, v in self.extra.state_dict().items()})
+        for i, p in enumerate(self._parameters()):
             buf = self.opt.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
                 tensors[f"optim.{i}"] = buf
-        tensors.update(conf=self.conf, feat_mean=self.feat_mean, rng_cpu=torch.get_rng_state())
+        tensors.update({f"method.{k}": v for k, v in self.method.state().items()})
+        tensors.update(conf=self.conf, rng_cpu=torch.get_rng_state())
         if self.dev.type == "cuda":
             tensors["rng_cuda"] = torch.cuda.get_rng_state()
         meta = {"config": json.dumps(asdict(self.cfg)), "epoch": str(self.epoch),
@@ -243,9 +296,9 @@ class Trainer:
             return False
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
-        saved = json.loads(meta["config"])
-        if saved != asdict(self.cfg):
-            diff = sorted(k for k in saved if saved[k] != asdict(self.cfg).get(k))
+        saved, current = json.loads(meta["config"]), json.loads(json.dumps(asdict(self.cfg)))
+        if saved != current:
+            diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
             print(f"{path.name}: saved with other settings ({diff}); starting from scratch.")
             return False
         if meta.get("data") != self.data_key:
@@ -253,11 +306,13 @@ class Trainer:
             return False
         t = load_file(str(path), device=str(self.dev))
         self.net.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
-        params = list(self.net.parameters())
+        self.extra.load_state_dict({k[8:]: v for k, v in t.items() if k.startswith("modules.")})
+        params = self._parameters()
         for k, v in t.items():
             if k.startswith("optim."):
                 self.opt.state[params[int(k[6:])]]["momentum_buffer"] = v.clone()
-        self.conf, self.feat_mean = t["conf"].clone(), t["feat_mean"].clone()
+        self.method.load_state({k[7:]: v.clone() for k, v in t.items() if k.startswith("method.")})
+        self.conf = t["conf"].clone()
         torch.set_rng_state(t["rng_cpu"].cpu())
         if "rng_cuda" in t and self.dev.type == "cuda":
             torch.cuda.set_rng_state(t["rng_cuda"].cpu())
@@ -288,18 +343,19 @@ def synthetic_candidates(labels: np.ndarray, ds_params: dict, kind: str, cifar, 
 
 def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int = 0,
                  synthetic_labels: str = "exact", device: str = "auto") -> dict:
-    """Training images/candidates/labels (+ synthetic ones for ``rable``) and the test set.
+    """Training images/candidates/labels (+ synthetic ones when the method's
+    ``data_sources`` ask for them, e.g. ``rable``) and the test set.
 
     ``class_counts`` stays the real long tail's (it defines many/medium/few).
     """
     ds = dataset.load_dataset(run_dir)
     x, cand, y = cifar.train_x[ds["indices"]], ds["candidates"], ds["labels"]
     n_synth = 0
-    if method == "rable":
+    if "synthetic" in methods.data_sources(method):
         sx, sy, rows = synthesis.load_synthetic(run_dir)
         if not rows:
             raise FileNotFoundError(f"{Path(run_dir) / 'synthetic/manifest.jsonl'} is missing: "
-                                    "run the synthesis notebook before training 'rable'.")
+                                    f"run the synthesis notebook before training {method!r}.")
         sc = synthetic_candidates(sy, ds["params"], synthetic_labels, cifar, sx, device)
         x, cand, y = np.concatenate([x, sx]), np.concatenate([cand, sc]), np.concatenate([y, sy])
         n_synth = len(sy)
@@ -315,14 +371,16 @@ def train(cfg: TrainConfig, data: dict, out_dir, device: str = "auto", compile: 
           ) -> dict:
     """Train (resuming from ``out_dir/checkpoints/<method>-state.safetensors``) and evaluate.
 
-    ``stop_after``: stop once this many epochs are done in total (to split a run across
-    commands). Writes ``logs/<method>.jsonl`` every epoch. Returns a dict with the trainer,
-    history, final evaluation (and the test-time-adjusted one for RECORDS), and timing.
+    ``stop_after``: stop once this many epochs are done in total, counting every stage (to
+    split a run across commands). ``data`` may carry ``sample_weight`` (per-image loss
+    weights). Writes ``logs/<method>.jsonl`` every epoch. Returns a dict with the trainer,
+    history, final evaluation (and the test-time-adjusted one when the method has a
+    test-time log-prior, e.g. RECORDS), and timing.
     """
     out = Path(out_dir)
     state_path = out / "checkpoints" / f"{cfg.method}-state.safetensors"
     trainer = Trainer(cfg, data["train_x"], data["candidates"], data["labels"], device, compile,
-                      data_key=data_fingerprint(data))
+                      data_key=data_fingerprint(data), sample_weight=data.get("sample_weight"))
     resumed = trainer.load_state(state_path)
     if not resumed:  # results of an earlier, different run must not pass for this one
         for stale in (out / "checkpoints" / f"{cfg.method}.safetensors",
@@ -330,10 +388,11 @@ def train(cfg: TrainConfig, data: dict, out_dir, device: str = "auto", compile: 
             stale.unlink(missing_ok=True)
     test_x = torch.as_tensor(np.asarray(data["test_x"]), device=trainer.dev)
     test_y = np.asarray(data["test_y"])
-    last = min(cfg.epochs, stop_after or cfg.epochs)
+    total = trainer.total_epochs
+    last = min(total, stop_after or total)
     commit = config.git_commit()
     bar = tqdm(range(trainer.epoch, last), desc=cfg.method, unit="epoch", disable=not progress,
-               initial=trainer.epoch, total=cfg.epochs)
+               initial=trainer.epoch, total=total)
     for _ in bar:
         t0 = time.time()
         row = trainer.train_epoch(progress)
@@ -359,16 +418,18 @@ def train(cfg: TrainConfig, data: dict, out_dir, device: str = "auto", compile: 
     hist = trainer.history
     train_s = sum(h["train_s"] for h in hist)
     return dict(trainer=trainer, history=hist, final=final, adjusted=adjusted, log_prior=prior,
-                done=trainer.epoch >= cfg.epochs, resumed=resumed,
+                done=trainer.epoch >= total, resumed=resumed,
                 wall_s=sum(h["seconds"] for h in hist),
                 images_per_s=(sum(h["images_per_s"] * h["train_s"] for h in hist) / train_s
                               if train_s else None))
 
 
 def data_fingerprint(data: dict) -> str:
-    """Hash of the training images, candidates, labels and test labels of a run."""
+    """Hash of the training images, candidates, labels (+ sample weights) and test labels."""
     h = hashlib.sha1()
-    for key in ("train_x", "candidates", "labels", "test_y"):
+    for key in ("train_x", "candidates", "labels", "test_y", "sample_weight"):
+        if data.get(key) is None:
+            continue
         arr = np.ascontiguousarray(data[key])
         h.update(f"{key}{arr.shape}{arr.dtype}".encode())
         h.update(arr.tobytes())
@@ -396,8 +457,17 @@ def protocol_name(P: dict, ds_params: dict) -> str:
 
 
 def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int = 0) -> dict:
-    """Write the final model checkpoint and ``metrics-<method>.json``; returns the metrics."""
+    """Write the final model checkpoint and ``metrics-<method>.json``; returns the metrics.
+
+    ``accuracy`` uses the network's logits; ``accuracy_adjusted`` (methods with a test-time
+    log-prior, i.e. RECORDS) subtracts it, as the official RECORDS code evaluates —
+    ``comparable_to_published`` names the one to compare with published numbers. "best"
+    is the maximum over the epochs of the final stage (the test set is used for it).
+    """
     trainer, cfg = result["trainer"], result["trainer"].cfg
+    final_stage = trainer.stages[-1].name
+    history = [h for h in result["history"] if h.get("stage", final_stage) == final_stage]
+    base, modifiers = methods.parse(cfg.method)
     extra = {"logit_prior": result["log_prior"]} if result["log_prior"] is not None else None
     save_model(trainer.net, Path(run_dir) / "checkpoints" / f"{cfg.method}.safetensors",
                meta={"method": cfg.method, "profile": params.get("PROFILE"),
@@ -406,8 +476,12 @@ def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int 
         "method": cfg.method, "protocol": protocol,
         "params": {**{k: v for k, v in params.items() if k.isupper()}, "train": asdict(cfg),
                    "dataset": params.get("dataset", {})},
-        "accuracy": evaluation.accuracy_block(result["history"], result["final"]),
-        "test_time_adjustment": False,
+        "accuracy": evaluation.accuracy_block(history, result["final"]),
+        "test_time_adjustment": result["adjusted"] is not None,
+        "comparable_to_published": ("accuracy_adjusted" if result["adjusted"] is not None
+                                    else "accuracy"),
+        "base_method": base, "modifiers": modifiers,
+        "stages": [{"name": st.name, "epochs": st.epochs} for st in trainer.stages],
         "epochs_done": trainer.epoch, "n_train": len(trainer.labels), "n_synthetic": n_synthetic,
         "confusion": result["final"]["confusion"],
         "device": _device_name(trainer.dev),
@@ -417,7 +491,7 @@ def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int 
     }
     if result["adjusted"] is not None:
         metrics["accuracy_adjusted"] = evaluation.accuracy_block(
-            result["history"], result["adjusted"], key="test_acc_adjusted")
+            history, result["adjusted"], key="test_acc_adjusted")
     evaluation.write_metrics(run_dir, metrics)
     return metrics
 
@@ -432,9 +506,8 @@ def config_from_params(method: str, P: dict, num_classes: int = 10) -> TrainConf
     """TrainConfig from resolved notebook parameters (upper-case names)."""
     return TrainConfig(method=method, arch=P["ARCH"], epochs=P["EPOCHS"],
                        batch_size=P["BATCH_SIZE"], lr=float(P.get("LR") or 0.01), seed=P["SEED"],
-                       mixup=bool(P.get("MIXUP", False)),
                        faithful_bug=bool(P.get("FAITHFUL_BUG", False)),
-                       num_classes=num_classes)
+                       method_params=P.get("METHOD_PARAMS") or {}, num_classes=num_classes)
 
 
 # -- benchmark ----------------------------------------------------------------------------
@@ -492,9 +565,20 @@ def _rate(fn, steps: int, batch: int, dev: torch.device) -> float:
 def validate(P: dict) -> None:
     """Check this stage's parameters (ValueError with a clear message)."""
     from .networks import BACKBONES
+    names = P.get("METHODS")
+    if names is not None:
+        if not (isinstance(names, (list, tuple)) and names):
+            raise ValueError(f"METHODS={names!r} is invalid: METHODS must be a non-empty list "
+                             f"of method names, e.g. ['corr+records', 'solar'].")
+        for name in names:
+            methods.check(name, "METHODS")
+    if P.get("METHOD_PARAMS") is not None:
+        if not isinstance(P["METHOD_PARAMS"], dict):
+            raise ValueError(f"METHOD_PARAMS={P['METHOD_PARAMS']!r} is invalid: METHOD_PARAMS "
+                             "must be a dict {piece: {parameter: value}}.")
+        for name in names or []:
+            TrainConfig(method=name, method_params=P["METHOD_PARAMS"])
     checks = {
-        "METHODS": (lambda v: isinstance(v, (list, tuple)) and v and set(v) <= set(METHODS),
-                    f"must be a non-empty list drawn from {METHODS}"),
         "ARCH": (lambda v: v in BACKBONES, f"must be one of {sorted(BACKBONES)}"),
         "PROTOCOL": (lambda v: v in PROTOCOL_SETTINGS,
                      f"must be one of {sorted(PROTOCOL_SETTINGS)}"),
@@ -508,16 +592,18 @@ def validate(P: dict) -> None:
             raise ValueError(f"{name}={P[name]!r} is invalid: {name} {rule}.")
 
 
-def runnable_methods(methods, run_dir) -> tuple[list[str], dict[str, str]]:
-    """Split ``methods`` into those that can run now and {method: reason} for the rest."""
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"METHODS has unknown method(s) {bad}; choose from {METHODS}.")
+def runnable_methods(names, run_dir) -> tuple[list[str], dict[str, str]]:
+    """Split method ``names`` into those that can run now and {name: reason} for the rest
+    (methods that need synthetic images before notebook 03 made any)."""
+    for name in names:
+        methods.check(name, "METHODS")
     skipped = {}
-    if "rable" in methods and not synthesis.manifest_rows(run_dir):
-        skipped["rable"] = (f"no synthetic images in {Path(run_dir) / 'synthetic'} yet; run the "
-                            "synthesis notebook first (skipping 'rable').")
-    return [m for m in methods if m not in skipped], skipped
+    has_synthetic = bool(synthesis.manifest_rows(run_dir))
+    for name in names:
+        if "synthetic" in methods.data_sources(name) and not has_synthetic:
+            skipped[name] = (f"no synthetic images in {Path(run_dir) / 'synthetic'} yet; run "
+                             f"the synthesis notebook first (skipping {name!r}).")
+    return [m for m in names if m not in skipped], skipped
 
 
 def run_method(method: str, P: dict, cifar, progress: bool = True) -> dict:
@@ -528,7 +614,8 @@ def run_method(method: str, P: dict, cifar, progress: bool = True) -> dict:
     result = train(cfg, data, P["RUN_DIR"], P["DEVICE"], bool(P.get("COMPILE")),
                    P["CHECKPOINT_EVERY"], P.get("STOP_AFTER"), progress)
     if not result["done"]:
-        print(f"{method}: stopped after epoch {result['trainer'].epoch}/{cfg.epochs} "
+        print(f"{method}: stopped after epoch {result['trainer'].epoch}/"
+              f"{result['trainer'].total_epochs} "
               "(STOP_AFTER); run again to resume.")
         return {}
     metrics = finish(result, P["RUN_DIR"], {**P, "dataset": data["dataset_params"]},

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import able, augment, networks, training
+from rable_nb import augment, networks, training
+from rable_nb.methods import _losses as losses
+from rable_nb.methods import able, records
 
 
 def random_batch(b=6, c=4, seed=0):
@@ -60,10 +62,10 @@ def test_contrastive_loss_matches_per_sample_loop(seed):
 def test_confidence_update_by_hand():
     probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
     cand = torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.bool)
-    got = able.updated_confidence(probs, cand)
+    got = losses.updated_confidence(probs, cand)
     expected = torch.tensor([[0.5 / 0.7, 0.0, 0.2 / 0.7], [0.0, 0.6 / 0.9, 0.3 / 0.9]])
     assert torch.allclose(got, expected)
-    assert torch.allclose(able.uniform_confidence(cand),
+    assert torch.allclose(losses.uniform_confidence(cand),
                           torch.tensor([[0.5, 0, 0.5], [0, 0.5, 0.5]]))
 
 
@@ -71,15 +73,15 @@ def test_soft_cross_entropy_reduces_to_cross_entropy_on_one_hot():
     logits = torch.randn(5, 4)
     y = torch.tensor([0, 3, 1, 2, 2])
     onehot = torch.nn.functional.one_hot(y, 4).float()
-    assert able.soft_cross_entropy(logits, onehot).item() == pytest.approx(
+    assert losses.soft_cross_entropy(logits, onehot).item() == pytest.approx(
         torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
 
 
 def test_records_prior_and_update():
     lin = torch.nn.Linear(3, 4)
-    mean = able.records_update(torch.zeros(3), torch.ones(8, 3), m=0.9)
+    mean = records.momentum_mean(torch.zeros(3), torch.ones(8, 3), m=0.9)
     assert torch.allclose(mean, torch.full((3,), 0.1))
-    prior = able.log_prior(lin, mean)
+    prior = losses.classifier_log_prior(lin, mean)
     assert prior.exp().sum().item() == pytest.approx(1.0, abs=1e-6)
     assert torch.allclose(prior, torch.log_softmax(lin(mean), 0).detach())
 
@@ -93,7 +95,7 @@ def _trainer(faithful_bug):
     tr = training.Trainer(training.TrainConfig(method="able", batch_size=16,
                                                faithful_bug=faithful_bug), x, cand, y, "cpu")
     scores = torch.rand(64, 10, generator=torch.Generator().manual_seed(1))
-    tr.conf = able.updated_confidence(scores, tr.cand)
+    tr.conf = losses.updated_confidence(scores, tr.cand)
     return tr
 
 
@@ -124,3 +126,9 @@ def test_cutout_fills_one_square_per_image():
     out = augment.cutout(x, size=8, fill=1.0, generator=torch.Generator().manual_seed(0))
     filled = out[:, 0].sum((1, 2))
     assert torch.all(filled > 0) and torch.all(filled <= 64)
+
+
+def test_old_import_path_still_works():
+    from rable_nb import able as old
+    assert old.contrastive_loss is able.contrastive_loss
+    assert old.soft_cross_entropy is losses.soft_cross_entropy

@@ -24,10 +24,13 @@ def weights(tr):
     return {k: v.clone() for k, v in tr.net.state_dict().items()}
 
 
-@pytest.mark.parametrize("method", ["able+records", "proden"])
+# stateful pieces: RECORDS' feature mean, mixup, SoLar's stages (the split falls on the
+# stage boundary), queue and prior, +la's prior
+@pytest.mark.parametrize("method", ["able+records", "proden+mixup", "corr+records+mixup",
+                                    "solar+la+mixup"])
 def test_split_run_equals_uninterrupted_run(tmp_path, method):
     data = tiny_data()
-    cfg = training.TrainConfig(method=method, epochs=3, batch_size=32, mixup=method == "proden")
+    cfg = training.TrainConfig(method=method, epochs=3, batch_size=32)
     whole = training.train(cfg, data, tmp_path / "a", "cpu", progress=False)
     first = training.train(cfg, data, tmp_path / "b", "cpu", stop_after=1, progress=False)
     assert not first["done"] and first["trainer"].epoch == 1
@@ -40,7 +43,8 @@ def test_split_run_equals_uninterrupted_run(tmp_path, method):
     assert ([[h[k] for k in keys] for h in whole["history"]]
             == [[h[k] for k in keys] for h in rest["history"]])
     log = (tmp_path / "b" / "logs" / f"{method}.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in log] == [1, 2, 3]   # no duplicated rows
+    epochs = list(range(1, whole["trainer"].total_epochs + 1))        # solar: + 1 estimate
+    assert [json.loads(line)["epoch"] for line in log] == epochs       # no duplicated rows
 
 
 def test_changed_settings_start_from_scratch(tmp_path, capsys):
@@ -98,7 +102,7 @@ def test_bad_parameters_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="method"):
         training.TrainConfig(method="pico")
     with pytest.raises(ValueError, match="METHODS"):
-        training.validate({"METHODS": ["able", "corr"]})
+        training.validate({"METHODS": ["able", "pico"]})
     with pytest.raises(ValueError, match="BATCH_SIZE"):
         training.Trainer(training.TrainConfig(batch_size=64), *list(tiny_data(32).values())[:3],
                          device="cpu")
@@ -120,21 +124,38 @@ def write_synthetic(run_dir, per_class=4):
     (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+# one papermill run covers every base and every modifier (2 smoke epochs: CORR's update
+# and mixup start at epoch 1; SoLar adds its estimation epoch)
+SMOKE_METHODS = ["able", "rable+records", "corr", "corr+records+mixup", "solar+la+mixup",
+                 "proden+la", "supervised+mixup"]
+
+
 def test_notebook_04_smoke_writes_metrics_and_checkpoints(run_notebooks, smoke_dataset_run,
                                                           tmp_path):
     run = tmp_path / "run"
     shutil.copytree(smoke_dataset_run, run)
     write_synthetic(run)
-    run_notebooks("04", run, METHODS=["able", "rable"], SYNTHETIC_LABELS="partial")
-    for method in ("able", "rable"):
+    run_notebooks("04", run, METHODS=SMOKE_METHODS, SYNTHETIC_LABELS="partial")
+    for method in SMOKE_METHODS:
         m = json.loads((run / f"metrics-{method}.json").read_text())
         assert set(evaluation.METRICS_FIELDS) <= set(m)
         assert set(evaluation.ACCURACY_FIELDS) <= set(m["accuracy"])
         assert len(m["accuracy"]["per_class"]) == 10 and m["wall_s"] > 0
         assert (run / "checkpoints" / f"{method}.safetensors").exists()
+        records = "records" in method
+        assert ("accuracy_adjusted" in m) == records == m["test_time_adjustment"]
+        assert m["comparable_to_published"] == ("accuracy_adjusted" if records else "accuracy")
+        assert m["epochs_done"] == sum(s["epochs"] for s in m["stages"])
+        log = (run / "logs" / f"{method}.jsonl").read_text().splitlines()
+        assert len(log) == m["epochs_done"]
     for fig in ("fig-curves.png", "fig-per-class.png"):
         assert (run / fig).stat().st_size > 10_000
-    rable = json.loads((run / "metrics-rable.json").read_text())
+    solar = json.loads((run / "metrics-solar+la+mixup.json").read_text())
+    assert [s["name"] for s in solar["stages"]] == ["estimate", "train"]
+    corr = [json.loads(line) for line in (run / "logs" / "corr+records+mixup.jsonl").read_text()
+            .splitlines()]
+    assert "loss_mix" not in corr[0] and corr[1]["loss_mix"] > 0   # mixup from epoch 1
+    rable = json.loads((run / "metrics-rable+records.json").read_text())
     assert rable["n_synthetic"] == 40
     assert rable["n_train"] == json.loads((run / "metrics-able.json").read_text())["n_train"] + 40
 

@@ -1,0 +1,171 @@
+"""Learning methods, registered by name: a base method plus modifiers.
+
+A method name is a base followed by modifiers in a fixed order, joined by ``+``:
+``corr+records+mixup``, ``able+records``, ``solar+la+mixup``, ``proden+la``. :func:`names`
+lists every valid name; :func:`check` explains why a name is not.
+
+Bases (one file each): ``able`` (contrastive PLL), ``rable`` (ABLE on long tail +
+synthetic images), ``proden``, ``supervised`` (true labels: the upper bound), ``corr``
+(consistency regularisation), ``solar`` (Sinkhorn label refinery).
+Modifiers (one file each, applied in this order): ``records`` (RECORDS dynamic
+rebalancing of the disambiguation; test-time adjusted accuracy too), ``la`` (train-time
+logit adjustment with the estimated prior), ``mixup``.
+
+The interface (``base.py``)
+---------------------------
+The trainer (``rable_nb/training.py``) owns the network, optimizer, the N×C confidence
+table ``trainer.conf``, the candidate masks, the data on the device, checkpoints and logs.
+It never looks at a method's name; each step it builds a :class:`base.Batch` and calls
+``method.step(batch) -> (loss, terms, new_confidences or None)``, then back-propagates,
+steps the optimizer and writes the new confidences into the table.
+
+A **base** (subclass :class:`base.Base`) declares
+
+- ``views``: augmented views it needs (``"weak"``, ``"strong"``; see ``base.VIEWS``);
+  ``joint_forward``: all of them in one pass (default) or one pass each;
+  ``needs``: ``"logits"``, ``"features"`` or ``"embed"`` (+ projection head);
+- ``losses(batch, out, log_prior) -> (loss, {name: term}, new_conf)``: its loss terms
+  (logged per epoch by name; ``loss_cls`` and ``loss_cont`` are plotted) and its
+  confidence update, computing disambiguation from logits − ``log_prior`` when a modifier
+  supplies one;
+- ``disambiguates`` (keeps confidences), ``records_compatible``;
+- for ``+mixup``: ``mixup_views``, ``mixup_targets`` (soft targets, optional mask,
+  scale), ``target_loss`` (its loss against given targets), ``mixup_active``,
+  ``mixup_after_forward``;
+- for ``+la``: ``class_prior(trainer)`` (its estimate of the training class distribution);
+- ``stages()``: the phases of training (:class:`base.Stage`: epochs, fresh network,
+  fresh confidences; e.g. SoLar's prior-estimation stage, a pre-training stage).
+
+A **modifier** (subclass :class:`base.Modifier`) may add inputs to the forward pass
+(``extra_inputs``), transform the training logits (``adjust_logits``), read the outputs
+(``observe``), supply the disambiguation log-prior and the test-time log-prior, add a loss
+term (``extra_loss``) and declare combinations it refuses (``incompatible``).
+
+Both may own extra trainable **modules** (``modules(net)``: e.g. a rotation head for
+self-supervised pre-training, a second classifier), trained and checkpointed with the
+network, and keep **state** tensors (``init_state``/``state``/``load_state``: checkpointed
+with the run and restored on resume), read **hyper-parameters** ``self.p`` (declared in
+``params``/``default_params(cfg)``, overridden by ``TrainConfig.method_params
+{piece: {param: value}}``), ask for extra **training data** (``data_sources``, e.g.
+``("synthetic",)``) and hook **epochs** (``start_stage``, ``start_epoch``, ``end_epoch``:
+outside the step, free to synchronise — e.g. re-estimating a prior over the training set).
+Per-image loss weights arrive as ``batch.weight`` (None = plain means; see
+``_losses.weighted_mean``).
+
+Rules that keep a step capturable in a CUDA graph: no ``.item()``, ``float(tensor)``,
+``nonzero``/boolean indexing or Python branches on tensor values inside ``step``; draw
+random numbers on the device from ``batch.gen``; branch only on host values
+(``batch.epoch``, ``batch.step``, ``batch.stage``).
+
+Adding a method = one new file here + one line in ``BASES`` or ``MODIFIERS``.
+Settings of the original methods stay ``TrainConfig`` fields (``tau``, ``base_tau``,
+``loss_weight``, ``faithful_bug`` for ABLE; ``records_m``; ``mixup_alpha``).
+"""
+from __future__ import annotations
+
+import difflib
+import itertools
+
+from .able import Able
+from .base import Base, Batch, Method, Modifier, Outputs, Stage
+from .corr import Corr
+from .la import LogitAdjustment
+from .mixup import Mixup
+from .proden import Proden
+from .rable import Rable
+from .records import Records
+from .solar import Solar
+from .supervised import Supervised
+
+BASES: dict[str, type[Base]] = {
+    "able": Able, "rable": Rable, "proden": Proden, "supervised": Supervised,
+    "corr": Corr, "solar": Solar,
+}
+MODIFIERS: dict[str, type[Modifier]] = {  # the order in which names list them
+    "records": Records, "la": LogitAdjustment, "mixup": Mixup,
+}
+PIECES = {**BASES, **MODIFIERS}
+
+__all__ = ["BASES", "MODIFIERS", "Base", "Batch", "Method", "Modifier", "Outputs", "Stage",
+           "build", "check", "data_sources", "names", "parse", "resolve_params"]
+
+
+def parse(name: str) -> tuple[str, list[str]]:
+    """``'corr+records+mixup'`` → ``('corr', ['records', 'mixup'])`` (no validation)."""
+    base, *mods = str(name).split("+")
+    return base, mods
+
+
+def problem(name: str) -> str | None:
+    """Why ``name`` is not a valid method name, or None."""
+    base, mods = parse(name)
+    if base not in BASES:
+        return f"unknown base method {base!r} (bases: {sorted(BASES)})"
+    unknown = [m for m in mods if m not in MODIFIERS]
+    if unknown:
+        return f"unknown modifier(s) {unknown} (modifiers: {list(MODIFIERS)})"
+    order = [m for m in MODIFIERS if m in mods]
+    if mods != order:
+        return (f"modifiers repeat or are out of order; write "
+                f"{'+'.join([base, *order])!r}")
+    for m in mods:
+        reason = MODIFIERS[m].incompatible(BASES[base], [o for o in mods if o != m])
+        if reason:
+            return reason
+    return None
+
+
+def names() -> list[str]:
+    """Every valid method name (bases, then their modifier combinations)."""
+    out = []
+    for base in BASES:
+        for k in range(len(MODIFIERS) + 1):
+            for mods in itertools.combinations(MODIFIERS, k):
+                name = "+".join([base, *mods])
+                if problem(name) is None:
+                    out.append(name)
+    return out
+
+
+def check(name: str, what: str = "method") -> None:
+    """ValueError naming the problem, close matches and every valid name."""
+    reason = problem(name)
+    if reason is None:
+        return
+    close = difflib.get_close_matches(str(name), names(), n=3)
+    hint = f" Did you mean {close}?" if close else ""
+    raise ValueError(f"{what}={name!r} is invalid: {reason}.{hint} Valid names: {names()}.")
+
+
+def data_sources(name: str) -> tuple[str, ...]:
+    """Training data beyond the real long tail that method ``name`` asks for."""
+    check(name)
+    base, mods = parse(name)
+    return tuple(dict.fromkeys(s for p in [base, *mods] for s in PIECES[p].data_sources))
+
+
+def resolve_params(name: str, cfg, overrides: dict | None = None) -> dict:
+    """{piece: {param: value}} of ``name``: defaults (from ``cfg``) with ``overrides``
+    applied. Overrides for pieces the method lacks are ignored; unknown pieces or
+    parameters raise ValueError."""
+    overrides = overrides or {}
+    for piece, values in overrides.items():
+        if piece not in PIECES:
+            raise ValueError(f"method_params names unknown piece {piece!r}; "
+                             f"choose from {sorted(PIECES)}.")
+        known = PIECES[piece].default_params(cfg)
+        bad = sorted(set(values) - set(known))
+        if bad:
+            raise ValueError(f"method_params[{piece!r}] has unknown parameter(s) {bad}; "
+                             f"{piece} takes {sorted(known)}.")
+    base, mods = parse(name)
+    return {p: {**PIECES[p].default_params(cfg), **overrides.get(p, {})} for p in [base, *mods]}
+
+
+def build(cfg) -> Method:
+    """The composed method of ``cfg.method`` with ``cfg.method_params``."""
+    check(cfg.method)
+    base, mods = parse(cfg.method)
+    params = resolve_params(cfg.method, cfg, cfg.method_params)
+    return Method(cfg.method, BASES[base](cfg, params[base]),
+                  [MODIFIERS[m](cfg, params[m]) for m in mods])
