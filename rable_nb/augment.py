@@ -14,10 +14,31 @@ The generator is consumed exactly as by the per-op implementation these function
 replaced (kept in ``tests/reference_augment.py``): on CPU the same seed gives the same
 views, bit for bit, and training numbers did not change.
 
-Speed on CPU (2 shared cores, 1 thread, batch 256 of 32×32, torch 2.14.1), from
-``OMP_NUM_THREADS=1 python -m rable_nb bench augment --device cpu --batch-size 256``
-("ops" = ATen operations dispatched per call, a proxy for CUDA kernel launches):
-see ``SPEED`` below.
+Speed, measured on CPU only (no GPU was available; a shared 2-core machine under load,
+1 thread, torch 2.14.1; median of 3 runs of
+``OMP_NUM_THREADS=1 python scripts/bench_kornia.py --device cpu --batch-size 256 1024``;
+images/s at batch 256 [1024]; ops = ATen operations dispatched per call, a proxy for CUDA
+kernel launches; syncs = reads of a tensor back to the host):
+
+    view                          images/s       ops              syncs
+    weak, this module             7.2k [7.9k]    90 [90]          0
+    strong, this module           1.1k [1.2k]    305 [305]        0
+    weak, old per-op module       6.8k           113              2
+    strong, old per-op module     3.6k           733              29
+    weak, kornia 0.9.0            2.2k [2.8k]    949 [2,482]      7
+    strong, kornia 0.9.0          3.1k [3.7k]    ~1,000 [~2,600]  7–9
+
+Kept: this module. Kornia's weak view is 3× slower; its strong view is faster on CPU only
+because its RandAugment applies the same three ops to the whole batch with one magnitude
+(here every image draws its own ops and magnitudes, so all nine photometric ops run on the
+whole batch and masks pick each image's result), and it dispatches 3–8× more ops, growing
+with the batch, and reads back to the host 7–9 times per call, which rules out graph
+capture. The old module's strong view was ~3× faster on CPU, where it ran each op only on
+the images that chose it at the price of a host sync per op; its CUDA branch already ran
+every op on the whole batch, with 652 ops (counted on CPU with that branch forced) against
+278 here on CUDA (where the blur is one ``avg_pool2d`` instead of nine additions). GPU
+rates are still to be measured
+(``python -m rable_nb bench augment --device cuda --batch-size 256 1024``).
 """
 from __future__ import annotations
 
