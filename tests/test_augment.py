@@ -164,3 +164,27 @@ def test_batched_logits_equal_one_forward_and_stay_off_autograd(monkeypatch):
         out = networks.batched_logits(net, x.numpy(), prior, batch)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         assert not out.requires_grad and net.training
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["weak_view", "strong_view"])
+def test_views_capture_in_a_cuda_graph_and_replay_like_eager(name):
+    view = getattr(augment, name)
+    x = torch.rand(64, 3, 32, 32, device="cuda")
+    gen = torch.Generator(device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    graph.register_generator_state(gen)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):       # warm-up (makes the cached constants) before capture
+        view(x, generator=gen)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        out = view(x, generator=gen)
+    gen.manual_seed(5)
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    assert not torch.equal(out, first)                       # fresh random numbers per replay
+    gen.manual_seed(5)
+    torch.testing.assert_close(first, view(x, generator=gen))
