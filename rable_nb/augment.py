@@ -10,9 +10,12 @@ blends and ``torch.where`` masks); cutout is one mask. Nothing is read back to t
 (no ``.item()``, ``nonzero``, boolean indexing or other data-dependent shapes), so a step
 that calls the views can be captured in a CUDA graph.
 
-The generator is consumed exactly as by the per-op implementation these functions
-replaced (kept in ``tests/reference_augment.py``): on CPU the same seed gives the same
-views, bit for bit, and training numbers did not change.
+On CPU the same seed gives the same views, bit for bit, as the per-op implementation
+these functions replaced (kept in ``tests/reference_augment.py``), so CPU training numbers
+did not change: the parameters are drawn in the same order, and a merged draw such as
+``rand(11, n)`` equals eleven ``rand(n)`` calls because the CPU generator fills element by
+element. CUDA's generator splits its stream by tensor size, so there the merged draws give
+other (equally distributed) numbers than the old per-parameter calls.
 
 Speed, measured on CPU only (no GPU was available; a shared 2-core machine under load,
 1 thread, torch 2.14.1; median of 3 runs of
@@ -86,7 +89,7 @@ def random_crop_flip(x: torch.Tensor, pad: int = 4, generator: torch.Generator |
 # --- parameters ---------------------------------------------------------------------------
 @dataclass
 class WeakParams:
-    """Per-image parameters of the weak view (all tensors of length N on the device)."""
+    """Per-image parameters of the weak view (tensors with N rows, on the device)."""
 
     theta: torch.Tensor        # N×3×3 output → input map: RandomResizedCrop + flip
     brightness: torch.Tensor   # multiplicative factors, 1 where the jitter is off
@@ -136,8 +139,8 @@ def draw_weak(n: int, device, generator: torch.Generator | None = None) -> WeakP
 
 
 def draw_strong(shape, device, generator: torch.Generator | None = None) -> StrongParams:
-    """All random parameters of strong views of a batch of ``shape`` (N×C×H×W): six
-    generator calls (crop/flip, ops, magnitudes, signs, cutout centre, cutout side)."""
+    """All random parameters of strong views of a batch of ``shape`` (N×C×H×W): seven
+    generator calls (crop/flip, ops, magnitudes, signs, cutout row, column and side)."""
     n, _, h, w = shape
     def randint(lo, hi, size):
         return torch.randint(lo, hi, size, device=device, generator=generator)
