@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--kernel", default="python3", help="Jupyter kernel name")
 
     bench = sub.add_parser("bench", help="throughput benchmark; last line is one JSON object")
-    bench.add_argument("what", choices=("train", "synth"))
+    bench.add_argument("what", choices=("train", "synth", "augment"))
     bench.add_argument("--profile", default="smoke", help=f"one of {config.PROFILES}")
     bench.add_argument("--device", default="auto", help=f"one of {config.DEVICES}")
     bench.add_argument("--batch-size", type=int, nargs="*", help="batch size(s) to time")
@@ -55,11 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown profile {args.profile!r}; choose one of {config.PROFILES}",
               file=sys.stderr)
         return 1
-    if args.what == "train":
-        from .training import bench
+    if args.what == "augment":  # the views alone: independent of the profile
+        from .augment import bench
+        result = bench(device=args.device, batch_sizes=args.batch_size)
     else:
-        from .synthesis import bench
-    result = bench(profile=args.profile, device=args.device, batch_sizes=args.batch_size)
+        if args.what == "train":
+            from .training import bench
+        else:
+            from .synthesis import bench
+        result = bench(profile=args.profile, device=args.device, batch_sizes=args.batch_size)
     print(json.dumps(result))
     return 0
 

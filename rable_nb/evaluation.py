@@ -27,11 +27,12 @@ def class_groups(class_counts) -> dict[str, list[int]]:
     return {"many": order[:k], "medium": order[k:len(order) - k], "few": order[len(order) - k:]}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(net: torch.nn.Module, x_uint8: torch.Tensor, log_prior: torch.Tensor | None = None,
-            batch: int = 1000) -> torch.Tensor:
+            batch: int | None = None) -> torch.Tensor:
     """Predicted classes of uint8 images (on the net's device); subtracts ``log_prior``
-    from the logits when given (test-time adjustment)."""
+    from the logits when given (test-time adjustment). ``batch``: see
+    :func:`networks.batched_logits`."""
     return batched_logits(net, x_uint8, log_prior, batch).argmax(1)
 
 
