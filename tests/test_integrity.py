@@ -49,6 +49,10 @@ def test_a_later_stage_refuses_other_data_than_notebook_01_used(small_folder, ci
     assert meta["data_dir"] == str(small_folder.resolve()) and meta["train_images"] == 300
     with np.load(out / "dataset.npz") as z:  # the arrays carry the fingerprint too
         assert json.loads(str(z["meta"]))["data_identity"] == meta
+    figure = (out / "fig-distribution.png").stat().st_mtime_ns
+    with pytest.raises(runner.RunError, match="01_dataset_imbalance.*was made from other data"):
+        runner.run("smoke", "01,04", str(out), {"DATA_DIR": str(cifar_dir)}, resume=True)
+    assert (out / "fig-distribution.png").stat().st_mtime_ns == figure  # refused up front
 
 
 def _identity(sha, n=10):
