@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import jsonl
+from . import config, jsonl
 from .networks import pick_device
 from .tiny_models import TINY, load_pretrained, resolve_model_id
 
@@ -37,16 +37,13 @@ PROFILE_DEFAULTS = {
 
 def validate(params: dict) -> None:
     """Clear ``ValueError`` for bad captioning parameters."""
-    if params.get("CAPTION_WHICH") not in (None, *WHICH):
-        raise ValueError(f"CAPTION_WHICH={params['CAPTION_WHICH']!r} is invalid: one of {WHICH}.")
-    for name in ("CAPTION_BATCH", "CAPTION_MAX_TOKENS"):
-        v = params.get(name)
-        if v is not None and not (isinstance(v, int) and v >= 1):
-            raise ValueError(f"{name}={v!r} is invalid: a positive integer.")
-    v = params.get("TARGET_PER_CLASS")
-    if v is not None and not (isinstance(v, int) and v >= 1):
-        raise ValueError(f"TARGET_PER_CLASS={v!r} is invalid: a positive integer "
-                         f"(None = the most frequent class's count).")
+    config.check(params, {
+        "CAPTION_MODEL_ID": config.PATH, "CAPTION_WHICH": config.one_of(WHICH),
+        "CAPTION_PROMPT": config.TEXT, "CAPTION_BATCH": config.integer(1),
+        "CAPTION_MAX_TOKENS": config.integer(1), "CAPTION_RESCALE": config.BOOLEAN,
+        "TARGET_PER_CLASS": (config.integer(1)[0],
+                             "a positive integer (None = the most frequent class's count)"),
+    })
 
 
 def target_count(class_counts, target: int | None) -> int:

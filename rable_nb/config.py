@@ -1,13 +1,22 @@
 """Profiles, parameter validation and project paths shared by every notebook.
 
 A notebook's first cell holds literal parameters (``None`` = "use the profile's
-default"); its second cell calls :func:`resolve`, which applies the profile, reads
-``RABLE_PROFILE`` / ``NB_SMOKE`` / ``RABLE_RUN_DIR`` from the environment (nbval cannot
-inject parameters) and validates everything once.
+default"); its second cell calls :func:`resolve` with the name of its *stage* (the
+package module that owns its parameters, see ``NOTEBOOK_STAGES``), which applies the
+profile and the stage's defaults, reads ``RABLE_PROFILE`` / ``NB_SMOKE`` /
+``RABLE_RUN_DIR`` from the environment (nbval cannot inject parameters) and validates
+everything once. The runner calls the same :func:`resolve` for every selected notebook
+before the first one starts, so a bad value stops a run before anything is written.
+
+A stage module provides ``validate(P)`` (one rule per parameter, see :func:`check`) and,
+optionally, ``PROFILE_DEFAULTS`` ({profile: {NAME: value}}) or ``profile_defaults(P)``.
+Checking a new parameter is one line in its stage's rules.
 """
 from __future__ import annotations
 
+import importlib
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -57,6 +66,12 @@ def write_json(path: str | os.PathLike, obj) -> Path:
     return write_atomic(path, lambda t: t.write_text(json.dumps(obj, indent=1, default=str)))
 
 
+def read_json(path: str | os.PathLike) -> dict:
+    """The JSON object in ``path``, or ``{}`` when there is no such file."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def cache_dir() -> Path:
     """Folder for decoded data and cached classifiers (``RABLE_CACHE`` or ``.cache/``)."""
     path = Path(os.environ.get("RABLE_CACHE", PROJECT_ROOT / ".cache"))
@@ -73,44 +88,120 @@ def env_profile() -> str | None:
     return None
 
 
+# -- parameter rules: NAME -> (predicate, what is allowed) ---------------------------------
+def is_int(v) -> bool:
+    """An integer, not a bool (``True`` is an int in Python)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    """A finite int or float, not a bool."""
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def integer(low: int = 0) -> tuple:
+    return (lambda v: is_int(v) and v >= low,
+            "a positive integer" if low == 1 else f"an integer >= {low}")
+
+
+def number(low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False) -> tuple:
+    def ok(v):
+        return (is_number(v) and (low is None or (v > low if low_open else v >= low))
+                and (high is None or (v < high if high_open else v <= high)))
+    if high is None:
+        return ok, f"a number {'>' if low_open else '>='} {low}"
+    return ok, f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def one_of(choices) -> tuple:
+    choices = tuple(choices)
+    return (lambda v: isinstance(v, str) and v in choices), f"one of {choices}"
+
+
+def list_of(choices) -> tuple:
+    choices = tuple(choices)
+    return (lambda v: isinstance(v, list) and bool(v) and all(
+        isinstance(x, str) and x in choices for x in v)), f"a non-empty list drawn from {choices}"
+
+
+BOOLEAN = (lambda v: isinstance(v, bool), "True or False")
+TEXT = (lambda v: isinstance(v, str), "a string")
+PATH = (lambda v: isinstance(v, str) and bool(v), "a path (a non-empty string)")
+
+
+def check(params: dict, rules: dict[str, tuple]) -> None:
+    """``ValueError`` naming the first parameter that breaks its rule; ``None`` (= the
+    profile's default) always passes."""
+    for name, (ok, allowed) in rules.items():
+        value = params.get(name)
+        if value is not None and not ok(value):
+            raise ValueError(f"{name}={value!r} is invalid: {name} must be {allowed}.")
+
+
+# Parameters shared by several notebooks (same name, same meaning everywhere).
+RULES = {
+    "PROFILE": one_of(PROFILES),
+    "RUN_DIR": PATH,
+    "DATA_DIR": PATH,
+    "IMBALANCE_FACTOR": (number(0, 1, low_open=True)[0],
+                         "a number in (0, 1], e.g. 0.01 for rho = 100"),
+    "Q": number(0, 1, high_open=True),
+    "RATE": number(0, 1),
+    "PARTIAL": one_of(PARTIAL_KINDS),
+    "SEED": integer(0),
+    "DEVICE": one_of(DEVICES),
+    "EPOCHS": integer(1),
+    "BATCH_SIZE": integer(1),
+}
+
+
 def validate(params: dict) -> None:
-    """Raise ``ValueError`` with a clear message for any out-of-range parameter."""
-    checks = {
-        "PROFILE": (lambda v: v in PROFILES, f"must be one of {PROFILES}"),
-        "IMBALANCE_FACTOR": (lambda v: isinstance(v, (int, float)) and 0 < v <= 1,
-                             "must lie in (0, 1], e.g. 0.01 for rho = 100"),
-        "Q": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "must lie in [0, 1)"),
-        "RATE": (lambda v: isinstance(v, (int, float)) and 0 <= v <= 1, "must lie in [0, 1]"),
-        "PARTIAL": (lambda v: v in PARTIAL_KINDS, f"must be one of {PARTIAL_KINDS}"),
-        "SEED": (lambda v: isinstance(v, int) and v >= 0, "must be a non-negative integer"),
-        "DEVICE": (lambda v: v in DEVICES, f"must be one of {DEVICES}"),
-        "EPOCHS": (lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
-        "BATCH_SIZE": (lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
-    }
-    for name, (ok, rule) in checks.items():
-        if params.get(name) is not None and not ok(params[name]):
-            raise ValueError(f"{name}={params[name]!r} is invalid: {name} {rule}.")
+    """Raise ``ValueError`` with a clear message for any bad shared parameter."""
+    check(params, RULES)
 
 
-def resolve(stage_defaults: dict[str, dict] | None = None, **params) -> dict:
-    """Apply profile defaults and environment overrides, validate, create ``RUN_DIR``.
+# -- stages ---------------------------------------------------------------------------------
+# Notebook (two-digit prefix) -> the rable_nb module that owns its parameters.
+NOTEBOOK_STAGES = {"00": "cost", "01": "dataset", "02": "captioning", "03": "synthesis",
+                   "04": "training", "05": "predictions", "06": "embedding", "07": "demo",
+                   "08": "sweep"}
 
-    ``stage_defaults`` maps profile → extra defaults of one pipeline stage (e.g.
-    ``training.PROFILE_DEFAULTS``). Returns a plain dict of every parameter.
+
+def stage_module(stage: str):
+    """The stage module ``rable_nb.<stage>``."""
+    return importlib.import_module(f"{__package__}.{stage}")
+
+
+def resolve(stage: str | None = None, *, stage_defaults: dict[str, dict] | None = None,
+            create: bool = True, **params) -> dict:
+    """Apply profile + stage defaults and environment overrides, validate, create ``RUN_DIR``.
+
+    ``stage`` names the module owning the notebook's parameters (``'training'``): its
+    defaults apply and its ``validate`` runs. ``stage_defaults`` (profile → defaults) may
+    be given instead. ``create=False`` checks only (nothing is written). Returns a plain
+    dict of every parameter.
     """
     params = dict(params)
     params["PROFILE"] = params.get("PROFILE") or env_profile() or "smoke"
     validate({"PROFILE": params["PROFILE"]})
+    module = stage_module(stage) if stage else None
+    if module is not None and stage_defaults is None:
+        stage_defaults = (module.profile_defaults(params) if hasattr(module, "profile_defaults")
+                          else getattr(module, "PROFILE_DEFAULTS", {}))
     defaults = {**PROFILE_DEFAULTS[params["PROFILE"]],
                 **(stage_defaults or {}).get(params["PROFILE"], {})}
     for key, value in defaults.items():
         if params.get(key) is None:
             params[key] = value
     validate(params)
+    if module is not None:
+        module.validate(params)
     run_dir = params.get("RUN_DIR") or os.environ.get("RABLE_RUN_DIR") or "runs/interactive"
     run_dir = Path(run_dir)
     if not run_dir.is_absolute():
         run_dir = PROJECT_ROOT / run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if create:
+        run_dir.mkdir(parents=True, exist_ok=True)
     params["RUN_DIR"] = str(run_dir)
     return params

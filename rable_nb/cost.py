@@ -11,9 +11,11 @@ same way, the rest (storage, tooling) does not.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
+
+from . import config
 
 
 @dataclass
@@ -37,6 +39,16 @@ class CostModel:
             raise ValueError("years and labelling_months must be at least 1")
         if self.labelling_months > 12 * self.years:
             raise ValueError("labelling_months cannot exceed the horizon (12 · years)")
+
+
+def validate(P: dict) -> None:
+    """Check notebook 00's parameters: each a non-negative number (counts integers), then
+    the model's own consistency checks."""
+    names = {f.name.upper(): f for f in fields(CostModel)}
+    config.check(P, {n: config.integer(0) if f.type == "int" else config.number(0)
+                     for n, f in names.items()})
+    if all(P.get(n) is not None for n in names):
+        CostModel(**{f.name: P[n] for n, f in names.items()})
 
 
 def breakdown(m: CostModel, partial: bool = False) -> dict[str, float]:

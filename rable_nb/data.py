@@ -1,18 +1,26 @@
 """CIFAR-10 loading: ImageFolder directory, train/test tar.gz archives, or torchvision.
 
 Whatever the source, images are decoded once and cached as uint8 arrays (N×32×32×3) in
-the cache folder. The training set is stored class-sorted (stable), so dataset indices
-are positions in that order. Corrupt image files are skipped, counted in one warning
-that names the first few.
+the cache folder. The cache key covers the source's resolved path, layout and the name,
+size and modification time of every source file, so adding, deleting or editing an image
+decodes again. The training set is stored class-sorted (stable), so dataset indices are
+positions in that order. Every split must have the training split's classes, by name.
+Corrupt image files are skipped, counted in one warning that names the first few; the
+warning is stored with the cache and repeats on every load.
+
+:attr:`Cifar.identity` fingerprints the decoded data (path, layout, image counts, classes,
+a SHA-256 of the arrays); ``dataset.json`` records it so that no later stage of a run
+reads other data than the run was made from.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tarfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +46,7 @@ class Cifar:
     test_y: np.ndarray
     classes: tuple[str, ...]
     source: str
+    identity: dict = field(default_factory=dict)  # see content_identity
 
     @property
     def num_classes(self) -> int:
@@ -74,7 +83,8 @@ def _decode(blob: bytes) -> np.ndarray:
 
 
 def _collect(items, total: int, desc: str, classes: list[str]):
-    """Decode (class_name, name, bytes-callable) items; skip and count corrupt files."""
+    """Decode (class_name, name, bytes-callable) items; returns (images, labels, skipped
+    names of corrupt files)."""
     images, labels, bad = [], [], []
     for cls, name, read in tqdm(sorted(items, key=lambda t: (t[0], t[1])), total=total,
                                 desc=desc, unit="img", leave=False):
@@ -83,27 +93,40 @@ def _collect(items, total: int, desc: str, classes: list[str]):
             labels.append(classes.index(cls))
         except Exception:  # PIL raises several types for broken files
             bad.append(name)
-    if bad:
-        warnings.warn(f"{desc}: skipped {len(bad)} corrupt image file(s), e.g. {bad[:3]}",
-                      stacklevel=3)
     if not images:
         raise FileNotFoundError(f"{desc}: no readable images found.")
-    return np.stack(images), np.asarray(labels, dtype=np.int64)
+    return np.stack(images), np.asarray(labels, dtype=np.int64), bad
 
 
-def _read_folder(split_dir: Path):
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+def check_classes(found, expected, where) -> None:
+    """Refuse a split whose class names differ from the training split's (by name)."""
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"{where}: the classes differ from the training split's "
+            f"(missing: {missing or 'none'}; extra: {extra or 'none'}). Every split needs one "
+            "folder per class, named as in the training split; labels are assigned by name.")
+
+
+def _read_folder(split_dir: Path, classes: list[str] | None = None):
+    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if classes is not None:
+        check_classes(found, classes, split_dir)
+    classes = classes or found
     items = [(c, str(f), f.read_bytes) for c in classes for f in (split_dir / c).iterdir()
              if f.suffix.lower() in IMAGE_SUFFIXES]
     return _collect(items, len(items), f"decode {split_dir}", classes), classes
 
 
-def _read_archive(path: Path):
+def _read_archive(path: Path, classes: list[str] | None = None):
     with tarfile.open(path, "r:gz") as tar:
         members = [m for m in tar.getmembers()
                    if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
         blobs = {m.name: tar.extractfile(m).read() for m in members}
-    classes = sorted({Path(n).parent.name for n in blobs})
+    found = sorted({Path(n).parent.name for n in blobs})
+    if classes is not None:
+        check_classes(found, classes, path)
+    classes = classes or found
     items = [(Path(n).parent.name, n, (lambda b=b: b)) for n, b in blobs.items()]
     return _collect(items, len(items), f"decode {path.name}", classes), classes
 
@@ -118,30 +141,72 @@ def _read_torchvision(root: Path):
             "Fix: set DATA_DIR (or the RABLE_DATA environment variable) to a directory "
             "holding train.tar.gz/test.tar.gz or train/<class>/, test/<class>/ folders; "
             f"looked at DATA_DIR, $RABLE_DATA, {SHARED_COPY}, {DOWNLOAD_DIR}.") from err
-    out = [(np.asarray(s.data, dtype=np.uint8), np.asarray(s.targets, dtype=np.int64))
+    out = [(np.asarray(s.data, dtype=np.uint8), np.asarray(s.targets, dtype=np.int64), [])
            for s in splits]
     return out, list(splits[0].classes)
 
 
-def _source_key(root: Path, layout: str) -> str:
-    """Cache key from the source's path, layout and file sizes/mtimes."""
-    parts = [str(root.resolve()), layout]
+def _folder_base(root: Path) -> Path:
+    return root if (root / "train").is_dir() else root / "cifar10"
+
+
+def _source_files(root: Path, layout: str) -> list[Path]:
+    """Every file (and class folder) the decoded arrays depend on."""
     if layout == "archives":
-        parts += [f"{(root / f).stat().st_size}:{(root / f).stat().st_mtime_ns}"
-                  for f in ("train.tar.gz", "test.tar.gz")]
-    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
+        return [root / "train.tar.gz", root / "test.tar.gz"]
+    if layout == "folders":
+        base = _folder_base(root)
+        return [p for split in ("train", "test") for d in sorted((base / split).iterdir())
+                if d.is_dir() for p in [d, *sorted(d.iterdir())]]
+    batches = root / "cifar-10-batches-py"
+    return sorted(batches.iterdir()) if batches.is_dir() else []
+
+
+def _source_key(root: Path, layout: str) -> str:
+    """Cache key: resolved path, layout, and name, size and mtime of every source file."""
+    h = hashlib.sha1(f"v2|{root.resolve()}|{layout}".encode())
+    for path in _source_files(root, layout):
+        st = path.stat()
+        h.update(f"|{path.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_path(root: Path, layout: str) -> Path:
+    return cache_dir() / f"cifar10-{_source_key(root, layout)}.npz"
 
 
 def _decode_source(root: Path, layout: str):
+    """((train_x, train_y, skipped), (test_x, test_y, skipped), classes)."""
     if layout == "archives":
-        (train, classes), (test, _) = (_read_archive(root / f"{s}.tar.gz")
-                                       for s in ("train", "test"))
+        train, classes = _read_archive(root / "train.tar.gz")
+        test, _ = _read_archive(root / "test.tar.gz", classes)
     elif layout == "folders":
-        base = root if (root / "train").is_dir() else root / "cifar10"
-        (train, classes), (test, _) = (_read_folder(base / s) for s in ("train", "test"))
+        train, classes = _read_folder(_folder_base(root) / "train")
+        test, _ = _read_folder(_folder_base(root) / "test", classes)
     else:
         (train, test), classes = _read_torchvision(root)
     return train, test, classes
+
+
+def content_identity(root: Path, layout: str, arrays: dict, classes) -> dict:
+    """Fingerprint of decoded data: where it came from, its size and a SHA-256 of its arrays."""
+    h = hashlib.sha256("|".join(classes).encode())
+    for key in ("train_x", "train_y", "test_x", "test_y"):
+        h.update(f"{key}{arrays[key].shape}{arrays[key].dtype}".encode())
+        h.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return dict(data_dir=str(root.resolve()), layout=layout,
+                train_images=int(len(arrays["train_y"])), test_images=int(len(arrays["test_y"])),
+                classes=list(classes), sha256=h.hexdigest())
+
+
+def _write_cache(cache: Path, root: Path, layout: str) -> None:
+    (trx, try_, bad_train), (tex, tey, bad_test), classes = _decode_source(root, layout)
+    order = np.argsort(try_, kind="stable")
+    arrays = dict(train_x=trx[order], train_y=try_[order], test_x=tex, test_y=tey)
+    identity = content_identity(root, layout, arrays, classes)
+    write_atomic(cache, lambda t: np.savez(t, **arrays, classes=np.array(classes),
+                                           skipped=np.array(bad_train + bad_test, dtype=str),
+                                           identity=np.array(json.dumps(identity))))
 
 
 def load_cifar10(data_dir: str | os.PathLike | None = None) -> Cifar:
@@ -152,15 +217,21 @@ def load_cifar10(data_dir: str | os.PathLike | None = None) -> Cifar:
             f"DATA_DIR={str(data_dir)!r} does not exist. Point it at a directory with "
             "train.tar.gz/test.tar.gz or train/<class>/ and test/<class>/ image folders.")
     layout = detect_layout(root)
-    cache = cache_dir() / f"cifar10-{_source_key(root, layout)}.npz"
+    cache = _cache_path(root, layout)
     if not cache.exists():
-        (trx, try_), (tex, tey), classes = _decode_source(root, layout)
-        order = np.argsort(try_, kind="stable")
-        write_atomic(cache, lambda t: np.savez(t, train_x=trx[order], train_y=try_[order],
-                                               test_x=tex, test_y=tey, classes=np.array(classes)))
+        _write_cache(cache, root, layout)
+        if layout == "torchvision":  # the download created the files the key covers
+            os.replace(cache, fresh := _cache_path(root, layout))
+            cache = fresh
     with np.load(cache) as z:
-        return Cifar(z["train_x"], z["train_y"], z["test_x"], z["test_y"],
-                     tuple(str(c) for c in z["classes"]), f"{root} ({layout})")
+        cifar = Cifar(z["train_x"], z["train_y"], z["test_x"], z["test_y"],
+                      tuple(str(c) for c in z["classes"]), f"{root} ({layout})",
+                      json.loads(str(z["identity"])))
+        skipped = [str(s) for s in z["skipped"]]
+    if skipped:
+        warnings.warn(f"{root}: skipped {len(skipped)} corrupt image file(s), e.g. "
+                      f"{skipped[:3]}", stacklevel=2)
+    return cifar
 
 
 def write_fake_cifar(root: str | os.PathLike, n_train: int = 60, n_test: int = 20,

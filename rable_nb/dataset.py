@@ -5,6 +5,11 @@
 - ``instance`` candidates (VALEN/ABLE): flip rates from a classifier trained on clean
   CIFAR-10 (trained here and cached), q_j = min(1, r · p̃_j / mean(p̃)).
 The true label is always a candidate; all draws are seeded.
+
+A run directory belongs to one data source: ``dataset.npz`` (and its readable copy
+``dataset.json``) records the fingerprint of the decoded CIFAR-10 it indexes
+(``data.Cifar.identity``); :func:`check_source` refuses any later stage that loaded other
+data, and notebook 01 refuses to rewrite a run directory's dataset from other data.
 """
 from __future__ import annotations
 
@@ -22,11 +27,29 @@ from tqdm.auto import tqdm
 
 from . import config
 from .augment import random_crop_flip
-from .data import Cifar
-from .networks import batched_logits, build_backbone, normalize, pick_device
+from .data import CLASSES, Cifar
+from .networks import BACKBONES, batched_logits, build_backbone, normalize, pick_device
 
 
-LONG_TAIL_SEED = 0  # DESIGN §4: the long tail is fixed; SEED varies only the candidate sets
+LONG_TAIL_SEED = 0  # the long tail is fixed; SEED varies only the candidate sets
+NUM_CLASSES = len(CLASSES)
+
+
+def validate(P: dict) -> None:
+    """Check notebook 01's own parameters (``ValueError`` with a clear message)."""
+    config.check(P, {"N_MAX": config.integer(1), "CLEAN_ARCH": config.one_of(sorted(BACKBONES)),
+                     "CLEAN_EPOCHS": config.integer(1), "CLEAN_PER_CLASS": config.integer(0)})
+    num_images(P)  # an empty class is an error
+
+
+def num_images(P: dict) -> int | None:
+    """Training images of a dataset: recorded (``num_images`` of dataset.json) or planned
+    from ``N_MAX`` and ``IMBALANCE_FACTOR`` (CIFAR-10's classes); None when unknown."""
+    if P.get("num_images") is not None:
+        return int(P["num_images"])
+    if config.is_int(P.get("N_MAX")) and config.is_number(P.get("IMBALANCE_FACTOR")):
+        return sum(long_tail_counts(P["N_MAX"], NUM_CLASSES, P["IMBALANCE_FACTOR"]))
+    return None
 
 
 def long_tail_counts(n_max: int, num_classes: int, imbalance_factor: float) -> list[int]:
@@ -116,7 +139,7 @@ def clean_classifier(cifar: Cifar, arch: str, epochs: int, seed: int = 0, device
     ``info`` records architecture, epochs, training-set size and test accuracy.
     """
     dev = pick_device(device)
-    source = hashlib.sha1(cifar.source.encode()).hexdigest()[:10]
+    source = (cifar.identity.get("sha256") or hashlib.sha1(cifar.source.encode()).hexdigest())[:10]
     key = f"clean-{arch}-e{epochs}-s{seed}-n{per_class or 'all'}-{source}"
     weights, meta = config.cache_dir() / f"{key}.safetensors", config.cache_dir() / f"{key}.json"
     torch.manual_seed(seed)
@@ -158,27 +181,82 @@ def build_dataset(cifar: Cifar, imbalance_factor: float, partial: str, q: float,
         probs = predict_proba(net, cifar.train_x[indices])
         candidates = instance_candidates(probs, labels, rate, seed)
     return dict(indices=indices, labels=labels, candidates=candidates,
-                class_counts=np.asarray(counts, dtype=np.int64), clean_classifier=info)
+                class_counts=np.asarray(counts, dtype=np.int64), clean_classifier=info,
+                data_identity=cifar.identity)
+
+
+class DataSourceError(ValueError):
+    """A stage loaded other data than the run directory's dataset was made from."""
+
+
+IDENTITY_KEYS = ("sha256", "train_images", "test_images", "classes")
+
+
+def _describe(identity: dict) -> str:
+    return (f"{identity.get('data_dir')} ({identity.get('layout')}, "
+            f"{identity.get('train_images')} training + {identity.get('test_images')} test "
+            f"images, sha256 {str(identity.get('sha256'))[:12]})")
+
+
+def compare_sources(recorded: dict | None, current: dict, run_dir) -> None:
+    """:class:`DataSourceError` unless ``current`` is the data ``recorded`` for ``run_dir``.
+
+    The content decides (hash, image counts, class names); a moved copy of the same data
+    is the same source.
+    """
+    if not recorded:
+        raise DataSourceError(
+            f"{run_dir}/dataset.npz records no data fingerprint (it predates them), so the "
+            "data it indexes cannot be checked: rerun notebook 01 into a new run directory.")
+    if any(recorded.get(k) != current.get(k) for k in IDENTITY_KEYS):
+        raise DataSourceError(
+            f"{run_dir} was made from other data: its dataset indexes {_describe(recorded)}, "
+            f"but this stage loaded {_describe(current)}. Use the DATA_DIR (or RABLE_DATA) "
+            "the run was made with, or a new run directory (--out) for the other data.")
+
+
+def _meta(run_dir: Path) -> dict | None:
+    """The parameters stored inside ``dataset.npz`` (None when it predates them)."""
+    with np.load(run_dir / "dataset.npz") as z:
+        return json.loads(str(z["meta"])) if "meta" in z.files else None
+
+
+def check_source(run_dir: str | os.PathLike, cifar: Cifar) -> None:
+    """Refuse ``cifar`` when the run directory's dataset was made from other data (a run
+    directory without a dataset passes)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "dataset.npz").exists():
+        meta = _meta(run_dir) or {}
+        compare_sources(meta.get("data_identity"), cifar.identity, run_dir)
 
 
 def save_dataset(run_dir: str | os.PathLike, ds: dict, params: dict) -> None:
-    """Write ``dataset.npz`` and ``dataset.json`` atomically into the run directory."""
+    """Write ``dataset.npz`` (arrays + parameters + data fingerprint) and its readable copy
+    ``dataset.json`` atomically; refuses to replace a dataset made from other data."""
     run_dir = Path(run_dir)
+    identity = ds.get("data_identity") or {}
+    old = (_meta(run_dir) or {}) if (run_dir / "dataset.npz").exists() else {}
+    if old.get("data_identity"):  # a run directory keeps the data it was made from
+        compare_sources(old["data_identity"], identity, run_dir)
     arrays = {k: ds[k] for k in ("indices", "labels", "candidates", "class_counts")}
     meta = dict(params, clean_classifier=ds.get("clean_classifier", {}),
                 num_images=int(len(ds["labels"])),
-                mean_candidates=float(ds["candidates"].sum(1).mean()))
+                mean_candidates=float(ds["candidates"].sum(1).mean()), data_identity=identity)
     config.write_json(run_dir / "dataset.json", meta)
-    config.write_atomic(run_dir / "dataset.npz", lambda t: np.savez_compressed(t, **arrays))
+    config.write_atomic(run_dir / "dataset.npz", lambda t: np.savez_compressed(
+        t, **arrays, meta=np.array(json.dumps(meta, default=str))))
 
 
-def load_dataset(run_dir: str | os.PathLike) -> dict:
-    """Read ``dataset.npz`` (+ its parameters) from a run directory, with a clear error."""
+def load_dataset(run_dir: str | os.PathLike, cifar: Cifar | None = None) -> dict:
+    """Read ``dataset.npz`` and its parameters from a run directory, with a clear error;
+    with ``cifar``, first check that it is the data the dataset was made from."""
     path = Path(run_dir) / "dataset.npz"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run notebook 01_dataset_imbalance first "
                                 f"(python -m rable_nb run --only 01 --out {run_dir}).")
+    if cifar is not None:
+        check_source(run_dir, cifar)
     with np.load(path) as z:
-        ds = {k: z[k] for k in z.files}
-    ds["params"] = json.loads((Path(run_dir) / "dataset.json").read_text())
+        ds = {k: z[k] for k in z.files if k != "meta"}
+    ds["params"] = _meta(Path(run_dir)) or json.loads((Path(run_dir) / "dataset.json").read_text())
     return ds

@@ -3,9 +3,11 @@ softmax of a trained model, and record which labels a person finds plausible.
 
 Uploads are checked before decoding: at most ``MAX_BYTES`` of file, at most
 ``MAX_PIXELS`` pixels (a small file can declare a huge image: a decompression bomb), and
-Pillow must recognise the format. Accepted images get the evaluation's preprocessing:
-RGB, resized to 32×32 with the bicubic filter that ``data`` uses for non-32×32 files,
-normalised with :func:`networks.normalize`.
+the format must be one of the raster formats in ``FORMATS`` (Pillow is not allowed to try
+others: EPS/PS would run Ghostscript where it is installed). Accepted images get the
+evaluation's preprocessing: RGB (16-bit greyscale scaled to 8 bits, not clipped), resized
+to 32×32 with the bicubic filter that ``data`` uses for non-32×32 files, normalised with
+:func:`networks.normalize`.
 
 Feedback is a partial label: the set of ticked labels. Each one is appended as one line
 to ``feedback.jsonl`` (``sha256``, ``image`` — the 32×32 PNG under ``feedback/`` —,
@@ -26,12 +28,21 @@ import ipywidgets as widgets
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import config, jsonl
+from . import config, jsonl, predictions
 from .predictions import predict_proba
 
 MAX_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 40_000_000  # 40 megapixels: any camera photo; Pillow itself warns at 89 MP
 FEEDBACK_FILE = "feedback.jsonl"
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # Pillow format names the demo opens
+EXTENSIONS = ".png,.jpg,.jpeg,.gif,.bmp,.webp,.tif,.tiff"  # what the upload button offers
+WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16/32-bit greyscale modes
+
+
+def validate(P: dict) -> None:
+    """Check notebook 07's parameters (``ValueError`` with a clear message)."""
+    predictions.validate(P)
+    config.check(P, {"MAX_UPLOAD_MB": config.number(0, 100, low_open=True)})
 
 
 class RejectedImage(ValueError):
@@ -49,24 +60,34 @@ def read_image(blob: bytes, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PI
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(blob)) as img:  # reads the header only
+            with Image.open(io.BytesIO(blob), formats=FORMATS) as img:  # reads the header
                 if img.width * img.height > max_pixels:
                     raise RejectedImage(
                         f"{img.width}×{img.height} pixels is over the {max_pixels / 1e6:.0f}-"
                         "megapixel limit (a decompression bomb or a huge image).")
-                rgb = ImageOps.exif_transpose(img).convert("RGB")
+                rgb = to_rgb(ImageOps.exif_transpose(img))
     except RejectedImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise RejectedImage(f"refused as a decompression bomb ({err}).") from None
     except UnidentifiedImageError:
-        raise RejectedImage("this is not an image format Pillow can read "
-                            "(use PNG, JPEG, GIF, BMP, WebP, ...).") from None
+        raise RejectedImage(f"this is not an image format the demo accepts "
+                            f"({', '.join(FORMATS)}).") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise RejectedImage(f"the image is damaged or truncated ({err}).") from None
     if rgb.size != (32, 32):
         rgb = rgb.resize((32, 32), Image.Resampling.BICUBIC)
     return np.array(rgb, dtype=np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB; 16-bit greyscale is scaled (65535 → 255) rather than clipped at 255."""
+    if img.mode in WIDE_GREY:
+        grey = np.asarray(img, dtype=np.float64)
+        if img.mode != "I" or grey.max() > 255:  # mode I holds 8-bit values in some files
+            grey = grey / 257.0
+        img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
 
 
 def png_bytes(image: np.ndarray, scale: int = 4) -> bytes:
@@ -142,7 +163,7 @@ class DemoApp:
         self.current: dict | None = None
         self.top5: list[tuple[str, float]] = []
 
-        self.uploader = widgets.FileUpload(accept="image/*", multiple=False,
+        self.uploader = widgets.FileUpload(accept=EXTENSIONS, multiple=False,
                                            description="upload image")
         self.random_button = widgets.Button(description="random test image", icon="random")
         self.model = widgets.Dropdown(options=list(models), description="model")

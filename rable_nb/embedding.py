@@ -17,6 +17,7 @@ from sklearn.metrics import silhouette_score
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from . import config, predictions
 from .networks import normalize
 
 SPACES = ("penultimate", "projection")
@@ -24,15 +25,14 @@ PROFILE_DEFAULTS = {"smoke": {"N_TSNE": 200}, "quick": {"N_TSNE": 1000},
                     "paper": {"N_TSNE": 2000}}
 
 
-def check_params(P: dict) -> None:
-    """Validate notebook 06's own parameters (``ValueError`` with a clear message)."""
-    spaces = P.get("EMBEDDINGS") or []
-    if not spaces or any(s not in SPACES for s in spaces):
-        raise ValueError(f"EMBEDDINGS={spaces!r} is invalid: a non-empty list from {SPACES}.")
-    if not isinstance(P.get("N_TSNE"), int) or not 10 <= P["N_TSNE"] <= 10_000:
-        raise ValueError(f"N_TSNE={P.get('N_TSNE')!r} is invalid: an integer in [10, 10000].")
-    if not isinstance(P.get("PERPLEXITY"), (int, float)) or P["PERPLEXITY"] <= 0:
-        raise ValueError(f"PERPLEXITY={P.get('PERPLEXITY')!r} is invalid: a positive number.")
+def validate(P: dict) -> None:
+    """Validate notebook 06's parameters (``ValueError`` with a clear message)."""
+    predictions.validate(P)
+    config.check(P, {
+        "EMBEDDINGS": config.list_of(SPACES),
+        "N_TSNE": (lambda v: config.is_int(v) and 10 <= v <= 10_000, "an integer in [10, 10000]"),
+        "PERPLEXITY": config.number(0, low_open=True),
+    })
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """Test-set evaluation: overall, many/medium/few, per-class accuracy, confusion matrix,
-and the ``metrics-<method>.json`` file of DESIGN §8."""
+the ``metrics-<method>.json`` file, and which of a run's results are current."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -60,13 +61,42 @@ def accuracy_block(history: list[dict], final: dict, key: str = "test_acc") -> d
 
 
 def write_metrics(run_dir, metrics: dict) -> Path:
-    """Write ``metrics-<method>.json`` atomically after checking every DESIGN §8 field."""
+    """Write ``metrics-<method>.json`` atomically after checking every required field."""
     missing = [k for k in METRICS_FIELDS if k not in metrics]
     missing += [f"accuracy.{k}" for k in ACCURACY_FIELDS if k not in metrics.get("accuracy", {})]
     if missing:
         raise ValueError(f"metrics for {metrics.get('method')!r} lack {missing}")
     path = config.write_json(Path(run_dir) / f"metrics-{metrics['method']}.json", metrics)
     return path
+
+
+def _shared_params(metrics: dict) -> dict:
+    """The parameters every method of one training run shares (all but its own config)."""
+    return {k: v for k, v in (metrics.get("params") or {}).items() if k != "train"}
+
+
+def current_metrics(run_dir) -> dict[str, dict]:
+    """``{method: metrics}`` of the results made with a run directory's current parameters.
+
+    The current parameters are those of the latest training run (the newest
+    ``metrics-*.json``): a method's results count only when they were made with the same
+    shared parameters (everything but the method's own ``train`` block), the method is in
+    that run's ``METHODS``, and they were trained on the run's current dataset. Results of
+    earlier settings, of methods since dropped from ``METHODS`` or of another dataset are
+    left out, so figures, grids and sweep tables never mix them in.
+    """
+    run_dir = Path(run_dir)
+    paths = sorted(run_dir.glob("metrics-*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    found = {p.stem[len("metrics-"):]: json.loads(p.read_text()) for p in paths}
+    if not found:
+        return {}
+    latest = _shared_params(list(found.values())[-1])
+    methods = latest.get("METHODS")
+    data_now = config.read_json(run_dir / "dataset.json")
+    if data_now and latest.get("dataset", data_now) != data_now:
+        return {}  # notebook 01 has made a new dataset since: every model is stale
+    return {method: m for method, m in found.items()
+            if _shared_params(m) == latest and (methods is None or method in methods)}
 
 
 # -- figures --------------------------------------------------------------------------------

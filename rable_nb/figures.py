@@ -3,18 +3,20 @@
 
 Only runs of the ``paper`` profile belong there; other profiles need ``--force`` (their
 provenance then says so). ``figures/provenance.json`` maps each figure to the run it came
-from: profile, parameters, device, commit, the figure's date and sha256.
+from: profile, parameters, device, commit, the figure's date and sha256. Only results of
+the run's current parameters are used (``evaluation.current_metrics``): a per-method
+figure (``fig-<kind>-<method>.png``) of a method whose results are not current, or drawn
+before its model was last trained, is left out.
 """
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import shutil
 import sys
 from pathlib import Path
 
-from . import config
+from . import config, evaluation
 
 FIGURES_DIR = config.PROJECT_ROOT / "figures"
 PROVENANCE = "provenance.json"
@@ -24,18 +26,32 @@ class FigureError(RuntimeError):
     """The run cannot be copied; the message says why and what to do."""
 
 
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+def stale_figures(run_dir: Path, current: dict) -> list[Path]:
+    """Per-method figures of methods whose results are not current (or older than the
+    method's checkpoint)."""
+    ckpts = run_dir / "checkpoints"
+    trained = ({p.stem[len("metrics-"):] for p in run_dir.glob("metrics-*.json")}
+               | {p.stem for p in ckpts.glob("[!.]*.safetensors")})
+    stale = []
+    for fig in sorted(run_dir.glob("fig-*.png")):
+        for method in trained:
+            if fig.stem.endswith(f"-{method}"):
+                ckpt = ckpts / f"{method}.safetensors"
+                if method not in current or (
+                        ckpt.exists() and fig.stat().st_mtime_ns < ckpt.stat().st_mtime_ns):
+                    stale.append(fig)
+    return stale
 
 
 def run_provenance(run_dir: Path) -> dict:
     """Profile, parameters, devices and commits recorded by a run directory."""
-    run_log, ds = _json(run_dir / "run.json"), _json(run_dir / "dataset.json")
+    run_log = config.read_json(run_dir / "run.json")
+    ds = config.read_json(run_dir / "dataset.json")
     profile = run_log.get("profile") or ds.get("PROFILE")
     if profile is None:
         raise FigureError(f"{run_dir} has neither run.json nor dataset.json: not a run "
                           "directory written by `python -m rable_nb run`.")
-    metrics = {p.stem[8:]: _json(p) for p in sorted(run_dir.glob("metrics-*.json"))}
+    metrics = evaluation.current_metrics(run_dir)
     run_params = {}
     for entry in run_log.get("notebooks", []):
         run_params.update(entry.get("parameters", {}))
@@ -63,12 +79,16 @@ def copy_figures(run_dir, dest=FIGURES_DIR, force: bool = False) -> list[Path]:
             f"{run_dir} is a {info['profile']!r} run; only 'paper' runs go into figures/ "
             "(the report's figures). Rerun with --force to copy it anyway; its provenance "
             "will record the profile.")
-    figs = sorted(run_dir.glob("fig-*.png"))
+    stale = stale_figures(run_dir, evaluation.current_metrics(run_dir))
+    figs = [f for f in sorted(run_dir.glob("fig-*.png")) if f not in stale]
+    if stale:
+        print(f"left out {len(stale)} figure(s) of results that are not current: "
+              f"{', '.join(f.name for f in stale)}", file=sys.stderr)
     if not figs:
-        raise FigureError(f"{run_dir} has no fig-*.png figures to copy.")
+        raise FigureError(f"{run_dir} has no current fig-*.png figures to copy.")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    provenance = _json(dest / PROVENANCE)
+    provenance = config.read_json(dest / PROVENANCE)
     copied = []
     for fig in figs:
         config.write_atomic(dest / fig.name, lambda t, src=fig: shutil.copyfile(src, t))

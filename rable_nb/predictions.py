@@ -1,7 +1,8 @@
 """Stage 05: the trained models of a run on one fixed set of test images (report Fig. 5.2).
 
 Also the shared helpers of notebooks 05–07: which models a run has
-(``checkpoints/<method>.safetensors``) and their softmax outputs on uint8 images, with
+(``checkpoints/<method>.safetensors`` of the methods whose results are current) and their
+softmax outputs on uint8 images, with
 the optional test-time logit adjustment (``logit_prior`` subtracted from the logits).
 """
 from __future__ import annotations
@@ -14,30 +15,40 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import dataset
+from . import config, dataset, evaluation
 from .networks import batched_logits, load_model, pick_device
 
-STATE_SUFFIX = "-state"  # checkpoints/<method>-state.safetensors: resumable training state
 CAPTION_PX = 9  # space above each grid row for the predicted label, in image pixels
 
 
+def validate(P: dict) -> None:
+    """Check notebook 05's parameters, and the model choice notebooks 06-07 share."""
+    from .training import validate as check_training
+    check_training({"METHODS": P.get("METHODS")})  # the names notebook 04 trains
+    config.check(P, {"GRID_PER_CLASS": config.integer(1), "CAPTIONS": config.BOOLEAN,
+                     "ADJUST_LOGITS": config.BOOLEAN})
+
+
 def find_models(run_dir, methods=None) -> dict[str, Path]:
-    """``{method: checkpoint}`` of the trained models in ``run_dir`` (all, or ``methods``).
+    """``{method: checkpoint}`` of the models trained with the run's current parameters
+    (``evaluation.current_metrics``; all, or ``methods``). Checkpoints of earlier settings
+    and leftover temporary files are never returned.
 
     Raises ``FileNotFoundError`` naming notebook 04 when there is none (or one is missing).
     """
     folder = Path(run_dir) / "checkpoints"
-    found = dict(sorted((p.stem, p) for p in folder.glob("*.safetensors")
-                        if not p.stem.endswith(STATE_SUFFIX)))
+    found = {m: folder / f"{m}.safetensors" for m in sorted(evaluation.current_metrics(run_dir))
+             if (folder / f"{m}.safetensors").is_file()}
     if not found:
         raise FileNotFoundError(
-            f"No trained model in {folder}: run notebook 04_training first "
-            f"(python -m rable_nb run --only 01,04 --out {run_dir}).")
+            f"No model trained with this run's current parameters in {folder}: run notebook "
+            f"04_training first (python -m rable_nb run --only 01,04 --out {run_dir}).")
     if methods:
         missing = [m for m in methods if m not in found]
         if missing:
-            raise FileNotFoundError(f"No checkpoint for {missing} in {folder} (trained: "
-                                    f"{sorted(found)}); train them with notebook 04_training.")
+            raise FileNotFoundError(f"No checkpoint for {missing} in {folder} made with the "
+                                    f"current parameters (current: {sorted(found)}); train "
+                                    "them with notebook 04_training.")
         found = {m: found[m] for m in methods}
     return found
 

@@ -1,10 +1,19 @@
-"""Execute the notebooks in pipeline order with papermill into a run directory."""
+"""Execute the notebooks in pipeline order with papermill into a run directory.
+
+Before the first notebook starts, every parameter of every selected notebook is resolved
+and validated by the notebook's stage (``config.resolve``), and the run directory is
+locked (``locks.DirLock``): a second run or sweep into it is refused.
+"""
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
+import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -12,7 +21,8 @@ import nbformat
 import papermill as pm
 from tqdm.auto import tqdm
 
-from . import config
+from . import config, data
+from .locks import DirLock, LockedError
 
 NOTEBOOK_DIR = config.PROJECT_ROOT / "notebooks"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -20,6 +30,29 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 class RunError(RuntimeError):
     """A notebook failed; the message names the notebook and the cell."""
+
+
+class Stopped(KeyboardInterrupt):
+    """The runner received SIGTERM or SIGHUP (SIGINT raises KeyboardInterrupt itself)."""
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Turn SIGTERM and SIGHUP into an exception while running, so that papermill shuts the
+    kernel down and the run directory's lock is released on the way out (the default
+    action would end the process at once and leave the kernel running)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame):
+        raise Stopped(f"stopped by {signal.Signals(signum).name}")
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def list_notebooks(notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
@@ -58,22 +91,53 @@ def parse_value(text: str):
         return text
 
 
-def check_parameters(params: dict, notebooks: list[Path]) -> dict[Path, set]:
-    """Every name must be declared by some selected notebook; values are validated."""
-    declared = {nb: set(parameter_cell(nb)) for nb in notebooks}
+def check_parameters(params: dict, notebooks: list[Path], base: dict | None = None
+                     ) -> dict[Path, dict]:
+    """Every name must be declared by some selected notebook, and every notebook's resolved
+    parameters must pass its stage's checks; returns each notebook's injected parameters.
+
+    ``base`` (PROFILE, RUN_DIR) goes to every notebook. Stages after notebook 01 see the
+    dataset parameters (``P['dataset']``) that notebook 01 is about to use, or else those
+    recorded in the run directory, so that e.g. BATCH_SIZE is checked against its size.
+    """
+    base = base or {}
+    declared = {nb: parameter_cell(nb) for nb in notebooks}
     known = set().union(*declared.values())
     unknown = sorted(set(params) - known)
     if unknown:
         raise RunError(f"Unknown parameter(s) {unknown}; the selected notebooks take: "
                        f"{sorted(known)}.")
-    try:
-        config.validate(params)
-        if params.keys() & {"METHODS", "METHOD_PARAMS"}:  # method names: the registry's
-            from . import training
-            training.validate(params)
-    except ValueError as err:
-        raise RunError(str(err)) from err
-    return declared
+    run_dir = Path(base.get("RUN_DIR", "."))
+    upstream = config.read_json(run_dir / "dataset.json")
+    injected = {}
+    for nb in notebooks:
+        injected[nb] = {k: v for k, v in {**base, **params}.items() if k in declared[nb]}
+        stage = config.NOTEBOOK_STAGES.get(nb.name[:2])
+        try:
+            P = config.resolve(stage, create=False, dataset=upstream,
+                               **{**declared[nb], **injected[nb]})
+        except ValueError as err:
+            raise RunError(f"{nb.name}: {err}") from None
+        if stage == "dataset":
+            upstream = P
+    return injected
+
+
+def absolute_paths(params: dict) -> dict:
+    """``DATA_DIR`` relative to the caller's directory (notebooks run in notebooks/)."""
+    value = params.get("DATA_DIR")
+    if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        params = dict(params, DATA_DIR=str((Path.cwd() / value).resolve()))
+    return params
+
+
+def recorded_parameters(nb: Path, injected: dict) -> dict:
+    """What a finished notebook is recorded with: its parameters, plus, where it reads
+    data, the ``RABLE_DATA`` variable and the data directory that resolves to."""
+    if "DATA_DIR" not in parameter_cell(nb):
+        return injected
+    source = data.resolve_data_dir(injected.get("DATA_DIR")).resolve()
+    return dict(injected, RABLE_DATA=os.environ.get("RABLE_DATA"), DATA_SOURCE=str(source))
 
 
 def _failure_message(nb: Path, out: Path, err: pm.PapermillExecutionError) -> str:
@@ -83,7 +147,8 @@ def _failure_message(nb: Path, out: Path, err: pm.PapermillExecutionError) -> st
         logged = "".join(o.get("text", "") for o in cells[err.cell_index].get("outputs", [])
                          if o.get("output_type") == "stream")[-3000:]
     trace = ANSI.sub("", "\n".join(err.traceback))[-3000:]
-    return (f"Notebook {nb.name} failed in cell {err.exec_count} (index {err.cell_index}):\n"
+    return (f"Notebook {nb.name} failed in cell {err.exec_count} (index {err.cell_index}): "
+            f"{err.ename}: {err.evalue}\n"
             f"--- cell source ---\n{err.source}\n--- cell output ---\n{logged}\n"
             f"--- error ---\n{trace}\n{err.ename}: {err.evalue}\n"
             f"Executed notebook kept at {out}")
@@ -109,40 +174,50 @@ def run(profile: str = "smoke", only: str | None = None, out: str | None = None,
         notebook_dir: Path = NOTEBOOK_DIR, resume: bool = False) -> Path:
     """Run the selected notebooks in order; return the run directory.
 
-    Everything is checked before the first notebook starts; a failing notebook raises
-    :class:`RunError` naming the notebook and cell. ``run.json`` records each finished
-    notebook; with ``resume`` the leading notebooks already finished with the same parameters
-    are skipped.
+    Everything is checked before the first notebook starts, and the run directory is
+    locked for the duration; a failing notebook raises :class:`RunError` naming the
+    notebook and cell. ``run.json`` records each finished notebook; with ``resume`` the
+    leading notebooks already finished with the same parameters (and data source) are
+    skipped.
     """
-    params = dict(params or {})
+    params = absolute_paths(dict(params or {}))
     if profile not in config.PROFILES:
         raise RunError(f"Unknown profile {profile!r}; choose one of {config.PROFILES}.")
     notebooks = select(only, list_notebooks(notebook_dir))
     if not notebooks:
         raise RunError(f"No notebooks found in {notebook_dir}.")
-    declared = check_parameters(params, notebooks)
     run_dir = Path(out) if out else config.PROJECT_ROOT / "runs" / profile
     run_dir = (run_dir if run_dir.is_absolute() else Path.cwd() / run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     base = dict(PROFILE=profile, RUN_DIR=str(run_dir))
+    injected = check_parameters(params, notebooks, base)
+    try:
+        with stop_on_signals(), DirLock(run_dir, "run"):
+            _execute(notebooks, injected, run_dir, profile, kernel, resume)
+    except LockedError as err:
+        raise RunError(str(err)) from None
+    return run_dir
+
+
+def _execute(notebooks: list[Path], injected: dict, run_dir: Path, profile: str, kernel: str,
+             resume: bool) -> None:
     log = _previous_log(run_dir, profile)
     done = {e["notebook"]: e["parameters"] for e in log["notebooks"]}
     skipping = resume  # once a notebook reruns, every later one reruns too (new inputs)
     for nb in tqdm(notebooks, desc=f"run [{profile}]", unit="notebook"):
-        injected = {k: v for k, v in {**base, **params}.items() if k in declared[nb]}
+        recorded = recorded_parameters(nb, injected[nb])
         target = run_dir / nb.name
-        skipping = skipping and done.get(nb.name) == injected and target.exists()
+        skipping = skipping and done.get(nb.name) == recorded and target.exists()
         if skipping:
             tqdm.write(f"skip {nb.name}: already finished with the same parameters")
             continue
         start = time.time()
         try:
-            pm.execute_notebook(str(nb), str(target), parameters=injected, kernel_name=kernel,
-                                cwd=str(nb.parent), progress_bar=dict(desc=nb.stem, leave=False))
+            pm.execute_notebook(str(nb), str(target), parameters=injected[nb],
+                                kernel_name=kernel, cwd=str(nb.parent),
+                                progress_bar=dict(desc=nb.stem, leave=False))
         except pm.PapermillExecutionError as err:
             raise RunError(_failure_message(nb, target, err)) from None
-        _record(run_dir, log, nb.name, injected, seconds=round(time.time() - start, 1))
-    return run_dir
+        _record(run_dir, log, nb.name, recorded, seconds=round(time.time() - start, 1))
 
 
 def main_run(args) -> int:
@@ -154,5 +229,9 @@ def main_run(args) -> int:
     except RunError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:
+        print(f"error: {err or 'interrupted'}; the kernel was shut down. Rerun with --resume "
+              "to continue after the last finished notebook.", file=sys.stderr)
+        return 130
     print(f"done: executed notebooks and artefacts in {run_dir}")
     return 0

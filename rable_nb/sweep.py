@@ -29,7 +29,8 @@ import pandas as pd
 import yaml
 from tqdm.auto import tqdm
 
-from . import config, runner
+from . import config, evaluation, runner
+from .locks import DirLock, LockedError
 
 GRID_KEYS = {"profile", "notebooks", "fixed", "grid"}
 METRICS = ("last", "best", "many", "medium", "few")
@@ -37,6 +38,11 @@ POINT_FILE = "point.json"
 SMOKE_GRID = "examples/sweep-smoke.yaml"
 # Where notebook 08 looks when SWEEP_DIR is not given (the README's sweep commands write there)
 DEFAULT_SWEEP_DIRS = {"quick": "runs/sweep-quick", "paper": "runs/sweep-paper"}
+
+
+def validate(P: dict) -> None:
+    """Check notebook 08's parameters (``ValueError`` with a clear message)."""
+    config.check(P, {"SWEEP_DIR": config.PATH, "SWEEP_GRID": config.PATH})
 
 
 def load_grid(path, notebook_dir: Path = runner.NOTEBOOK_DIR) -> dict:
@@ -89,14 +95,14 @@ def point_name(i: int, point: dict) -> str:
 
 
 def read_metrics(run_dir) -> dict:
-    """``{"<method>/<metric>": value}`` from every ``metrics-<method>.json`` of a run."""
+    """``{"<method>/<metric>": value}`` of the run's current results
+    (``evaluation.current_metrics``: leftovers of other parameters are not read)."""
     row = {}
-    for path in sorted(Path(run_dir).glob("metrics-*.json")):
-        m = json.loads(path.read_text())
+    for method, m in evaluation.current_metrics(run_dir).items():
         for key in METRICS:
             value = m.get("accuracy", {}).get(key)
             if isinstance(value, (int, float)):
-                row[f"{m.get('method', path.stem[8:])}/{key}"] = value
+                row[f"{method}/{key}"] = value
     return row
 
 
@@ -131,9 +137,16 @@ def run_sweep(spec: dict, out, kernel: str = "python3", extra: dict | None = Non
     """Run every point of ``spec`` (see :func:`load_grid`) into ``out``; returns the results.
 
     ``extra``: defaults added to every point (e.g. ``DATA_DIR``) when its notebooks take
-    them; the grid file's values win.
+    them; the grid file's values win. ``out`` is locked for the duration (one writer);
+    each point's run locks its own directory.
     """
     out = Path(out).resolve()
+    with DirLock(out, "sweep"):
+        return _run_points(spec, out, kernel, extra, notebook_dir)
+
+
+def _run_points(spec: dict, out: Path, kernel: str, extra: dict | None,
+                notebook_dir: Path) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     config.write_json(out / "grid.json", spec)
     todo = points(spec)
@@ -288,7 +301,11 @@ def main_sweep(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     out = Path(args.out or config.PROJECT_ROOT / "runs" / f"sweep-{Path(args.grid).stem}")
-    results = run_sweep(spec, out, kernel=args.kernel)
+    try:
+        results = run_sweep(spec, out, kernel=args.kernel)
+    except LockedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     failed = int((results["status"] != "done").sum())
     print(f"done: {len(results) - failed} of {len(results)} points finished; "
           f"results in {out / 'results.csv'}")

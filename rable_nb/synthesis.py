@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import captioning, jsonl
+from . import captioning, config, jsonl
 from .config import write_atomic
 from .dataset import long_tail_counts
 from .networks import pick_device
@@ -55,19 +55,19 @@ PROFILE_DEFAULTS = {
 def validate(params: dict) -> None:
     """Clear ``ValueError`` for bad synthesis parameters."""
     captioning.validate({"TARGET_PER_CLASS": params.get("TARGET_PER_CLASS")})
-    rules = {
-        "SD_SIZE": (lambda v: isinstance(v, int) and v >= 8 and v % 8 == 0,
+    config.check(params, {
+        "SD_MODEL_ID": config.PATH,
+        "SD_SIZE": (lambda v: config.is_int(v) and v >= 8 and v % 8 == 0,
                     "a positive multiple of 8 (pixels)"),
-        "SD_STEPS": (lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
-        "SD_BATCH": (lambda v: isinstance(v, int) and v >= 1, "a positive integer"),
-        "SD_GUIDANCE": (lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0"),
-        "SD_SCHEDULER": (lambda v: v in SCHEDULERS, f"one of {sorted(SCHEDULERS)}"),
-        "SD_FILTER": (lambda v: v in FILTERS, f"one of {sorted(FILTERS)}"),
+        "SD_STEPS": config.integer(1),
+        "SD_BATCH": config.integer(1),
+        "SD_GUIDANCE": config.number(0),
+        "SD_SCHEDULER": config.one_of(SCHEDULERS),
+        "SD_FILTER": config.one_of(FILTERS),
         "SD_PROMPT_TEMPLATE": (_template_ok, "a string using {caption} and/or {class_name}"),
-    }
-    for name, (ok, rule) in rules.items():
-        if params.get(name) is not None and not ok(params[name]):
-            raise ValueError(f"{name}={params[name]!r} is invalid: {rule}.")
+        "SD_NEGATIVE_PROMPT": config.TEXT,
+        "SD_ATTENTION_SLICING": config.BOOLEAN, "SD_VAE_SLICING": config.BOOLEAN,
+    })
 
 
 def _template_ok(t) -> bool:

@@ -22,7 +22,7 @@ CORPUS_WORDS = ("a photo of the an with on in front background small large red b
                 "white black brown grey yellow flying sitting standing running parked road "
                 "water sky grass field sea street close up picture image two").split()
 MARKER = ".complete"
-VERSION = "rable_nb tiny models v2"  # bump when a builder changes: cached folders rebuild
+VERSION = "rable_nb tiny models v3"  # bump when a builder changes: cached folders rebuild
 
 
 def _corpus() -> list[str]:
@@ -112,27 +112,51 @@ def build_tiny_blip2(path: str | os.PathLike | None = None) -> Path:
     return _build_atomic(target, build)
 
 
-def _clip_tokenizer_files(folder: Path) -> None:
-    """Write CLIP-style ``vocab.json``/``merges.txt`` (byte-level BPE, ``</w>`` word ends)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def learn_bpe(word_counts: dict[str, int], suffix: str = "</w>", max_merges: int = 1000
+              ) -> list[tuple[str, str]]:
+    """Byte-pair merges learned from word counts, most frequent pair first; ties go to the
+    smallest pair, so every process learns the same merges. (tokenizers' ``BpeTrainer``
+    breaks ties by token ids it assigns in hash order: its files differ between runs.)"""
+    words = {w: [*w[:-1], w[-1] + suffix] for w in sorted(word_counts)}
+    merges: list[tuple[str, str]] = []
+    while len(merges) < max_merges:
+        pairs: dict[tuple[str, str], int] = {}
+        for w, seq in words.items():
+            for pair in zip(seq, seq[1:]):
+                pairs[pair] = pairs.get(pair, 0) + word_counts[w]
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        for w, seq in words.items():
+            out, i = [], 0
+            while i < len(seq):
+                if tuple(seq[i:i + 2]) == best:
+                    out.append(seq[i] + seq[i + 1])
+                    i += 2
+                else:
+                    out.append(seq[i])
+                    i += 1
+            words[w] = out
+    return merges
 
-    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=1000, show_progress=False, end_of_word_suffix="</w>",
-                                  initial_alphabet=alphabet,
-                                  special_tokens=["<|startoftext|>", "<|endoftext|>"])
-    tok.train_from_iterator([line.lower() for line in _corpus()], trainer)
-    vocab = tok.get_vocab()
-    for ch in sorted(alphabet):  # every byte may end a word
-        vocab.setdefault(ch + "</w>", len(vocab))
+
+def _clip_tokenizer_files(folder: Path) -> None:
+    """Write CLIP-style ``vocab.json``/``merges.txt`` (byte-level BPE, ``</w>`` word ends):
+    the special tokens, every byte symbol alone and as a word end, then the merged tokens."""
+    from collections import Counter
+
+    from tokenizers import pre_tokenizers
+
+    counts = Counter(w for line in _corpus() for w in line.lower().split())
+    merges = learn_bpe(counts)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet),
+              *(a + b for a, b in merges)]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
     folder.mkdir(parents=True, exist_ok=True)
-    ordered = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
-    (folder / "vocab.json").write_text(json.dumps(ordered))
-    merges = json.loads(tok.to_str())["model"]["merges"]
-    lines = [" ".join(m) if isinstance(m, list) else m for m in merges]
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n")
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
 
 
 def build_tiny_sd(path: str | os.PathLike | None = None) -> Path:

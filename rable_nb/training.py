@@ -45,6 +45,7 @@ PROFILE_DEFAULTS: dict[str, dict] = {
                   PROTOCOL="R"),
 }
 PROTOCOL_SETTINGS = {"R": dict(EPOCHS=500, BATCH_SIZE=64), "L": dict(EPOCHS=800, BATCH_SIZE=256)}
+PROTOCOL_RULE = config.one_of(sorted(PROTOCOL_SETTINGS))
 BENCH_STEPS = {"smoke": 3, "quick": 10, "paper": 30}
 
 
@@ -52,9 +53,7 @@ def stage_defaults(protocol: str | None = None) -> dict[str, dict]:
     """``PROFILE_DEFAULTS`` with the paper profile set to ``protocol``'s epochs/batch size."""
     out = {k: dict(v) for k, v in PROFILE_DEFAULTS.items()}
     if protocol is not None:
-        if protocol not in PROTOCOL_SETTINGS:
-            raise ValueError(f"PROTOCOL={protocol!r} is invalid: choose one of "
-                             f"{sorted(PROTOCOL_SETTINGS)}.")
+        config.check({"PROTOCOL": protocol}, {"PROTOCOL": PROTOCOL_RULE})
         out["paper"].update(PROTOCOL_SETTINGS[protocol], PROTOCOL=protocol)
     return out
 
@@ -348,7 +347,7 @@ def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int =
 
     ``class_counts`` stays the real long tail's (it defines many/medium/few).
     """
-    ds = dataset.load_dataset(run_dir)
+    ds = dataset.load_dataset(run_dir, cifar)
     x, cand, y = cifar.train_x[ds["indices"]], ds["candidates"], ds["labels"]
     n_synth = 0
     if "synthetic" in methods.data_sources(method):
@@ -562,12 +561,19 @@ def _rate(fn, steps: int, batch: int, dev: torch.device) -> float:
 
 
 # -- notebook helpers ---------------------------------------------------------------------
+def profile_defaults(P: dict) -> dict[str, dict]:
+    """This stage's defaults for ``config.resolve``: they depend on ``PROTOCOL``."""
+    return stage_defaults(P.get("PROTOCOL"))
+
+
 def validate(P: dict) -> None:
-    """Check this stage's parameters (ValueError with a clear message)."""
+    """Check this stage's parameters (ValueError with a clear message). With ``P['dataset']``
+    (the run's dataset parameters, as the runner passes them), BATCH_SIZE is checked
+    against the number of training images."""
     from .networks import BACKBONES
     names = P.get("METHODS")
     if names is not None:
-        if not (isinstance(names, (list, tuple)) and names):
+        if not (isinstance(names, list) and names):
             raise ValueError(f"METHODS={names!r} is invalid: METHODS must be a non-empty list "
                              f"of method names, e.g. ['corr+records', 'solar'].")
         for name in names:
@@ -578,31 +584,43 @@ def validate(P: dict) -> None:
                              "must be a dict {piece: {parameter: value}}.")
         for name in names or []:
             TrainConfig(method=name, method_params=P["METHOD_PARAMS"])
-    checks = {
-        "ARCH": (lambda v: v in BACKBONES, f"must be one of {sorted(BACKBONES)}"),
-        "PROTOCOL": (lambda v: v in PROTOCOL_SETTINGS,
-                     f"must be one of {sorted(PROTOCOL_SETTINGS)}"),
-        "SYNTHETIC_LABELS": (lambda v: v in SYNTHETIC_LABELS, f"must be one of {SYNTHETIC_LABELS}"),
-        "LR": (lambda v: isinstance(v, (int, float)) and v > 0, "must be a positive number"),
-        "CHECKPOINT_EVERY": (lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
-        "STOP_AFTER": (lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
-    }
-    for name, (ok, rule) in checks.items():
-        if P.get(name) is not None and not ok(P[name]):
-            raise ValueError(f"{name}={P[name]!r} is invalid: {name} {rule}.")
+    config.check(P, {
+        "ARCH": config.one_of(sorted(BACKBONES)),
+        "PROTOCOL": PROTOCOL_RULE,
+        "SYNTHETIC_LABELS": config.one_of(SYNTHETIC_LABELS),
+        "LR": config.number(0, low_open=True),
+        "CHECKPOINT_EVERY": config.integer(1),
+        "STOP_AFTER": config.integer(1),
+        "N_TEST_PER_CLASS": config.integer(1),
+        "FAITHFUL_BUG": config.BOOLEAN, "COMPILE": config.BOOLEAN,
+        "ALLOW_SKIP": config.BOOLEAN,
+    })
+    n = dataset.num_images(P.get("dataset") or {})
+    if n is not None and config.is_int(P.get("BATCH_SIZE")) and P["BATCH_SIZE"] > n:
+        raise ValueError(f"BATCH_SIZE={P['BATCH_SIZE']} is invalid: BATCH_SIZE must be at most "
+                         f"the {n} training images of this run's dataset (batches drop the "
+                         "remainder).")
 
 
-def runnable_methods(names, run_dir) -> tuple[list[str], dict[str, str]]:
+def runnable_methods(names, run_dir, allow_skip: bool = False
+                     ) -> tuple[list[str], dict[str, str]]:
     """Split method ``names`` into those that can run now and {name: reason} for the rest
-    (methods that need synthetic images before notebook 03 made any)."""
-    for name in names:
-        methods.check(name, "METHODS")
+    (methods that need synthetic images before notebook 03 made any).
+
+    A method that cannot run is an error (``ValueError`` giving the reason) unless
+    ``allow_skip`` (the ``ALLOW_SKIP`` parameter) says to leave it out.
+    """
+    validate({"METHODS": list(names)})
     skipped = {}
     has_synthetic = bool(synthesis.manifest_rows(run_dir))
     for name in names:
         if "synthetic" in methods.data_sources(name) and not has_synthetic:
             skipped[name] = (f"no synthetic images in {Path(run_dir) / 'synthetic'} yet; run "
-                             f"the synthesis notebook first (skipping {name!r}).")
+                             "the synthesis notebook first")
+    if skipped and not allow_skip:
+        raise ValueError("; ".join(f"METHODS has {m!r}, which cannot run: {why}"
+                                   for m, why in skipped.items())
+                         + ". Pass ALLOW_SKIP=True to train the other methods anyway.")
     return [m for m in names if m not in skipped], skipped
 
 

@@ -41,7 +41,7 @@ def trained_run(cifar_dir, tmp_path_factory) -> Path:
     import torch
     import torch.nn.functional as F
 
-    from rable_nb import dataset, networks
+    from rable_nb import config, dataset, evaluation, networks
 
     cifar = data.load_cifar10(cifar_dir)
     idx = dataset.long_tail_indices(cifar.train_y, [100] * 10, seed=0)
@@ -63,6 +63,13 @@ def trained_run(cifar_dir, tmp_path_factory) -> Path:
         extra = {"logit_prior": torch.log(torch.full((10,), 0.1))} if seed else None
         networks.save_model(net, run / "checkpoints" / f"{method}.safetensors",
                             meta={"method": method}, extra=extra)
+        # what marks a model as the run's current result (evaluation.current_metrics)
+        test = dataset.balanced_subset(cifar.test_y, 20)
+        acc = float((evaluation.predict(net, cifar.test_x[test]).numpy() == cifar.test_y[test])
+                    .mean())
+        config.write_json(run / f"metrics-{method}.json", {
+            "method": method, "params": {"METHODS": ["able", "able+records"]},
+            "accuracy": {"last": acc, "best": acc}})
     torch.set_num_threads(threads)
     # the resumable training state notebook 04 keeps beside the model is not a model
     (run / "checkpoints" / "able-state.safetensors").write_bytes(b"not a model")

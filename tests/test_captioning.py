@@ -82,3 +82,14 @@ def test_tiny_models_are_built_once_and_reused():
     assert tiny_models.resolve_model_id("tiny", "CAPTION_MODEL_ID") == str(path)
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
     assert tiny_models.resolve_model_id("org/model", "SD_MODEL_ID") == "org/model"
+
+
+def test_tiny_models_are_byte_identical_across_fresh_caches(tmp_path):
+    """Smoke runs reproduce exactly only if every fresh cache builds the same files."""
+    from rable_nb import tiny_models
+    for build in (tiny_models.build_tiny_sd, tiny_models.build_tiny_blip2):
+        a, b = build(tmp_path / build.__name__ / "a"), build(tmp_path / build.__name__ / "b")
+        files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+        assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+        different = [str(f) for f in files if (a / f).read_bytes() != (b / f).read_bytes()]
+        assert not different, f"{build.__name__}: {different} differ between two builds"

@@ -91,3 +91,64 @@ def test_real_cifar10_copy():
     assert cifar.train_x.shape == (50000, 32, 32, 3) and cifar.test_x.shape == (10000, 32, 32, 3)
     assert np.bincount(cifar.train_y).tolist() == [5000] * 10
     assert np.bincount(cifar.test_y).tolist() == [1000] * 10
+
+
+# -- issue 17: a decode cache that notices change; class lists agree across splits ---------
+def _edit_image(path, colour):
+    from PIL import Image
+    Image.new("RGB", (32, 32), colour).save(path)
+
+
+def test_cache_notices_added_deleted_and_edited_images(fake, cache):
+    first = data.load_cifar10(fake)
+    _edit_image(fake / "train" / "cat" / "0100.png", (1, 2, 3))           # added
+    added = data.load_cifar10(fake)
+    assert len(added.train_y) == len(first.train_y) + 1
+    (fake / "test" / "dog" / "0000.png").unlink()                          # deleted
+    assert len(data.load_cifar10(fake).test_y) == len(first.test_y) - 1
+    edited = fake / "train" / "airplane" / "0000.png"
+    _edit_image(edited, (7, 7, 7))                                         # same name, new pixels
+    again = data.load_cifar10(fake)
+    assert (again.train_x == 7).all(axis=(1, 2, 3)).sum() == 1
+    assert again.identity["sha256"] != added.identity["sha256"]
+    assert len(list(cache.glob("cifar10-*.npz"))) == 4  # one decode per state of the folder
+
+
+def test_torchvision_layout_key_covers_its_files(tmp_path, cache):
+    batches = tmp_path / "tv" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    (batches / "data_batch_1").write_bytes(b"x" * 10)
+    before = data._source_key(tmp_path / "tv", "torchvision")
+    (batches / "data_batch_1").write_bytes(b"y" * 11)
+    assert data._source_key(tmp_path / "tv", "torchvision") != before
+
+
+def test_corrupt_file_warning_repeats_when_loading_from_cache(fake, cache):
+    (fake / "train" / "cat" / "0001.png").write_bytes(b"not an image at all")
+    for _ in range(2):  # the second load reads the cache
+        with pytest.warns(UserWarning, match=r"skipped 1 corrupt image file\(s\).*0001.png"):
+            data.load_cifar10(fake)
+    assert len(list(cache.glob("cifar10-*.npz"))) == 1
+
+
+@pytest.mark.parametrize("change, named", [("missing", "airplane"), ("extra", "zebra")])
+def test_test_split_classes_must_match_the_training_split_by_name(fake, cache, change, named):
+    import shutil
+    if change == "missing":  # today every test label would shift by one
+        shutil.rmtree(fake / "test" / "airplane")
+    else:
+        shutil.copytree(fake / "test" / "cat", fake / "test" / "zebra")
+    with pytest.raises(ValueError, match=rf"(?s)test.*{change}: \['{named}'\]"):
+        data.load_cifar10(fake)
+
+
+def test_archive_split_classes_must_match(fake, cache, tmp_path):
+    import shutil
+    shutil.rmtree(fake / "test" / "truck")
+    arch = tmp_path / "archives"
+    arch.mkdir()
+    for split in ("train", "test"):
+        with tarfile.open(arch / f"{split}.tar.gz", "w:gz") as tar:
+            tar.add(fake / split, arcname=f"cifar10/{split}")
+    with pytest.raises(ValueError, match=r"test.tar.gz.*missing: \['truck'\]"):
+        data.load_cifar10(arch)

@@ -117,3 +117,23 @@ def test_feedback_is_appended_as_candidate_sets(app, cifar, tmp_path):
     assert fb["candidates"].tolist()[0] == [c in (3, 5) for c in range(10)]
     assert np.array_equal(fb["images"][0], first["image"])
     assert tuple(fb["images"][1][0, 0]) == (10, 90, 200)
+
+
+# -- issue 17: 16-bit greyscale is scaled; only the listed raster formats are opened ---------
+def test_16_bit_greyscale_is_scaled_not_clipped():
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 40), 32896, np.uint16)).save(buf, format="PNG")  # mid-grey
+    image = demo.read_image(buf.getvalue())
+    assert image.shape == (32, 32, 3) and (image == 128).all()  # 32896 / 257; clipped: 255
+
+
+def test_postscript_is_refused_without_running_ghostscript(monkeypatch):
+    from PIL import EpsImagePlugin
+
+    def ghostscript(*args, **kwargs):
+        raise AssertionError("Ghostscript was called")
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    eps = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n%%EndComments\n"
+           b"0 0 moveto 32 32 lineto stroke\nshowpage\n%%EOF\n")
+    with pytest.raises(demo.RejectedImage, match=r"not an image format the demo accepts \(PNG"):
+        demo.read_image(eps)

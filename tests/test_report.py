@@ -128,7 +128,7 @@ def test_tsne_is_seeded_and_features_have_the_right_shape(trained_run, cifar_dir
     fig = embedding.panels({"able": a, "other": b}, cifar.test_y[idx], CLASSES)
     assert len(fig.axes) == 2 and len(fig.legends[0].get_texts()) == 10
     with pytest.raises(ValueError, match="EMBEDDINGS"):
-        embedding.check_params({"EMBEDDINGS": ["logits"], "N_TSNE": 100, "PERPLEXITY": 30})
+        embedding.validate({"EMBEDDINGS": ["logits"], "N_TSNE": 100, "PERPLEXITY": 30})
 
 
 def test_notebooks_05_06_07_on_trained_checkpoints(run_notebooks, trained_run):

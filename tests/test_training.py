@@ -106,7 +106,9 @@ def test_bad_parameters_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="BATCH_SIZE"):
         training.Trainer(training.TrainConfig(batch_size=64), *list(tiny_data(32).values())[:3],
                          device="cpu")
-    runnable, skipped = training.runnable_methods(["able", "rable"], tmp_path)
+    with pytest.raises(ValueError, match="'rable', which cannot run: no synthetic images"):
+        training.runnable_methods(["able", "rable"], tmp_path)
+    runnable, skipped = training.runnable_methods(["able", "rable"], tmp_path, allow_skip=True)
     assert runnable == ["able"] and "synthetic" in skipped["rable"]
 
 
