@@ -582,8 +582,11 @@ def validate(P: dict) -> None:
         if not isinstance(P["METHOD_PARAMS"], dict):
             raise ValueError(f"METHOD_PARAMS={P['METHOD_PARAMS']!r} is invalid: METHOD_PARAMS "
                              "must be a dict {piece: {parameter: value}}.")
-        for name in names or []:
-            TrainConfig(method=name, method_params=P["METHOD_PARAMS"])
+        try:
+            for name in names or []:
+                TrainConfig(method=name, method_params=P["METHOD_PARAMS"])
+        except ValueError as err:
+            raise ValueError(f"METHOD_PARAMS={P['METHOD_PARAMS']!r} is invalid: {err}") from None
     config.check(P, {
         "ARCH": config.one_of(sorted(BACKBONES)),
         "PROTOCOL": PROTOCOL_RULE,
