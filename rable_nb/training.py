@@ -577,7 +577,9 @@ def validate(P: dict) -> None:
             raise ValueError(f"METHODS={names!r} is invalid: METHODS must be a non-empty list "
                              f"of method names, e.g. ['corr+records', 'solar'].")
         for name in names:
-            methods.check(name, "METHODS")
+            reason = methods.explain(name)
+            if reason:
+                raise ValueError(f"METHODS={names!r} is invalid: {name!r}: {reason}")
     if P.get("METHOD_PARAMS") is not None:
         if not isinstance(P["METHOD_PARAMS"], dict):
             raise ValueError(f"METHOD_PARAMS={P['METHOD_PARAMS']!r} is invalid: METHOD_PARAMS "

@@ -87,7 +87,7 @@ MODIFIERS: dict[str, type[Modifier]] = {  # the order in which names list them
 PIECES = {**BASES, **MODIFIERS}
 
 __all__ = ["BASES", "MODIFIERS", "Base", "Batch", "Method", "Modifier", "Outputs", "Stage",
-           "build", "check", "data_sources", "names", "parse", "resolve_params"]
+           "build", "check", "data_sources", "explain", "names", "parse", "resolve_params"]
 
 
 def parse(name: str) -> tuple[str, list[str]]:
@@ -127,14 +127,21 @@ def names() -> list[str]:
     return out
 
 
-def check(name: str, what: str = "method") -> None:
-    """ValueError naming the problem, close matches and every valid name."""
+def explain(name: str) -> str | None:
+    """Why ``name`` is invalid, with close matches and every valid name; None if valid."""
     reason = problem(name)
     if reason is None:
-        return
+        return None
     close = difflib.get_close_matches(str(name), names(), n=3)
     hint = f" Did you mean {close}?" if close else ""
-    raise ValueError(f"{what}={name!r} is invalid: {reason}.{hint} Valid names: {names()}.")
+    return f"{reason}.{hint} Valid names: {names()}."
+
+
+def check(name: str, what: str = "method") -> None:
+    """ValueError naming the problem, close matches and every valid name."""
+    reason = explain(name)
+    if reason is not None:
+        raise ValueError(f"{what}={name!r} is invalid: {reason}")
 
 
 def data_sources(name: str) -> tuple[str, ...]:
