@@ -27,6 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("grid", help="YAML grid file (see examples/)")
     sweep.add_argument("--out", help="sweep directory (default runs/sweep-<grid name>)")
     sweep.add_argument("--kernel", default="python3", help="Jupyter kernel name")
+    sweep.add_argument("--parallel", type=int, default=1, metavar="K",
+                       help="local executor: points at once, each in its own process "
+                            "(several visible GPUs: spread round-robin)")
+    sweep.add_argument("--executor", default="local", help="local (default) or ray: every "
+                       "point a Ray task, on RAY_ADDRESS's cluster or a local Ray")
+    sweep.add_argument("--cpus-per-point", type=float, metavar="C",
+                       help="ray: CPUs each point needs (default 1)")
+    sweep.add_argument("--gpus-per-point", type=float, metavar="G",
+                       help="ray: GPUs each point needs (default 0; 0.5 = two points per GPU)")
 
     bench = sub.add_parser("bench", help="throughput benchmark; last line is one JSON object")
     bench.add_argument("what", choices=("train", "synth"))
