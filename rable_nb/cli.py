@@ -1,4 +1,4 @@
-"""Command line: ``python -m rable_nb run|sweep|bench|figures`` (see README)."""
+"""Command line: ``python -m rable_nb run|sweep|bench|figures|results`` (see README)."""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     figures = sub.add_parser("figures", help="copy a run's report figures into figures/")
     figures.add_argument("--run", required=True, help="run directory, e.g. runs/paper")
     figures.add_argument("--force", action="store_true", help="allow non-paper profiles")
+
+    results = sub.add_parser("results", help="regenerate results/README.md from its metrics files")
+    results.add_argument("--root", help="results folder (default results/)")
     return parser
 
 
@@ -57,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         from .sweep import main_sweep
         return main_sweep(args)
+    if args.command == "results":
+        from .results import main_results
+        return main_results(args)
     if args.command == "figures":
         from .figures import main_figures
         return main_figures(args)
