@@ -126,7 +126,8 @@ def run(profile: str = "smoke", only: str | None = None, out: str | None = None,
     log = _previous_log(run_dir, profile)
     done = {e["notebook"]: e["parameters"] for e in log["notebooks"]}
     skipping = resume  # once a notebook reruns, every later one reruns too (new inputs)
-    for nb in tqdm(notebooks, desc=f"run [{profile}]", unit="notebook", disable=log_file is not None):
+    for nb in tqdm(notebooks, desc=f"run [{profile}]", unit="notebook",
+                   disable=log_file is not None):
         injected = {k: v for k, v in {**base, **params}.items() if k in declared[nb]}
         target = run_dir / nb.name
         skipping = skipping and done.get(nb.name) == injected and target.exists()

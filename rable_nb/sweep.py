@@ -13,6 +13,11 @@ on; ``results.csv`` (one row per point: parameters, status, error, ambiguity, an
 ``<method>/<metric>`` accuracies from ``metrics-<method>.json``) is rewritten after every
 point. A rerun skips points already ``done`` with the same parameters and retries the
 others (notebooks that finished inside an interrupted point are skipped too).
+
+Executors: every point runs :func:`run_point` (its notebooks' output in ``point.log``) in
+its own process, ``parallel`` points at once on this machine with the visible GPUs handed out
+round-robin (``local``), or as a Ray task on a local Ray or the cluster at ``RAY_ADDRESS``
+(``ray``). Only the sweep process writes ``results.csv``, in grid order, as points finish.
 """
 from __future__ import annotations
 
