@@ -319,7 +319,8 @@ def _ray_events(jobs: list[dict], cpus_per_point: float, gpus_per_point: float):
     import ray
     own = not ray.is_initialized()
     if own:
-        ray.init()  # reads RAY_ADDRESS; without it, starts a local instance
+        # RAY_ADDRESS's cluster, else a new local instance; a point's output is in point.log
+        ray.init(log_to_driver=False)
     task = ray.remote(run_point).options(num_cpus=cpus_per_point, num_gpus=gpus_per_point)
     pending = {}
     try:
