@@ -55,6 +55,13 @@ def _points(out: Path) -> list[dict]:
             for i, n in enumerate(N_MAX)]
 
 
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:  # exited meanwhile (or a zombie)
+        return ""
+
+
 def test_workers_get_the_visible_gpus_round_robin(monkeypatch):
     assert sweep.worker_gpus(4, ["0", "1"]) == ["0", "1", "0", "1"]
     assert sweep.worker_gpus(3, ["GPU-5a1f"]) == ["GPU-5a1f"] * 3
@@ -110,12 +117,12 @@ def test_interrupted_parallel_sweep_stops_its_kernels_and_resumes(grid, serial, 
         finished = [p.parent for p in out.glob(f"*/{sweep.POINT_FILE}")
                     if json.loads(p.read_text())["status"] == "done"]
         workers = psutil.Process(proc.pid).children(recursive=True)  # workers and kernels
-        kernels = [w for w in workers if "ipykernel" in " ".join(w.cmdline())]
+        kernels = [w for w in workers if "ipykernel" in _cmdline(w)]
     assert finished and kernels, "no point finished while another one ran"
     proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
     assert proc.wait(timeout=60) == 130
     gone, alive = psutil.wait_procs(workers, timeout=15)
-    assert not alive, f"left running: {[' '.join(p.cmdline()) for p in alive]}"
+    assert not alive, f"left running: {[_cmdline(p) for p in alive]}"
     res = pd.read_csv(out / "results.csv")
     names = [Path(d).name for d in res["run_dir"]]
     for run in finished:
