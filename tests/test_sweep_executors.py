@@ -76,12 +76,15 @@ def test_workers_get_the_visible_gpus_round_robin(monkeypatch):
 
 
 def test_parallel_sweep_gives_the_serial_rows_and_spreads_points_over_gpus(
-        grid, serial, tmp_path, monkeypatch, capsys):
+        grid, serial, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # two faked GPUs (notebook 01 uses none)
     out = tmp_path / "parallel"
     assert cli.main(["sweep", str(grid), "--out", str(out), "--parallel", "2"]) == 1
     pd.testing.assert_frame_equal(_rows(out), serial)
-    printed = capsys.readouterr().out
+    printed, bars = capfd.readouterr()  # fd level: the workers' output too
+    assert "sweep [smoke]" in bars and "failed=1, running=0" in bars  # the one bar
+    for nested in ("run [smoke]", "01_dataset_imbalance:", "IPKernelApp"):  # in point.log
+        assert nested not in bars + printed
     records = _points(out)
     assert {r["gpus"] for r in records} == {"0", "1"}  # both worker slots, one GPU each
     for i, name in enumerate(serial["run_dir"]):
