@@ -1,4 +1,4 @@
-"""Command line: ``python -m rable_nb run|sweep|bench|figures`` (see README)."""
+"""Command line: ``python -m rable_nb run|sweep|bench|figures|results`` (see README)."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("grid", help="YAML grid file (see examples/)")
     sweep.add_argument("--out", help="sweep directory (default runs/sweep-<grid name>)")
     sweep.add_argument("--kernel", default="python3", help="Jupyter kernel name")
+    sweep.add_argument("--parallel", type=int, default=1, metavar="K",
+                       help="local executor: points at once, each in its own process "
+                            "(several visible GPUs: spread round-robin)")
+    sweep.add_argument("--executor", default="local", help="local (default) or ray: every "
+                       "point a Ray task, on RAY_ADDRESS's cluster or a local Ray")
+    sweep.add_argument("--cpus-per-point", type=float, metavar="C",
+                       help="ray: CPUs each point needs (default 1)")
+    sweep.add_argument("--gpus-per-point", type=float, metavar="G",
+                       help="ray: GPUs each point needs (default 0; 0.5 = two points per GPU)")
 
     bench = sub.add_parser("bench", help="throughput benchmark; last line is one JSON object")
     bench.add_argument("what", choices=("train", "synth", "augment"))
@@ -37,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     figures = sub.add_parser("figures", help="copy a run's report figures into figures/")
     figures.add_argument("--run", required=True, help="run directory, e.g. runs/paper")
     figures.add_argument("--force", action="store_true", help="allow non-paper profiles")
+
+    results = sub.add_parser("results", help="regenerate results/README.md from its metrics files")
+    results.add_argument("--root", help="results folder (default results/)")
     return parser
 
 
@@ -48,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         from .sweep import main_sweep
         return main_sweep(args)
+    if args.command == "results":
+        from .results import main_results
+        return main_results(args)
     if args.command == "figures":
         from .figures import main_figures
         return main_figures(args)

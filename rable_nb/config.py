@@ -52,10 +52,15 @@ def git_commit(root: Path = PROJECT_ROOT) -> str:
 
 
 def write_atomic(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see half a file."""
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see half a file.
+
+    The temporary name holds the process id, so processes writing the same file at once
+    (parallel sweep points filling one cache) never write into each other's temporary file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # keeps the suffix for savefig/savez
+    # keeps the suffix for savefig/savez
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     write(tmp)
     os.replace(tmp, path)
     return path

@@ -171,14 +171,15 @@ def _record(run_dir: Path, log: dict, name: str, params: dict, **entry) -> None:
 
 def run(profile: str = "smoke", only: str | None = None, out: str | None = None,
         params: dict | None = None, kernel: str = "python3",
-        notebook_dir: Path = NOTEBOOK_DIR, resume: bool = False) -> Path:
+        notebook_dir: Path = NOTEBOOK_DIR, resume: bool = False, log_file=None) -> Path:
     """Run the selected notebooks in order; return the run directory.
 
     Everything is checked before the first notebook starts, and the run directory is
     locked for the duration; a failing notebook raises :class:`RunError` naming the
     notebook and cell. ``run.json`` records each finished notebook; with ``resume`` the
     leading notebooks already finished with the same parameters (and data source) are
-    skipped.
+    skipped. ``log_file`` (an open text file, e.g. a sweep point's ``point.log``) receives
+    what the notebooks print and one line per notebook, instead of progress bars.
     """
     params = absolute_paths(dict(params or {}))
     if profile not in config.PROFILES:
@@ -192,29 +193,33 @@ def run(profile: str = "smoke", only: str | None = None, out: str | None = None,
     injected = check_parameters(params, notebooks, base)
     try:
         with stop_on_signals(), DirLock(run_dir, "run"):
-            _execute(notebooks, injected, run_dir, profile, kernel, resume)
+            _execute(notebooks, injected, run_dir, profile, kernel, resume, log_file)
     except LockedError as err:
         raise RunError(str(err)) from None
     return run_dir
 
 
 def _execute(notebooks: list[Path], injected: dict, run_dir: Path, profile: str, kernel: str,
-             resume: bool) -> None:
+             resume: bool, log_file=None) -> None:
     log = _previous_log(run_dir, profile)
     done = {e["notebook"]: e["parameters"] for e in log["notebooks"]}
     skipping = resume  # once a notebook reruns, every later one reruns too (new inputs)
-    for nb in tqdm(notebooks, desc=f"run [{profile}]", unit="notebook"):
+    for nb in tqdm(notebooks, desc=f"run [{profile}]", unit="notebook",
+                   disable=log_file is not None):
         recorded = recorded_parameters(nb, injected[nb])
         target = run_dir / nb.name
         skipping = skipping and done.get(nb.name) == recorded and target.exists()
         if skipping:
-            tqdm.write(f"skip {nb.name}: already finished with the same parameters")
+            tqdm.write(f"skip {nb.name}: already finished with the same parameters", file=log_file)
             continue
         start = time.time()
+        if log_file is not None:
+            print(f"== {nb.name} -> {target}", file=log_file, flush=True)
         try:
             pm.execute_notebook(str(nb), str(target), parameters=injected[nb],
-                                kernel_name=kernel, cwd=str(nb.parent),
-                                progress_bar=dict(desc=nb.stem, leave=False))
+                                kernel_name=kernel, cwd=str(nb.parent), stdout_file=log_file,
+                                stderr_file=log_file,
+                                progress_bar=log_file is None and dict(desc=nb.stem, leave=False))
         except pm.PapermillExecutionError as err:
             raise RunError(_failure_message(nb, target, err)) from None
         _record(run_dir, log, nb.name, recorded, seconds=round(time.time() - start, 1))

@@ -13,17 +13,30 @@ on; ``results.csv`` (one row per point: parameters, status, error, ambiguity, an
 ``<method>/<metric>`` accuracies from ``metrics-<method>.json``) is rewritten after every
 point. A rerun skips points already ``done`` with the same parameters and retries the
 others (notebooks that finished inside an interrupted point are skipped too).
+
+Executors: every point runs :func:`run_point` (its notebooks' output in ``point.log``) in
+its own process, ``parallel`` points at once on this machine with the visible GPUs handed out
+round-robin (``local``), or as a Ray task on a local Ray or the cluster at ``RAY_ADDRESS``
+(``ray``). Only the sweep process writes ``results.csv``, in grid order, as points finish.
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
+import multiprocessing
+import os
+import queue
 import re
+import signal
+import socket
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, redirect_stderr, redirect_stdout
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import yaml
@@ -35,6 +48,9 @@ from .locks import DirLock, LockedError
 GRID_KEYS = {"profile", "notebooks", "fixed", "grid"}
 METRICS = ("last", "best", "many", "medium", "few")
 POINT_FILE = "point.json"
+LOG_FILE = "point.log"  # what a point's notebooks print (papermill's stdout/stderr)
+EXECUTORS = ("local", "ray")
+STOP_GRACE_S = 10  # Ctrl-C: seconds a worker gets after SIGTERM before SIGKILL
 SMOKE_GRID = "examples/sweep-smoke.yaml"
 # Where notebook 08 looks when SWEEP_DIR is not given (the README's sweep commands write there)
 DEFAULT_SWEEP_DIRS = {"quick": "runs/sweep-quick", "paper": "runs/sweep-paper"}
@@ -132,57 +148,284 @@ def write_results(out: Path, rows: list[dict]) -> Path:
     return path
 
 
+def check_executor(executor: str = "local", parallel: int = 1, cpus_per_point=None,
+                   gpus_per_point=None) -> None:
+    """Raise ``ValueError`` naming the option when these executor settings cannot work."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"--executor {executor!r} is not one of {EXECUTORS}.")
+    if not isinstance(parallel, int) or parallel < 1:
+        raise ValueError(f"--parallel {parallel!r} is invalid: a positive integer is needed.")
+    if executor == "local":
+        if cpus_per_point is not None or gpus_per_point is not None:
+            raise ValueError("--cpus-per-point/--gpus-per-point are for --executor ray; the "
+                             "local executor runs --parallel points at once and spreads them "
+                             "over the visible GPUs.")
+        return
+    if parallel != 1:
+        raise ValueError("--parallel is for the local executor; under --executor ray, "
+                         "--cpus-per-point and --gpus-per-point decide how many points share "
+                         "a machine.")
+    if cpus_per_point is not None and not cpus_per_point > 0:
+        raise ValueError(f"--cpus-per-point {cpus_per_point!r} is invalid: it must be > 0.")
+    if gpus_per_point is not None and not gpus_per_point >= 0:
+        raise ValueError(f"--gpus-per-point {gpus_per_point!r} is invalid: it must be >= 0 "
+                         "(fractions such as 0.5 put two points on one GPU).")
+    if importlib.util.find_spec("ray") is None:
+        raise ValueError("--executor ray needs Ray, which is not installed: "
+                         "pip install -e '.[cluster]'")
+
+
+def run_point(job: dict) -> dict:
+    """Run one grid point's notebooks into its directory; write and return its ``point.json``.
+
+    The one per-point function of both executors (inside a spawned process of the local pool,
+    or as a Ray task). What the notebooks print goes to ``<point dir>/point.log``; a failure
+    is recorded (status ``failed`` and the error), never raised.
+    """
+    run_dir = Path(job["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = dict(params=job["params"], notebooks=job["notebooks"], profile=job["profile"],
+                  host=socket.gethostname(), gpus=os.environ.get("CUDA_VISIBLE_DEVICES"))
+    start = time.time()
+    with open(run_dir / LOG_FILE, "a") as log, redirect_stdout(log), redirect_stderr(log):
+        print(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} point {run_dir.name} on "
+              f"{record['host']}, CUDA_VISIBLE_DEVICES={record['gpus']}", flush=True)
+        try:
+            runner.run(job["profile"], job["notebooks"], str(run_dir), job["params"],
+                       kernel=job["kernel"], notebook_dir=Path(job["notebook_dir"]),
+                       resume=True, log_file=log)
+            record["status"] = "done"
+        except Exception as err:  # noqa: BLE001 - recorded; the sweep goes on
+            record.update(status="failed", error=f"{type(err).__name__}: {err}"[:4000])
+            print(record["error"], flush=True)
+    record["seconds"] = round(time.time() - start, 1)
+    config.write_json(run_dir / POINT_FILE, record)
+    return record
+
+
+def _record(run_dir: Path) -> dict:
+    """A point's ``point.json`` record; empty when it has none (never started, or running)."""
+    path = run_dir / POINT_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _lost_point(job: dict, why: str) -> dict:
+    """Record (and return) a point whose worker ended without recording it."""
+    record = dict(params=job["params"], notebooks=job["notebooks"], profile=job["profile"],
+                  status="failed", error=f"{why}; see {Path(job['run_dir']) / LOG_FILE}")
+    config.write_json(Path(job["run_dir"]) / POINT_FILE, record)
+    return record
+
+
+# -- executors: generators of ("start" | "end", job, record | None) --------------------------
+def visible_gpus() -> list[str]:
+    """GPUs this process may hand out: the entries of ``CUDA_VISIBLE_DEVICES`` when it is set
+    (ids or UUIDs, up to the first invalid one such as -1), else every device torch counts."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is None:
+        import torch
+        return [str(i) for i in range(torch.cuda.device_count())]
+    gpus = []
+    for entry in (e.strip() for e in env.split(",")):
+        if not entry or entry.startswith("-"):
+            break
+        gpus.append(entry)
+    return gpus
+
+
+def worker_gpus(parallel: int, gpus: list[str]) -> list[str | None]:
+    """``CUDA_VISIBLE_DEVICES`` of each of the ``parallel`` worker slots: the GPUs round-robin,
+    so points running together spread evenly (``None``: no GPU, the environment is kept)."""
+    return [gpus[slot % len(gpus)] if gpus else None for slot in range(parallel)]
+
+
+def _point_process(job: dict, gpu: str | None) -> None:
+    """A local worker: its own session (Ctrl-C reaches only the sweep, which stops it), its
+    GPU, every output (the kernel's too) into ``point.log``, then :func:`run_point`."""
+    os.setsid()
+    tqdm.set_lock(threading.RLock())  # not tqdm's semaphore, which a stopped worker would leak
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    Path(job["run_dir"]).mkdir(parents=True, exist_ok=True)
+    fd = os.open(Path(job["run_dir"]) / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    run_point(job)
+
+
+def _stop(procs: list) -> None:
+    """SIGTERM each worker's process group, SIGKILL what is left after ``STOP_GRACE_S``.
+    A kernel notices its worker's death and exits (ipykernel's parent poller)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for proc in (p for p in procs if p.is_alive()):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:  # not yet in its own group
+                os.kill(proc.pid, sig)
+        deadline = time.time() + STOP_GRACE_S
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.time()))
+
+
+def _local_events(jobs: list[dict], parallel: int):
+    """Run the jobs in spawned processes, at most ``parallel`` at once (a thread pool, each
+    thread watching one process); closing the generator stops them and starts no more."""
+    gpus = worker_gpus(parallel, visible_gpus() if parallel > 1 else [])
+    ctx = multiprocessing.get_context("spawn")
+    events, slots = queue.Queue(), queue.Queue()
+    for slot in range(parallel):
+        slots.put(slot)
+    running, lock, stopping = {}, threading.Lock(), threading.Event()
+
+    def supervise(job: dict) -> None:
+        slot = slots.get()
+        try:
+            with lock:
+                if stopping.is_set():
+                    return
+                (Path(job["run_dir"]) / POINT_FILE).unlink(missing_ok=True)
+                proc = ctx.Process(target=_point_process, args=(job, gpus[slot]))
+                proc.start()
+                running[job["index"]] = proc
+            events.put(("start", job, None))
+            proc.join()
+            if stopping.is_set():
+                return
+            record = _record(Path(job["run_dir"])) or _lost_point(
+                job, f"its worker process exited with code {proc.exitcode} before recording it")
+            events.put(("end", job, record))
+        except Exception as err:  # noqa: BLE001 - the point fails, the sweep goes on
+            events.put(("end", job, _lost_point(job, f"its worker failed: {err!r}")))
+        finally:
+            with lock:
+                running.pop(job["index"], None)
+            slots.put(slot)
+
+    pool = ThreadPoolExecutor(parallel, thread_name_prefix="sweep-point")
+    try:
+        for job in jobs:
+            pool.submit(supervise, job)
+        ended = 0
+        while ended < len(jobs):
+            event = events.get()
+            ended += event[0] == "end"
+            yield event
+    finally:
+        with lock:
+            stopping.set()
+            procs = list(running.values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        _stop(procs)
+        pool.shutdown(wait=True)
+
+
+def _ray_events(jobs: list[dict], cpus_per_point: float, gpus_per_point: float):
+    """Each job as a Ray task, on the cluster at ``RAY_ADDRESS``, the Ray instance this process
+    already started, or a new local one; closing the generator cancels the unfinished tasks."""
+    import ray
+    own = not ray.is_initialized()
+    if own:
+        # RAY_ADDRESS's cluster, else a new local instance; a point's output is in point.log
+        ray.init(log_to_driver=False)
+    task = ray.remote(run_point).options(num_cpus=cpus_per_point, num_gpus=gpus_per_point)
+    pending = {}
+    try:
+        for job in jobs:
+            (Path(job["run_dir"]) / POINT_FILE).unlink(missing_ok=True)
+            pending[task.remote(job)] = job
+            yield "start", job, None
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            for ref in ready:
+                job = pending.pop(ref)
+                try:
+                    record = ray.get(ref)
+                except Exception as err:  # noqa: BLE001 - a lost task fails its point only
+                    record = _lost_point(job, f"its Ray task failed: {err}"[:4000])
+                yield "end", job, record
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        if own:
+            ray.shutdown()
+
+
 def run_sweep(spec: dict, out, kernel: str = "python3", extra: dict | None = None,
-              notebook_dir: Path = runner.NOTEBOOK_DIR) -> pd.DataFrame:
+              notebook_dir: Path = runner.NOTEBOOK_DIR, parallel: int = 1,
+              executor: str = "local", cpus_per_point: float | None = None,
+              gpus_per_point: float | None = None) -> pd.DataFrame:
     """Run every point of ``spec`` (see :func:`load_grid`) into ``out``; returns the results.
 
     ``extra``: defaults added to every point (e.g. ``DATA_DIR``) when its notebooks take
     them; the grid file's values win. ``out`` is locked for the duration (one writer);
-    each point's run locks its own directory.
+    each point's run locks its own directory. ``executor`` 'local' runs ``parallel`` points at once,
+    each in its own process (GPUs round-robin); 'ray' makes every point a Ray task needing
+    ``cpus_per_point`` (default 1) and ``gpus_per_point`` (default 0; fractions share a GPU).
+    Only this process writes ``results.csv``, rewritten (in grid order) as points finish.
+    Ctrl-C stops the workers and raises ``KeyboardInterrupt``; finished points stay.
     """
+    check_executor(executor, parallel, cpus_per_point, gpus_per_point)
     out = Path(out).resolve()
     with DirLock(out, "sweep"):
-        return _run_points(spec, out, kernel, extra, notebook_dir)
+        return _run_points(spec, out, kernel, extra, notebook_dir, parallel, executor,
+                           cpus_per_point, gpus_per_point)
 
 
-def _run_points(spec: dict, out: Path, kernel: str, extra: dict | None,
-                notebook_dir: Path) -> pd.DataFrame:
+def _run_points(spec: dict, out: Path, kernel: str, extra: dict | None, notebook_dir: Path,
+                parallel: int, executor: str, cpus_per_point: float | None,
+                gpus_per_point: float | None) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     config.write_json(out / "grid.json", spec)
     todo = points(spec)
-    records = []
-    for i, point in enumerate(todo):
-        run_dir = out / point_name(i, point)
-        prev = run_dir / POINT_FILE
-        records.append(json.loads(prev.read_text()) if prev.exists() else {})
+    records = [_record(out / point_name(i, point)) for i, point in enumerate(todo)]
     rows = [_row(p, r, out / point_name(i, p)) for i, (p, r) in enumerate(zip(todo, records))]
     write_results(out, rows)
     if extra:  # only what the grid's notebooks take (e.g. DATA_DIR)
         selected = runner.select(spec.get("notebooks"), runner.list_notebooks(notebook_dir))
         known = set().union(*(runner.parameter_cell(nb) for nb in selected))
         extra = {k: v for k, v in extra.items() if k in known}
-    params_of = [{**(extra or {}), **spec["fixed"], **p} for p in todo]
-    bar = tqdm(list(enumerate(todo)), desc=f"sweep [{spec['profile']}]", unit="point")
-    for i, point in bar:
+    jobs = []
+    for i, point in enumerate(todo):
+        params = {**(extra or {}), **spec["fixed"], **point}
         run_dir = out / point_name(i, point)
-        if records[i].get("status") == "done" and records[i].get("params") == params_of[i]:
+        if records[i].get("status") == "done" and records[i].get("params") == params:
             tqdm.write(f"skip {run_dir.name}: finished")
             continue
-        start = time.time()
-        record = dict(params=params_of[i], notebooks=spec.get("notebooks"),
-                      profile=spec["profile"])
-        try:
-            runner.run(spec["profile"], spec.get("notebooks"), str(run_dir), params_of[i],
-                       kernel=kernel, notebook_dir=notebook_dir, resume=True)
-            record["status"] = "done"
-        except Exception as err:  # noqa: BLE001 - record it, go on with the next point
-            record.update(status="failed", error=f"{type(err).__name__}: {err}"[:4000])
-            tqdm.write(f"point {run_dir.name} failed: {str(err).splitlines()[0]}")
-        record["seconds"] = round(time.time() - start, 1)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.write_json(run_dir / POINT_FILE, record)
-        rows[i] = _row(point, record, run_dir)
+        jobs.append(dict(index=i, run_dir=str(run_dir), params=params, profile=spec["profile"],
+                         notebooks=spec.get("notebooks"), kernel=kernel,
+                         notebook_dir=str(notebook_dir)))
+    done, failed, running = len(todo) - len(jobs), 0, set()
+    bar = tqdm(total=len(todo), initial=done, desc=f"sweep [{spec['profile']}]", unit="point")
+    bar.set_postfix(done=done, failed=failed, running=0)
+    events = (_local_events(jobs, parallel) if executor == "local" else
+              _ray_events(jobs, cpus_per_point or 1, gpus_per_point or 0))
+    try:
+        with closing(events):
+            for kind, job, record in events if jobs else ():
+                name = Path(job["run_dir"]).name
+                if kind == "start":
+                    running.add(name)
+                    tqdm.write(f"start {name}: log {Path(job['run_dir']) / LOG_FILE}")
+                else:
+                    running.discard(name)
+                    done, failed = done + (record["status"] == "done"), failed + (
+                        record["status"] != "done")
+                    if record["status"] != "done":
+                        tqdm.write(f"point {name} failed: {record['error'].splitlines()[0]}")
+                    rows[job["index"]] = _row(todo[job["index"]], record, Path(job["run_dir"]))
+                    write_results(out, rows)
+                    bar.update(1)
+                bar.set_postfix(done=done, failed=failed, running=len(running))
+    except KeyboardInterrupt:  # points that finished while the workers were being stopped
+        for job in jobs:
+            rows[job["index"]] = _row(todo[job["index"]], _record(Path(job["run_dir"])),
+                                      Path(job["run_dir"]))
         write_results(out, rows)
+        tqdm.write(f"interrupted: workers stopped; the {done} finished point(s) are kept in "
+                   f"{out}; rerun the same command to continue.")
+        raise
+    finally:
+        bar.close()
     return pd.DataFrame(rows)
 
 
@@ -261,6 +504,7 @@ def _curves(ax, long: pd.DataFrame, x: str, groups: list[str], xlabel: str) -> N
 def sweep_figure(results: pd.DataFrame):
     """Accuracy vs imbalance ratio, vs measured ambiguity, and many/medium/few bars at the
     hardest point (smallest imbalance factor, then largest ambiguity)."""
+    import matplotlib.pyplot as plt  # here: sweep workers import this module and never plot
     long = long_format(results)
     if long.empty:
         raise ValueError("No finished point with accuracies in this sweep (see its "
@@ -294,18 +538,24 @@ def sweep_figure(results: pd.DataFrame):
 
 
 def main_sweep(args) -> int:
-    """``python -m rable_nb sweep GRID.yaml [--out DIR] [--kernel NAME]``."""
+    """``python -m rable_nb sweep GRID.yaml [--out DIR] [--kernel NAME] [--parallel K]
+    [--executor local|ray] [--cpus-per-point C] [--gpus-per-point G]``."""
+    executor = dict(parallel=args.parallel, executor=args.executor,
+                    cpus_per_point=args.cpus_per_point, gpus_per_point=args.gpus_per_point)
     try:
         spec = load_grid(args.grid)
+        check_executor(**executor)
     except (ValueError, runner.RunError, yaml.YAMLError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     out = Path(args.out or config.PROJECT_ROOT / "runs" / f"sweep-{Path(args.grid).stem}")
     try:
-        results = run_sweep(spec, out, kernel=args.kernel)
+        results = run_sweep(spec, out, kernel=args.kernel, **executor)
     except LockedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     failed = int((results["status"] != "done").sum())
     print(f"done: {len(results) - failed} of {len(results)} points finished; "
           f"results in {out / 'results.csv'}")

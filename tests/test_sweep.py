@@ -117,7 +117,8 @@ def test_notebook_08_reads_a_given_sweep_and_tolerates_a_missing_default(tmp_pat
     assert sweep.notebook_results(dict(P, SWEEP_DIR=None)) == (None, tmp_path / "none-yet")
 
 
-@pytest.mark.parametrize("name", ["sweep-smoke.yaml", "sweep-quick.yaml", "sweep-paper.yaml"])
+@pytest.mark.parametrize("name", ["sweep-smoke.yaml", "sweep-smoke-4.yaml", "sweep-quick.yaml",
+                                  "sweep-paper.yaml"])
 def test_shipped_example_grids_are_valid(name):
     needed = {"01", "04"}
     if not needed <= {p.name[:2] for p in runner.list_notebooks()}:

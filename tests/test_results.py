@@ -1,0 +1,78 @@
+"""``python -m rable_nb results``: the results README from planted metrics files."""
+import json
+
+import pytest
+
+from rable_nb import cli, results
+
+
+def _plant(root, path, method, last, *, factor=0.01, partial="uniform", q=0.3, rate=0.4,
+           adjusted=None, epochs=800, done=800):
+    acc = dict(last=last, best=last + 0.02, many=0.9, medium=last, few=last - 0.3,
+               per_class=[last] * 10)
+    m = dict(method=method, protocol="L", accuracy=acc, device="cuda: NVIDIA H100",
+             wall_s=1234.0, images_per_s=9000.0, commit="0123456789abcdef", epochs_done=done,
+             params=dict(train=dict(epochs=epochs), dataset=dict(
+                 IMBALANCE_FACTOR=factor, PARTIAL=partial, Q=q, RATE=rate)))
+    if adjusted is not None:
+        m["accuracy_adjusted"] = dict(acc, last=adjusted)
+    target = root / path / f"metrics-{method}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(m))
+
+
+def test_tables_per_protocol_with_linked_cells_and_a_detail_table(tmp_path, capsys):
+    _plant(tmp_path, "L/rho100-q03", "able", 0.5416)
+    _plant(tmp_path, "L/rho100-q03", "able+records", 0.6012, adjusted=0.6658)
+    _plant(tmp_path, "L/rho100-q05", "able", 0.4321, q=0.5, done=200)
+    _plant(tmp_path, "L/rho50-q03", "able", 0.6000, factor=0.02)
+    _plant(tmp_path, "R/report", "rable", 0.6658, partial="instance")
+    assert cli.main(["results", "--root", str(tmp_path)]) == 0
+    assert "from 5 metrics file(s)" in capsys.readouterr().out
+    text = (tmp_path / "README.md").read_text()
+    l_part, r_part = text.split("## Protocol L")[1].split("## Protocol R")
+    # columns sorted by rho then q; a missing combination shows a dash
+    assert "| method | ρ=50, q=0.3 | ρ=100, q=0.3 | ρ=100, q=0.5 |" in l_part
+    assert ("| able | [60.00](L/rho50-q03/metrics-able.json) | "
+            "[54.16](L/rho100-q03/metrics-able.json) | "
+            "[43.21](L/rho100-q05/metrics-able.json) |") in l_part
+    assert ("| able+records | – | [60.12](L/rho100-q03/metrics-able%2Brecords.json) | – |"
+            in l_part)
+    # detail: last, best, many/medium/few, adjusted, epochs, device, wall time, commit
+    assert ("| ρ=100, q=0.3 | able+records | 60.12 | 62.12 | 90.00 | 60.12 | 30.12 | 66.58 "
+            "| 800 | cuda: NVIDIA H100 | 20.6 min | `0123456789` | L |") in l_part
+    assert "| 200 of 800 |" in l_part  # a run stopped early says so
+    assert "| ρ=100, r=0.4 |" in r_part and "[66.58](R/report/metrics-rable.json)" in r_part
+    assert "maximum over epochs of the test accuracy" in text
+
+
+def test_no_results_yet_is_said_plainly(tmp_path):
+    assert cli.main(["results", "--root", str(tmp_path)]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert "No results of a real protocol run are committed yet" in text
+    assert "|" not in text
+
+
+def test_a_foreign_file_stops_with_its_name_and_leaves_the_readme(tmp_path, capsys):
+    _plant(tmp_path, "L/a", "able", 0.5)
+    (tmp_path / "README.md").write_text("old")
+    bad = tmp_path / "L" / "b" / "metrics-x.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text(json.dumps({"method": "x"}))
+    assert cli.main(["results", "--root", str(tmp_path)]) == 1
+    assert f"{bad} is not a metrics file of notebook 04" in capsys.readouterr().err
+    assert (tmp_path / "README.md").read_text() == "old"
+    assert cli.main(["results", "--root", str(tmp_path / "nope")]) == 1
+
+
+def test_the_committed_results_readme_is_up_to_date():
+    assert (results.RESULTS_DIR / results.README).read_text() == results.render(
+        results.load(results.RESULTS_DIR))
+
+
+@pytest.mark.parametrize("ds, label", [
+    (dict(IMBALANCE_FACTOR=0.01, PARTIAL="uniform", Q=0.7), "ρ=100, q=0.7"),
+    (dict(IMBALANCE_FACTOR=0.02, PARTIAL="instance", RATE=0.4), "ρ=50, r=0.4"),
+])
+def test_setting_labels(ds, label):
+    assert results.setting({"params": {"dataset": ds}}) == label

@@ -1,0 +1,153 @@
+"""Sweep executors: ``--parallel K`` (spawned workers, GPUs round-robin) and ``--executor ray``
+give the serial sweep's results.csv rows; Ctrl-C stops the workers and their kernels, and a
+rerun finishes the grid without redoing finished points.
+
+The grid: 4 smoke points of notebook 01; N_MAX='lots' passes the runner's checks and fails
+inside the notebook (a TypeError in the long-tail cell)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+import yaml
+
+from rable_nb import cli, config, sweep
+
+N_MAX = [150, 200, "lots", 250]
+
+
+@pytest.fixture(scope="module")
+def grid(cifar_dir, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("grid") / "grid.yaml"
+    path.write_text(yaml.safe_dump(dict(
+        profile="smoke", notebooks="01", grid={"N_MAX": N_MAX},
+        fixed={"DATA_DIR": str(cifar_dir), "PARTIAL": "uniform", "Q": 0.3})))
+    return path
+
+
+def _rows(out: Path) -> pd.DataFrame:
+    """results.csv without timings, run directories by name, errors without the sweep path."""
+    res = pd.read_csv(out / "results.csv").drop(columns=["seconds"])
+    res["run_dir"] = res["run_dir"].map(lambda p: Path(p).name)
+    res["error"] = res["error"].fillna("").str.replace(str(out.resolve()), "<out>")
+    return res
+
+
+@pytest.fixture(scope="module")
+def serial(grid, tmp_path_factory) -> pd.DataFrame:
+    out = tmp_path_factory.mktemp("serial")
+    assert cli.main(["sweep", str(grid), "--out", str(out)]) == 1  # one point failed
+    res = _rows(out)
+    assert res["status"].tolist() == ["done", "done", "failed", "done"]
+    assert "TypeError" in res.loc[2, "error"] and "01_dataset_imbalance" in res.loc[2, "error"]
+    assert res["ambiguity"].iloc[[0, 1, 3]].between(2.0, 3.4).all()  # about 9q = 2.7
+    return res
+
+
+def _points(out: Path) -> list[dict]:
+    return [json.loads((out / sweep.point_name(i, {"N_MAX": n}) / sweep.POINT_FILE).read_text())
+            for i, n in enumerate(N_MAX)]
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:  # exited meanwhile (or a zombie)
+        return ""
+
+
+def test_workers_get_the_visible_gpus_round_robin(monkeypatch):
+    assert sweep.worker_gpus(4, ["0", "1"]) == ["0", "1", "0", "1"]
+    assert sweep.worker_gpus(3, ["GPU-5a1f"]) == ["GPU-5a1f"] * 3
+    assert sweep.worker_gpus(2, []) == [None, None]
+    for env, gpus in [("3,5", ["3", "5"]), ("2,-1,4", ["2"]), ("", [])]:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)
+        assert sweep.visible_gpus() == gpus
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    import torch
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert sweep.visible_gpus() == ["0", "1", "2"]
+
+
+def test_parallel_sweep_gives_the_serial_rows_and_spreads_points_over_gpus(
+        grid, serial, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # two faked GPUs (notebook 01 uses none)
+    out = tmp_path / "parallel"
+    assert cli.main(["sweep", str(grid), "--out", str(out), "--parallel", "2"]) == 1
+    pd.testing.assert_frame_equal(_rows(out), serial)
+    printed, bars = capfd.readouterr()  # fd level: the workers' output too
+    assert "sweep [smoke]" in bars and "failed=1, running=0" in bars  # the one bar
+    for nested in ("run [smoke]", "01_dataset_imbalance:", "IPKernelApp"):  # in point.log
+        assert nested not in bars + printed
+    records = _points(out)
+    assert {r["gpus"] for r in records} == {"0", "1"}  # both worker slots, one GPU each
+    for i, name in enumerate(serial["run_dir"]):
+        log = out.resolve() / name / sweep.LOG_FILE
+        assert f"start {name}: log {log}" in printed
+        assert ("TypeError" if N_MAX[i] == "lots" else "average ambiguity") in log.read_text()
+    assert "3 of 4 points finished" in printed
+
+
+def test_ray_sweep_gives_the_serial_rows(grid, serial, tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20)
+    try:
+        out = tmp_path / "ray"
+        assert cli.main(["sweep", str(grid), "--out", str(out), "--executor", "ray"]) == 1
+        assert ray.is_initialized()  # the sweep leaves a Ray it did not start running
+    finally:
+        ray.shutdown()
+    pd.testing.assert_frame_equal(_rows(out), serial)
+    assert (out / _rows(out).loc[0, "run_dir"] / sweep.LOG_FILE).exists()
+
+
+def test_interrupted_parallel_sweep_stops_its_kernels_and_resumes(grid, serial, tmp_path,
+                                                                  capsys):
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "rable_nb", "sweep", str(grid), "--out", str(out),
+           "--parallel", "2"]
+    proc = subprocess.Popen(cmd, cwd=config.PROJECT_ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    finished, kernels, deadline = [], [], time.time() + 120
+    while not (finished and kernels) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)  # wait for a finished point while another point's kernel runs
+        finished = [p.parent for p in out.glob(f"*/{sweep.POINT_FILE}")
+                    if json.loads(p.read_text())["status"] == "done"]
+        workers = psutil.Process(proc.pid).children(recursive=True)  # workers and kernels
+        kernels = [w for w in workers if "ipykernel" in _cmdline(w)]
+    assert finished and kernels, "no point finished while another one ran"
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    assert proc.wait(timeout=60) == 130
+    gone, alive = psutil.wait_procs(workers, timeout=15)
+    assert not alive, f"left running: {[_cmdline(p) for p in alive]}"
+    res = pd.read_csv(out / "results.csv")
+    names = [Path(d).name for d in res["run_dir"]]
+    for run in finished:
+        assert res["status"][names.index(run.name)] == "done"
+    stamps = {run: (run / "dataset.npz").stat().st_mtime_ns for run in finished}
+
+    assert cli.main(cmd[3:]) == 1  # the rerun: the same command, in this process
+    printed = capsys.readouterr().out
+    for run, stamp in stamps.items():
+        assert f"skip {run.name}: finished" in printed
+        assert (run / "dataset.npz").stat().st_mtime_ns == stamp  # not run again
+    pd.testing.assert_frame_equal(_rows(out), serial)
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--parallel", "0"], "--parallel 0 is invalid"),
+    (["--executor", "slurm"], "--executor 'slurm' is not one of"),
+    (["--gpus-per-point", "0.5"], "are for --executor ray"),
+    (["--executor", "ray", "--parallel", "2"], "--parallel is for the local executor"),
+    (["--executor", "ray", "--gpus-per-point", "-1"], "--gpus-per-point -1.0 is invalid"),
+])
+def test_bad_executor_options_fail_before_anything_runs(grid, tmp_path, args, pattern, capsys):
+    assert cli.main(["sweep", str(grid), "--out", str(tmp_path / "o"), *args]) == 1
+    assert pattern in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
