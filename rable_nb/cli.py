@@ -29,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--kernel", default="python3", help="Jupyter kernel name")
 
     bench = sub.add_parser("bench", help="throughput benchmark; last line is one JSON object")
-    bench.add_argument("what", choices=("train", "synth"))
+    bench.add_argument("what", choices=("train", "synth", "gen"),
+                       help="train: ABLE step; synth: Stable Diffusion; gen: a generator backend")
+    bench.add_argument("--generator", default="pixel",
+                       help="backend timed by `bench gen` (pixel; sd = `bench synth`)")
     bench.add_argument("--profile", default="smoke", help=f"one of {config.PROFILES}")
     bench.add_argument("--device", default="auto", help=f"one of {config.DEVICES}")
     bench.add_argument("--batch-size", type=int, nargs="*", help="batch size(s) to time")
@@ -57,8 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.what == "train":
         from .training import bench
+    elif args.what == "synth" or args.generator == "sd":
+        from .generators.sd import bench
+    elif args.generator == "pixel":
+        from .generators.pixel import bench
     else:
-        from .synthesis import bench
+        print(f"error: `bench gen` times 'pixel' or 'sd', not {args.generator!r}",
+              file=sys.stderr)
+        return 1
     result = bench(profile=args.profile, device=args.device, batch_sizes=args.batch_size)
     print(json.dumps(result))
     return 0

@@ -23,11 +23,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import able, augment, config, dataset, evaluation, synthesis
+from . import able, augment, config, dataset, evaluation, generators
 from .networks import PLLNet, pick_device, save_model, standardize, to_unit
 
-METHODS = ("able", "able+records", "proden", "supervised", "rable")
-CONTRASTIVE = ("able", "able+records", "rable")
+METHODS = ("able", "able+records", "proden", "supervised", "rable", "rable+records")
+CONTRASTIVE = ("able", "able+records", "rable", "rable+records")
+SYNTHETIC_METHODS = ("rable", "rable+records")  # train on real + synthetic/
 SYNTHETIC_LABELS = ("exact", "partial")
 LT_RHO100_IMAGES = 12406  # CIFAR-10-LT, rho = 100, n_max = 5000
 
@@ -87,7 +88,7 @@ class TrainConfig:
 
     @property
     def records(self) -> bool:
-        return self.method == "able+records"
+        return self.method.endswith("+records")
 
 
 def cosine_lr(cfg: TrainConfig, epoch: int) -> float:
@@ -288,18 +289,18 @@ def synthetic_candidates(labels: np.ndarray, ds_params: dict, kind: str, cifar, 
 
 def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int = 0,
                  synthetic_labels: str = "exact", device: str = "auto") -> dict:
-    """Training images/candidates/labels (+ synthetic ones for ``rable``) and the test set.
+    """Training images/candidates/labels (+ synthetic ones for ``rable*``) and the test set.
 
     ``class_counts`` stays the real long tail's (it defines many/medium/few).
     """
     ds = dataset.load_dataset(run_dir)
     x, cand, y = cifar.train_x[ds["indices"]], ds["candidates"], ds["labels"]
     n_synth = 0
-    if method == "rable":
-        sx, sy, rows = synthesis.load_synthetic(run_dir)
+    if method in SYNTHETIC_METHODS:
+        sx, sy, rows = generators.load_synthetic(run_dir)
         if not rows:
             raise FileNotFoundError(f"{Path(run_dir) / 'synthetic/manifest.jsonl'} is missing: "
-                                    "run the synthesis notebook before training 'rable'.")
+                                    f"run notebook 03 before training {method!r}.")
         sc = synthetic_candidates(sy, ds["params"], synthetic_labels, cifar, sx, device)
         x, cand, y = np.concatenate([x, sx]), np.concatenate([cand, sc]), np.concatenate([y, sy])
         n_synth = len(sy)
@@ -405,7 +406,8 @@ def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int 
     metrics = {
         "method": cfg.method, "protocol": protocol,
         "params": {**{k: v for k, v in params.items() if k.isupper()}, "train": asdict(cfg),
-                   "dataset": params.get("dataset", {})},
+                   "dataset": params.get("dataset", {}),
+                   **({"synthetic": params["synthetic"]} if params.get("synthetic") else {})},
         "accuracy": evaluation.accuracy_block(result["history"], result["final"]),
         "test_time_adjustment": False,
         "epochs_done": trainer.epoch, "n_train": len(trainer.labels), "n_synthetic": n_synthetic,
@@ -514,9 +516,10 @@ def runnable_methods(methods, run_dir) -> tuple[list[str], dict[str, str]]:
     if bad:
         raise ValueError(f"METHODS has unknown method(s) {bad}; choose from {METHODS}.")
     skipped = {}
-    if "rable" in methods and not synthesis.manifest_rows(run_dir):
-        skipped["rable"] = (f"no synthetic images in {Path(run_dir) / 'synthetic'} yet; run the "
-                            "synthesis notebook first (skipping 'rable').")
+    for m in set(methods) & set(SYNTHETIC_METHODS):
+        if not generators.manifest_rows(run_dir):
+            skipped[m] = (f"no synthetic images in {Path(run_dir) / 'synthetic'} yet; run "
+                          f"notebook 03 first (skipping {m!r}).")
     return [m for m in methods if m not in skipped], skipped
 
 
@@ -531,6 +534,9 @@ def run_method(method: str, P: dict, cifar, progress: bool = True) -> dict:
         print(f"{method}: stopped after epoch {result['trainer'].epoch}/{cfg.epochs} "
               "(STOP_AFTER); run again to resume.")
         return {}
-    metrics = finish(result, P["RUN_DIR"], {**P, "dataset": data["dataset_params"]},
+    synthetic = generators.read_settings(P["RUN_DIR"]) if data["n_synthetic"] else {}
+    marks = (dict(GENERATOR=synthetic.get("generator"), GEN_LABELS=synthetic.get("cond_labels"),
+                  synthetic=synthetic) if synthetic else {})
+    metrics = finish(result, P["RUN_DIR"], {**P, "dataset": data["dataset_params"], **marks},
                      protocol_name(P, data["dataset_params"]), data["n_synthetic"])
     return metrics
