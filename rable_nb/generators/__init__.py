@@ -74,9 +74,10 @@ def topup_settings(generator: Generator, params: dict, cond_info: dict) -> dict:
                cond_sha1=cond_info["sha1"])
     if params.get("SYNTH_FILTER"):
         out["SYNTH_FILTER_ATTEMPTS"] = params["SYNTH_FILTER_ATTEMPTS"]
-    for key in ("warmup", "accuracy"):
-        if key in cond_info:
-            out[key] = cond_info[key]
+    if "warmup" in cond_info:  # its settings and result, not its (varying) wall time
+        out["warmup"] = {k: v for k, v in cond_info["warmup"].items() if k != "wall_s"}
+    if "accuracy" in cond_info:
+        out["accuracy"] = cond_info["accuracy"]
     return out
 
 
