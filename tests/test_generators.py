@@ -268,3 +268,28 @@ def test_killed_process_resumes_to_exact_counts(tmp_path):
     assert stats["generated"] == 7 - done_before
     assert len({r["file"] for r in rows}) == len(rows) == 7
     assert Counter(r["label"] for r in rows) == PLANNED
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("generator, gen_labels", [("pixel", "pseudo"), ("copy", "oracle")])
+def test_notebooks_03_04_rebalance_audit_and_record_the_generator(
+        run_notebooks, smoke_dataset_run, tmp_path, generator, gen_labels):
+    import shutil
+    for name in ("dataset.npz", "dataset.json"):
+        shutil.copy(smoke_dataset_run / name, tmp_path / name)
+    methods = ["rable"] if generator == "pixel" else ["rable+records"]
+    run_notebooks("03,04", tmp_path, GENERATOR=generator, GEN_LABELS=gen_labels, METHODS=methods)
+    settings = generators.read_settings(tmp_path)
+    assert settings["generator"] == generator and settings["cond_labels"] == gen_labels
+    assert 0 <= settings["accuracy"]["overall"] <= 1
+    result = json.loads((tmp_path / "synthetic" / "audit.json").read_text())
+    assert result["generator"] == generator and result["per_class"]
+    assert sum(r["n_synthetic"] for r in result["per_class"]) == len(manifest(tmp_path))
+    if generator == "copy":
+        assert all(r["memorisation"] == 1.0 for r in result["per_class"])
+    for fig in ("fig-audit.png", "fig-audit-closest.png", "fig-rebalanced.png"):
+        assert (tmp_path / fig).stat().st_size > 10_000
+    m = json.loads((tmp_path / f"metrics-{methods[0]}.json").read_text())
+    assert m["params"]["GENERATOR"] == generator and m["params"]["GEN_LABELS"] == gen_labels
+    assert m["params"]["synthetic"]["cond_sha1"] == settings["cond_sha1"]
+    assert m["n_synthetic"] == len(manifest(tmp_path)) > 0
