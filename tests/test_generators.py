@@ -60,7 +60,8 @@ def fitted(name, run_dir, **params):
 def fit_and_top_up(run_dir, name, on_image=None, **params):
     gen, settings = fitted(name, run_dir, **params)
     plan = generators.topup_plan(COUNTS, TARGET)
-    return generators.top_up(run_dir, gen, plan, CLASSES, settings, on_image=on_image)
+    return generators.top_up(run_dir, gen, plan, CLASSES, settings, batch_size=3,
+                             on_image=on_image)
 
 
 def manifest(run_dir):
@@ -87,16 +88,16 @@ def test_topup_plan_and_slots_are_deterministic():
 @pytest.mark.parametrize("name", ["copy", "pixel", "sd"])
 def test_every_backend_tops_up_exactly_and_resumes_without_duplicates(tmp_path, name):
     run = tmp_path / "run"
-    with pytest.raises(Stop):
+    with pytest.raises(Stop):  # batches of 3: cat 0, dog [0, 1], frog [0, 1, 2] [3, 4]
         fit_and_top_up(run, name, on_image=stop_after(4))
     out = run / "synthetic"
-    assert len(manifest(run)) == 4
+    assert len(manifest(run)) == 5  # the stop came after the second batch was recorded
     # Worst case of a kill: a file written without its manifest line, and a torn last line.
     (out / "frog" / "frog_00004.png").write_bytes(b"half a png")
     with open(out / "manifest.jsonl", "a") as f:
         f.write('{"file": "frog/frog_00003.png", "lab')
     stats = fit_and_top_up(run, name)
-    assert stats["generated"] == 3 and stats["skipped"] == 4
+    assert stats["generated"] == 2 and stats["skipped"] == 5
     rows = manifest(run)
     files = [r["file"] for r in rows]
     assert len(files) == len(set(files)) == 7

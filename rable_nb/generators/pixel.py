@@ -174,7 +174,7 @@ class PixelTrainer:
                                num_classes).to(self.dev)
         self.opt = torch.optim.AdamW(self.unet.parameters(), lr=p["PIXEL_LR"], weight_decay=0.0)
         self.ema = EMAModel(self.unet.parameters(), decay=p["PIXEL_EMA"], use_ema_warmup=True,
-                            power=2 / 3)
+                            power=2 / 3, foreach=True)
         self.sched = noise_scheduler()
         self.sched.alphas_cumprod = self.sched.alphas_cumprod.to(self.dev)
         self.x = torch.as_tensor(np.asarray(images), device=self.dev).permute(0, 3, 1, 2)

@@ -3,11 +3,11 @@
 Class c receives ``max(0, T − n_c)`` samples (T = ``TARGET_PER_CLASS``, default n_max; n_c
 counts the *conditioning* labels, see ``rable_nb.conditioning``). Every sample has a fixed
 slot (class, k) whose seed derives from (SEED, class, k), so the output does not depend on
-batching or interruptions. ``synthetic/manifest.jsonl`` is the source of truth: a sample is
-written atomically, then its manifest line is appended (``file``, ``label``, ``seed``,
-``generator``, ``cond_labels``, ``model_id``, ``prompt`` + what the backend adds). On resume
-a torn last line is dropped, files absent from the manifest are deleted, and only the
-missing slots are drawn. ``synthetic/settings.json`` records what made the folder; a top-up
+batching or interruptions. ``synthetic/manifest.jsonl`` is the source of truth: the samples
+of a batch are written atomically, then their manifest lines are appended and flushed
+(``file``, ``label``, ``seed``, ``generator``, ``cond_labels``, ``model_id``, ``prompt`` + what
+the backend adds). On resume a torn last line is dropped, files absent from the manifest
+are deleted, and only the missing slots are drawn. ``synthetic/settings.json`` records what made the folder; a top-up
 is never extended under other settings.
 
 Optional filter (``SYNTH_FILTER``): ``accept(samples, label)`` keeps a sample or rejects
@@ -135,8 +135,9 @@ def top_up(run_dir, generator, plan: dict, classes, settings: dict, seed: int = 
     todo_n = pending(run_dir, plan, classes, settings, generator.suffix)
     planned = _planned(plan, classes, generator.suffix)
     done = {r["file"] for r in jsonl.read(out / MANIFEST)}
+    model_id = generator.model_id() if todo_n else None
     stats = dict(planned=sum(plan.values()), skipped=sum(plan.values()) - todo_n, generated=0,
-                 seconds=0.0, generator=generator.name, model_id=generator.model_id())
+                 seconds=0.0, generator=generator.name, model_id=model_id)
     if accept:
         stats.update(rejected_draws=Counter(), kept_unaccepted=Counter())
     by_class = defaultdict(list)
@@ -149,20 +150,23 @@ def top_up(run_dir, generator, plan: dict, classes, settings: dict, seed: int = 
         for c, slots in by_class.items():
             for lo in range(0, len(slots), batch_size):
                 drawn = _draw(generator, c, slots[lo:lo + batch_size], seed, accept, max_attempts)
+                rows = []
                 for k in slots[lo:lo + batch_size]:
                     sample, fields = drawn[k]
-                    row = {**dict(file=planned[(c, k)], label=int(c), generator=generator.name,
-                                  cond_labels=settings["cond_labels"],
-                                  model_id=generator.model_id(), prompt=None), **fields}
-                    _save(sample, out / row["file"])
-                    jsonl.append(out / MANIFEST, [row])
-                    if stats["generated"] == 0:
-                        jsonl.record_settings(out / SETTINGS, settings)
-                    stats["generated"] += 1
+                    rows.append({**dict(file=planned[(c, k)], label=int(c),
+                                        generator=generator.name, model_id=model_id,
+                                        cond_labels=settings["cond_labels"], prompt=None),
+                                 **fields})
+                    _save(sample, out / rows[-1]["file"])
+                jsonl.append(out / MANIFEST, rows)  # one flush per batch, after its files
+                if stats["generated"] == 0:
+                    jsonl.record_settings(out / SETTINGS, settings)
+                stats["generated"] += len(rows)
+                bar.update(len(rows))
+                for row in rows:
                     if accept:
-                        stats["rejected_draws"][c] += fields["attempt"]
-                        stats["kept_unaccepted"][c] += not fields["accepted"]
-                    bar.update(1)
+                        stats["rejected_draws"][c] += row["attempt"]
+                        stats["kept_unaccepted"][c] += not row["accepted"]
                     if on_image:
                         on_image(row)
     stats["seconds"] = round(time.time() - start, 2)
