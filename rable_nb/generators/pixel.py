@@ -213,6 +213,24 @@ class PixelTrainer:
         self.step_no += 1
         return loss.detach()
 
+    def train(self, until: int, every: int, state_path: Path, settings: dict) -> None:
+        """Steps up to ``until`` (of ``PIXEL_STEPS``), logging the mean loss and saving the
+        state every ``every`` steps and at the end; a tqdm bar shows the loss."""
+        total, t0, n = torch.zeros((), device=self.dev), time.time(), 0
+        bar = tqdm(range(self.step_no, until), desc="pixel diffusion", unit="step",
+                   initial=self.step_no, total=self.p["PIXEL_STEPS"])
+        for _ in bar:
+            total += self.step()
+            n += 1
+            if self.step_no % every == 0 or self.step_no == until:
+                loss, secs = float(total) / n, time.time() - t0
+                self.log.append(dict(step=self.step_no, loss=loss,
+                                     images_per_s=n * self.p["PIXEL_BATCH"] / max(secs, 1e-9)))
+                bar.set_postfix(loss=f"{loss:.4f}")
+                self.save_state(state_path, settings)
+                total.zero_()
+                t0, n = time.time(), 0
+
     # -- state ----------------------------------------------------------------------------
     def save_state(self, path: Path, settings: dict) -> None:
         tensors = {f"model.{k}": v for k, v in self.unet.state_dict().items()}
@@ -254,45 +272,30 @@ class Pixel(Generator):
     """Class-conditional pixel-space diffusion (see the module docstring)."""
 
     name = "pixel"
-    PARAMS = ("PIXEL_CHANNELS", "PIXEL_LAYERS", "PIXEL_ATTENTION", "PIXEL_STEPS",
-              "PIXEL_BATCH", "PIXEL_LR", "PIXEL_EMA", "PIXEL_CFG_DROP", "PIXEL_BALANCE",
-              "PIXEL_GUIDANCE", "PIXEL_SAMPLER", "PIXEL_SAMPLE_STEPS", "SEED")
-    FIT_PARAMS = PARAMS[:9] + ("SEED",)  # what changes the trained weights
+    FIT_PARAMS = ("PIXEL_CHANNELS", "PIXEL_LAYERS", "PIXEL_ATTENTION", "PIXEL_STEPS",
+                  "PIXEL_BATCH", "PIXEL_LR", "PIXEL_EMA", "PIXEL_CFG_DROP", "PIXEL_BALANCE",
+                  "SEED")  # what changes the trained weights
+    PARAMS = FIT_PARAMS + ("PIXEL_GUIDANCE", "PIXEL_SAMPLER", "PIXEL_SAMPLE_STEPS")
 
     def fit(self, images_or_features, cond_labels, class_counts, params, run_dir) -> dict:
         """Train (resuming from ``generator/pixel-state.safetensors``) or load the finished
         EMA weights; ``done`` is False when ``GEN_STOP_AFTER`` stopped the fit early."""
         validate(params)
-        self.p = {k: params[k] for k in self.PARAMS}
+        self.p = {k: params.get(k) for k in self.PARAMS}
         self.batch = params.get("PIXEL_SAMPLE_BATCH") or self.batch
         self.dev = pick_device(params.get("DEVICE") or "auto")
         self.num_classes = len(class_counts)
         folder = Path(run_dir) / "generator"
-        fit_settings = {k: params[k] for k in self.FIT_PARAMS}
+        fit_settings = {k: params.get(k) for k in self.FIT_PARAMS}
         self.weights_path = folder / WEIGHTS
         if self._load_weights(fit_settings, images_or_features, cond_labels):
             return dict(done=True, loaded=str(self.weights_path), **self.info)
         tr = PixelTrainer(images_or_features, cond_labels, self.num_classes, params,
                           int(params.get("SEED") or 0), str(self.dev))
         resumed = tr.load_state(folder / STATE, fit_settings)
-        last = min(params["PIXEL_STEPS"], params.get("GEN_STOP_AFTER") or params["PIXEL_STEPS"])
-        every = params["PIXEL_CHECKPOINT_EVERY"]
-        total = torch.zeros((), device=tr.dev)
-        start, t0, n = tr.step_no, time.time(), 0
-        bar = tqdm(range(tr.step_no, last), desc="pixel diffusion", unit="step",
-                   initial=tr.step_no, total=params["PIXEL_STEPS"])
-        for _ in bar:
-            total += tr.step()
-            n += 1
-            if tr.step_no % every == 0 or tr.step_no == last:
-                loss = float(total) / n
-                secs = time.time() - t0
-                tr.log.append(dict(step=tr.step_no, loss=loss,
-                                   images_per_s=n * params["PIXEL_BATCH"] / max(secs, 1e-9)))
-                bar.set_postfix(loss=f"{loss:.4f}")
-                tr.save_state(folder / STATE, fit_settings)
-                total.zero_()
-                t0, n = time.time(), 0
+        start = tr.step_no
+        tr.train(min(params["PIXEL_STEPS"], params.get("GEN_STOP_AFTER") or params["PIXEL_STEPS"]),
+                 params["PIXEL_CHECKPOINT_EVERY"], folder / STATE, fit_settings)
         self.info = dict(parameters=sum(p.numel() for p in tr.unet.parameters()),
                          steps=tr.step_no, log=tr.log, resumed=resumed,
                          steps_this_call=tr.step_no - start, data=tr.data_key)
