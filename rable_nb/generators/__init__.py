@@ -6,11 +6,11 @@
 
 - ``sd``: the report's BLIP-2-caption + Stable Diffusion path (needs real weights a user
   brings; ``tiny`` = an offline random pipeline for tests);
-- ``pixel``: a class-conditional diffusion model trained from scratch on the long tail;
+- ``pixel``: a class-conditional flow-matching UNet trained from scratch on the long tail;
 - ``copy``: the control — random oversampling of the real images at the same counts.
 
 Profile defaults: ``smoke`` uses ``pixel`` (a tiny UNet, seconds on a CPU), ``quick`` uses
-``copy`` (a CPU cannot sample 37,594 diffusion images in the quick budget; ``pixel`` there is
+``copy`` (a CPU cannot sample 37,594 images of a UNet in the quick budget; ``pixel`` there is
 opt-in), ``paper`` uses ``sd``, the report's generator (pass ``-p GENERATOR pixel`` where no
 Stable Diffusion weights exist). Conditioning labels come from ``rable_nb.conditioning``.
 """
