@@ -154,7 +154,7 @@ def test_unknown_sd_model_id_gives_one_clear_error(tmp_path):
 def test_validate_rejects_bad_parameters():
     for name, bad in [("SD_SCHEDULER", "fastest"), ("SD_FILTER", "blur"), ("SD_SIZE", 30),
                       ("SD_PROMPT_TEMPLATE", "{nope}"), ("GENERATOR", "gan"),
-                      ("GEN_LABELS", "true"), ("WARMUP_EPOCHS", 0), ("PIXEL_SAMPLER", "euler"),
+                      ("GEN_LABELS", "true"), ("WARMUP_EPOCHS", 0), ("PIXEL_SAMPLER", "dpm++"),
                       ("PIXEL_CHANNELS", [8]), ("PIXEL_CHANNELS", [16, 30]),
                       ("PIXEL_BALANCE", 2), ("SYNTH_FILTER", "yes"), ("AUDIT_PER_CLASS", -1)]:
         with pytest.raises(ValueError, match=name):

@@ -156,6 +156,7 @@ class PixelTrainer:
     def __init__(self, images, cond_labels, num_classes: int, p: dict, seed: int = 0,
                  device: str = "auto"):
         from diffusers.training_utils import EMAModel
+        from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
 
         self.p, self.seed, self.num_classes = p, seed, num_classes
         self.dev = pick_device(device)
@@ -165,8 +166,7 @@ class PixelTrainer:
         self.opt = torch.optim.AdamW(self.unet.parameters(), lr=p["PIXEL_LR"], weight_decay=0.0)
         self.ema = EMAModel(self.unet.parameters(), decay=p["PIXEL_EMA"], use_ema_warmup=True,
                             power=2 / 3, foreach=True)
-        from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
-        self.flow = ConditionalFlowMatcher(sigma=0.0)
+        self.flow = ConditionalFlowMatcher(sigma=0.0)  # x_t = t·x₁ + (1 − t)·x₀, u_t = x₁ − x₀
         self.x = torch.as_tensor(np.asarray(images), device=self.dev).permute(0, 3, 1, 2)
         self.y = torch.as_tensor(np.asarray(cond_labels), device=self.dev).long()
         self.w = torch.as_tensor(class_weights(np.asarray(cond_labels), p["PIXEL_BALANCE"],
