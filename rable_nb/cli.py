@@ -38,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ray: GPUs each point needs (default 0; 0.5 = two points per GPU)")
 
     bench = sub.add_parser("bench", help="throughput benchmark; last line is one JSON object")
-    bench.add_argument("what", choices=("train", "synth", "augment"))
+    bench.add_argument("what", choices=("train", "synth", "gen", "augment"),
+                       help="train: a training step; synth: Stable Diffusion; gen: a generator "
+                            "backend; augment: the augmented views alone")
+    bench.add_argument("--generator", default="pixel",
+                       help="backend timed by `bench gen` (pixel; sd = `bench synth`)")
     bench.add_argument("--profile", default="smoke", help=f"one of {config.PROFILES}")
     bench.add_argument("--device", default="auto", help=f"one of {config.DEVICES}")
     bench.add_argument("--batch-size", type=int, nargs="*", help="batch size(s) to time")
@@ -72,13 +76,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.what == "augment":  # the views alone: independent of the profile
         from .augment import bench
-        result = bench(device=args.device, batch_sizes=args.batch_size)
+        print(json.dumps(bench(device=args.device, batch_sizes=args.batch_size)))
+        return 0
+    if args.what == "train":
+        from .training import bench
+    elif args.what == "synth" or args.generator == "sd":
+        from .generators.sd import bench
+    elif args.generator == "pixel":
+        from .generators.pixel import bench
     else:
-        if args.what == "train":
-            from .training import bench
-        else:
-            from .synthesis import bench
-        result = bench(profile=args.profile, device=args.device, batch_sizes=args.batch_size)
+        print(f"error: `bench gen` times 'pixel' or 'sd', not {args.generator!r}",
+              file=sys.stderr)
+        return 1
+    result = bench(profile=args.profile, device=args.device, batch_sizes=args.batch_size)
     print(json.dumps(result))
     return 0
 

@@ -168,7 +168,7 @@ def validate(params: dict) -> None:
 
 # -- stages ---------------------------------------------------------------------------------
 # Notebook (two-digit prefix) -> the rable_nb module that owns its parameters.
-NOTEBOOK_STAGES = {"00": "cost", "01": "dataset", "02": "captioning", "03": "synthesis",
+NOTEBOOK_STAGES = {"00": "cost", "01": "dataset", "02": "captioning", "03": "generators",
                    "04": "training", "05": "predictions", "06": "embedding", "07": "demo",
                    "08": "sweep"}
 

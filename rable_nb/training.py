@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import config, dataset, evaluation, methods, synthesis
+from . import config, dataset, evaluation, generators, methods
 from .methods._losses import uniform_confidence
 from .networks import PLLNet, pick_device, save_model, standardize, to_unit
 
@@ -351,10 +351,10 @@ def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int =
     x, cand, y = cifar.train_x[ds["indices"]], ds["candidates"], ds["labels"]
     n_synth = 0
     if "synthetic" in methods.data_sources(method):
-        sx, sy, rows = synthesis.load_synthetic(run_dir)
+        sx, sy, rows = generators.load_synthetic(run_dir)
         if not rows:
             raise FileNotFoundError(f"{Path(run_dir) / 'synthetic/manifest.jsonl'} is missing: "
-                                    f"run the synthesis notebook before training {method!r}.")
+                                    f"run notebook 03 before training {method!r}.")
         sc = synthetic_candidates(sy, ds["params"], synthetic_labels, cifar, sx, device)
         x, cand, y = np.concatenate([x, sx]), np.concatenate([cand, sc]), np.concatenate([y, sy])
         n_synth = len(sy)
@@ -474,7 +474,8 @@ def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int 
     metrics = {
         "method": cfg.method, "protocol": protocol,
         "params": {**{k: v for k, v in params.items() if k.isupper()}, "train": asdict(cfg),
-                   "dataset": params.get("dataset", {})},
+                   "dataset": params.get("dataset", {}),
+                   **({"synthetic": params["synthetic"]} if params.get("synthetic") else {})},
         "accuracy": evaluation.accuracy_block(history, result["final"]),
         "test_time_adjustment": result["adjusted"] is not None,
         "comparable_to_published": ("accuracy_adjusted" if result["adjusted"] is not None
@@ -617,11 +618,11 @@ def runnable_methods(names, run_dir, allow_skip: bool = False
     """
     validate({"METHODS": list(names)})
     skipped = {}
-    has_synthetic = bool(synthesis.manifest_rows(run_dir))
+    has_synthetic = bool(generators.manifest_rows(run_dir))
     for name in names:
         if "synthetic" in methods.data_sources(name) and not has_synthetic:
             skipped[name] = (f"no synthetic images in {Path(run_dir) / 'synthetic'} yet; run "
-                             "the synthesis notebook first")
+                             "notebook 03 first")
     if skipped and not allow_skip:
         raise ValueError("; ".join(f"METHODS has {m!r}, which cannot run: {why}"
                                    for m, why in skipped.items())
@@ -641,6 +642,9 @@ def run_method(method: str, P: dict, cifar, progress: bool = True) -> dict:
               f"{result['trainer'].total_epochs} "
               "(STOP_AFTER); run again to resume.")
         return {}
-    metrics = finish(result, P["RUN_DIR"], {**P, "dataset": data["dataset_params"]},
+    synthetic = generators.read_settings(P["RUN_DIR"]) if data["n_synthetic"] else {}
+    marks = (dict(GENERATOR=synthetic.get("generator"), GEN_LABELS=synthetic.get("cond_labels"),
+                  synthetic=synthetic) if synthetic else {})
+    metrics = finish(result, P["RUN_DIR"], {**P, "dataset": data["dataset_params"], **marks},
                      protocol_name(P, data["dataset_params"]), data["n_synthetic"])
     return metrics

@@ -1,0 +1,247 @@
+"""Audit of synthetic images (every backend): label fidelity, mode collapse, realism,
+diversity and memorisation, scored by a *judge* classifier.
+
+Judge: the classifier trained on clean, balanced CIFAR-10 that the package already trains
+and caches for instance-dependent candidate labels (``dataset.clean_classifier``, profile
+settings ``CLEAN_*``); its features are its penultimate (backbone) outputs. Per class c
+with synthetic images (at most ``per_class`` of them, a seeded subset):
+
+- **judge accuracy**: share of synthetic images of c that the judge classifies as c, beside
+  its accuracy on real test images of c; the **confusion matrix** (rows: intended class,
+  columns: judge prediction) shows a collapse onto few classes as a dominant column.
+- **FD-judge**: Fréchet distance ‖μ_s − μ_r‖² + tr(Σ_s + Σ_r − 2(Σ_sΣ_r)^½) between
+  Gaussians fitted to the judge features of the synthetic images of c and of the real test
+  images of c (Heusel et al., 2017, computed in the judge's feature space instead of
+  Inception's: it is *not* FID and not comparable with published FIDs). Reference: the same
+  distance for the real long-tailed training images of c. Few samples bias it upwards.
+- **diversity**: mean pairwise Euclidean distance of the judge features of the synthetic
+  images of c divided by the same for real test images of c (1 = as diverse as real data,
+  0 = one image repeated).
+- **memorisation**: d(x) = min over the long-tailed training images t and their mirror
+  images of the RMS pixel difference ‖x − t‖₂/√3072 (pixels in [0, 1]). The threshold τ_c is
+  the ``ALPHA`` = 5 % quantile of d over real *test* images of c, i.e. of how close real
+  images that were never trained on come to the training images. Memorisation = share of
+  synthetic images of c with d(x) < τ_c: about 0.05 for a generator that draws fresh
+  images, 1 for exact copies (the ``copy`` backend).
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from . import dataset
+from .networks import normalize, pick_device
+
+ALPHA = 0.05
+DIVERSITY_MAX = 500  # images per class for the O(n²) pairwise distances
+
+
+@torch.no_grad()
+def judge_outputs(judge, x_uint8, batch: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """(penultimate features float64 N×D, predicted classes) of the judge on uint8 images."""
+    judge.eval()
+    dev = next(judge.parameters()).device
+    feats, preds = [], []
+    for i in range(0, len(x_uint8), batch):
+        f = judge[0](normalize(torch.as_tensor(np.asarray(x_uint8[i:i + batch]), device=dev)))
+        feats.append(f.double().cpu())
+        preds.append(judge[1](f).argmax(1).cpu())
+    if not feats:
+        return np.zeros((0, 1)), np.zeros(0, np.int64)
+    return torch.cat(feats).numpy(), torch.cat(preds).numpy()
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Fréchet distance between Gaussians fitted to the rows of a and b (None if n < 2)."""
+    from scipy import linalg
+    if len(a) < 2 or len(b) < 2:
+        return None
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    with warnings.catch_warnings():  # singular when n <= feature dim: the bias noted above
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        root = linalg.sqrtm(cov_a @ cov_b)
+    root = root.real if np.iscomplexobj(root) else root
+    return float(max(0.0, ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root)))
+
+
+def mean_pairwise(features: np.ndarray, seed: int = 0) -> float | None:
+    """Mean Euclidean distance over distinct pairs (a seeded subset of DIVERSITY_MAX rows)."""
+    if len(features) < 2:
+        return None
+    if len(features) > DIVERSITY_MAX:
+        features = features[np.random.default_rng(seed).choice(len(features), DIVERSITY_MAX,
+                                                                replace=False)]
+    d = torch.cdist(torch.as_tensor(features), torch.as_tensor(features))
+    n = len(features)
+    return float(d.sum() / (n * (n - 1)))
+
+
+@torch.no_grad()
+def nearest_train(x_uint8, train_uint8, device: str = "auto", chunk: int = 1024):
+    """(RMS pixel distance, index) of each image's nearest training image or its mirror."""
+    dev = pick_device(device)
+    flat = lambda a: torch.as_tensor(np.asarray(a), device=dev).float().div(255).flatten(1)  # noqa: E731
+    train = torch.as_tensor(np.asarray(train_uint8), device=dev)
+    bank = torch.cat([flat(train), flat(train.flip(2))])  # N×H×W×3: flip(2) mirrors width
+    n_train = len(train)
+    dists, idx = [], []
+    for i in range(0, len(x_uint8), chunk):
+        d = torch.cdist(flat(x_uint8[i:i + chunk]), bank).min(1)
+        dists.append(d.values.cpu())
+        idx.append((d.indices % n_train).cpu())
+    if not dists:
+        return np.zeros(0), np.zeros(0, np.int64)
+    scale = float(np.sqrt(bank.shape[1]))
+    return (torch.cat(dists) / scale).numpy(), torch.cat(idx).numpy()
+
+
+def _subset(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
+    if per_class is None:
+        return np.arange(len(labels))
+    return dataset.balanced_subset(labels, per_class, seed)
+
+
+def audit(syn_x, syn_y, train_x, train_y, test_x, test_y, judge, classes,
+          per_class: int | None = None, seed: int = 0, device: str = "auto") -> dict:
+    """Per-class audit of synthetic images (see the module docstring) as a JSON-able dict.
+
+    ``train_y`` (the hidden truth) is used only to pick each class's real training images for
+    the FD-judge reference: the audit is an evaluation, not part of learning.
+    """
+    c_num = len(classes)
+    keep = _subset(syn_y, per_class, seed)
+    sx, sy = np.asarray(syn_x)[keep], np.asarray(syn_y)[keep]
+    s_feat, s_pred = judge_outputs(judge, sx)
+    t_feat, t_pred = judge_outputs(judge, test_x)
+    r_feat, _ = judge_outputs(judge, train_x)
+    s_dist, s_near = nearest_train(sx, train_x, device)
+    ref = _subset(test_y, per_class, seed)
+    t_dist, _ = nearest_train(test_x[ref], train_x, device)
+    confusion = np.zeros((c_num, c_num), np.int64)
+    np.add.at(confusion, (sy, s_pred), 1)
+    rows = []
+    for c in np.unique(syn_y):
+        s, t, r = sy == c, test_y == c, train_y == c
+        tau = float(np.quantile(t_dist[test_y[ref] == c], ALPHA)) if (test_y[ref] == c).any() else None
+        real_div = mean_pairwise(t_feat[t], seed)
+        syn_div = mean_pairwise(s_feat[s], seed)
+        rows.append(dict(
+            label=int(c), name=classes[c], n_synthetic=int((np.asarray(syn_y) == c).sum()),
+            n_audited=int(s.sum()),
+            judge_accuracy=float((s_pred[s] == c).mean()) if s.any() else None,
+            judge_accuracy_real=float((t_pred[t] == c).mean()) if t.any() else None,
+            fd_judge=frechet_distance(s_feat[s], t_feat[t]),
+            fd_judge_real_train=frechet_distance(r_feat[r], t_feat[t]),
+            diversity=(syn_div / real_div) if syn_div is not None and real_div else None,
+            memorisation=float((s_dist[s] < tau).mean()) if tau is not None and s.any() else None,
+            tau=tau, median_nn_distance=float(np.median(s_dist[s])) if s.any() else None))
+    n = len(sy)
+    overall = dict(n_audited=n, judge_accuracy=float((s_pred == sy).mean()) if n else None,
+                   memorisation=float(np.mean([(s_dist[sy == r["label"]] < r["tau"]).mean()
+                                               for r in rows if r["tau"] is not None]))
+                   if rows else None)
+    closest = np.argsort(s_dist)[:16]
+    return dict(alpha=ALPHA, per_class=rows, overall=overall, confusion=confusion.tolist(),
+                closest=[dict(synthetic=int(keep[i]), train_row=int(s_near[i]),
+                              distance=float(s_dist[i]), label=int(sy[i])) for i in closest])
+
+
+def run(run_dir, cifar, ds, params: dict, device: str = "auto") -> dict:
+    """Audit ``run_dir/synthetic`` with the profile's judge; writes ``synthetic/audit.json``,
+    ``fig-audit.png`` and ``fig-audit-closest.png``; returns the audit."""
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    from . import config, viz
+    from .generators import describe, load_synthetic, read_settings
+
+    run_dir = Path(run_dir)
+    judge, judge_info = dataset.clean_classifier(
+        cifar, params["CLEAN_ARCH"], params["CLEAN_EPOCHS"], params.get("SEED") or 0, device,
+        params.get("CLEAN_PER_CLASS") or None)
+    syn_x, syn_y, _ = load_synthetic(run_dir)
+    test = dataset.balanced_subset(cifar.test_y, params["N_TEST_PER_CLASS"], params.get("SEED") or 0)
+    train_x = cifar.train_x[ds["indices"]]
+    settings = read_settings(run_dir)
+    result = audit(syn_x, syn_y, train_x, ds["labels"], cifar.test_x[test], cifar.test_y[test],
+                   judge, cifar.classes, params.get("AUDIT_PER_CLASS") or None,
+                   params.get("SEED") or 0, device)
+    result = dict(generator=settings.get("generator"), cond_labels=settings.get("cond_labels"),
+                  judge=judge_info, **result)
+    config.write_json(run_dir / "synthetic" / "audit.json", result)
+    title = f"synthetic-data audit: {describe(settings)}"
+    for name, fig in (("fig-audit.png", audit_figure(result, cifar.classes, title)),
+                      ("fig-audit-closest.png",
+                       closest_figure(result, syn_x, train_x, cifar.classes, title))):
+        viz.save(fig, run_dir / name)
+        plt.close(fig)
+    return result
+
+
+def table(result: dict):
+    """The per-class audit as a pandas DataFrame."""
+    import pandas as pd
+    cols = ["name", "n_synthetic", "judge_accuracy", "judge_accuracy_real", "fd_judge",
+            "fd_judge_real_train", "diversity", "memorisation"]
+    return pd.DataFrame([{k: r[k] for k in cols} for r in result["per_class"]]).set_index("name")
+
+
+def audit_figure(result: dict, classes, title: str = ""):
+    """Confusion matrix + per-class judge accuracy, FD-judge, diversity and memorisation."""
+    import matplotlib.pyplot as plt
+
+    rows = result["per_class"]
+    names = [r["name"] for r in rows]
+    x = np.arange(len(rows))
+    val = lambda key: [np.nan if r[key] is None else r[key] for r in rows]  # noqa: E731
+    fig, ax = plt.subplots(1, 4, figsize=(18, 4))
+    conf = np.asarray(result["confusion"], float)
+    shown = conf[[r["label"] for r in rows]]
+    ax[0].imshow(shown / np.maximum(shown.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+    ax[0].set(title="judge prediction (row-normalised)", yticks=x,
+              xticks=range(len(classes)), xlabel="judge's class", ylabel="intended class")
+    ax[0].set_yticklabels(names, fontsize=7)
+    ax[0].set_xticklabels(classes, rotation=90, fontsize=7)
+    for a, (key_s, key_r, label_s, label_r, name) in zip(ax[1:3], (
+            ("judge_accuracy", "judge_accuracy_real", "synthetic", "real test", "judge accuracy"),
+            ("fd_judge", "fd_judge_real_train", "synthetic", "real train", "FD-judge to real test"))):
+        a.bar(x - 0.2, val(key_s), 0.4, label=label_s, color="tab:orange")
+        a.bar(x + 0.2, val(key_r), 0.4, label=label_r, color="tab:blue")
+        a.set_xticks(x, names, rotation=45, ha="right", fontsize=7)
+        a.set(title=name)
+        a.legend(fontsize=7)
+    ax[3].bar(x - 0.2, val("diversity"), 0.4, label="diversity (real = 1)", color="tab:green")
+    ax[3].bar(x + 0.2, val("memorisation"), 0.4, label="memorisation share", color="tab:red")
+    ax[3].axhline(result["alpha"], color="tab:red", ls=":", lw=1,
+                  label=f"memorisation of fresh real images ({result['alpha']})")
+    ax[3].set_xticks(x, names, rotation=45, ha="right", fontsize=7)
+    ax[3].set(title="diversity and memorisation", ylim=(0, 1.25))
+    ax[3].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def closest_figure(result: dict, syn_x, train_x, classes, title: str = "", n: int = 8):
+    """The n synthetic images closest to a training image, each above its nearest neighbour."""
+    import matplotlib.pyplot as plt
+
+    pairs = result["closest"][:n]
+    fig, axes = plt.subplots(2, max(len(pairs), 1), figsize=(1.6 * max(len(pairs), 1), 3.8),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, p in enumerate(pairs):
+        axes[0, i].imshow(syn_x[p["synthetic"]])
+        axes[0, i].set_title(f"{classes[p['label']][:6]}\nd={p['distance']:.3f}", fontsize=7)
+        axes[1, i].imshow(train_x[p["train_row"]])
+    axes[0, 0].text(-4, 16, "synthetic", rotation=90, va="center", ha="right", fontsize=8)
+    axes[1, 0].text(-4, 16, "nearest\ntraining", rotation=90, va="center", ha="right", fontsize=8)
+    fig.suptitle(title + " — closest pairs (RMS pixel distance, mirrors included)", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,87 @@
+"""Generator backends for the top-up of the rare classes (stage 03), one file each.
+
+``GENERATOR`` picks one by name (``GENERATORS``); every backend implements
+``base.Generator`` (``fit``, ``generate``/``sample``), and the one top-up writer of
+``topup`` (slot seeds, crash-safe manifest, resume) serves them all:
+
+- ``sd``: the report's BLIP-2-caption + Stable Diffusion path (needs real weights a user
+  brings; ``tiny`` = an offline random pipeline for tests);
+- ``pixel``: a class-conditional flow-matching UNet trained from scratch on the long tail;
+- ``copy``: the control — random oversampling of the real images at the same counts.
+
+Profile defaults: ``smoke`` uses ``pixel`` (a tiny UNet, seconds on a CPU), ``quick`` uses
+``copy`` (a CPU cannot sample 37,594 images of a UNet in the quick budget; ``pixel`` there is
+opt-in), ``paper`` uses ``sd``, the report's generator (pass ``-p GENERATOR pixel`` where no
+Stable Diffusion weights exist). Conditioning labels come from ``rable_nb.conditioning``.
+"""
+from __future__ import annotations
+
+from .. import captioning, config
+from ..networks import BACKBONES
+from . import copy, pixel, sd
+from .base import Generator, slot_seed
+from .topup import (REPORT_TOPUP, describe, load_synthetic, manifest_rows, pending,
+                    read_settings, rebalanced_figure, side_by_side, synthetic_counts, top_up,
+                    topup_plan)
+
+GENERATORS: dict[str, type[Generator]] = {"sd": sd.SD, "pixel": pixel.Pixel, "copy": copy.Copy}
+
+# AUDIT_PER_CLASS: synthetic (and reference test) images audited per class, 0 = all.
+_COMMON = dict(GEN_LABELS="pseudo", SYNTH_FILTER=False, SYNTH_FILTER_ATTEMPTS=10)
+PROFILE_DEFAULTS: dict[str, dict] = {
+    "smoke": dict(_COMMON, GENERATOR="pixel", WARMUP_ARCH="tiny_cnn", WARMUP_EPOCHS=2,
+                  WARMUP_BATCH=64, WARMUP_LR=0.01, PIXEL_SAMPLE_BATCH=16, AUDIT_PER_CLASS=0,
+                  TARGET_PER_CLASS=captioning.PROFILE_DEFAULTS["smoke"]["TARGET_PER_CLASS"]),
+    "quick": dict(_COMMON, GENERATOR="copy", WARMUP_ARCH="mini_cnn", WARMUP_EPOCHS=10,
+                  WARMUP_BATCH=128, WARMUP_LR=0.05, PIXEL_SAMPLE_BATCH=256, AUDIT_PER_CLASS=1000),
+    "paper": dict(_COMMON, GENERATOR="sd", WARMUP_ARCH="resnet18", WARMUP_EPOCHS=100,
+                  WARMUP_BATCH=256, WARMUP_LR=0.01, PIXEL_SAMPLE_BATCH=2048, AUDIT_PER_CLASS=0),
+}
+for _name, _defaults in PROFILE_DEFAULTS.items():
+    _defaults.update({**sd.PROFILE_DEFAULTS[_name], **pixel.PROFILE_DEFAULTS[_name]})
+
+
+def get(name: str) -> Generator:
+    """A new backend by name; ``ValueError`` naming the choices for anything else."""
+    if name not in GENERATORS:
+        raise ValueError(f"GENERATOR={name!r} is invalid: one of {sorted(GENERATORS)}.")
+    return GENERATORS[name]()
+
+
+def validate(params: dict) -> None:
+    """Clear ``ValueError`` for every parameter of the generation stage."""
+    from .. import conditioning  # imports the trainer, which imports this package
+    captioning.validate({"TARGET_PER_CLASS": params.get("TARGET_PER_CLASS")})
+    conditioning.validate(params)
+    config.check(params, {
+        "GENERATOR": config.one_of(sorted(GENERATORS)),
+        "SYNTH_FILTER": config.BOOLEAN, "SYNTH_FILTER_ATTEMPTS": config.integer(1),
+        "GEN_STOP_AFTER": config.integer(1), "PIXEL_SAMPLE_BATCH": config.integer(1),
+        "AUDIT_PER_CLASS": config.integer(0),
+        "WARMUP_ARCH": config.one_of(sorted(BACKBONES)), "WARMUP_BATCH": config.integer(1),
+        "WARMUP_LR": config.number(0, low_open=True),
+    })
+    sd.validate(params)
+    pixel.validate(params)
+
+
+def topup_settings(generator: Generator, params: dict, cond_info: dict) -> dict:
+    """What defines a top-up folder (``synthetic/settings.json``): the backend's parameters,
+    seed, target, filter and the conditioning labels (kind, fingerprint, warm-up)."""
+    out = dict(generator.settings(params), SEED=params.get("SEED") or 0,
+               TARGET_PER_CLASS=params.get("TARGET_PER_CLASS"),
+               SYNTH_FILTER=bool(params.get("SYNTH_FILTER")), cond_labels=cond_info["gen_labels"],
+               cond_sha1=cond_info["sha1"])
+    if params.get("SYNTH_FILTER"):
+        out["SYNTH_FILTER_ATTEMPTS"] = params["SYNTH_FILTER_ATTEMPTS"]
+    if "warmup" in cond_info:  # its settings and result, not its (varying) wall time
+        out["warmup"] = {k: v for k, v in cond_info["warmup"].items() if k != "wall_s"}
+    if "accuracy" in cond_info:
+        out["accuracy"] = cond_info["accuracy"]
+    return out
+
+
+__all__ = ["GENERATORS", "PROFILE_DEFAULTS", "REPORT_TOPUP", "Generator", "describe", "get",
+           "load_synthetic", "manifest_rows", "pending", "read_settings", "rebalanced_figure",
+           "side_by_side", "slot_seed", "synthetic_counts", "top_up", "topup_plan",
+           "topup_settings", "validate"]

@@ -1,0 +1,54 @@
+"""The interface every generator backend implements, and the seed of a top-up slot.
+
+A backend is fitted on the long-tailed training data with *conditioning labels* (pseudo-labels
+or the hidden truth, see ``rable_nb.conditioning``) and then draws samples of a class:
+
+- ``fit(images_or_features, cond_labels, class_counts, params, run_dir) -> dict`` trains,
+  loads or simply stores what it needs (resumable; returns what it did, ``done`` False when
+  a step budget stopped it early);
+- ``generate(label, seeds) -> (samples, extras)``: one sample per seed; sample i depends only
+  on (label, seeds[i]), so a top-up does not depend on batching or interruptions. ``extras``
+  holds one dict per sample that goes into its manifest row (e.g. the prompt);
+- ``sample(label, n, seed)``: n samples of a class, drawn from the slot seeds of ``seed``.
+
+Samples are uint8 32×32×3 images (written as PNG) or 1-D feature vectors (written as
+``.npy``). ``PARAMS`` names the notebook parameters that change a backend's output: they are
+recorded in ``synthetic/settings.json``, and a top-up is never extended under other values.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def slot_seed(seed: int, label: int, k: int, attempt: int = 0) -> int:
+    """Seed of the k-th synthetic sample of a class (independent of batching); ``attempt``
+    > 0 gives the seeds of redraws after a sample was filtered out."""
+    key = [seed, label, k] + ([attempt] if attempt else [])
+    return int(np.random.SeedSequence(key).generate_state(1)[0])
+
+
+class Generator:
+    """Base class of a generator backend (see the module docstring)."""
+
+    name = ""
+    PARAMS: tuple[str, ...] = ()
+    suffix = ".png"  # file type of one sample in synthetic/<class>/
+    batch = 64  # samples per ``generate`` call of a top-up (a backend's fit may set it)
+
+    def fit(self, images_or_features, cond_labels, class_counts, params: dict, run_dir) -> dict:
+        raise NotImplementedError
+
+    def generate(self, label: int, seeds) -> tuple[np.ndarray, list[dict]]:
+        raise NotImplementedError
+
+    def sample(self, label: int, n: int, seed: int = 0) -> np.ndarray:
+        """``n`` samples of class ``label``: the first n slots of a top-up with ``seed``."""
+        return self.generate(label, [slot_seed(seed, label, k) for k in range(n)])[0]
+
+    def settings(self, params: dict) -> dict:
+        """The parameters that define this backend's output (compared on resume)."""
+        return {"generator": self.name, **{k: params.get(k) for k in self.PARAMS}}
+
+    def model_id(self) -> str:
+        """What produced the samples, for the manifest (a hub id, a checkpoint, 'copy')."""
+        return self.name

@@ -1,0 +1,399 @@
+"""Backend ``pixel``: a class-conditional flow-matching model trained from scratch on the
+long-tailed training images (no pretrained weights anywhere).
+
+- Network: diffusers ``UNet2DModel`` at 32×32 with a class embedding
+  (``num_class_embeds`` = C + 1: the extra index is the *null* class of classifier-free
+  guidance), ``PIXEL_CHANNELS`` per resolution level, ``PIXEL_LAYERS`` ResNet blocks per
+  level, self-attention at the levels in ``PIXEL_ATTENTION`` (and in the middle block).
+- Training: conditional flow matching with independent coupling (Lipman et al., 2023;
+  Tong et al., 2024; torchcfm's ``ConditionalFlowMatcher`` with σ = 0): for noise x₀ ~ N(0, I),
+  an image x₁ (scaled to [−1, 1], randomly mirrored) and t ~ U(0, 1), the network v_θ(x_t, t, c)
+  regresses the velocity u_t = x₁ − x₀ at x_t = t·x₁ + (1 − t)·x₀ (MSE); the UNet reads
+  t·999 as its timestep. Classifier-free guidance (Ho & Salimans, 2022): the label is
+  replaced by the null class with probability ``PIXEL_CFG_DROP``. Batches are drawn with
+  per-image weight n_c^(−``PIXEL_BALANCE``) (1 = class-balanced, 0 = natural frequencies)
+  over the *conditioning* labels. AdamW with a linear warm-up, gradient clipping at 1, EMA
+  weights (diffusers ``EMAModel`` with its warm-up) for sampling, bf16 autocast on CUDA.
+- Sampling: the ODE dx/dt = v from t = 0 (noise) to 1 (image), integrated by torchdiffeq
+  (``PIXEL_SAMPLER`` = euler, midpoint or rk4) in ``PIXEL_SAMPLE_STEPS`` fixed steps, with
+  the guided velocity v = v(∅) + w·(v(c) − v(∅)), w = ``PIXEL_GUIDANCE`` (two network
+  evaluations per function call when w ≠ 1). The starting noise of a sample comes from its
+  own seed, so a sample depends only on its slot.
+- Every ``PIXEL_CHECKPOINT_EVERY`` steps the whole state (UNet, AdamW, EMA, step, loss
+  log) goes to ``generator/pixel-state.safetensors``; every step's randomness comes from a
+  generator seeded by (SEED, step), so a resumed fit ends with the same weights as an
+  uninterrupted one. ``GEN_STOP_AFTER`` stops after that many steps in total (to split a
+  long fit across commands). The EMA weights of a finished fit go to
+  ``generator/pixel.safetensors``.
+
+Why flow matching rather than ε-diffusion: with the same 1.07 M-parameter UNet, data (200
+CIFAR-10 images per class), 600 steps of batch 32 and 2 × 10 network evaluations per sample
+on a CPU, flow matching (Euler) reached FD-judge 2.02 and judge accuracy 0.49, ε-diffusion
+(cosine schedule, DPM-Solver++) 5.46 and 0.21 (README, "Generative rebalancing").
+Reference code read, not copied: torchcfm ``examples/images/cifar10/train_cifar10.py``
+(training step, lr 2e-4 with warm-up, clipping, EMA 0.9999) and diffusers
+``src/diffusers/models/unets/unet_2d.py`` (class embedding).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .. import config
+from ..networks import pick_device
+from .base import Generator
+from .topup import REPORT_TOPUP
+
+SAMPLERS = {"euler": 1, "midpoint": 2, "rk4": 4}  # torchdiffeq method: calls per step
+TIME_SCALE = 999  # t in [0, 1] → the UNet's timestep input
+STATE, WEIGHTS = "pixel-state.safetensors", "pixel.safetensors"
+
+PROFILE_DEFAULTS = {
+    # smoke: a 0.17M-parameter UNet, 20 steps of batch 16 on CPU (seconds).
+    "smoke": dict(PIXEL_CHANNELS=[16, 32], PIXEL_LAYERS=1, PIXEL_ATTENTION=[], PIXEL_STEPS=20,
+                  PIXEL_BATCH=16, PIXEL_LR=1e-3, PIXEL_CHECKPOINT_EVERY=10,
+                  PIXEL_SAMPLE_STEPS=4),
+    # quick: a 1.07M-parameter UNet for a CPU: ~60 training img/s and ~10 samples/s on one
+    # core (README), so 1000 steps of 64 take ~18 min; top up with TARGET_PER_CLASS ~1000.
+    "quick": dict(PIXEL_CHANNELS=[32, 64, 64], PIXEL_LAYERS=1, PIXEL_ATTENTION=[],
+                  PIXEL_STEPS=1000, PIXEL_BATCH=64, PIXEL_LR=4e-4, PIXEL_CHECKPOINT_EVERY=100,
+                  PIXEL_SAMPLE_STEPS=8),
+    # paper: an 8.95M-parameter UNet (attention at 16×16 and in the middle), 20k steps of
+    # batch 256 = 5.1M images (~17 min at the 4.9k img/s measured on an H100 for an 8M UNet);
+    # lr 4e-4 = torchcfm's 2e-4 at batch 128, scaled to batch 256.
+    "paper": dict(PIXEL_CHANNELS=[64, 128, 128, 128], PIXEL_LAYERS=2, PIXEL_ATTENTION=[1],
+                  PIXEL_STEPS=20000, PIXEL_BATCH=256, PIXEL_LR=4e-4,
+                  PIXEL_CHECKPOINT_EVERY=1000, PIXEL_SAMPLE_STEPS=20),
+}
+for _p in PROFILE_DEFAULTS.values():
+    _p.update(PIXEL_EMA=0.9999, PIXEL_CFG_DROP=0.1, PIXEL_GUIDANCE=2.0, PIXEL_SAMPLER="euler",
+              PIXEL_BALANCE=1.0)
+
+
+def validate(params: dict) -> None:
+    """Clear ``ValueError`` for bad ``PIXEL_*`` parameters."""
+    def ints(v, lo=1):
+        return isinstance(v, (list, tuple)) and all(config.is_int(c) and c >= lo for c in v)
+    config.check(params, {
+        "PIXEL_CHANNELS": (lambda v: ints(v, 8) and len(v) >= 2 and
+                           all(c % _groups(v) == 0 for c in v),
+                           f"a list of >= 2 channel counts, each >= 8 and a multiple of "
+                           f"channels[0] // 4 (e.g. {PROFILE_DEFAULTS['smoke']['PIXEL_CHANNELS']})"),
+        "PIXEL_LAYERS": config.integer(1),
+        "PIXEL_ATTENTION": (lambda v: ints(v, 0), "a list of resolution levels (0 = 32×32)"),
+        "PIXEL_STEPS": config.integer(1),
+        "PIXEL_BATCH": config.integer(1),
+        "PIXEL_LR": config.number(0, low_open=True),
+        "PIXEL_EMA": config.number(0, 1, high_open=True),
+        "PIXEL_CFG_DROP": config.number(0, 1, high_open=True),
+        "PIXEL_GUIDANCE": config.number(0),
+        "PIXEL_SAMPLER": config.one_of(sorted(SAMPLERS)),
+        "PIXEL_SAMPLE_STEPS": config.integer(1),
+        "PIXEL_CHECKPOINT_EVERY": config.integer(1),
+        "PIXEL_BALANCE": config.number(0, 1),
+    })
+    levels = params.get("PIXEL_ATTENTION") or []
+    if params.get("PIXEL_CHANNELS") and any(i >= len(params["PIXEL_CHANNELS"]) for i in levels):
+        raise ValueError(f"PIXEL_ATTENTION={levels!r} is invalid: levels run from 0 to "
+                         f"{len(params['PIXEL_CHANNELS']) - 1} (one per PIXEL_CHANNELS entry).")
+
+
+def _groups(channels) -> int:
+    """GroupNorm groups: channels[0] // 4, at most 32 (DDPM's 32 groups at 128 channels)."""
+    return max(1, min(32, channels[0] // 4))
+
+
+def build_unet(channels, layers: int, attention, num_classes: int):
+    """Class-conditional UNet2DModel for 32×32 RGB; class index ``num_classes`` = null."""
+    from diffusers import UNet2DModel
+
+    down = tuple("AttnDownBlock2D" if i in attention else "DownBlock2D"
+                 for i in range(len(channels)))
+    up = tuple("AttnUpBlock2D" if i in attention else "UpBlock2D"
+               for i in reversed(range(len(channels))))
+    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3,
+                       block_out_channels=tuple(channels), layers_per_block=layers,
+                       down_block_types=down, up_block_types=up,
+                       norm_num_groups=_groups(channels), attention_head_dim=min(32, channels[0]),
+                       num_class_embeds=num_classes + 1)
+
+
+def class_weights(cond_labels: np.ndarray, balance: float, num_classes: int) -> np.ndarray:
+    """Per-image sampling weight n_c^(−balance) (balance 1: every class equally often)."""
+    counts = np.bincount(cond_labels, minlength=num_classes).astype(np.float64)
+    return 1.0 / np.maximum(counts, 1)[cond_labels] ** balance
+
+
+def _fingerprint(images: np.ndarray, cond_labels: np.ndarray) -> str:
+    h = hashlib.sha1()
+    for arr in (images, cond_labels):
+        arr = np.ascontiguousarray(arr)
+        h.update(f"{arr.shape}{arr.dtype}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[−1, 1] N×3×H×W → uint8 N×H×W×3."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+class PixelTrainer:
+    """UNet, AdamW, EMA and data of one fit; ``step()`` is one optimisation step."""
+
+    def __init__(self, images, cond_labels, num_classes: int, p: dict, seed: int = 0,
+                 device: str = "auto"):
+        from diffusers.training_utils import EMAModel
+        from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
+
+        self.p, self.seed, self.num_classes = p, seed, num_classes
+        self.dev = pick_device(device)
+        torch.manual_seed(seed)
+        self.unet = build_unet(p["PIXEL_CHANNELS"], p["PIXEL_LAYERS"], p["PIXEL_ATTENTION"],
+                               num_classes).to(self.dev)
+        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=p["PIXEL_LR"], weight_decay=0.0)
+        self.ema = EMAModel(self.unet.parameters(), decay=p["PIXEL_EMA"], use_ema_warmup=True,
+                            power=2 / 3, foreach=True)
+        self.flow = ConditionalFlowMatcher(sigma=0.0)  # x_t = t·x₁ + (1 − t)·x₀, u_t = x₁ − x₀
+        self.x = torch.as_tensor(np.asarray(images), device=self.dev).permute(0, 3, 1, 2)
+        self.y = torch.as_tensor(np.asarray(cond_labels), device=self.dev).long()
+        self.w = torch.as_tensor(class_weights(np.asarray(cond_labels), p["PIXEL_BALANCE"],
+                                               num_classes), device=self.dev)
+        self.step_no, self.log = 0, []
+        self.data_key = _fingerprint(np.asarray(images), np.asarray(cond_labels))
+
+    def lr(self, step: int) -> float:
+        warmup = min(500, max(1, self.p["PIXEL_STEPS"] // 10))
+        return self.p["PIXEL_LR"] * min(1.0, (step + 1) / warmup)
+
+    def step(self) -> torch.Tensor:
+        """One step; its randomness comes from a generator seeded by (seed, step)."""
+        b, dev = self.p["PIXEL_BATCH"], self.dev
+        g = torch.Generator(device=dev).manual_seed(self.seed * 1_000_003 + self.step_no)
+        idx = torch.multinomial(self.w, b, replacement=True, generator=g)
+        x = self.x[idx].float().div(127.5).sub(1)
+        flip = torch.rand(b, device=dev, generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        labels = self.y[idx].masked_fill(
+            torch.rand(b, device=dev, generator=g) < self.p["PIXEL_CFG_DROP"], self.num_classes)
+        noise = torch.randn(x.shape, device=dev, generator=g)
+        t = torch.rand(b, device=dev, generator=g)
+        t, xt, ut = self.flow.sample_location_and_conditional_flow(noise, x, t)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            pred = self.unet(xt, t * TIME_SCALE, class_labels=labels).sample
+        loss = F.mse_loss(pred.float(), ut)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr(self.step_no)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
+        self.opt.step()
+        self.ema.step(self.unet.parameters())
+        self.step_no += 1
+        return loss.detach()
+
+    def train(self, until: int, every: int, state_path: Path, settings: dict) -> None:
+        """Steps up to ``until`` (of ``PIXEL_STEPS``), logging the mean loss and saving the
+        state every ``every`` steps and at the end; a tqdm bar shows the loss."""
+        total, t0, n = torch.zeros((), device=self.dev), time.time(), 0
+        bar = tqdm(range(self.step_no, until), desc="pixel flow matching", unit="step",
+                   initial=self.step_no, total=self.p["PIXEL_STEPS"])
+        for _ in bar:
+            total += self.step()
+            n += 1
+            if self.step_no % every == 0 or self.step_no == until:
+                loss, secs = float(total) / n, time.time() - t0
+                self.log.append(dict(step=self.step_no, loss=loss,
+                                     images_per_s=n * self.p["PIXEL_BATCH"] / max(secs, 1e-9)))
+                bar.set_postfix(loss=f"{loss:.4f}")
+                self.save_state(state_path, settings)
+                total.zero_()
+                t0, n = time.time(), 0
+
+    # -- state ----------------------------------------------------------------------------
+    def save_state(self, path: Path, settings: dict) -> None:
+        tensors = {f"model.{k}": v for k, v in self.unet.state_dict().items()}
+        params = list(self.unet.parameters())
+        for i, p in enumerate(params):
+            for k, v in self.opt.state.get(p, {}).items():
+                tensors[f"optim.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        ema = self.ema.state_dict()
+        tensors.update({f"ema.{i}": v for i, v in enumerate(ema.pop("shadow_params"))})
+        meta = {"settings": json.dumps(settings), "step": str(self.step_no),
+                "log": json.dumps(self.log), "ema": json.dumps(ema), "data": self.data_key}
+        config.write_atomic(path, lambda t: save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, t, meta))
+
+    def load_state(self, path: Path, settings: dict) -> bool:
+        """Resume from ``path`` when it exists and was made with the same settings/data."""
+        if not path.exists():
+            return False
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        if json.loads(meta["settings"]) != settings or meta["data"] != self.data_key:
+            print(f"{path.name}: made with other settings or data; training from scratch.")
+            return False
+        t = load_file(str(path), device=str(self.dev))
+        self.unet.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+        params = list(self.unet.parameters())
+        for k, v in t.items():
+            if k.startswith("optim."):
+                _, i, name = k.split(".", 2)
+                self.opt.state[params[int(i)]][name] = v.cpu() if name == "step" else v.clone()
+        ema = json.loads(meta["ema"])
+        ema["shadow_params"] = [t[f"ema.{i}"].clone() for i in range(len(params))]
+        self.ema.load_state_dict(ema)
+        self.step_no, self.log = int(meta["step"]), json.loads(meta["log"])
+        return True
+
+
+class Pixel(Generator):
+    """Class-conditional pixel-space flow matching (see the module docstring)."""
+
+    name = "pixel"
+    FIT_PARAMS = ("PIXEL_CHANNELS", "PIXEL_LAYERS", "PIXEL_ATTENTION", "PIXEL_STEPS",
+                  "PIXEL_BATCH", "PIXEL_LR", "PIXEL_EMA", "PIXEL_CFG_DROP", "PIXEL_BALANCE",
+                  "SEED")  # what changes the trained weights
+    PARAMS = FIT_PARAMS + ("PIXEL_GUIDANCE", "PIXEL_SAMPLER", "PIXEL_SAMPLE_STEPS")
+
+    def fit(self, images_or_features, cond_labels, class_counts, params, run_dir) -> dict:
+        """Train (resuming from ``generator/pixel-state.safetensors``) or load the finished
+        EMA weights; ``done`` is False when ``GEN_STOP_AFTER`` stopped the fit early."""
+        validate(params)
+        self.p = {k: params.get(k) for k in self.PARAMS}
+        self.batch = params.get("PIXEL_SAMPLE_BATCH") or self.batch
+        self.dev = pick_device(params.get("DEVICE") or "auto")
+        self.num_classes = len(class_counts)
+        folder = Path(run_dir) / "generator"
+        fit_settings = {k: params.get(k) for k in self.FIT_PARAMS}
+        self.weights_path = folder / WEIGHTS
+        if self._load_weights(fit_settings, images_or_features, cond_labels):
+            return dict(done=True, loaded=str(self.weights_path), **self.info)
+        tr = PixelTrainer(images_or_features, cond_labels, self.num_classes, params,
+                          int(params.get("SEED") or 0), str(self.dev))
+        resumed = tr.load_state(folder / STATE, fit_settings)
+        start = tr.step_no
+        tr.train(min(params["PIXEL_STEPS"], params.get("GEN_STOP_AFTER") or params["PIXEL_STEPS"]),
+                 params["PIXEL_CHECKPOINT_EVERY"], folder / STATE, fit_settings)
+        self.info = dict(parameters=sum(p.numel() for p in tr.unet.parameters()),
+                         steps=tr.step_no, log=tr.log, resumed=resumed,
+                         steps_this_call=tr.step_no - start, data=tr.data_key)
+        if tr.step_no < params["PIXEL_STEPS"]:
+            return dict(done=False, **self.info)
+        tr.ema.copy_to(tr.unet.parameters())
+        self._save_weights(tr.unet, fit_settings)
+        self.unet = tr.unet.eval()
+        return dict(done=True, **self.info)
+
+    def _save_weights(self, unet, fit_settings: dict) -> None:
+        meta = {"settings": json.dumps(fit_settings), "info": json.dumps(self.info)}
+        config.write_atomic(self.weights_path, lambda t: save_file(
+            {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, t, meta))
+
+    def _load_weights(self, fit_settings: dict, images, cond_labels) -> bool:
+        """Load the finished fit when it was made with the same settings and data."""
+        if not self.weights_path.exists():
+            return False
+        with safe_open(str(self.weights_path), framework="pt") as f:
+            meta = f.metadata()
+        info = json.loads(meta["info"])
+        if (json.loads(meta["settings"]) != fit_settings
+                or info.get("data") != _fingerprint(np.asarray(images), np.asarray(cond_labels))):
+            return False
+        self.unet = build_unet(self.p["PIXEL_CHANNELS"], self.p["PIXEL_LAYERS"],
+                               self.p["PIXEL_ATTENTION"], self.num_classes).to(self.dev)
+        self.unet.load_state_dict(load_file(str(self.weights_path), device=str(self.dev)))
+        self.unet.eval()
+        self.info = info
+        return True
+
+    def model_id(self) -> str:
+        digest = hashlib.sha256(self.weights_path.read_bytes()).hexdigest()[:12]
+        return f"generator/{WEIGHTS}@{digest}"
+
+    @torch.inference_mode()
+    def generate(self, label, seeds):
+        dev, w = self.dev, float(self.p["PIXEL_GUIDANCE"])
+        z = torch.stack([torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(int(s)))
+                         for s in seeds]).to(dev)
+        images = integrate(self.unet, z, label, self.num_classes, w, self.p["PIXEL_SAMPLER"],
+                           self.p["PIXEL_SAMPLE_STEPS"])
+        return to_uint8(images), [{} for _ in seeds]
+
+
+def integrate(unet, z: torch.Tensor, label: int, num_classes: int, guidance: float,
+              method: str, steps: int) -> torch.Tensor:
+    """Images in [−1, 1]: the flow ODE from noise ``z`` (t = 0) to t = 1 with guidance."""
+    from torchdiffeq import odeint
+
+    n, dev = len(z), z.device
+    cond = torch.full((n,), int(label), device=dev)
+    guided = guidance != 1.0
+    labels = torch.cat([cond, torch.full_like(cond, num_classes)]) if guided else cond
+
+    def velocity(t, x):
+        xx = torch.cat([x, x]) if guided else x
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            v = unet(xx, (t * TIME_SCALE).expand(len(xx)), class_labels=labels).sample.float()
+        if guided:
+            v_c, v_u = v.chunk(2)
+            v = v_u + guidance * (v_c - v_u)
+        return v
+
+    span = torch.tensor([0.0, 1.0], device=dev)
+    return odeint(velocity, z, span, method=method, options={"step_size": 1 / steps})[-1]
+
+
+# --- benchmark -------------------------------------------------------------------------
+def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dict:
+    """Training img/s (full step: balanced batch, noise, bf16 forward on CUDA, AdamW, EMA)
+    and sampling img/s (the profile's sampler, steps and guidance) of the profile's UNet on
+    random data; projects the profile's fit time and the report's 37,594-image top-up."""
+    from .sd import timed
+
+    p = {**PROFILE_DEFAULTS[profile], "PIXEL_STEPS": 1000}
+    dev = pick_device(device)
+    cuda = dev.type == "cuda"
+    rng = np.random.default_rng(0)
+    rows = []
+    for b in batch_sizes or [PROFILE_DEFAULTS[profile]["PIXEL_BATCH"]]:
+        images = rng.integers(0, 256, (max(4 * b, 512), 32, 32, 3), dtype=np.uint8)
+        tr = PixelTrainer(images, rng.integers(0, 10, len(images)), 10,
+                          {**p, "PIXEL_BATCH": b}, device=str(dev))
+        steps = 20 if cuda else 2
+        tr.step()
+        train_s = timed(lambda: [tr.step() for _ in range(steps)], dev)
+        tr.unet.eval()
+        z = torch.randn(b, 3, 32, 32, device=dev)
+        run = lambda: integrate(tr.unet, z, 0, 10, p["PIXEL_GUIDANCE"],  # noqa: E731
+                                p["PIXEL_SAMPLER"], p["PIXEL_SAMPLE_STEPS"])
+        with torch.inference_mode():
+            run()
+            sample_s = timed(run, dev, repeats=1 if cuda else 2)
+        evals = (p["PIXEL_SAMPLE_STEPS"] * SAMPLERS[p["PIXEL_SAMPLER"]]
+                 * (2 if p["PIXEL_GUIDANCE"] != 1 else 1))
+        rows.append(dict(batch_size=b, train_images_per_s=round(steps * b / train_s, 1),
+                         sample_images_per_s=round(b / sample_s, 1),
+                         network_evals_per_s=round(b * evals / sample_s, 1)))
+    best = rows[0] if len(rows) == 1 else max(rows, key=lambda r: r["train_images_per_s"])
+    prof = PROFILE_DEFAULTS[profile]
+    return dict(bench="gen", generator="pixel", profile=profile, device=str(dev),
+                gpu=torch.cuda.get_device_name(dev) if cuda else None,
+                parameters=sum(q.numel() for q in tr.unet.parameters()),
+                channels=prof["PIXEL_CHANNELS"], sampler=p["PIXEL_SAMPLER"],
+                sample_steps=p["PIXEL_SAMPLE_STEPS"], guidance=p["PIXEL_GUIDANCE"],
+                results=rows, train_images_per_s=best["train_images_per_s"],
+                sample_images_per_s=best["sample_images_per_s"],
+                projected_fit_s=round(prof["PIXEL_STEPS"] * prof["PIXEL_BATCH"]
+                                      / best["train_images_per_s"], 1),
+                topup_images=REPORT_TOPUP,
+                projected_topup_s=round(REPORT_TOPUP / best["sample_images_per_s"], 1))

@@ -1,0 +1,247 @@
+"""The top-up writer shared by every generator backend, and the readers of its output.
+
+Class c receives ``max(0, T − n_c)`` samples (T = ``TARGET_PER_CLASS``, default n_max; n_c
+counts the *conditioning* labels, see ``rable_nb.conditioning``). Every sample has a fixed
+slot (class, k) whose seed derives from (SEED, class, k), so the output does not depend on
+batching or interruptions. ``synthetic/manifest.jsonl`` is the source of truth: the samples
+of a batch are written atomically, then their manifest lines are appended and flushed
+(``file``, ``label``, ``seed``, ``generator``, ``cond_labels``, ``model_id``, ``prompt`` + what
+the backend adds). On resume a torn last line is dropped, files absent from the manifest
+are deleted, and only the missing slots are drawn. ``synthetic/settings.json`` records what made the folder; a top-up
+is never extended under other settings.
+
+Optional filter (``SYNTH_FILTER``): ``accept(samples, label)`` keeps a sample or rejects
+it; a rejected slot is redrawn with the seed of its next attempt, up to ``max_attempts``
+draws; a slot still rejected then keeps its last draw, marked ``accepted: false``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .. import captioning, jsonl
+from ..config import write_atomic
+from ..dataset import long_tail_counts
+from .base import slot_seed
+
+SYNTH_DIR, MANIFEST, SETTINGS = "synthetic", "manifest.jsonl", "settings.json"
+# The report's top-up: n_max − n_c summed over CIFAR-10-LT at IF 0.01 (= 37,594).
+REPORT_TOPUP = sum(5000 - n for n in long_tail_counts(5000, 10, 0.01))
+
+
+def topup_plan(class_counts, target: int | None = None) -> dict[int, int]:
+    """Synthetic samples per class: max(0, target − n_c), target default n_max."""
+    goal = captioning.target_count(class_counts, target)
+    return {c: max(0, goal - int(n)) for c, n in enumerate(class_counts)}
+
+
+def slot_file(classes, label: int, k: int, suffix: str = ".png") -> str:
+    """Manifest path of slot (label, k), relative to ``synthetic/``."""
+    return f"{classes[label]}/{classes[label]}_{k:05d}{suffix}"
+
+
+def recover(out_dir: Path) -> list[dict]:
+    """Manifest rows after an interruption: torn line dropped, orphan files deleted."""
+    path = out_dir / MANIFEST
+    rows = jsonl.read(path)
+    seen, kept = set(), []
+    for r in rows:  # a row whose file vanished, or a repeated file, is not kept
+        if r["file"] not in seen and (out_dir / r["file"]).is_file():
+            seen.add(r["file"])
+            kept.append(r)
+    if len(kept) != len(rows):
+        jsonl.write(path, kept)
+    for f in [*out_dir.glob("*/*.png"), *out_dir.glob("*/*.npy")]:  # written, no line yet
+        if f.relative_to(out_dir).as_posix() not in seen:
+            f.unlink()
+    for tmp in out_dir.glob("*/.*.tmp*"):
+        tmp.unlink()
+    return kept
+
+
+def _planned(plan: dict, classes, suffix: str) -> dict[tuple[int, int], str]:
+    return {(c, k): slot_file(classes, c, k, suffix) for c, n in plan.items() for k in range(n)}
+
+
+def pending(run_dir, plan: dict, classes, settings: dict, suffix: str = ".png") -> int:
+    """Slots still to draw; refuses (``ValueError``) a folder made under other settings or
+    for a higher target. Repairs an interrupted folder first."""
+    out = Path(run_dir) / SYNTH_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    done = {r["file"] for r in recover(out)}
+    if done:
+        jsonl.check_settings(out / SETTINGS, settings, what=str(out))
+    planned = _planned(plan, classes, suffix)
+    extra = done - set(planned.values())
+    if extra:
+        raise ValueError(f"{out} holds {len(extra)} samples beyond the top-up plan "
+                         f"(e.g. {sorted(extra)[0]}): it was made for a higher "
+                         f"TARGET_PER_CLASS; use another RUN_DIR or delete {out}.")
+    return len(set(planned.values()) - done)
+
+
+def _save(sample: np.ndarray, path: Path) -> None:
+    if sample.dtype == np.uint8 and sample.ndim == 3:
+        write_atomic(path, lambda t: Image.fromarray(sample).save(t, format="PNG"))
+    else:
+        write_atomic(path, lambda t: np.save(t, sample))
+
+
+def _load(path: Path) -> np.ndarray:
+    if path.suffix == ".npy":
+        return np.load(path)
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _draw(generator, label: int, slots: list[int], seed: int, accept, max_attempts: int):
+    """{slot: (sample, row fields)}; rejected slots are redrawn (see module docstring)."""
+    out, todo = {}, list(slots)
+    for attempt in range(max_attempts if accept else 1):
+        seeds = [slot_seed(seed, label, k, attempt) for k in todo]
+        samples, extras = generator.generate(label, seeds)
+        ok = accept(samples, label) if accept else np.ones(len(todo), bool)
+        last = attempt == max_attempts - 1
+        for k, s, x, e, good in zip(todo, seeds, samples, extras, ok):
+            if good or last or not accept:
+                fields = dict(e, seed=s)
+                if accept:
+                    fields.update(attempt=attempt, accepted=bool(good))
+                out[k] = (x, fields)
+        todo = [k for k, good in zip(todo, ok) if not good]
+        if not todo:
+            break
+    return out
+
+
+def top_up(run_dir, generator, plan: dict, classes, settings: dict, seed: int = 0,
+           batch_size: int | None = None, accept=None, max_attempts: int = 1,
+           on_image=None) -> dict:
+    """Draw the missing samples of ``plan`` ({class: count}) into ``run_dir/synthetic``.
+
+    ``generator`` is fitted already; ``settings`` (see ``generators.topup_settings``) must
+    hold ``cond_labels``. ``on_image(row)`` is called after each manifest line (progress
+    hooks, tests). ``batch_size`` defaults to the backend's. Returns counts, timing and,
+    with a filter, the rejections per class.
+    """
+    out = Path(run_dir) / SYNTH_DIR
+    batch_size = batch_size or generator.batch
+    todo_n = pending(run_dir, plan, classes, settings, generator.suffix)
+    planned = _planned(plan, classes, generator.suffix)
+    done = {r["file"] for r in jsonl.read(out / MANIFEST)}
+    model_id = generator.model_id() if todo_n else None
+    stats = dict(planned=sum(plan.values()), skipped=sum(plan.values()) - todo_n, generated=0,
+                 seconds=0.0, generator=generator.name, model_id=model_id)
+    if accept:
+        stats.update(rejected_draws=Counter(), kept_unaccepted=Counter())
+    by_class = defaultdict(list)
+    for (c, k), name in planned.items():
+        if name not in done:
+            by_class[c].append(k)
+    start = time.time()
+    with tqdm(total=todo_n, desc=f"top-up ({generator.name})", unit="img",
+              disable=not todo_n) as bar:
+        for c, slots in by_class.items():
+            for lo in range(0, len(slots), batch_size):
+                drawn = _draw(generator, c, slots[lo:lo + batch_size], seed, accept, max_attempts)
+                rows = []
+                for k in slots[lo:lo + batch_size]:
+                    sample, fields = drawn[k]
+                    rows.append({**dict(file=planned[(c, k)], label=int(c),
+                                        generator=generator.name, model_id=model_id,
+                                        cond_labels=settings["cond_labels"], prompt=None),
+                                 **fields})
+                    _save(sample, out / rows[-1]["file"])
+                jsonl.append(out / MANIFEST, rows)  # one flush per batch, after its files
+                if stats["generated"] == 0:
+                    jsonl.record_settings(out / SETTINGS, settings)
+                stats["generated"] += len(rows)
+                bar.update(len(rows))
+                for row in rows:
+                    if accept:
+                        stats["rejected_draws"][c] += row["attempt"]
+                        stats["kept_unaccepted"][c] += not row["accepted"]
+                    if on_image:
+                        on_image(row)
+    stats["seconds"] = round(time.time() - start, 2)
+    stats["images_per_s"] = round(stats["generated"] / max(stats["seconds"], 1e-9), 3)
+    return stats
+
+
+def manifest_rows(run_dir: str | os.PathLike) -> list[dict]:
+    """The lines of a run's ``synthetic/manifest.jsonl`` (empty when there is none)."""
+    return jsonl.read(Path(run_dir) / SYNTH_DIR / MANIFEST, repair=False)
+
+
+def read_settings(run_dir: str | os.PathLike) -> dict:
+    """``synthetic/settings.json`` of a run ({} when nothing was generated)."""
+    path = Path(run_dir) / SYNTH_DIR / SETTINGS
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def load_synthetic(run_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """(samples — uint8 images N×32×32×3 or features N×D —, labels, manifest rows)."""
+    out = Path(run_dir) / SYNTH_DIR
+    rows = manifest_rows(run_dir)
+    if not rows:
+        return np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64), []
+    samples = np.stack([_load(out / r["file"]) for r in rows])
+    return samples, np.array([r["label"] for r in rows], dtype=np.int64), rows
+
+
+def synthetic_counts(run_dir: str | os.PathLike, num_classes: int) -> np.ndarray:
+    """Synthetic samples per class according to the manifest."""
+    counts = Counter(r["label"] for r in manifest_rows(run_dir))
+    return np.array([counts.get(c, 0) for c in range(num_classes)], dtype=np.int64)
+
+
+def describe(settings: dict) -> str:
+    """Short label of a top-up for titles, e.g. 'pixel, pseudo labels' or
+    'copy, ORACLE labels (ablation)'."""
+    if not settings:
+        return "no synthetic data"
+    cond = settings.get("cond_labels")
+    tag = "ORACLE labels (ablation)" if cond == "oracle" else f"{cond} labels"
+    return f"{settings.get('generator')}, {tag}"
+
+
+# --- figures ---------------------------------------------------------------------------
+def rebalanced_figure(real_counts, synth_counts, classes, title: str = ""):
+    """The report's Figure 5.1: real vs synthetic images per class, before and after."""
+    import matplotlib.pyplot as plt
+
+    real, synth = np.asarray(real_counts), np.asarray(synth_counts)
+    x = np.arange(len(classes))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    panels = (("before: long-tailed", 0 * synth), ("after: rebalanced", synth))
+    for ax, (name, add) in zip(axes, panels):
+        ax.bar(x, real, color="tab:blue", label="real")
+        ax.bar(x, add, bottom=real, color="tab:orange", label="synthetic")
+        ax.set_xticks(x, classes, rotation=45, ha="right")
+        ax.set(title=name, ylabel="training images")
+        for i, n in enumerate(real + add):
+            ax.text(i, n, str(int(n)), ha="center", va="bottom", fontsize=7)
+    axes[1].legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def side_by_side(real_x, real_y, syn_x, syn_y, classes, n: int = 4, seed: int = 0):
+    """Images and titles: per class with synthetic images, n real then n synthetic."""
+    rng = np.random.default_rng(seed)
+    images, titles = [], []
+    for c in np.unique(syn_y):
+        for kind, x, y in (("real", real_x, real_y), ("synth", syn_x, syn_y)):
+            pick = np.flatnonzero(y == c)
+            pick = rng.choice(pick, size=min(n, len(pick)), replace=False)
+            images += [x[i] for i in pick] + [np.full_like(real_x[0], 255)] * (n - len(pick))
+            titles += [f"{classes[c][:5]} {kind}"] * len(pick) + [""] * (n - len(pick))
+    return np.stack(images), titles

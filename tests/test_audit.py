@@ -1,0 +1,58 @@
+"""Synthetic-data audit on planted cases: copies are memorised, one repeated image shows as
+one column of the confusion matrix, Fréchet distance sanity."""
+import json
+
+import numpy as np
+import pytest
+
+from rable_nb import audit, data, dataset, generators
+
+
+@pytest.fixture(scope="module")
+def setup(cifar_dir):
+    cifar = data.load_cifar10(cifar_dir)
+    judge, _ = dataset.clean_classifier(cifar, "tiny_cnn", 1, 0, "cpu", 50)
+    idx = dataset.long_tail_indices(cifar.train_y, [30, 20, 12, 8, 6, 5, 4, 3, 3, 2], 0)
+    test = dataset.balanced_subset(cifar.test_y, 20, 0)
+    return cifar, judge, idx, test
+
+
+def test_copy_backend_is_fully_memorised(setup, tmp_path):
+    cifar, judge, idx, test = setup
+    x, y = cifar.train_x[idx], cifar.train_y[idx]
+    gen = generators.get("copy")
+    gen.fit(x, y, np.bincount(y), {}, tmp_path)
+    syn = [(gen.sample(c, 10, seed=0), c) for c in (5, 8, 9)]
+    sx, sy = np.concatenate([s for s, _ in syn]), np.repeat([c for _, c in syn], 10)
+    result = audit.audit(sx, sy, x, y, cifar.test_x[test], cifar.test_y[test], judge,
+                         cifar.classes, device="cpu")
+    for row in result["per_class"]:
+        assert row["memorisation"] == 1.0 and row["median_nn_distance"] == pytest.approx(0, abs=1e-3)
+        assert row["tau"] > 0.01  # fresh test images are not that close to training images
+        assert row["fd_judge"] is not None and row["fd_judge_real_train"] is not None
+    assert result["overall"]["memorisation"] == 1.0
+    assert all(p["distance"] < 1e-3 for p in result["closest"])
+    json.dumps(result)  # JSON-able
+
+
+def test_one_repeated_image_shows_as_one_column_of_the_confusion_matrix(setup):
+    cifar, judge, idx, test = setup
+    x, y = cifar.train_x[idx], cifar.train_y[idx]
+    sx = np.repeat(cifar.test_x[test][:1], 30, axis=0)  # "mode collapse": one image, 3 labels
+    sy = np.repeat([3, 6, 9], 10)
+    result = audit.audit(sx, sy, x, y, cifar.test_x[test], cifar.test_y[test], judge,
+                         cifar.classes, device="cpu")
+    conf = np.asarray(result["confusion"])
+    assert conf.sum() == 30 and (conf.sum(0) > 0).sum() == 1  # a single predicted class
+    assert conf[[3, 6, 9]].sum(1).tolist() == [10, 10, 10]
+    assert all(r["diversity"] == pytest.approx(0, abs=1e-6) for r in result["per_class"])
+    accs = sorted(r["judge_accuracy"] for r in result["per_class"])
+    assert accs[:2] == [0.0, 0.0]  # at most one of the three intended classes is "right"
+
+
+def test_frechet_distance_of_shifted_gaussians():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4000, 3))
+    assert audit.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    assert audit.frechet_distance(a, a + 2.0) == pytest.approx(12.0, rel=1e-6)
+    assert audit.frechet_distance(a[:1], a) is None

@@ -1,0 +1,296 @@
+"""Generator backends and the shared top-up writer: plan, slot seeds, every backend end to
+end (fit → top-up → exact counts → resume after an interruption), the SD path's errors,
+the pixel fit's exact resume, the filter, the benchmarks and notebooks 02-03."""
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from rable_nb import cli, dataset, generators, jsonl
+from rable_nb.generators import pixel, sd, topup
+from rable_nb.tiny_models import ModelNotFoundError
+
+CLASSES = ("cat", "dog", "frog")
+COUNTS = [9, 6, 3]  # target 8 → 0, 2 and 5 synthetic images
+LABELS = np.repeat(np.arange(3), COUNTS)
+CAPTIONS = [{"index": i, "label": int(LABELS[i]), "caption": f"a {CLASSES[LABELS[i]]} number {i}"}
+            for i in (0, 9, 10, 15)]
+TARGET, PLANNED = 8, {1: 2, 2: 5}
+# smoke settings made smaller still: a 2-level 8/16-channel UNet trained for 4 steps
+FAST = dict(SEED=0, DEVICE="cpu", TARGET_PER_CLASS=TARGET, SD_SIZE=32, SD_STEPS=2,
+            SD_BATCH=3, SD_MODEL_ID="tiny", PIXEL_CHANNELS=[8, 16], PIXEL_STEPS=4, PIXEL_BATCH=8,
+            PIXEL_CHECKPOINT_EVERY=2, PIXEL_SAMPLE_STEPS=2, PIXEL_SAMPLE_BATCH=3)
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_after(k):
+    seen = []
+
+    def hook(row):
+        seen.append(row)
+        if len(seen) == k:
+            raise Stop
+    return hook
+
+
+def make_run(run_dir):
+    """A run directory with a 3-class dataset.npz and captions.jsonl (rows = images)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ds = dict(indices=np.arange(len(LABELS)), labels=LABELS,
+              candidates=np.eye(3, dtype=bool)[LABELS], class_counts=np.array(COUNTS))
+    dataset.save_dataset(run_dir, ds, {})
+    jsonl.write(run_dir / "captions.jsonl", CAPTIONS)
+    x = np.stack([np.full((32, 32, 3), 10 * i, np.uint8) for i in range(len(LABELS))])
+    return x
+
+
+def fitted(name, run_dir, **params):
+    """(generator, settings): backend ``name`` fitted on the run's images, oracle labels."""
+    x = make_run(run_dir)
+    P = {**generators.PROFILE_DEFAULTS["smoke"], **FAST, "GENERATOR": name, **params}
+    gen = generators.get(name)
+    assert gen.fit(x, LABELS, COUNTS, P, run_dir)["done"]
+    return gen, generators.topup_settings(gen, P, {"gen_labels": "oracle", "sha1": "test"})
+
+
+def fit_and_top_up(run_dir, name, on_image=None, **params):
+    gen, settings = fitted(name, run_dir, **params)
+    plan = generators.topup_plan(COUNTS, TARGET)
+    return generators.top_up(run_dir, gen, plan, CLASSES, settings, batch_size=3,
+                             on_image=on_image)
+
+
+def manifest(run_dir):
+    return jsonl.read(run_dir / "synthetic" / "manifest.jsonl", repair=False)
+
+
+def test_topup_plan_and_slots_are_deterministic():
+    assert generators.topup_plan(COUNTS, 8) == {0: 0, 1: 2, 2: 5}
+    assert generators.topup_plan(COUNTS) == {0: 0, 1: 3, 2: 6}  # default target n_max
+    assert generators.REPORT_TOPUP == 37594
+    assert generators.slot_seed(0, 2, 1) == generators.slot_seed(0, 2, 1)
+    seeds = {generators.slot_seed(s, c, k, a) for s in (0, 1) for c in (0, 1) for k in (0, 1)
+             for a in (0, 1)}
+    assert len(seeds) == 16
+    p = sd.slot_prompt("{caption}, a photo of a {class_name}", ["x", "y"], "frog", 7)
+    assert p.endswith(", a photo of a frog") and p[0] in "xy"
+    assert p == sd.slot_prompt("{caption}, a photo of a {class_name}", ["x", "y"], "frog", 7)
+    with pytest.raises(ValueError, match="no caption"):
+        sd.slot_prompt("{caption}", [], "frog", 0)
+    with pytest.raises(ValueError, match="GENERATOR"):
+        generators.get("gan")
+
+
+@pytest.mark.parametrize("name", ["copy", "pixel", "sd"])
+def test_every_backend_tops_up_exactly_and_resumes_without_duplicates(tmp_path, name):
+    run = tmp_path / "run"
+    with pytest.raises(Stop):  # batches of 3: cat 0, dog [0, 1], frog [0, 1, 2] [3, 4]
+        fit_and_top_up(run, name, on_image=stop_after(4))
+    out = run / "synthetic"
+    assert len(manifest(run)) == 5  # the stop came after the second batch was recorded
+    # Worst case of a kill: a file written without its manifest line, and a torn last line.
+    (out / "frog" / "frog_00004.png").write_bytes(b"half a png")
+    with open(out / "manifest.jsonl", "a") as f:
+        f.write('{"file": "frog/frog_00003.png", "lab')
+    stats = fit_and_top_up(run, name)
+    assert stats["generated"] == 2 and stats["skipped"] == 5
+    rows = manifest(run)
+    files = [r["file"] for r in rows]
+    assert len(files) == len(set(files)) == 7
+    assert Counter(r["label"] for r in rows) == PLANNED
+    assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/*.png")) == sorted(files)
+    assert all(r["generator"] == name and r["cond_labels"] == "oracle" for r in rows)
+    assert {"file", "label", "seed", "model_id", "prompt"} <= set(rows[0])
+    x, y, _ = generators.load_synthetic(run)
+    assert x.shape == (7, 32, 32, 3) and x.dtype == np.uint8
+    # Same slots and seeds as one uninterrupted run (copies: the same images too).
+    fit_and_top_up(tmp_path / "fresh", name)
+    key = lambda r: (r["file"], r["seed"], r.get("prompt"), r.get("source"))  # noqa: E731
+    assert sorted(map(key, rows)) == sorted(map(key, manifest(tmp_path / "fresh")))
+    if name == "copy":
+        fresh, _, _ = generators.load_synthetic(tmp_path / "fresh")
+        order = np.argsort(files)
+        assert (x[order] == fresh[np.argsort([r["file"] for r in manifest(tmp_path / "fresh")])]).all()
+        assert all(LABELS[r["source"]] == r["label"] for r in rows)  # copies of their class
+    assert (generators.synthetic_counts(run, 3) + COUNTS)[1:].tolist() == [8, 8]
+
+
+def test_sd_prompts_come_from_the_captions_of_the_class_and_the_model_loads_lazily(
+        tmp_path, monkeypatch):
+    fit_and_top_up(tmp_path, "sd")
+    for r in manifest(tmp_path):
+        assert r["prompt"] in {c["caption"] for c in CAPTIONS if c["label"] == r["label"]}
+        assert r["model_id"] == "tiny"
+    monkeypatch.setattr(sd, "load_sd", lambda *a, **k: pytest.fail("model loaded"))
+    assert fit_and_top_up(tmp_path, "sd")["generated"] == 0
+
+
+def test_changed_settings_are_refused(tmp_path):
+    gen, settings = fitted("sd", tmp_path)
+    generators.top_up(tmp_path, gen, generators.topup_plan(COUNTS, 6), CLASSES, settings)
+    other = {**settings, "SD_STEPS": 3}
+    with pytest.raises(ValueError, match="other settings"):
+        generators.top_up(tmp_path, gen, generators.topup_plan(COUNTS, 6), CLASSES, other)
+    with pytest.raises(ValueError, match="beyond the top-up"):  # target lowered
+        generators.top_up(tmp_path, gen, generators.topup_plan(COUNTS, 5), CLASSES, settings)
+    with pytest.raises(ValueError, match="other settings"):  # other conditioning labels
+        generators.pending(tmp_path, generators.topup_plan(COUNTS, 6), CLASSES,
+                           {**settings, "cond_labels": "pseudo"})
+    assert len(manifest(tmp_path)) == 3  # nothing was touched
+
+
+def test_unknown_sd_model_id_gives_one_clear_error(tmp_path):
+    with pytest.raises(ModelNotFoundError) as err:
+        fit_and_top_up(tmp_path, "sd", SD_MODEL_ID="nobody/no-such-sd")
+    assert "nobody/no-such-sd" in str(err.value) and "SD_MODEL_ID=" in str(err.value)
+    assert not list((tmp_path / "synthetic").glob("*/*.png"))
+    assert not (tmp_path / "synthetic" / "settings.json").exists()
+
+
+def test_validate_rejects_bad_parameters():
+    for name, bad in [("SD_SCHEDULER", "fastest"), ("SD_FILTER", "blur"), ("SD_SIZE", 30),
+                      ("SD_PROMPT_TEMPLATE", "{nope}"), ("GENERATOR", "gan"),
+                      ("GEN_LABELS", "true"), ("WARMUP_EPOCHS", 0), ("PIXEL_SAMPLER", "dpm++"),
+                      ("PIXEL_CHANNELS", [8]), ("PIXEL_CHANNELS", [16, 30]),
+                      ("PIXEL_BALANCE", 2), ("SYNTH_FILTER", "yes"), ("AUDIT_PER_CLASS", -1)]:
+        with pytest.raises(ValueError, match=name):
+            generators.validate({name: bad})
+    with pytest.raises(ValueError, match="PIXEL_ATTENTION"):
+        generators.validate({"PIXEL_CHANNELS": [8, 16], "PIXEL_ATTENTION": [2]})
+
+
+def test_pixel_fit_split_by_a_step_budget_equals_an_uninterrupted_fit(tmp_path):
+    x = make_run(tmp_path)
+    P = {**generators.PROFILE_DEFAULTS["smoke"], **FAST}
+    whole = generators.get("pixel")
+    assert whole.fit(x, LABELS, COUNTS, P, tmp_path / "a")["done"]
+    part = generators.get("pixel")
+    first = part.fit(x, LABELS, COUNTS, {**P, "GEN_STOP_AFTER": 2}, tmp_path / "b")
+    assert not first["done"] and first["steps"] == 2
+    rest = part.fit(x, LABELS, COUNTS, P, tmp_path / "b")
+    assert rest["done"] and rest["resumed"] and rest["steps_this_call"] == 2
+    a, b = whole.unet.state_dict(), part.unet.state_dict()
+    assert all((a[k] == b[k]).all() for k in a)
+    assert [r["loss"] for r in first["log"]] == [r["loss"] for r in rest["log"][:1]]
+    again = generators.get("pixel")  # a finished fit is loaded, not retrained
+    assert again.fit(x, LABELS, COUNTS, P, tmp_path / "a")["loaded"]
+    samples = again.sample(1, 3, seed=0)
+    assert samples.shape == (3, 32, 32, 3) and samples.dtype == np.uint8
+    assert (samples == whole.sample(1, 3, seed=0)).all()
+
+
+def test_filter_redraws_rejected_samples_and_records_the_cap(tmp_path):
+    gen, settings = fitted("copy", tmp_path, SYNTH_FILTER=True, SYNTH_FILTER_ATTEMPTS=3)
+    even = lambda samples, label: samples[:, 0, 0, 0] % 20 == 0  # noqa: E731  (even rows)
+    stats = generators.top_up(tmp_path, gen, generators.topup_plan(COUNTS, TARGET), CLASSES,
+                              settings, accept=even, max_attempts=3)
+    rows = manifest(tmp_path)
+    assert Counter(r["label"] for r in rows) == PLANNED  # counts exact despite the filter
+    for r in rows:
+        assert r["accepted"] == (r["source"] % 2 == 0)
+        assert r["accepted"] or r["attempt"] == 2  # only the cap keeps a rejected draw
+    assert sum(stats["rejected_draws"].values()) == sum(r["attempt"] for r in rows)
+    assert sum(stats["kept_unaccepted"].values()) == sum(not r["accepted"] for r in rows)
+
+
+def test_bench_gen_pixel_cli_prints_json(capsys):
+    assert cli.main(["bench", "gen", "--generator", "pixel", "--device", "cpu",
+                     "--batch-size", "4"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["generator"] == "pixel" and r["parameters"] > 0
+    assert r["train_images_per_s"] > 0 and r["sample_images_per_s"] > 0
+    assert r["projected_topup_s"] == pytest.approx(37594 / r["sample_images_per_s"], rel=1e-2)
+
+
+def test_bench_synth_on_cpu_reports_throughput_and_projection():
+    r = sd.bench("smoke", "cpu", [1])
+    assert r["device"] == "cpu" and r["topup_images"] == 37594
+    row = r["results"][0]
+    assert row["batch_size"] == 1
+    assert row["pipeline_images_per_s"] > 0 and row["unet_images_per_s"] > 0
+    hours = 37594 / r["best_images_per_s"] / 3600
+    assert r["projected_topup_hours"] == pytest.approx(hours, rel=1e-2)
+
+
+@pytest.mark.notebook
+def test_notebooks_02_03_caption_and_top_up_with_sd(run_notebooks, smoke_dataset_run, tmp_path):
+    import shutil
+
+    from rable_nb import captioning
+    for name in ("dataset.npz", "dataset.json"):
+        shutil.copy(smoke_dataset_run / name, tmp_path / name)
+    run_notebooks("02,03", tmp_path, GENERATOR="sd", GEN_LABELS="oracle")
+    ds = dataset.load_dataset(tmp_path)
+    target = captioning.PROFILE_DEFAULTS["smoke"]["TARGET_PER_CLASS"]
+    caps = jsonl.read(tmp_path / "captions.jsonl", repair=False)
+    wanted = ds["indices"][captioning.select_rows(ds["labels"], ds["class_counts"],
+                                                  "below_target", target)]
+    assert sorted(r["index"] for r in caps) == sorted(wanted.tolist())  # one line per image
+    synth = generators.synthetic_counts(tmp_path, len(ds["class_counts"]))
+    short = ds["class_counts"] < target
+    assert short.any() and (ds["class_counts"][short] + synth[short] == target).all()
+    assert (synth[~short] == 0).all()
+    assert len(list((tmp_path / "synthetic").glob("*/*.png"))) == synth.sum()
+    assert {r["generator"] for r in manifest(tmp_path)} == {"sd"}
+    for fig in ("fig-rebalanced.png", "fig-audit.png", "fig-audit-closest.png"):
+        assert (tmp_path / fig).stat().st_size > 0
+
+
+def test_killed_process_resumes_to_exact_counts(tmp_path):
+    """A real SIGKILL mid-run (not an exception): the rerun completes exactly the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    code = (f"import sys, time; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"import test_generators as t; from pathlib import Path; "
+            f"t.fit_and_top_up(Path({str(tmp_path)!r}), 'copy', "
+            f"on_image=lambda row: time.sleep(0.3))")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    path, deadline = tmp_path / "synthetic" / "manifest.jsonl", time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(topup.recover(tmp_path / "synthetic"))
+    assert 2 <= done_before < 7, "the kill should land mid-run"
+    stats = fit_and_top_up(tmp_path, "copy")
+    rows = manifest(tmp_path)
+    assert stats["generated"] == 7 - done_before
+    assert len({r["file"] for r in rows}) == len(rows) == 7
+    assert Counter(r["label"] for r in rows) == PLANNED
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("generator, gen_labels", [("pixel", "pseudo"), ("copy", "oracle")])
+def test_notebooks_03_04_rebalance_audit_and_record_the_generator(
+        run_notebooks, smoke_dataset_run, tmp_path, generator, gen_labels):
+    import shutil
+    for name in ("dataset.npz", "dataset.json"):
+        shutil.copy(smoke_dataset_run / name, tmp_path / name)
+    methods = ["rable"] if generator == "pixel" else ["rable+records"]
+    run_notebooks("03,04", tmp_path, GENERATOR=generator, GEN_LABELS=gen_labels, METHODS=methods)
+    settings = generators.read_settings(tmp_path)
+    assert settings["generator"] == generator and settings["cond_labels"] == gen_labels
+    assert 0 <= settings["accuracy"]["overall"] <= 1
+    result = json.loads((tmp_path / "synthetic" / "audit.json").read_text())
+    assert result["generator"] == generator and result["per_class"]
+    assert sum(r["n_synthetic"] for r in result["per_class"]) == len(manifest(tmp_path))
+    if generator == "copy":
+        assert all(r["memorisation"] == 1.0 for r in result["per_class"])
+    for fig in ("fig-audit.png", "fig-audit-closest.png", "fig-rebalanced.png"):
+        assert (tmp_path / fig).stat().st_size > 10_000
+    m = json.loads((tmp_path / f"metrics-{methods[0]}.json").read_text())
+    assert m["params"]["GENERATOR"] == generator and m["params"]["GEN_LABELS"] == gen_labels
+    assert m["params"]["synthetic"]["cond_sha1"] == settings["cond_sha1"]
+    assert m["n_synthetic"] == len(manifest(tmp_path)) > 0
