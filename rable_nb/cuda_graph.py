@@ -50,6 +50,13 @@ import torch
 WARMUP = 3   # eager steps of a variant before its capture
 
 
+def scalar_tensor(value: float | int, device) -> torch.Tensor:
+    """A scheduled number as the 0-dim tensor a replay reads: int64 for integers, float64
+    otherwise (so that arithmetic with it rounds as with the Python number)."""
+    return torch.tensor(value, dtype=torch.int64 if isinstance(value, int) else torch.float64,
+                        device=device)
+
+
 def bindings(trainer) -> dict[str, int]:
     """Address of every tensor a captured step reads or writes across steps, by name: the
     data, confidences, network, the method's modules and state, optimizer state and
@@ -120,8 +127,7 @@ class CapturedSteps:
         """Write the step's scheduled numbers into their device tensors (when they change)."""
         for name, value in values.items():
             if name not in self.values:
-                dtype = torch.int64 if isinstance(value, int) else torch.float64
-                self.values[name] = torch.tensor(value, dtype=dtype, device=self.trainer.dev)
+                self.values[name] = scalar_tensor(value, self.trainer.dev)
             elif self._last[name] != value:
                 self.values[name].fill_(value)
             self._last[name] = value

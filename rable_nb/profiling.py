@@ -79,10 +79,14 @@ def synchronize(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")   # profiler activity types of GPU work
+
+
 def busy_share(fn, calls: int, dev: torch.device, wall_s: float) -> dict:
     """Profile ``fn(i)`` for ``i < calls``; per call: busy time / ``wall_s`` (the call's
     wall time measured without the profiler, whose bookkeeping slows the host), and on
-    CUDA the kernels executed and the launches (kernels, graphs) issued by the host."""
+    CUDA the kernels executed and the launches (kernels, graphs) issued by the host.
+    ``busy_share`` is None when the profiler recorded no GPU activity."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -93,20 +97,23 @@ def busy_share(fn, calls: int, dev: torch.device, wall_s: float) -> dict:
         for i in range(calls):
             fn(i)
         synchronize(dev)
-    events = [e for e in prof.events() if not e.is_async]
-    if cuda:
-        device = [e for e in events if e.device_type == DeviceType.CUDA]
-        busy_us = sum(e.time_range.elapsed_us() for e in device)
-        kernels = sum(getattr(e, "activity_type", "kernel") == "kernel" for e in device)
-        launches = sum(e.device_type == DeviceType.CPU and "Launch" in e.name
-                       and e.name.startswith(("cuda", "cu")) for e in events)
-        out = {"busy_measure": "GPU activity (kernels, copies, fills) / wall time",
-               "kernels_per_step": kernels / calls, "launches_per_step": launches / calls}
-    else:
-        busy_us = sum(e.self_cpu_time_total for e in events if e.device_type == DeviceType.CPU)
-        out = {"busy_measure": "CPU proxy: time inside ATen ops / wall time",
-               "kernels_per_step": None, "launches_per_step": None}
-    return {"busy_share": busy_us / 1e6 / calls / wall_s, **out}
+    events = prof.events()
+    if not cuda:
+        busy_us = sum(e.self_cpu_time_total for e in events
+                      if e.device_type == DeviceType.CPU and not e.is_async)
+        return {"busy_share": busy_us / 1e6 / calls / wall_s,
+                "busy_measure": "CPU proxy: time inside ATen ops / wall time",
+                "kernels_per_step": None, "launches_per_step": None}
+    device = [e for e in events if e.device_type == DeviceType.CUDA]
+    if {getattr(e, "activity_type", None) for e in device} & set(GPU_WORK):
+        device = [e for e in device if e.activity_type in GPU_WORK]   # no annotation ranges
+    kernels = [e for e in device if getattr(e, "activity_type", "kernel") == "kernel"]
+    launches = sum(e.device_type == DeviceType.CPU and e.name.startswith("cu")
+                   and "Launch" in e.name for e in events)
+    busy_us = sum(e.time_range.elapsed_us() for e in device)
+    return {"busy_share": busy_us / 1e6 / calls / wall_s if device else None,
+            "busy_measure": "GPU activity (kernels, copies, fills) / wall time",
+            "kernels_per_step": len(kernels) / calls, "launches_per_step": launches / calls}
 
 
 def timed(fn, calls: int, dev: torch.device, warmup: int = 1) -> float:

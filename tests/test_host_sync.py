@@ -10,7 +10,8 @@ __int__/__index__`` are patched to record too. Only the epoch's read-out
 would stall the GPU, and inside a CUDA-graph capture it is an error.
 
 The same runs check that the tensors a captured step records stay where they are from one
-epoch to the next (``cuda_graph.bindings``): state is updated in place.
+epoch to the next (``cuda_graph.bindings``): state is updated in place. A CPU simulation of
+replays checks the pieces' ``variant`` and ``schedule`` declarations.
 """
 import contextlib
 
@@ -80,6 +81,40 @@ def test_an_epoch_reads_nothing_back_and_keeps_its_tensors_in_place(monkeypatch,
     assert guard.ops > 0 and all(np.isfinite(r["loss_cls"]) for r in rows)
     if name.startswith(("corr", "solar")) and name.endswith("mixup"):
         assert "loss_mix" in rows[-1]                 # the second variant ran under the guard
+
+
+@pytest.mark.parametrize("name", ["corr+records+mixup", "solar+la+mixup", "able+records",
+                                  "supervised+la+mixup"])
+def test_steps_depend_on_epoch_and_step_only_as_declared(name):
+    """What a replay does, simulated on CPU: a captured graph reruns the code path of the
+    step it recorded — the first of its variant — with the schedule's numbers as 0-dim
+    tensors refilled per step. Training so must equal eager training bit for bit: every
+    host branch is declared in ``variant`` and every changing number comes from
+    ``schedule`` (reading ``batch.epoch`` or ``batch.step`` for a number, or leaving a
+    branch undeclared, makes it differ)."""
+    x, cand, y = small_data(64)
+    cfg = training.TrainConfig(method=name, epochs=3, batch_size=16,
+                               method_params={"solar": {"queue_batches": 3, "est_epochs": 2,
+                                                        "warmup_epochs": 2}})
+    eager = training.Trainer(cfg, x, cand, y, "cpu")
+    replayed = training.Trainer(cfg, x, cand, y, "cpu")
+    recorded = {}
+    compute_step = replayed.compute_step
+
+    def as_replayed(idx, gen, epoch, step, schedule):
+        key = (replayed.stage.name, replayed.method.variant(epoch, step))
+        epoch, step = recorded.setdefault(key, (epoch, step))
+        values = {k: cuda_graph.scalar_tensor(v, "cpu") for k, v in schedule.items()}
+        return compute_step(idx, gen, epoch, step, values)
+    replayed.compute_step = as_replayed
+    rows = [[t.train_epoch(progress=False) for _ in range(t.total_epochs)]
+            for t in (eager, replayed)]
+    assert len(recorded) >= {"corr": 2, "solar": 6}.get(name.split("+")[0], 1)
+    for a, b in zip(*rows):
+        for key in a:
+            if key.startswith("loss") or key == "pseudo_label_acc" and a[key] is not None:
+                assert b[key] == a[key], (a["epoch"], key)
+    assert torch.equal(replayed.conf, eager.conf)
 
 
 def test_the_guard_sees_reads_made_inside_aten(monkeypatch):

@@ -54,7 +54,8 @@ Per-image loss weights arrive as ``batch.weight`` (None = plain means; see
 
 Rules that keep a step capturable in a CUDA graph (``GRAPH=True`` records the whole step —
 views, forward, losses, backward, optimizer, confidence update — once and replays it;
-``rable_nb/cuda_graph.py``), checked on CPU by ``tests/test_host_sync.py`` for every name:
+``rable_nb/cuda_graph.py``), checked on CPU by ``tests/test_host_sync.py`` (every name
+trained under a guard against host reads; replays simulated against eager training):
 
 - nothing read back to the host inside ``step``: no ``.item()``, ``float(tensor)``,
   ``bool(tensor)``, ``.tolist()``, ``.cpu()``, ``nonzero``/boolean indexing, no Python
