@@ -1,5 +1,5 @@
 """Test-set evaluation: overall, many/medium/few, per-class accuracy, confusion matrix,
-and the ``metrics-<method>.json`` file of DESIGN §8."""
+and the ``metrics-<method>.json`` file (fields: ``METRICS_FIELDS``, ``ACCURACY_FIELDS``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -75,7 +75,7 @@ def accuracy_block(history: list[dict], final: dict, key: str = "test_acc") -> d
 
 
 def write_metrics(run_dir, metrics: dict) -> Path:
-    """Write ``metrics-<method>.json`` atomically after checking every DESIGN §8 field."""
+    """Write ``metrics-<method>.json`` atomically after checking every required field."""
     missing = [k for k in METRICS_FIELDS if k not in metrics]
     missing += [f"accuracy.{k}" for k in ACCURACY_FIELDS if k not in metrics.get("accuracy", {})]
     if missing:

@@ -508,7 +508,7 @@ def _write_log(path: Path, history: list[dict]) -> None:
 
 
 def protocol_name(P: dict, ds_params: dict) -> str:
-    """'R' or 'L' when the data and training settings are that protocol's (DESIGN §6),
+    """'R' or 'L' when the data and training settings are that protocol's,
     else 'custom'."""
     common = (P.get("ARCH") == "resnet18" and ds_params.get("N_MAX") == 5000
               and P.get("LR") == 0.01 and ds_params.get("SEED") == 0)
