@@ -51,8 +51,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms.v2 import functional as TF
+
+from .profiling import count_ops
 
 CROP_SCALE = (0.2, 1.0)          # RandomResizedCrop area range
 CROP_LOG_RATIO = tuple(torch.tensor(r).log().item() for r in (3 / 4, 4 / 3))  # aspect range
@@ -317,38 +318,6 @@ def strong_view(x: torch.Tensor, generator: torch.Generator | None = None) -> to
 
 
 # --- benchmark ----------------------------------------------------------------------------
-class _OpCounter(TorchDispatchMode):
-    """Counts the ATen operations dispatched inside ``with``: views and bare allocations
-    left out (they launch no kernel), and separately those that read a tensor back to the
-    host (``.item()``, ``bool()``, ``nonzero``, boolean-mask indexing)."""
-
-    FREE = ("empty", "empty_like", "empty_strided", "scalar_tensor")
-    SYNC = ("_local_scalar_dense", "nonzero", "masked_select")
-
-    def __init__(self):
-        super().__init__()
-        self.ops = self.host_syncs = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        self.ops += not (func.is_view or name in self.FREE)
-        self.host_syncs += name in self.SYNC or self._boolean_index(name, args)
-        return func(*args, **(kwargs or {}))
-
-    @staticmethod
-    def _boolean_index(name: str, args) -> bool:
-        indices = args[1] if name in ("index", "index_put", "index_put_") else ()
-        return any(i is not None and i.dtype == torch.bool for i in indices)
-
-
-def count_ops(fn, *args, **kwargs) -> dict:
-    """``{"ops": ..., "host_syncs": ...}`` of one call ``fn(*args, **kwargs)`` (see
-    ``_OpCounter``): the ops are a proxy for the number of CUDA kernel launches."""
-    with _OpCounter() as counter:
-        fn(*args, **kwargs)
-    return {"ops": counter.ops, "host_syncs": counter.host_syncs}
-
-
 def bench(device: str = "auto", batch_sizes=None, views=None) -> dict:
     """Images/s and dispatched ops of each view (``views``: name → fn(x, generator);
     default the weak and strong view) on random images, per batch size (default 256)."""

@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile", default="smoke", help=f"one of {config.PROFILES}")
     bench.add_argument("--device", default="auto", help=f"one of {config.DEVICES}")
     bench.add_argument("--batch-size", type=int, nargs="*", help="batch size(s) to time")
+    paths = bench.add_mutually_exclusive_group()
+    paths.add_argument("--eager", dest="paths", action="store_const", const=("eager",),
+                       help="train: time the eager step (the default)")
+    paths.add_argument("--graph", dest="paths", action="store_const", const=("cuda_graph",),
+                       help="train: time the CUDA-graph step (CUDA only)")
+    paths.add_argument("--both", dest="paths", action="store_const",
+                       const=("eager", "cuda_graph"), help="train: time both, in one run")
 
     figures = sub.add_parser("figures", help="copy a run's report figures into figures/")
     figures.add_argument("--run", required=True, help="run directory, e.g. runs/paper")
@@ -74,12 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown profile {args.profile!r}; choose one of {config.PROFILES}",
               file=sys.stderr)
         return 1
+    if args.paths is not None and args.what != "train":
+        print("error: --eager/--graph/--both apply to 'bench train' only", file=sys.stderr)
+        return 1
     if args.what == "augment":  # the views alone: independent of the profile
         from .augment import bench
         print(json.dumps(bench(device=args.device, batch_sizes=args.batch_size)))
         return 0
+    extra = {}
     if args.what == "train":
         from .training import bench
+        extra = {"paths": args.paths or ("eager",)}
     elif args.what == "synth" or args.generator == "sd":
         from .generators.sd import bench
     elif args.generator == "pixel":
@@ -88,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: `bench gen` times 'pixel' or 'sd', not {args.generator!r}",
               file=sys.stderr)
         return 1
-    result = bench(profile=args.profile, device=args.device, batch_sizes=args.batch_size)
+    result = bench(profile=args.profile, device=args.device, batch_sizes=args.batch_size,
+                   **extra)
     print(json.dumps(result))
     return 0
 

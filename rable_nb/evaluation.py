@@ -1,5 +1,6 @@
 """Test-set evaluation: overall, many/medium/few, per-class accuracy, confusion matrix,
-the ``metrics-<method>.json`` file, and which of a run's results are current."""
+the ``metrics-<method>.json`` file (fields: ``METRICS_FIELDS``, ``ACCURACY_FIELDS``), and
+which of a run's results are current."""
 from __future__ import annotations
 
 import json
@@ -35,6 +36,21 @@ def predict(net: torch.nn.Module, x_uint8: torch.Tensor, log_prior: torch.Tensor
     from the logits when given (test-time adjustment). ``batch``: see
     :func:`networks.batched_logits`."""
     return batched_logits(net, x_uint8, log_prior, batch).argmax(1)
+
+
+def evaluate(net: torch.nn.Module, x_uint8, truth, class_counts,
+             log_prior: torch.Tensor | None = None) -> tuple[dict, dict | None]:
+    """:func:`summarize` of the raw predictions and, with ``log_prior``, of the test-time
+    adjusted ones (logits − log-prior), from one pass over the images and one read of the
+    predictions back to the host."""
+    logits = batched_logits(net, x_uint8)
+    pred = logits.argmax(1)
+    if log_prior is not None:
+        pred = torch.stack([pred, (logits - log_prior.to(logits.device)).argmax(1)])
+    pred = pred.cpu().numpy()
+    if log_prior is None:
+        return summarize(pred, truth, class_counts), None
+    return summarize(pred[0], truth, class_counts), summarize(pred[1], truth, class_counts)
 
 
 def summarize(pred, truth, class_counts) -> dict:

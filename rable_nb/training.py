@@ -8,8 +8,15 @@ batch (``augment.weak_view`` / ``strong_view``). Every ``checkpoint_every`` epoc
 whole state (model, optimizer, confidences, the method's state tensors, history, RNG)
 goes to ``checkpoints/<method>-state.safetensors``; a later call with the same settings
 resumes from it and ends with the same numbers as an uninterrupted run. Each epoch's
-random draws come from a generator seeded by (seed, epoch), so resuming needs no hidden
-state.
+random draws come from the trainer's generator re-seeded with (seed, epoch), so resuming
+needs no hidden state.
+
+Inside an epoch nothing is read back to the host: the loss terms are summed on the device
+by the step itself and read once, with the pseudo-label accuracy, when the epoch ends; the
+test-set evaluation after it is one more read (``evaluation.evaluate``). On CUDA the
+optimizer is the fused SGD with the learning rate as a device tensor, and ``graph=True``
+(``GRAPH=True``) replays the whole step as a CUDA graph (``rable_nb/cuda_graph.py``); on CPU
+the eager step runs, the reference for both.
 """
 from __future__ import annotations
 
@@ -26,9 +33,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import config, dataset, evaluation, generators, methods
+from . import config, cuda_graph, dataset, evaluation, generators, methods, profiling
 from .methods._losses import uniform_confidence
-from .networks import PLLNet, pick_device, save_model, standardize, to_unit
+from .networks import PLLNet, device_name, pick_device, save_model, standardize, to_unit
 
 METHODS = tuple(methods.names())  # every valid method name (see rable_nb/methods)
 SYNTHETIC_LABELS = ("exact", "partial")
@@ -109,11 +116,17 @@ class Trainer:
     """Network, optimizer, confidences and method state of one method on one training set.
 
     ``sample_weight`` (N, optional): per-image loss weights handed to the method.
+    ``graph``: run the steps as CUDA graphs (``cuda_graph.CapturedSteps``); on a CPU device
+    it falls back to the eager step (the same computation) with a note.
     """
 
     def __init__(self, cfg: TrainConfig, train_x, candidates, labels, device: str = "auto",
-                 compile: bool = False, data_key: str = "", sample_weight=None):
+                 compile: bool = False, data_key: str = "", sample_weight=None,
+                 graph: bool = False):
         self.cfg, self.dev, self.data_key, self.compile = cfg, pick_device(device), data_key, compile
+        if graph and compile:
+            raise ValueError("GRAPH=True and COMPILE=True cannot be combined: choose one "
+                             "(the CUDA graph records the eager step).")
         if len(train_x) < cfg.batch_size:
             raise ValueError(f"BATCH_SIZE={cfg.batch_size} exceeds the {len(train_x)} training "
                              "images (batches drop the remainder).")
@@ -131,7 +144,14 @@ class Trainer:
         self.conf = uniform_confidence(self.cand)
         self.epoch = 0
         self.history: list[dict] = []
+        self.gen = torch.Generator(device=self.dev)   # re-seeded every epoch
+        self.sums: dict[str, torch.Tensor] = {}        # the epoch's loss terms, on the device
         self.method.init_state(self)
+        self.graph = graph and self.dev.type == "cuda"
+        if graph and not self.graph:
+            print(f"GRAPH=True: CUDA graphs need a CUDA device; training on {self.dev.type} "
+                  "runs the eager step (the same computation).")
+        self._captured = cuda_graph.CapturedSteps(self) if self.graph else None
 
     def _build_model(self, seed: int) -> None:
         """A freshly initialised network (seeded), its optimizer and forward functions."""
@@ -148,8 +168,23 @@ class Trainer:
             return feats, net.classifier(feats)
         wrap = torch.compile if self.compile else (lambda fn: fn)
         self._nets = {"logits": wrap(net), "features": wrap(features), "embed": wrap(net.embed)}
-        self.opt = torch.optim.SGD(self._parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay)
+        self.opt = self._optimizer()
+
+    def _optimizer(self) -> torch.optim.SGD:
+        """SGD with momentum and weight decay. On CUDA the fused kernel with the learning rate
+        as a device tensor: the same update in a few kernels, and a captured step reads each
+        epoch's rate from that tensor."""
+        cfg, cuda = self.cfg, self.dev.type == "cuda"
+        lr = torch.tensor(cfg.lr, dtype=torch.float32, device=self.dev) if cuda else cfg.lr
+        return torch.optim.SGD(self._parameters(), lr=lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, fused=cuda or None)
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)          # in place: no host-to-device wait
+            else:
+                group["lr"] = lr
 
     def _parameters(self) -> list[torch.nn.Parameter]:
         """Everything the optimizer trains: the network, then the method's modules."""
@@ -178,7 +213,7 @@ class Trainer:
         if i > 0 and stage.fresh_model:
             self._build_model(self.cfg.seed + 1_000_003 * i)
         if i > 0 and stage.fresh_confidence:
-            self.conf = uniform_confidence(self.cand)
+            self.conf.copy_(uniform_confidence(self.cand))
         self.method.start_stage(self, stage)
 
     # -- one step -------------------------------------------------------------------------
@@ -189,7 +224,10 @@ class Trainer:
     def _forward(self, fn, x: torch.Tensor):
         """Network call under bf16 autocast on CUDA; outputs back in fp32 so that the
         losses, weights and confidence updates are computed in full precision."""
-        with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.dev.type == "cuda"):
+        # no weight-cast cache: it must not outlive a CUDA-graph capture, and each pass uses
+        # every weight once
+        with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.dev.type == "cuda",
+                            cache_enabled=False):
             out = fn(self._norm(x))
         return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
@@ -210,29 +248,51 @@ class Trainer:
         """The method's test-time log-prior (RECORDS), or None."""
         return self.method.test_log_prior(self)
 
-    def step(self, idx: torch.Tensor, gen: torch.Generator, step_in_epoch: int = 0) -> dict:
-        """One optimisation step on the images ``idx``; returns the loss terms."""
+    def clock(self, step_in_epoch: int) -> tuple[int, int]:
+        """(epoch within the current stage, step within the stage) of a step of this epoch."""
         _, start = self._stage_at(self.epoch)
         epoch = self.epoch - start
+        return epoch, epoch * (len(self.x) // self.cfg.batch_size) + step_in_epoch
+
+    def step(self, idx: torch.Tensor, gen: torch.Generator, step_in_epoch: int = 0) -> dict:
+        """One eager optimisation step on the images ``idx``; returns the loss terms."""
+        epoch, step = self.clock(step_in_epoch)
+        return self.compute_step(idx, gen, epoch, step, self.method.schedule(epoch, step))
+
+    def run_step(self, idx: torch.Tensor, gen: torch.Generator, step_in_epoch: int = 0) -> dict:
+        """:meth:`step`, or its CUDA-graph replay when the trainer runs graphs."""
+        run = self._captured.run if self._captured else self.step
+        return run(idx, gen, step_in_epoch)
+
+    def compute_step(self, idx: torch.Tensor, gen: torch.Generator, epoch: int, step: int,
+                     schedule: dict) -> dict:
+        """Everything one step does, all of it on the device (what a CUDA graph records):
+        views, forward, the method's losses, backward, optimizer step, confidence update,
+        and the loss terms added to the epoch's sums (``self.sums``)."""
         batch = methods.Batch(
             idx=idx, x=to_unit(self.x[idx]), cand=self.cand[idx], conf=self.conf[idx],
             conf_table=self.conf, labels=self.labels[idx],
             weight=None if self.weight is None else self.weight[idx], gen=gen, epoch=epoch,
-            step=epoch * (len(self.x) // self.cfg.batch_size) + step_in_epoch,
-            stage=self.stage.name, net=self.net, forward=self.forward)
+            step=step, stage=self.stage.name, net=self.net, forward=self.forward,
+            schedule=schedule)
         loss, terms, new = self.method.step(batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         if new is not None:
             self.conf[idx] = new
-        return {k: v.detach() for k, v in terms.items()}
+        terms = {k: v.detach() for k, v in terms.items()}
+        for k, v in terms.items():
+            if k not in self.sums:
+                self.sums[k] = torch.zeros((), device=self.dev)
+            self.sums[k].add_(v)
+        return terms
 
     # -- epochs ---------------------------------------------------------------------------
     def epoch_generator(self, epoch: int) -> torch.Generator:
-        gen = torch.Generator(device=self.dev)
-        gen.manual_seed(self.cfg.seed * 1_000_003 + epoch)
-        return gen
+        """The trainer's generator seeded for ``epoch`` (one object for the whole run: the
+        CUDA graphs stay registered with it)."""
+        return self.gen.manual_seed(self.cfg.seed * 1_000_003 + epoch)
 
     def train_epoch(self, progress: bool = True) -> dict:
         """One pass over the data in random order (drop_last); returns the epoch's log row."""
@@ -241,34 +301,41 @@ class Trainer:
         if self.epoch == start:
             self._start_stage(i)
         lr = cosine_lr(cfg, self.epoch - start)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        self._set_lr(lr)
         self.method.start_epoch(self)
         gen = self.epoch_generator(self.epoch)
         order = torch.randperm(n, device=self.dev, generator=gen)
         steps = n // cfg.batch_size
-        sums: dict[str, torch.Tensor] = {}
+        terms: dict[str, torch.Tensor] = {}
         self.net.train()
         t0 = time.time()
         bar = tqdm(range(steps), desc=f"{cfg.method} epoch {self.epoch + 1}/{self.total_epochs}",
                    unit="step", leave=False, disable=not progress)
         for s in bar:
-            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            for k, v in self.step(idx, gen, s).items():
-                sums[k] = sums.get(k, 0) + v.float()
+            terms.update(self.run_step(order[s * cfg.batch_size:(s + 1) * cfg.batch_size], gen, s))
         self.method.end_epoch(self)
-        if self.dev.type == "cuda":
-            torch.cuda.synchronize()
+        means = self._read_epoch(list(terms), steps)   # waits for the device: the epoch's end
         seconds = time.time() - t0
         row = {"epoch": self.epoch + 1, "lr": lr, "train_s": seconds,
                "images_per_s": steps * cfg.batch_size / max(seconds, 1e-9)}
         if len(self.stages) > 1:
             row["stage"] = self.stages[i].name
-        row.update({k: float(v) / steps for k, v in sums.items()})
-        row["pseudo_label_acc"] = (float((self.conf.argmax(1) == self.labels).float().mean())
-                                   if self.method.disambiguates else None)
+        row.update(means)
         self.epoch += 1
         return row
+
+    def _read_epoch(self, names: list[str], steps: int) -> dict:
+        """Mean of each loss term ``names`` over the epoch's ``steps`` and the pseudo-label
+        accuracy (None without confidences): one read from the device; the sums restart."""
+        values = [self.sums[k] for k in names]
+        if self.method.disambiguates:
+            values.append((self.conf.argmax(1) == self.labels).float().mean())
+        read = torch.stack(values).tolist() if values else []
+        for total in self.sums.values():
+            total.zero_()
+        out = {k: v / steps for k, v in zip(names, read)}
+        out["pseudo_label_acc"] = read[-1] if self.method.disambiguates else None
+        return out
 
     # -- state ----------------------------------------------------------------------------
     def save_state(self, path: Path) -> None:
@@ -366,20 +433,22 @@ def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int =
 
 # -- a whole run --------------------------------------------------------------------------
 def train(cfg: TrainConfig, data: dict, out_dir, device: str = "auto", compile: bool = False,
-          checkpoint_every: int = 1, stop_after: int | None = None, progress: bool = True
-          ) -> dict:
+          checkpoint_every: int = 1, stop_after: int | None = None, progress: bool = True,
+          graph: bool = False) -> dict:
     """Train (resuming from ``out_dir/checkpoints/<method>-state.safetensors``) and evaluate.
 
     ``stop_after``: stop once this many epochs are done in total, counting every stage (to
     split a run across commands). ``data`` may carry ``sample_weight`` (per-image loss
-    weights). Writes ``logs/<method>.jsonl`` every epoch. Returns a dict with the trainer,
+    weights). ``graph``: CUDA-graph steps (see :class:`Trainer`). Writes
+    ``logs/<method>.jsonl`` every epoch. Returns a dict with the trainer,
     history, final evaluation (and the test-time-adjusted one when the method has a
     test-time log-prior, e.g. RECORDS), and timing.
     """
     out = Path(out_dir)
     state_path = out / "checkpoints" / f"{cfg.method}-state.safetensors"
     trainer = Trainer(cfg, data["train_x"], data["candidates"], data["labels"], device, compile,
-                      data_key=data_fingerprint(data), sample_weight=data.get("sample_weight"))
+                      data_key=data_fingerprint(data), sample_weight=data.get("sample_weight"),
+                      graph=graph)
     resumed = trainer.load_state(state_path)
     if not resumed:  # results of an earlier, different run must not pass for this one
         for stale in (out / "checkpoints" / f"{cfg.method}.safetensors",
@@ -387,6 +456,10 @@ def train(cfg: TrainConfig, data: dict, out_dir, device: str = "auto", compile: 
             stale.unlink(missing_ok=True)
     test_x = torch.as_tensor(np.asarray(data["test_x"]), device=trainer.dev)
     test_y = np.asarray(data["test_y"])
+
+    def evaluate():  # (raw, test-time adjusted or None): one pass, one read
+        return evaluation.evaluate(trainer.net, test_x, test_y, data["class_counts"],
+                                   trainer.log_prior())
     total = trainer.total_epochs
     last = min(total, stop_after or total)
     commit = config.git_commit()
@@ -395,13 +468,10 @@ def train(cfg: TrainConfig, data: dict, out_dir, device: str = "auto", compile: 
     for _ in bar:
         t0 = time.time()
         row = trainer.train_epoch(progress)
-        prior = trainer.log_prior()
-        row["test_acc"] = evaluation.summarize(evaluation.predict(trainer.net, test_x), test_y,
-                                               data["class_counts"])["overall"]
-        if prior is not None:
-            row["test_acc_adjusted"] = evaluation.summarize(
-                evaluation.predict(trainer.net, test_x, prior), test_y,
-                data["class_counts"])["overall"]
+        raw, adjusted = evaluate()
+        row["test_acc"] = raw["overall"]
+        if adjusted is not None:
+            row["test_acc_adjusted"] = adjusted["overall"]
         row["seconds"] = time.time() - t0
         row["commit"] = commit
         trainer.history.append(row)
@@ -409,14 +479,11 @@ def train(cfg: TrainConfig, data: dict, out_dir, device: str = "auto", compile: 
         _write_log(out / "logs" / f"{cfg.method}.jsonl", trainer.history)
         if trainer.epoch % checkpoint_every == 0 or trainer.epoch == last:
             trainer.save_state(state_path)
-    prior = trainer.log_prior()
-    final = evaluation.summarize(evaluation.predict(trainer.net, test_x), test_y,
-                                 data["class_counts"])
-    adjusted = (evaluation.summarize(evaluation.predict(trainer.net, test_x, prior), test_y,
-                                     data["class_counts"]) if prior is not None else None)
+    final, adjusted = evaluate()
     hist = trainer.history
     train_s = sum(h["train_s"] for h in hist)
-    return dict(trainer=trainer, history=hist, final=final, adjusted=adjusted, log_prior=prior,
+    return dict(trainer=trainer, history=hist, final=final, adjusted=adjusted,
+                log_prior=trainer.log_prior(),
                 done=trainer.epoch >= total, resumed=resumed,
                 wall_s=sum(h["seconds"] for h in hist),
                 images_per_s=(sum(h["images_per_s"] * h["train_s"] for h in hist) / train_s
@@ -440,7 +507,7 @@ def _write_log(path: Path, history: list[dict]) -> None:
 
 
 def protocol_name(P: dict, ds_params: dict) -> str:
-    """'R' or 'L' when the data and training settings are that protocol's (DESIGN §6),
+    """'R' or 'L' when the data and training settings are that protocol's,
     else 'custom'."""
     common = (P.get("ARCH") == "resnet18" and ds_params.get("N_MAX") == 5000
               and P.get("LR") == 0.01 and ds_params.get("SEED") == 0)
@@ -484,7 +551,7 @@ def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int 
         "stages": [{"name": st.name, "epochs": st.epochs} for st in trainer.stages],
         "epochs_done": trainer.epoch, "n_train": len(trainer.labels), "n_synthetic": n_synthetic,
         "confusion": result["final"]["confusion"],
-        "device": _device_name(trainer.dev),
+        "device": device_name(trainer.dev), "cuda_graph": trainer.graph,
         "wall_s": result["wall_s"], "images_per_s": result["images_per_s"],
         # the commit(s) that trained the model (a resumed run can span several)
         "commit": ",".join(dict.fromkeys(h.get("commit", "unknown") for h in result["history"])),
@@ -496,12 +563,6 @@ def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int 
     return metrics
 
 
-def _device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(dev)}"
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
 def config_from_params(method: str, P: dict, num_classes: int = 10) -> TrainConfig:
     """TrainConfig from resolved notebook parameters (upper-case names)."""
     return TrainConfig(method=method, arch=P["ARCH"], epochs=P["EPOCHS"],
@@ -511,54 +572,88 @@ def config_from_params(method: str, P: dict, num_classes: int = 10) -> TrainConf
 
 
 # -- benchmark ----------------------------------------------------------------------------
-def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dict:
-    """images/s of a full ABLE step and of a bare forward+backward of the same network.
+BENCH_PATHS = {"eager": False, "cuda_graph": True}   # step path -> Trainer(graph=...)
+BENCH_TEST_IMAGES = 10_000                           # a CIFAR-10 test set
+PROTOCOL_L_EPOCHS = 800
 
-    Random uint8 images stand in for data; reports per batch size the two rates, their
-    ratio and the projected ABLE epoch time on CIFAR-10-LT rho = 100 (12,406 images).
+
+def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None,
+          paths=("eager",)) -> dict:
+    """Speed of a full ABLE step per batch size and step path (``paths``: ``"eager"``,
+    ``"cuda_graph"``); random uint8 images stand in for data.
+
+    Per row: images/s of the step and of a bare forward+backward of the same network; the
+    share of the step's wall time the device is busy (``profiling.busy_share``; on CPU a
+    proxy) with kernels and launches per step (CUDA); ATen ops the host dispatches and
+    reads back to the host per step; the evaluation of 10,000 test images; the projected
+    epoch on CIFAR-10-LT rho = 100 (12,406 images, drop_last, + evaluation) and 800 of them
+    (protocol L). A CUDA-graph row on a CPU device says why it was skipped.
     """
+    unknown = [p for p in paths if p not in BENCH_PATHS]
+    if unknown or not paths:
+        raise ValueError(f"paths={list(paths)!r} is invalid: choose from {list(BENCH_PATHS)}.")
     arch = PROFILE_DEFAULTS[profile]["ARCH"]
     batch_sizes = batch_sizes or [PROFILE_DEFAULTS[profile]["BATCH_SIZE"]]
     steps = BENCH_STEPS[profile]
     dev = pick_device(device)
+    rng = np.random.default_rng(0)
+    test_x = torch.as_tensor(rng.integers(0, 256, (BENCH_TEST_IMAGES, 32, 32, 3),
+                                          dtype=np.uint8), device=dev)
     rows = []
     for bs in batch_sizes:
         n = bs * (steps + 1)
-        rng = np.random.default_rng(0)
         x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
         labels = rng.integers(0, 10, n)
         cand = dataset.uniform_candidates(labels, 10, 0.3, 0)
-        tr = Trainer(TrainConfig(method="able", arch=arch, batch_size=bs), x, cand, labels, device)
-        gen = tr.epoch_generator(0)
-        able_ips = _rate(lambda i: tr.step(torch.arange(i * bs, (i + 1) * bs, device=dev), gen),
-                         steps, bs, dev)
-        views = tr._norm(to_unit(tr.x[:bs]))
+        for path in paths:
+            if BENCH_PATHS[path] and dev.type != "cuda":
+                rows.append({"batch_size": bs, "path": path,
+                             "skipped": f"CUDA graphs need a CUDA device (device: {dev.type})"})
+                continue
+            tr = Trainer(TrainConfig(method="able", arch=arch, batch_size=bs), x, cand, labels,
+                         device, graph=BENCH_PATHS[path])
+            rows.append({"batch_size": bs, "path": path, **_bench_trainer(tr, steps, test_x)})
+    measured = [r for r in rows if "skipped" not in r]
+    out = {"what": "train", "profile": profile, "arch": arch, "device": device_name(dev),
+           "steps": steps, "paths": list(paths), "results": rows, **(measured or rows)[0]}
+    first = {r["path"]: r for r in measured if r["batch_size"] == batch_sizes[0]}
+    if len(first) == 2:
+        out["graph_over_eager"] = (first["cuda_graph"]["able_images_per_s"]
+                                   / first["eager"]["able_images_per_s"])
+    return out
 
-        def bare(_):
-            loss = tr.net(views).float().logsumexp(1).mean()
-            tr.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            tr.opt.step()
+
+def _bench_trainer(tr: Trainer, steps: int, test_x: torch.Tensor) -> dict:
+    """The measurements of one ``bench`` row (see there) on the trainer's path."""
+    dev, bs = tr.dev, tr.cfg.batch_size
+    gen = tr.epoch_generator(0)
+
+    def able(i):
+        tr.run_step(torch.arange(i * bs, (i + 1) * bs, device=dev), gen, i)
+    warmup = cuda_graph.WARMUP + 1 if tr.graph else 1     # + the capture
+    step_s = profiling.timed(able, steps, dev, warmup)
+    ops = profiling.count_ops(able, steps)
+    busy = profiling.busy_share(able, min(steps, 5), dev, step_s)
+    views = tr._norm(to_unit(tr.x[:bs]))
+
+    def bare(_):
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            bare_ips = _rate(bare, steps, bs, dev)
-        rows.append({"batch_size": bs, "able_images_per_s": able_ips,
-                     "bare_images_per_s": bare_ips, "bare_over_able": bare_ips / able_ips,
-                     "able_epoch_s_cifar10_lt_rho100": LT_RHO100_IMAGES / able_ips})
-    return {"what": "train", "profile": profile, "arch": arch, "device": _device_name(dev),
-            "steps": steps, "results": rows, **rows[0]}
-
-
-def _rate(fn, steps: int, batch: int, dev: torch.device) -> float:
-    """Images per second of ``fn(step)`` after one warm-up call."""
-    fn(steps)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+            loss = tr.net(views).float().logsumexp(1).mean()
+        tr.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        tr.opt.step()
+    bare_s = profiling.timed(bare, steps, dev)
+    evaluation.predict(tr.net, test_x[:bs])                 # warm-up
     t0 = time.perf_counter()
-    for i in range(steps):
-        fn(i)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - t0)
+    evaluation.predict(tr.net, test_x).cpu()
+    eval_s = time.perf_counter() - t0
+    train_s = LT_RHO100_IMAGES // bs * step_s
+    return {"able_images_per_s": bs / step_s, "bare_images_per_s": bs / bare_s,
+            "bare_over_able": step_s / bare_s, "step_ms": 1e3 * step_s, **busy,
+            "ops_per_step": ops["ops"], "host_syncs_per_step": ops["host_syncs"],
+            "able_epoch_s_cifar10_lt_rho100": train_s, "eval_s": eval_s,
+            "epoch_s_with_eval": train_s + eval_s,
+            "run_800_epochs_min": PROTOCOL_L_EPOCHS * (train_s + eval_s) / 60}
 
 
 # -- notebook helpers ---------------------------------------------------------------------
@@ -598,7 +693,7 @@ def validate(P: dict) -> None:
         "CHECKPOINT_EVERY": config.integer(1),
         "STOP_AFTER": config.integer(1),
         "N_TEST_PER_CLASS": config.integer(1),
-        "FAITHFUL_BUG": config.BOOLEAN, "COMPILE": config.BOOLEAN,
+        "FAITHFUL_BUG": config.BOOLEAN, "COMPILE": config.BOOLEAN, "GRAPH": config.BOOLEAN,
         "ALLOW_SKIP": config.BOOLEAN,
     })
     n = dataset.num_images(P.get("dataset") or {})
@@ -606,6 +701,9 @@ def validate(P: dict) -> None:
         raise ValueError(f"BATCH_SIZE={P['BATCH_SIZE']} is invalid: BATCH_SIZE must be at most "
                          f"the {n} training images of this run's dataset (batches drop the "
                          "remainder).")
+    if P.get("GRAPH") and P.get("COMPILE"):
+        raise ValueError("GRAPH=True and COMPILE=True cannot be combined: choose one (the CUDA "
+                         "graph records the eager step).")
 
 
 def runnable_methods(names, run_dir, allow_skip: bool = False
@@ -636,7 +734,7 @@ def run_method(method: str, P: dict, cifar, progress: bool = True) -> dict:
                         P.get("SYNTHETIC_LABELS") or "exact", P["DEVICE"])
     cfg = config_from_params(method, P, cifar.num_classes)
     result = train(cfg, data, P["RUN_DIR"], P["DEVICE"], bool(P.get("COMPILE")),
-                   P["CHECKPOINT_EVERY"], P.get("STOP_AFTER"), progress)
+                   P["CHECKPOINT_EVERY"], P.get("STOP_AFTER"), progress, bool(P.get("GRAPH")))
     if not result["done"]:
         print(f"{method}: stopped after epoch {result['trainer'].epoch}/"
               f"{result['trainer'].total_epochs} "

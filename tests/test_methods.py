@@ -52,7 +52,8 @@ def make(name, epoch=3, weight=None, seed=0, **cfg):
     x = torch.rand(B, 3, 4, 4, generator=g)
     batch = methods.Batch(idx=torch.arange(B), x=x, cand=cand, conf=conf.clone(),
                           conf_table=conf, labels=labels, weight=weight, gen=g, epoch=epoch,
-                          step=0, stage="train", net=net, forward=net)
+                          step=0, stage="train", net=net, forward=net,
+                          schedule=method.schedule(epoch, 0))
     # fixed "augmentations" so that expected values can be recomputed outside the method
     batch._views = {"weak": x.flip(3), "strong": 1 - x}
     return method, batch, net, trainer
@@ -332,7 +333,7 @@ def subset(batch, keep):
     sub = methods.Batch(idx=batch.idx[keep], x=batch.x[keep], cand=batch.cand[keep],
                         conf=batch.conf[keep], conf_table=batch.conf_table, labels=batch.labels[keep],
                         weight=None, gen=batch.gen, epoch=batch.epoch, step=0, stage="train",
-                        net=batch.net, forward=batch.forward)
+                        net=batch.net, forward=batch.forward, schedule=batch.schedule)
     sub._views = {k: v[keep] for k, v in batch._views.items()}
     return sub
 

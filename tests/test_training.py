@@ -163,12 +163,23 @@ def test_notebook_04_smoke_writes_metrics_and_checkpoints(run_notebooks, smoke_d
 
 
 def test_bench_train_cli_prints_json(capsys):
-    assert cli.main(["bench", "train", "--device", "cpu", "--batch-size", "16"]) == 0
+    assert cli.main(["bench", "train", "--device", "cpu", "--batch-size", "16", "--both"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for key in ("able_images_per_s", "bare_images_per_s", "bare_over_able",
-                "able_epoch_s_cifar10_lt_rho100", "device"):
-        assert key in result
+    eager, graph = result["results"]
+    assert (eager["path"], graph["path"]) == ("eager", "cuda_graph") and result["path"] == "eager"
+    assert "CUDA graphs need a CUDA device" in graph["skipped"]
     assert result["able_images_per_s"] > 0 and result["bare_over_able"] > 0
+    assert result["host_syncs_per_step"] == 0 and result["ops_per_step"] > 100
+    assert 0 < result["busy_share"] and "CPU proxy" in result["busy_measure"]
+    assert result["kernels_per_step"] is None                          # CUDA only
+    epoch = training.LT_RHO100_IMAGES // 16 * result["step_ms"] / 1e3   # drop_last
+    assert result["able_epoch_s_cifar10_lt_rho100"] == pytest.approx(epoch)
+    assert result["epoch_s_with_eval"] == pytest.approx(epoch + result["eval_s"])
+    assert result["run_800_epochs_min"] == pytest.approx(800 * result["epoch_s_with_eval"] / 60)
+    assert cli.main(["bench", "augment", "--graph"]) == 1
+    assert "apply to 'bench train' only" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="paths=.*choose from"):
+        training.bench(device="cpu", paths=("graph",))
 
 
 @pytest.mark.parametrize("partial", ["uniform", "instance"])

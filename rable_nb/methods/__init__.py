@@ -52,10 +52,29 @@ outside the step, free to synchronise — e.g. re-estimating a prior over the tr
 Per-image loss weights arrive as ``batch.weight`` (None = plain means; see
 ``_losses.weighted_mean``).
 
-Rules that keep a step capturable in a CUDA graph: no ``.item()``, ``float(tensor)``,
-``nonzero``/boolean indexing or Python branches on tensor values inside ``step``; draw
-random numbers on the device from ``batch.gen``; branch only on host values
-(``batch.epoch``, ``batch.step``, ``batch.stage``).
+Rules that keep a step capturable in a CUDA graph (``GRAPH=True`` records the whole step —
+views, forward, losses, backward, optimizer, confidence update — once and replays it;
+``rable_nb/cuda_graph.py``), checked on CPU by ``tests/test_host_sync.py`` (every name
+trained under a guard against host reads; replays simulated against eager training):
+
+- nothing read back to the host inside ``step``: no ``.item()``, ``float(tensor)``,
+  ``bool(tensor)``, ``.tolist()``, ``.cpu()``, ``nonzero``/boolean indexing, no Python
+  branch on a tensor value, no op that checks its input on the host (``F.one_hot`` and
+  ``torch.bincount`` do: use ``_losses.one_hot`` / ``class_counts``);
+- random numbers drawn on the device from ``batch.gen``;
+- branch only on host values (``batch.epoch``, ``batch.step``, ``batch.stage``) and declare
+  each such branch, and any shape that depends on them, in ``variant(epoch, step)``: a
+  replay reruns the code path that was recorded;
+- numbers that change between steps or epochs (ramp-ups, queue positions) come from
+  ``schedule(epoch, step)`` and are read with ``self.value(batch, name)``: on a replay they
+  are device tensors refilled before the step, where a Python number would stay frozen at
+  its captured value;
+- state tensors are created once (``init_state``) and then updated in place, in the step
+  and in the epoch hooks alike (``copy_``, ``zero_``, indexed writes; never
+  ``self.x = ...``): a replay reads and writes the memory it recorded. The graph path
+  refuses a step that rebinds a tensor while it is being captured.
+
+Epoch hooks run outside the step and may read values back to the host, once per epoch.
 
 Adding a method = one new file here + one line in ``BASES`` or ``MODIFIERS``.
 Settings of the original methods stay ``TrainConfig`` fields (``tau``, ``base_tau``,

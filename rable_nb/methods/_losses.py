@@ -17,6 +17,19 @@ def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None = None) -> t
     return (weight * values).sum() / weight.sum().clamp_min(1e-12)
 
 
+def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Float one-hot rows of integer ``labels``. Unlike ``F.one_hot`` on CPU, it never reads
+    the labels back to check their range, so a step using it stays free of host reads on
+    every device."""
+    return (labels[..., None] == torch.arange(num_classes, device=labels.device)).float()
+
+
+def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Float count of each class among ``labels`` (a ``bincount`` that needs no read-back
+    of the largest label on CUDA)."""
+    return one_hot(labels, num_classes).sum(0)
+
+
 def uniform_confidence(candidates: torch.Tensor) -> torch.Tensor:
     """Initial confidences: uniform over each candidate set (rows sum to 1)."""
     y = candidates.float()

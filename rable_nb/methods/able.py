@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._losses import soft_cross_entropy, updated_confidence, weighted_mean
+from ._losses import one_hot, soft_cross_entropy, updated_confidence, weighted_mean
 from .base import Base
 
 
@@ -37,7 +37,7 @@ def ambiguity_weights(candidates: torch.Tensor, conf: torch.Tensor, probs: torch
 
     ``candidates`` Y, ``conf`` S and ``probs`` p are B×C (p from the weak view).
     """
-    onehot = F.one_hot(pseudo_labels(probs, candidates), probs.shape[1]).float()
+    onehot = one_hot(pseudo_labels(probs, candidates), probs.shape[1])
     per_class = onehot / onehot.sum(0, keepdim=True).clamp_min(1)     # P / n
     m = (candidates.float() * conf.float()) @ per_class.T             # B×B
     m = m.repeat(2, 2)

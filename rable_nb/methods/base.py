@@ -49,16 +49,19 @@ class Batch:
     hidden true labels (only the supervised baseline and logs may read them); ``weight``
     per-image loss weights or None; ``gen`` the epoch's random generator (draw every random
     number from it, on the device); ``epoch`` the epoch within the current stage and
-    ``step`` the step within the stage (host integers: safe to branch on); ``net`` the
-    network; ``forward(inputs, need)`` runs the network on a dict of image batches in one
-    pass (``need`` one of ``OUTPUTS``) and returns :class:`Outputs`.
+    ``step`` the step within the stage (host integers: branch on them only as the pieces'
+    ``variant`` declares); ``schedule`` the pieces' scheduled numbers of this step (read
+    with ``Piece.value``); ``net`` the network; ``forward(inputs, need)`` runs the network
+    on a dict of image batches in one pass (``need`` one of ``OUTPUTS``) and returns
+    :class:`Outputs`.
     """
 
     def __init__(self, *, idx, x, cand, conf, conf_table, labels, weight, gen, epoch, step,
-                 stage: str, net, forward):
+                 stage: str, net, forward, schedule: dict | None = None):
         self.idx, self.x, self.cand, self.conf, self.conf_table = idx, x, cand, conf, conf_table
         self.labels, self.weight, self.gen = labels, weight, gen
         self.epoch, self.step, self.stage, self.net, self.forward = epoch, step, stage, net, forward
+        self.schedule = schedule or {}
         self._views: dict[str, torch.Tensor] = {}
 
     def view(self, name: str) -> torch.Tensor:
@@ -85,6 +88,26 @@ class Piece:
     def default_params(cls, cfg) -> dict:
         return dict(cls.params)
 
+    # -- what the step depends on besides tensors (see "capturable step" in __init__.py) ---
+    def variant(self, epoch: int, step: int):
+        """The host decisions of the step at (``epoch`` within the stage, ``step`` within the
+        stage): every branch on ``batch.epoch``/``batch.step`` and every shape that depends
+        on them, as one hashable value (None: always the same code). Steps with equal
+        variants dispatch the same operations, so one captured CUDA graph serves them."""
+        return None
+
+    def schedule(self, epoch: int, step: int) -> dict[str, float | int]:
+        """Numbers the step computes with that change from epoch to epoch or step to step
+        (ramp-ups, a position in a queue), by name; the step reads them with
+        :meth:`value`."""
+        return {}
+
+    def value(self, batch: "Batch", name: str):
+        """This piece's scheduled number ``name`` for ``batch``: a Python number on the
+        eager path, a 0-dim device tensor (float64 or int64, refilled before every replay)
+        on the CUDA-graph path — write arithmetic that accepts both."""
+        return batch.schedule[f"{self.name}.{name}"]
+
     def modules(self, net: torch.nn.Module) -> dict[str, torch.nn.Module]:
         """Extra trainable modules (e.g. a rotation head), made with every fresh network:
         the trainer moves them to the device, trains them with the network's optimizer and
@@ -93,7 +116,9 @@ class Piece:
 
     # -- state: tensors that must survive a checkpoint (device tensors) ------------------
     def init_state(self, trainer) -> None:
-        """Create the state tensors at the start of a run (and of a fresh-model stage)."""
+        """Create the state tensors at the start of a run. Later updates (in the step and in
+        the epoch hooks) write into them in place (``copy_``, ``zero_``, indexed writes): a
+        captured CUDA graph keeps reading and writing the tensors it saw at capture."""
 
     def state(self) -> dict[str, torch.Tensor]:
         return {}
@@ -239,6 +264,14 @@ class Method:
     def test_log_prior(self, trainer) -> torch.Tensor | None:
         return next((p for m in self.modifiers
                      if (p := m.test_log_prior(trainer)) is not None), None)
+
+    def variant(self, epoch: int, step: int) -> tuple:
+        """Every piece's :meth:`Piece.variant` (steps with equal tuples share a CUDA graph)."""
+        return tuple(p.variant(epoch, step) for p in self.pieces)
+
+    def schedule(self, epoch: int, step: int) -> dict[str, float | int]:
+        """Every piece's scheduled numbers, as ``'<piece>.<name>'``."""
+        return {f"{p.name}.{k}": v for p in self.pieces for k, v in p.schedule(epoch, step).items()}
 
     # -- modules, state and hooks over every piece ------------------------------------------
     def modules(self, net: torch.nn.Module) -> dict[str, torch.nn.Module]:

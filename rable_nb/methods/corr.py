@@ -70,7 +70,10 @@ class Corr(Base):
     params = {"upd_start": 1}
 
     def updating(self, batch) -> bool:
-        return batch.epoch >= self.p["upd_start"]
+        return self.variant(batch.epoch, batch.step)
+
+    def variant(self, epoch, step):
+        return epoch >= self.p["upd_start"]   # the confidence update and mixup term start
 
     def losses(self, batch, out, log_prior):
         l_neg, l_cons = self.target_terms(out.logits, batch.conf, batch.weight)

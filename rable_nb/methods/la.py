@@ -36,7 +36,7 @@ class LogitAdjustment(Modifier):
 
     def start_epoch(self, trainer):
         prior = trainer.method.base.class_prior(trainer).float().clamp_min(1e-8)
-        self.shift = self.p["tau"] * (prior / prior.sum()).log()
+        self.shift.copy_(self.p["tau"] * (prior / prior.sum()).log())
 
     def adjust_logits(self, logits):
         return logits + self.shift

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from ..networks import batched_logits
-from ._losses import updated_confidence, weighted_mean
+from ._losses import class_counts, updated_confidence, weighted_mean
 from .base import Base, Stage
 
 TINY = 1e-30  # guards the Sinkhorn divisions (a class or an image without mass)
@@ -126,28 +126,35 @@ class Solar(Base):
         return {"prior": self.prior, "queue": self.queue}
 
     def start_stage(self, trainer, stage):
-        self.queue = torch.zeros_like(self.queue)
+        self.queue.zero_()
 
-    def _schedule(self, epoch: int) -> tuple[float, float]:
+    def variant(self, epoch, step):
+        # the full loss from epoch 1; Sinkhorn over the queue once it is full
+        return epoch >= 1, step >= self.p["queue_batches"]
+
+    def schedule(self, epoch, step):
+        """η and ρ (ramped up over the warm-up epochs) and the queue row this batch fills."""
         ramp = _ramp(epoch, self.p["warmup_epochs"])
-        return self.p["eta"] * ramp, self.p["rho_start"] + (self.p["rho_end"] - self.p["rho_start"]) * ramp
+        return {"eta": self.p["eta"] * ramp,
+                "rho": self.p["rho_start"] + (self.p["rho_end"] - self.p["rho_start"]) * ramp,
+                "queue_at": (step % self.p["queue_batches"]) * self.cfg.batch_size}
 
-    def _pseudo_labels(self, cost: torch.Tensor, step: int) -> torch.Tensor:
+    def _pseudo_labels(self, cost: torch.Tensor, batch) -> torch.Tensor:
         """Sinkhorn over (full queue +) this batch; then the batch joins the queue."""
-        b, slots = len(cost), self.p["queue_batches"]
-        queue_full = step >= slots
+        b = len(cost)
+        queue_full = self.variant(batch.epoch, batch.step)[1]
         rows = torch.cat([self.queue, cost]) if queue_full else cost
         labels = sinkhorn(rows, self.prior, self.p["lamd"], self.p["sinkhorn_iters"])[-b:]
-        at = (step % slots) * b
-        self.queue[at:at + b] = cost
+        rows_at = self.value(batch, "queue_at") + torch.arange(b, device=cost.device)
+        self.queue.index_copy_(0, rows_at, cost)
         return labels
 
     def losses(self, batch, out, log_prior):
-        eta, rho = self._schedule(batch.epoch)
+        eta, rho = self.value(batch, "eta"), self.value(batch, "rho")
         logits_w, logits_s = out.logits["weak"], out.logits["strong"]
         probs = F.softmax(logits_w.detach().float(), 1)
         cand = batch.cand.float()
-        pseudo = self._pseudo_labels(probs * cand, batch.step)
+        pseudo = self._pseudo_labels(probs * cand, batch)
         log_p = F.log_softmax(logits_w.float(), 1)
         rn = -(log_p * batch.conf).sum(1)
         sink = -(log_p * pseudo).sum(1)
@@ -160,7 +167,7 @@ class Solar(Base):
         terms = {"loss_cls": l_rn, "loss_sinkhorn": sink.mean().detach(),
                  "selected": chosen.float().mean()}
         self._mix = (pseudo, chosen, eta)
-        if batch.epoch < 1:
+        if not self.variant(batch.epoch, batch.step)[0]:
             loss = l_rn
         else:
             l_sin = weighted_mean(sink, w * chosen)
@@ -173,7 +180,7 @@ class Solar(Base):
 
     # +mixup: the selected images with their Sinkhorn pseudo-labels, scaled by η
     def mixup_active(self, batch):
-        return batch.epoch >= 1
+        return self.variant(batch.epoch, batch.step)[0]
 
     def mixup_targets(self, batch, out):
         return self._mix
@@ -182,9 +189,9 @@ class Solar(Base):
         """r̂ ← γ·(frequencies of argmax p ⊙ Y over the training set) + (1 − γ)·r̂."""
         logits = trainer.method.train_logits(batched_logits(trainer.net, trainer.x))
         guess = (F.softmax(logits, 1) * trainer.cand.float()).argmax(1)
-        freq = torch.bincount(guess, minlength=self.cfg.num_classes).float() / len(guess)
+        freq = class_counts(guess, self.cfg.num_classes) / len(guess)
         gamma = self.p["gamma_estimate" if trainer.stage.name == "estimate" else "gamma_train"]
-        self.prior = gamma * freq + (1 - gamma) * self.prior
+        self.prior.copy_(gamma * freq + (1 - gamma) * self.prior)
 
     def class_prior(self, trainer):
         return self.prior

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._losses import weighted_mean
+from ._losses import class_counts, one_hot, weighted_mean
 from .base import Base
 
 
@@ -23,8 +23,8 @@ class Supervised(Base):
         return loss, {"loss_cls": loss}, None
 
     def mixup_targets(self, batch, out):
-        return F.one_hot(batch.labels, self.cfg.num_classes).float(), None, 1.0
+        return one_hot(batch.labels, self.cfg.num_classes), None, 1.0
 
     def class_prior(self, trainer) -> torch.Tensor:
-        counts = torch.bincount(trainer.labels, minlength=self.cfg.num_classes).float()
+        counts = class_counts(trainer.labels, self.cfg.num_classes)
         return counts / counts.sum()
