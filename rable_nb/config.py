@@ -175,7 +175,7 @@ def validate(params: dict) -> None:
 # Notebook (two-digit prefix) -> the rable_nb module that owns its parameters.
 NOTEBOOK_STAGES = {"00": "cost", "01": "dataset", "02": "captioning", "03": "generators",
                    "04": "training", "05": "predictions", "06": "embedding", "07": "demo",
-                   "08": "sweep"}
+                   "08": "sweep", "09": "study"}
 
 
 def stage_module(stage: str):
