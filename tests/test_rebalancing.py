@@ -247,3 +247,20 @@ def test_smoke_run_of_ssp_and_able_unlabeled(run_notebooks, smoke_dataset_run, c
     assert u["unlabeled"]["pool"] == len(cifar.train_y) - n_lt
     assert 0 <= u["unlabeled"]["accuracy"]["overall"] <= 1
     assert u["params"]["RATIO"] == 1 and u["params"]["UNLABELED"] == 0
+
+
+def test_a_run_with_rable_keeps_its_other_methods_current(tmp_path):
+    """``rable`` records its generator and top-up in its parameters; trained last, it must
+    not make the run's other methods look like results of other parameters."""
+    import time
+    from rable_nb import evaluation
+    shared = {"METHODS": ["able", "rable"], "EPOCHS": 1, "dataset": {}}
+    for method, own in (("able", {}), ("rable", {"GENERATOR": "copy", "GEN_LABELS": "pseudo",
+                                                 "synthetic": {"generator": "copy"}})):
+        (tmp_path / f"metrics-{method}.json").write_text(json.dumps(
+            {"method": method, "params": {**shared, **own, "train": {"method": method}}}))
+        time.sleep(0.01)
+    assert sorted(evaluation.current_metrics(tmp_path)) == ["able", "rable"]
+    (tmp_path / "metrics-able.json").write_text(json.dumps(
+        {"method": "able", "params": {**shared, "EPOCHS": 2, "train": {}}}))
+    assert sorted(evaluation.current_metrics(tmp_path)) == ["able"]  # still compared
