@@ -22,8 +22,9 @@ on; ``results.csv`` (one row per point: parameters, status, error, ambiguity, an
 ``<method>/<metric>`` accuracies from ``metrics-<method>.json``, with ``<method>/n_test``,
 ``<method>/n_synthetic`` and ``<method>/n_unlabeled``: the test images and the images added to
 the long tail; ``<method>/generator`` and ``<method>/gen_labels`` for methods trained on
-synthetic images) is rewritten after every point. A rerun skips points already ``done`` with the same parameters and retries the
-others (notebooks that finished inside an interrupted point are skipped too).
+synthetic images) is rewritten after every point. A rerun skips points already ``done``
+with the same parameters and retries the others (notebooks that finished inside an
+interrupted point are skipped too).
 
 Executors: every point runs :func:`run_point` (its notebooks' output in ``point.log``) in
 its own process, ``parallel`` points at once on this machine with the visible GPUs handed out

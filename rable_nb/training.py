@@ -545,8 +545,8 @@ def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int 
 
     ``fields``: more top-level fields (``prepare_data``'s: ``n_unlabeled`` and the
     ``unlabeled`` block). What the method's ``prepare`` recorded (SSP's pre-training) goes to
-    ``preparation``. ``accuracy`` uses the network's logits; ``accuracy_adjusted`` (methods with a test-time
-    log-prior, i.e. RECORDS) subtracts it, as the official RECORDS code evaluates —
+    ``preparation``. ``accuracy`` uses the network's logits; ``accuracy_adjusted`` (methods
+    with a test-time log-prior, i.e. RECORDS) subtracts it, as the official RECORDS code evaluates —
     ``comparable_to_published`` names the one to compare with published numbers. "best"
     is the maximum over the epochs of the final stage (the test set is used for it).
     """

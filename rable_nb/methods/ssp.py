@@ -148,7 +148,8 @@ def pretrain(images: torch.Tensor, arch: str, epochs: int, batch_size: int, lr: 
                     weight_decay=weight_decay, lr_min=lr_min, seed=seed, rotations=ROTATIONS,
                     version=VERSION)
     folder = config.cache_dir() / f"ssp-{_cache_key(images.cpu().numpy(), settings)}"
-    done, weights, state = folder / "ssp.json", folder / "backbone.safetensors", folder / "state.safetensors"
+    done, weights = folder / "ssp.json", folder / "backbone.safetensors"
+    state = folder / "state.safetensors"    # per-epoch state of an unfinished pre-training
     dev = images.device
     if done.exists():
         return load_file(str(weights), device=str(dev)), dict(json.loads(done.read_text()),
