@@ -311,3 +311,14 @@ def test_rable_feature_is_refused_on_images(tmp_path):
     with pytest.raises(ValueError, match="'rable-feature'.*GENERATOR='feature'"):
         training.runnable_methods(["rable-feature"], tmp_path)
     assert training.default_methods(tmp_path / "empty") == ["able", "rable"]
+
+
+def test_bench_gen_feature_cli_prints_json(capsys):
+    from rable_nb import cli
+    assert cli.main(["bench", "gen", "--generator", "feature", "--device", "cpu",
+                     "--batch-size", "8"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["generator"] == "feature" and r["feature_dim"] == 32 and r["parameters"] > 0
+    assert r["train_features_per_s"] > 0 and r["sample_features_per_s"] > 0
+    assert r["projected_topup_s"] == pytest.approx(37594 / r["sample_features_per_s"], rel=1e-2)
+    assert cli.main(["bench", "gen", "--generator", "gan", "--device", "cpu"]) == 1

@@ -63,14 +63,15 @@ SNR_CAP = 5.0            # min-SNR-γ weight of the x₀ loss
 BACKBONE = "backbone.safetensors"
 
 PROFILE_DEFAULTS = {
-    # smoke: a 20k-parameter MLP over tiny_cnn's 32-d features, seconds on a CPU.
+    # smoke: a 0.06M-parameter MLP over tiny_cnn's 32-d features, seconds on a CPU.
     "smoke": dict(FEATURE_HIDDEN=64, FEATURE_DEPTH=2, FEATURE_STEPS=60, FEATURE_BATCH=64,
                   FEATURE_CHECKPOINT_EVERY=20, FEATURE_SAMPLER="ddim", FEATURE_SAMPLE_STEPS=10),
-    # quick: mini_cnn's 64-d features (LDMLR's ResNet-32 has 64 too); minutes on a CPU.
+    # quick: 1.35M parameters over mini_cnn's 64-d features (LDMLR's ResNet-32 has 64 too):
+    # ~9k training and ~800 sampled features/s on one CPU core (bench gen), ~2 + ~1 min.
     "quick": dict(FEATURE_HIDDEN=256, FEATURE_DEPTH=3, FEATURE_STEPS=4000, FEATURE_BATCH=256,
                   FEATURE_CHECKPOINT_EVERY=500, FEATURE_SAMPLER="ddim", FEATURE_SAMPLE_STEPS=50),
-    # paper: ResNet-18's 512-d features.
-    "paper": dict(FEATURE_HIDDEN=1024, FEATURE_DEPTH=4, FEATURE_STEPS=20000, FEATURE_BATCH=1024,
+    # paper: 7.4M parameters over ResNet-18's 512-d features (not yet run on a GPU).
+    "paper": dict(FEATURE_HIDDEN=512, FEATURE_DEPTH=4, FEATURE_STEPS=20000, FEATURE_BATCH=1024,
                   FEATURE_CHECKPOINT_EVERY=2000, FEATURE_SAMPLER="ddim",
                   FEATURE_SAMPLE_STEPS=100),
 }
