@@ -731,8 +731,8 @@ def validate(P: dict) -> None:
         if not isinstance(P["METHOD_PARAMS"], dict):
             raise ValueError(f"METHOD_PARAMS={P['METHOD_PARAMS']!r} is invalid: METHOD_PARAMS "
                              "must be a dict {piece: {parameter: value}}.")
-        try:
-            for name in names or []:
+        try:  # without METHODS: against every method notebook 04 may default to
+            for name in names or ["able", "rable", "rable-feature"]:
                 TrainConfig(method=name, method_params=P["METHOD_PARAMS"])
         except ValueError as err:
             raise ValueError(f"METHOD_PARAMS={P['METHOD_PARAMS']!r} is invalid: {err}") from None
