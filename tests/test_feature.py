@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import audit, conditioning, data, dataset, generators, jsonl, methods, training
+from rable_nb import audit, conditioning, dataset, generators, jsonl, methods, training
 from rable_nb.generators import feature
 from rable_nb.methods import Outputs
 from rable_nb.networks import PLLNet
@@ -115,23 +115,14 @@ def test_validate_rejects_bad_feature_parameters():
         training.validate({"SYNTH_WEIGHT": -1})
 
 
-@pytest.fixture(scope="module")
-def small(cifar_dir):
-    cifar = data.load_cifar10(cifar_dir)
-    idx = dataset.long_tail_indices(cifar.train_y, [40, 30, 20, 15, 10, 8, 6, 5, 4, 3], 0)
-    labels = cifar.train_y[idx]
-    ds = dict(indices=idx, labels=labels, candidates=dataset.uniform_candidates(labels, 10, 0.3, 0),
-              class_counts=np.bincount(labels, minlength=10))
-    return cifar, ds, cifar.train_x[idx]
-
-
 WARMUP = dict(WARMUP_ARCH="tiny_cnn", WARMUP_EPOCHS=1, WARMUP_BATCH=32, WARMUP_LR=0.01)
 
 
-def test_pseudo_conditioned_features_never_read_the_hidden_labels(small, tmp_path, monkeypatch):
+def test_pseudo_conditioned_features_never_read_the_hidden_labels(small_long_tail, tmp_path,
+                                                                  monkeypatch):
     """The whole chain — warm-up, backbone features, fit, top-up — gives the same samples
     when the hidden labels are shuffled."""
-    cifar, ds, x = small
+    cifar, ds, x = small_long_tail
     P = {**PARAMS, **WARMUP, "TARGET_PER_CLASS": 12}
     outputs = []
     for name, labels in (("a", ds["labels"]),
@@ -159,8 +150,8 @@ def test_pseudo_conditioned_features_never_read_the_hidden_labels(small, tmp_pat
     assert generators.fit_inputs(generators.get("copy"), x, None, tmp_path) is x
 
 
-def test_copied_training_features_are_fully_memorised(small):
-    cifar, ds, x = small
+def test_copied_training_features_are_fully_memorised(small_long_tail):
+    cifar, ds, x = small_long_tail
     torch.manual_seed(0)
     net = PLLNet("tiny_cnn").eval()
     train_f = feature.encode(net, x)
@@ -256,21 +247,12 @@ def test_able_classification_loss_ignores_synthetic_images_at_weight_zero():
 
 
 def test_rable_feature_steps_read_nothing_back_on_features(monkeypatch):
-    from test_host_sync import host_read_guard
+    from test_host_sync import epoch_guard
     f, cand, y = head_problem(40, 8)
     for name in ("rable-feature", "rable-feature+records+mixup"):
         tr = feature_trainer(f, cand, y, np.linspace(0.5, 1, len(y)), name, batch=16)
-        read_epoch = training.Trainer._read_epoch
-        with host_read_guard(monkeypatch) as guard:
-            def unguarded(self, *args):
-                guard.counting = False
-                try:
-                    return read_epoch(self, *args)
-                finally:
-                    guard.counting = True
-            monkeypatch.setattr(training.Trainer, "_read_epoch", unguarded)
+        with epoch_guard(monkeypatch) as guard:
             row = tr.train_epoch(progress=False)
-        monkeypatch.setattr(training.Trainer, "_read_epoch", read_epoch)
         assert guard.host_reads == [] and np.isfinite(row["loss_cls"])
 
 

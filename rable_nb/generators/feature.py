@@ -55,7 +55,7 @@ from torch import nn
 
 from .. import config
 from ..networks import batched_features, load_model, pick_device, save_model
-from .fitting import StepFit, Trained, class_weights
+from .fitting import StepFit, Trained, bench_report, class_weights, time_fit_and_sample
 
 SAMPLERS = ("ddim", "ddpm")
 TRAIN_TIMESTEPS = 1000   # LDMLR: timesteps=1000
@@ -290,43 +290,27 @@ def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dic
     the profile's fit time and the report's 37,594-sample top-up."""
     from ..networks import build_backbone
     from . import PROFILE_DEFAULTS as GENERATOR_DEFAULTS
-    from .sd import timed
-    from .topup import REPORT_TOPUP
 
     prof = PROFILE_DEFAULTS[profile]
     dim = build_backbone(GENERATOR_DEFAULTS[profile]["WARMUP_ARCH"]).feat_dim
     dev = pick_device(device)
-    cuda = dev.type == "cuda"
     rng = np.random.default_rng(0)
     rows = []
     for b in batch_sizes or [prof["FEATURE_BATCH"]]:
         z = rng.normal(size=(max(4 * b, 1024), dim)).astype(np.float32)
         tr = FeatureTrainer(z, rng.integers(0, 10, len(z)), 10, {**prof, "FEATURE_BATCH": b},
                             device=str(dev))
-        steps = 50 if cuda else 5
-        tr.step()
-        train_s = timed(lambda: [tr.step() for _ in range(steps)], dev)
-        tr.model.eval()
-        noise = torch.randn(b, dim, device=dev)
+        noise, steps = torch.randn(b, dim, device=dev), 50 if dev.type == "cuda" else 5
         gens = [torch.Generator().manual_seed(i) for i in range(b)]
-        run = lambda: denoise(tr.model, noise, 0, prof["FEATURE_SAMPLER"],  # noqa: E731
-                              prof["FEATURE_SAMPLE_STEPS"], gens)
-        with torch.inference_mode():
-            run()
-            sample_s = timed(run, dev, repeats=1 if cuda else 2)
+        train_s, sample_s = time_fit_and_sample(tr, lambda: denoise(  # noqa: B023
+            tr.model, noise, 0, prof["FEATURE_SAMPLER"], prof["FEATURE_SAMPLE_STEPS"], gens),
+            steps)
         rows.append(dict(batch_size=b, train_features_per_s=round(steps * b / train_s, 1),
                          sample_features_per_s=round(b / sample_s, 1)))
-    best = max(rows, key=lambda r: r["train_features_per_s"])
-    return dict(bench="gen", generator="feature", profile=profile, device=str(dev),
-                gpu=torch.cuda.get_device_name(dev) if cuda else None, feature_dim=dim,
-                parameters=sum(q.numel() for q in tr.model.parameters()),
-                sampler=prof["FEATURE_SAMPLER"], sample_steps=prof["FEATURE_SAMPLE_STEPS"],
-                results=rows, train_features_per_s=best["train_features_per_s"],
-                sample_features_per_s=best["sample_features_per_s"],
-                projected_fit_s=round(prof["FEATURE_STEPS"] * prof["FEATURE_BATCH"]
-                                      / best["train_features_per_s"], 1),
-                topup_samples=REPORT_TOPUP,
-                projected_topup_s=round(REPORT_TOPUP / best["sample_features_per_s"], 1))
+    return bench_report("feature", profile, tr, rows, "features",
+                        prof["FEATURE_STEPS"] * prof["FEATURE_BATCH"], feature_dim=dim,
+                        sampler=prof["FEATURE_SAMPLER"],
+                        sample_steps=prof["FEATURE_SAMPLE_STEPS"])
 
 
 __all__ = ["Feature", "PROFILE_DEFAULTS", "SAMPLERS", "bench", "encode", "load_backbone",

@@ -214,3 +214,38 @@ class Trained(Generator):
     def model_id(self) -> str:
         digest = hashlib.sha256(self.weights_path.read_bytes()).hexdigest()[:12]
         return f"generator/{self.weights_path.name}@{digest}"
+
+
+# --- benchmark -------------------------------------------------------------------------
+def time_fit_and_sample(trainer: StepFit, sample, steps: int) -> tuple[float, float]:
+    """(seconds for ``steps`` training steps, seconds for one ``sample()`` call) after a
+    warm-up step and a warm-up call; best of two sampling calls on a CPU."""
+    from .sd import timed
+
+    dev = trainer.dev
+    trainer.step()
+    train_s = timed(lambda: [trainer.step() for _ in range(steps)], dev)
+    trainer.model.eval()
+    with torch.inference_mode():
+        sample()
+        sample_s = timed(sample, dev, repeats=1 if dev.type == "cuda" else 2)
+    return train_s, sample_s
+
+
+def bench_report(name: str, profile: str, trainer: StepFit, rows: list[dict], unit: str,
+                 fit_samples: int, **details) -> dict:
+    """The ``bench gen`` result: rows of ``train_<unit>_per_s`` / ``sample_<unit>_per_s``,
+    the fastest row's rates, the projected fit (``fit_samples`` training samples) and the
+    projected top-up of the report (37,594 samples)."""
+    from .topup import REPORT_TOPUP
+
+    dev = trainer.dev
+    best = max(rows, key=lambda r: r[f"train_{unit}_per_s"])
+    train, sample = best[f"train_{unit}_per_s"], best[f"sample_{unit}_per_s"]
+    return dict(bench="gen", generator=name, profile=profile, device=str(dev),
+                gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+                parameters=sum(q.numel() for q in trainer.model.parameters()), **details,
+                results=rows, **{f"train_{unit}_per_s": train, f"sample_{unit}_per_s": sample},
+                projected_fit_s=round(fit_samples / train, 1),
+                **{f"topup_{unit}": REPORT_TOPUP},
+                projected_topup_s=round(REPORT_TOPUP / sample, 1))

@@ -42,8 +42,7 @@ import torch.nn.functional as F
 
 from .. import config
 from ..networks import pick_device
-from .fitting import StepFit, Trained, class_weights
-from .topup import REPORT_TOPUP
+from .fitting import StepFit, Trained, bench_report, class_weights, time_fit_and_sample
 
 SAMPLERS = {"euler": 1, "midpoint": 2, "rk4": 4}  # torchdiffeq method: calls per step
 TIME_SCALE = 999  # t in [0, 1] → the UNet's timestep input
@@ -220,42 +219,25 @@ def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dic
     """Training img/s (full step: balanced batch, noise, bf16 forward on CUDA, AdamW, EMA)
     and sampling img/s (the profile's sampler, steps and guidance) of the profile's UNet on
     random data; projects the profile's fit time and the report's 37,594-image top-up."""
-    from .sd import timed
-
     p = {**PROFILE_DEFAULTS[profile], "PIXEL_STEPS": 1000}
     dev = pick_device(device)
-    cuda = dev.type == "cuda"
     rng = np.random.default_rng(0)
     rows = []
-    for b in batch_sizes or [PROFILE_DEFAULTS[profile]["PIXEL_BATCH"]]:
+    for b in batch_sizes or [p["PIXEL_BATCH"]]:
         images = rng.integers(0, 256, (max(4 * b, 512), 32, 32, 3), dtype=np.uint8)
         tr = PixelTrainer(images, rng.integers(0, 10, len(images)), 10,
                           {**p, "PIXEL_BATCH": b}, device=str(dev))
-        steps = 20 if cuda else 2
-        tr.step()
-        train_s = timed(lambda: [tr.step() for _ in range(steps)], dev)
-        tr.model.eval()
-        z = torch.randn(b, 3, 32, 32, device=dev)
-        run = lambda: integrate(tr.model, z, 0, 10, p["PIXEL_GUIDANCE"],  # noqa: E731
-                                p["PIXEL_SAMPLER"], p["PIXEL_SAMPLE_STEPS"])
-        with torch.inference_mode():
-            run()
-            sample_s = timed(run, dev, repeats=1 if cuda else 2)
+        z, steps = torch.randn(b, 3, 32, 32, device=dev), 20 if dev.type == "cuda" else 2
+        train_s, sample_s = time_fit_and_sample(tr, lambda: integrate(  # noqa: B023
+            tr.model, z, 0, 10, p["PIXEL_GUIDANCE"], p["PIXEL_SAMPLER"],
+            p["PIXEL_SAMPLE_STEPS"]), steps)
         evals = (p["PIXEL_SAMPLE_STEPS"] * SAMPLERS[p["PIXEL_SAMPLER"]]
                  * (2 if p["PIXEL_GUIDANCE"] != 1 else 1))
         rows.append(dict(batch_size=b, train_images_per_s=round(steps * b / train_s, 1),
                          sample_images_per_s=round(b / sample_s, 1),
                          network_evals_per_s=round(b * evals / sample_s, 1)))
-    best = rows[0] if len(rows) == 1 else max(rows, key=lambda r: r["train_images_per_s"])
     prof = PROFILE_DEFAULTS[profile]
-    return dict(bench="gen", generator="pixel", profile=profile, device=str(dev),
-                gpu=torch.cuda.get_device_name(dev) if cuda else None,
-                parameters=sum(q.numel() for q in tr.model.parameters()),
-                channels=prof["PIXEL_CHANNELS"], sampler=p["PIXEL_SAMPLER"],
-                sample_steps=p["PIXEL_SAMPLE_STEPS"], guidance=p["PIXEL_GUIDANCE"],
-                results=rows, train_images_per_s=best["train_images_per_s"],
-                sample_images_per_s=best["sample_images_per_s"],
-                projected_fit_s=round(prof["PIXEL_STEPS"] * prof["PIXEL_BATCH"]
-                                      / best["train_images_per_s"], 1),
-                topup_images=REPORT_TOPUP,
-                projected_topup_s=round(REPORT_TOPUP / best["sample_images_per_s"], 1))
+    return bench_report("pixel", profile, tr, rows, "images",
+                        prof["PIXEL_STEPS"] * prof["PIXEL_BATCH"],
+                        channels=prof["PIXEL_CHANNELS"], sampler=p["PIXEL_SAMPLER"],
+                        sample_steps=p["PIXEL_SAMPLE_STEPS"], guidance=p["PIXEL_GUIDANCE"])
