@@ -304,3 +304,25 @@ def test_bench_gen_feature_cli_prints_json(capsys):
     assert r["train_features_per_s"] > 0 and r["sample_features_per_s"] > 0
     assert r["projected_topup_s"] == pytest.approx(37594 / r["sample_features_per_s"], rel=1e-2)
     assert cli.main(["bench", "gen", "--generator", "gan", "--device", "cpu"]) == 1
+
+
+def test_the_filter_and_partial_labels_of_synthetic_features():
+    class Net(torch.nn.Module):  # what class_filter reads: the classifier head
+        def __init__(self):
+            super().__init__()
+            self.classifier = torch.nn.Linear(6, 3)
+    net = Net()
+    f = features()
+    accept = conditioning.class_filter(net)
+    expected = net.classifier(torch.as_tensor(f)).argmax(1).numpy()
+    for label in range(3):
+        assert (accept(f, label) == (expected == label)).all()
+    from types import SimpleNamespace
+    cifar = SimpleNamespace(num_classes=3)
+    exact = training.synthetic_candidates(LABELS, {"PARTIAL": "instance"}, "exact", cifar, f)
+    assert (exact == np.eye(3, dtype=bool)[LABELS]).all()
+    with pytest.raises(ValueError, match="SYNTHETIC_LABELS='exact'"):
+        training.synthetic_candidates(LABELS, {"PARTIAL": "instance"}, "partial", cifar, f)
+    uniform = training.synthetic_candidates(LABELS, {"PARTIAL": "uniform", "Q": 0.5}, "partial",
+                                            cifar, f)
+    assert uniform[np.arange(len(LABELS)), LABELS].all()
