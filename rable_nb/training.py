@@ -772,7 +772,7 @@ def synthetic_problem(method: str, run_dir) -> str | None:
     space = generators.synthetic_space(run_dir)
     folder = Path(run_dir) / "synthetic"
     if space is None:
-        return f"no synthetic samples in {folder} yet; run notebook 03 first"
+        return f"no synthetic images or features in {folder} yet; run notebook 03 first"
     made = generators.read_settings(run_dir).get("generator")
     if methods.inputs(method) == "features" and space != "feature":
         return (f"it fine-tunes a classifier head on backbone features, and {folder} holds "
