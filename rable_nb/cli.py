@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train: a training step; synth: Stable Diffusion; gen: a generator "
                             "backend; augment: the augmented views alone")
     bench.add_argument("--generator", default="pixel",
-                       help="backend timed by `bench gen` (pixel; sd = `bench synth`)")
+                       help="backend timed by `bench gen` (pixel, feature; sd = `bench synth`)")
     bench.add_argument("--profile", default="smoke", help=f"one of {config.PROFILES}")
     bench.add_argument("--device", default="auto", help=f"one of {config.DEVICES}")
     bench.add_argument("--batch-size", type=int, nargs="*", help="batch size(s) to time")
@@ -96,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         from .generators.sd import bench
     elif args.generator == "pixel":
         from .generators.pixel import bench
+    elif args.generator == "feature":
+        from .generators.feature import bench
     else:
-        print(f"error: `bench gen` times 'pixel' or 'sd', not {args.generator!r}",
+        print(f"error: `bench gen` times 'pixel', 'feature' or 'sd', not {args.generator!r}",
               file=sys.stderr)
         return 1
     result = bench(profile=args.profile, device=args.device, batch_sizes=args.batch_size,

@@ -88,15 +88,17 @@ def warmup(train_x, candidates, cifar, arch: str, epochs: int, batch_size: int, 
     return pseudo, trainer.net.eval(), info
 
 
-def cond_labels(kind: str, ds: dict, train_x, cifar, params: dict, device: str = "auto"):
+def cond_labels(kind: str, ds: dict, train_x, cifar, params: dict, device: str = "auto",
+                need_net: bool = False):
     """(conditioning labels, warm-up network or None, info) for ``GEN_LABELS=kind``.
 
     ``'pseudo'`` reads only images and candidate sets; ``'oracle'`` returns ``ds['labels']``.
-    The warm-up also runs for ``'oracle'`` when ``SYNTH_FILTER`` needs its network.
+    The warm-up also runs for ``'oracle'`` when ``SYNTH_FILTER`` or ``need_net`` (the
+    ``feature`` backend's backbone) needs its network.
     """
     validate({"GEN_LABELS": kind})
     net, info = None, {"gen_labels": kind}
-    if kind == "pseudo" or params.get("SYNTH_FILTER"):
+    if kind == "pseudo" or params.get("SYNTH_FILTER") or need_net:
         pseudo, net, wi = warmup(train_x, ds["candidates"], cifar, params["WARMUP_ARCH"],
                                  params["WARMUP_EPOCHS"], params["WARMUP_BATCH"],
                                  params["WARMUP_LR"], params.get("SEED") or 0, device)
@@ -118,7 +120,14 @@ def accuracy(cond, truth, num_classes: int) -> dict:
 
 
 def class_filter(net):
-    """``accept(samples, label)`` for ``SYNTH_FILTER``: the network predicts ``label``."""
+    """``accept(samples, label)`` for ``SYNTH_FILTER``: the network predicts ``label`` (for
+    feature vectors: the network's classifier head)."""
+    @torch.inference_mode()
     def accept(samples, label):
-        return (batched_logits(net, samples).argmax(1) == int(label)).cpu().numpy()
+        if np.ndim(samples) == 2:
+            dev = next(net.parameters()).device
+            logits = net.classifier(torch.as_tensor(samples, device=dev).float())
+        else:
+            logits = batched_logits(net, samples)
+        return (logits.argmax(1) == int(label)).cpu().numpy()
     return accept

@@ -7,7 +7,9 @@
 - ``sd``: the report's BLIP-2-caption + Stable Diffusion path (needs real weights a user
   brings; ``tiny`` = an offline random pipeline for tests);
 - ``pixel``: a class-conditional flow-matching UNet trained from scratch on the long tail;
-- ``copy``: the control — random oversampling of the real images at the same counts.
+- ``copy``: the control — random oversampling of the real images at the same counts;
+- ``feature``: LDMLR-style diffusion over the features of a backbone (the ABLE warm-up);
+  its samples are feature vectors, for the head fine-tuning of method ``rable-feature``.
 
 Profile defaults: ``smoke`` uses ``pixel`` (a tiny UNet, seconds on a CPU), ``quick`` uses
 ``copy`` (a CPU cannot sample 37,594 images of a UNet in the quick budget; ``pixel`` there is
@@ -17,13 +19,15 @@ Stable Diffusion weights exist). Conditioning labels come from ``rable_nb.condit
 from __future__ import annotations
 
 from .. import captioning, config
-from . import copy, pixel, sd
+from ..networks import BACKBONES
+from . import copy, feature, pixel, sd
 from .base import Generator, slot_seed
 from .topup import (REPORT_TOPUP, describe, load_synthetic, manifest_rows, pending,
                     read_settings, rebalanced_figure, side_by_side, synthetic_counts, top_up,
                     topup_plan)
 
-GENERATORS: dict[str, type[Generator]] = {"sd": sd.SD, "pixel": pixel.Pixel, "copy": copy.Copy}
+GENERATORS: dict[str, type[Generator]] = {"sd": sd.SD, "pixel": pixel.Pixel, "copy": copy.Copy,
+                                          "feature": feature.Feature}
 
 # AUDIT_PER_CLASS: synthetic (and reference test) images audited per class, 0 = all.
 # The warm-up behind GEN_LABELS='pseudo' (WARMUP_*) is shared with notebook 04: its defaults
@@ -36,7 +40,8 @@ PROFILE_DEFAULTS: dict[str, dict] = {
     "paper": dict(_COMMON, GENERATOR="sd", PIXEL_SAMPLE_BATCH=2048, AUDIT_PER_CLASS=0),
 }
 for _name, _defaults in PROFILE_DEFAULTS.items():
-    _defaults.update({**sd.PROFILE_DEFAULTS[_name], **pixel.PROFILE_DEFAULTS[_name]})
+    _defaults.update({**sd.PROFILE_DEFAULTS[_name], **pixel.PROFILE_DEFAULTS[_name],
+                      **feature.PROFILE_DEFAULTS[_name]})
 
 
 def get(name: str) -> Generator:
@@ -59,6 +64,29 @@ def validate(params: dict) -> None:
     })
     sd.validate(params)
     pixel.validate(params)
+    feature.validate(params)
+
+
+def fit_inputs(generator: Generator, images, backbone, run_dir, info: dict | None = None):
+    """What ``generator.fit`` takes: the images themselves, or — for a feature-space backend —
+    their features under ``backbone`` (a ``PLLNet``), which is saved to
+    ``generator/backbone.safetensors`` (with ``info``) for the head fine-tuning and audit."""
+    if generator.space != "feature":
+        return images
+    if backbone is None:
+        raise ValueError(f"GENERATOR={generator.name!r} works on the features of a backbone: "
+                         "pass the warm-up network (conditioning.cond_labels(..., "
+                         "need_net=True)).")
+    feature.save_backbone(backbone, run_dir, info)
+    return feature.encode(backbone, images)
+
+
+def synthetic_space(run_dir) -> str | None:
+    """What the run's synthetic samples are ('image' or 'feature'), None when there are none."""
+    if not manifest_rows(run_dir):
+        return None
+    name = read_settings(run_dir).get("generator")
+    return GENERATORS[name].space if name in GENERATORS else "image"
 
 
 def topup_settings(generator: Generator, params: dict, cond_info: dict) -> dict:
@@ -77,7 +105,7 @@ def topup_settings(generator: Generator, params: dict, cond_info: dict) -> dict:
     return out
 
 
-__all__ = ["GENERATORS", "PROFILE_DEFAULTS", "REPORT_TOPUP", "Generator", "describe", "get",
-           "load_synthetic", "manifest_rows", "pending", "read_settings", "rebalanced_figure",
-           "side_by_side", "slot_seed", "synthetic_counts", "top_up", "topup_plan",
-           "topup_settings", "validate"]
+__all__ = ["GENERATORS", "PROFILE_DEFAULTS", "REPORT_TOPUP", "Generator", "describe",
+           "fit_inputs", "get", "load_synthetic", "manifest_rows", "pending", "read_settings",
+           "rebalanced_figure", "side_by_side", "slot_seed", "synthetic_counts",
+           "synthetic_space", "top_up", "topup_plan", "topup_settings", "validate"]

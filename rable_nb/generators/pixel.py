@@ -36,26 +36,16 @@ Reference code read, not copied: torchcfm ``examples/images/cifar10/train_cifar1
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import time
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from .. import config
 from ..networks import pick_device
-from .base import Generator
-from .topup import REPORT_TOPUP
+from .fitting import StepFit, Trained, bench_report, class_weights, time_fit_and_sample
 
 SAMPLERS = {"euler": 1, "midpoint": 2, "rk4": 4}  # torchdiffeq method: calls per step
 TIME_SCALE = 999  # t in [0, 1] → the UNet's timestep input
-STATE, WEIGHTS = "pixel-state.safetensors", "pixel.safetensors"
 
 PROFILE_DEFAULTS = {
     # smoke: a 0.17M-parameter UNet, 20 steps of batch 16 on CPU (seconds).
@@ -127,58 +117,35 @@ def build_unet(channels, layers: int, attention, num_classes: int):
                        num_class_embeds=num_classes + 1)
 
 
-def class_weights(cond_labels: np.ndarray, balance: float, num_classes: int) -> np.ndarray:
-    """Per-image sampling weight n_c^(−balance) (balance 1: every class equally often)."""
-    counts = np.bincount(cond_labels, minlength=num_classes).astype(np.float64)
-    return 1.0 / np.maximum(counts, 1)[cond_labels] ** balance
-
-
-def _fingerprint(images: np.ndarray, cond_labels: np.ndarray) -> str:
-    h = hashlib.sha1()
-    for arr in (images, cond_labels):
-        arr = np.ascontiguousarray(arr)
-        h.update(f"{arr.shape}{arr.dtype}".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
-
-
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[−1, 1] N×3×H×W → uint8 N×H×W×3."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
-class PixelTrainer:
-    """UNet, AdamW, EMA and data of one fit; ``step()`` is one optimisation step."""
+class PixelTrainer(StepFit):
+    """The UNet's flow-matching fit (see the module docstring); ``loss(g)`` is one batch."""
+
+    label = "pixel flow matching"
 
     def __init__(self, images, cond_labels, num_classes: int, p: dict, seed: int = 0,
-                 device: str = "auto"):
-        from diffusers.training_utils import EMAModel
+                 device: str = "auto", data_key: str = ""):
         from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
 
-        self.p, self.seed, self.num_classes = p, seed, num_classes
-        self.dev = pick_device(device)
+        self.p, self.num_classes = p, num_classes
+        dev = pick_device(device)
         torch.manual_seed(seed)
-        self.unet = build_unet(p["PIXEL_CHANNELS"], p["PIXEL_LAYERS"], p["PIXEL_ATTENTION"],
-                               num_classes).to(self.dev)
-        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=p["PIXEL_LR"], weight_decay=0.0)
-        self.ema = EMAModel(self.unet.parameters(), decay=p["PIXEL_EMA"], use_ema_warmup=True,
-                            power=2 / 3, foreach=True)
+        unet = build_unet(p["PIXEL_CHANNELS"], p["PIXEL_LAYERS"], p["PIXEL_ATTENTION"],
+                          num_classes)
+        super().__init__(unet, p["PIXEL_LR"], p["PIXEL_STEPS"], p["PIXEL_BATCH"], p["PIXEL_EMA"],
+                         seed, dev, data_key)
         self.flow = ConditionalFlowMatcher(sigma=0.0)  # x_t = t·x₁ + (1 − t)·x₀, u_t = x₁ − x₀
-        self.x = torch.as_tensor(np.asarray(images), device=self.dev).permute(0, 3, 1, 2)
-        self.y = torch.as_tensor(np.asarray(cond_labels), device=self.dev).long()
+        self.x = torch.as_tensor(np.asarray(images), device=dev).permute(0, 3, 1, 2)
+        self.y = torch.as_tensor(np.asarray(cond_labels), device=dev).long()
         self.w = torch.as_tensor(class_weights(np.asarray(cond_labels), p["PIXEL_BALANCE"],
-                                               num_classes), device=self.dev)
-        self.step_no, self.log = 0, []
-        self.data_key = _fingerprint(np.asarray(images), np.asarray(cond_labels))
+                                               num_classes), device=dev)
 
-    def lr(self, step: int) -> float:
-        warmup = min(500, max(1, self.p["PIXEL_STEPS"] // 10))
-        return self.p["PIXEL_LR"] * min(1.0, (step + 1) / warmup)
-
-    def step(self) -> torch.Tensor:
-        """One step; its randomness comes from a generator seeded by (seed, step)."""
-        b, dev = self.p["PIXEL_BATCH"], self.dev
-        g = torch.Generator(device=dev).manual_seed(self.seed * 1_000_003 + self.step_no)
+    def loss(self, g):
+        b, dev = self.batch, self.dev
         idx = torch.multinomial(self.w, b, replacement=True, generator=g)
         x = self.x[idx].float().div(127.5).sub(1)
         flip = torch.rand(b, device=dev, generator=g) < 0.5
@@ -189,143 +156,37 @@ class PixelTrainer:
         t = torch.rand(b, device=dev, generator=g)
         t, xt, ut = self.flow.sample_location_and_conditional_flow(noise, x, t)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            pred = self.unet(xt, t * TIME_SCALE, class_labels=labels).sample
-        loss = F.mse_loss(pred.float(), ut)
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr(self.step_no)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
-        self.opt.step()
-        self.ema.step(self.unet.parameters())
-        self.step_no += 1
-        return loss.detach()
-
-    def train(self, until: int, every: int, state_path: Path, settings: dict) -> None:
-        """Steps up to ``until`` (of ``PIXEL_STEPS``), logging the mean loss and saving the
-        state every ``every`` steps and at the end; a tqdm bar shows the loss."""
-        total, t0, n = torch.zeros((), device=self.dev), time.time(), 0
-        bar = tqdm(range(self.step_no, until), desc="pixel flow matching", unit="step",
-                   initial=self.step_no, total=self.p["PIXEL_STEPS"])
-        for _ in bar:
-            total += self.step()
-            n += 1
-            if self.step_no % every == 0 or self.step_no == until:
-                loss, secs = float(total) / n, time.time() - t0
-                self.log.append(dict(step=self.step_no, loss=loss,
-                                     images_per_s=n * self.p["PIXEL_BATCH"] / max(secs, 1e-9)))
-                bar.set_postfix(loss=f"{loss:.4f}")
-                self.save_state(state_path, settings)
-                total.zero_()
-                t0, n = time.time(), 0
-
-    # -- state ----------------------------------------------------------------------------
-    def save_state(self, path: Path, settings: dict) -> None:
-        tensors = {f"model.{k}": v for k, v in self.unet.state_dict().items()}
-        params = list(self.unet.parameters())
-        for i, p in enumerate(params):
-            for k, v in self.opt.state.get(p, {}).items():
-                tensors[f"optim.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-        ema = self.ema.state_dict()
-        tensors.update({f"ema.{i}": v for i, v in enumerate(ema.pop("shadow_params"))})
-        meta = {"settings": json.dumps(settings), "step": str(self.step_no),
-                "log": json.dumps(self.log), "ema": json.dumps(ema), "data": self.data_key}
-        config.write_atomic(path, lambda t: save_file(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, t, meta))
-
-    def load_state(self, path: Path, settings: dict) -> bool:
-        """Resume from ``path`` when it exists and was made with the same settings/data."""
-        if not path.exists():
-            return False
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-        if json.loads(meta["settings"]) != settings or meta["data"] != self.data_key:
-            print(f"{path.name}: made with other settings or data; training from scratch.")
-            return False
-        t = load_file(str(path), device=str(self.dev))
-        self.unet.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
-        params = list(self.unet.parameters())
-        for k, v in t.items():
-            if k.startswith("optim."):
-                _, i, name = k.split(".", 2)
-                self.opt.state[params[int(i)]][name] = v.cpu() if name == "step" else v.clone()
-        ema = json.loads(meta["ema"])
-        ema["shadow_params"] = [t[f"ema.{i}"].clone() for i in range(len(params))]
-        self.ema.load_state_dict(ema)
-        self.step_no, self.log = int(meta["step"]), json.loads(meta["log"])
-        return True
+            pred = self.model(xt, t * TIME_SCALE, class_labels=labels).sample
+        return F.mse_loss(pred.float(), ut)
 
 
-class Pixel(Generator):
+class Pixel(Trained):
     """Class-conditional pixel-space flow matching (see the module docstring)."""
 
-    name = "pixel"
+    name, prefix = "pixel", "PIXEL"
     FIT_PARAMS = ("PIXEL_CHANNELS", "PIXEL_LAYERS", "PIXEL_ATTENTION", "PIXEL_STEPS",
                   "PIXEL_BATCH", "PIXEL_LR", "PIXEL_EMA", "PIXEL_CFG_DROP", "PIXEL_BALANCE",
                   "SEED")  # what changes the trained weights
     PARAMS = FIT_PARAMS + ("PIXEL_GUIDANCE", "PIXEL_SAMPLER", "PIXEL_SAMPLE_STEPS")
 
-    def fit(self, images_or_features, cond_labels, class_counts, params, run_dir) -> dict:
-        """Train (resuming from ``generator/pixel-state.safetensors``) or load the finished
-        EMA weights; ``done`` is False when ``GEN_STOP_AFTER`` stopped the fit early."""
+    def prepare(self, images, cond_labels, params):
         validate(params)
-        self.p = {k: params.get(k) for k in self.PARAMS}
         self.batch = params.get("PIXEL_SAMPLE_BATCH") or self.batch
-        self.dev = pick_device(params.get("DEVICE") or "auto")
-        self.num_classes = len(class_counts)
-        folder = Path(run_dir) / "generator"
-        fit_settings = {k: params.get(k) for k in self.FIT_PARAMS}
-        self.weights_path = folder / WEIGHTS
-        if self._load_weights(fit_settings, images_or_features, cond_labels):
-            return dict(done=True, loaded=str(self.weights_path), **self.info)
-        tr = PixelTrainer(images_or_features, cond_labels, self.num_classes, params,
-                          int(params.get("SEED") or 0), str(self.dev))
-        resumed = tr.load_state(folder / STATE, fit_settings)
-        start = tr.step_no
-        tr.train(min(params["PIXEL_STEPS"], params.get("GEN_STOP_AFTER") or params["PIXEL_STEPS"]),
-                 params["PIXEL_CHECKPOINT_EVERY"], folder / STATE, fit_settings)
-        self.info = dict(parameters=sum(p.numel() for p in tr.unet.parameters()),
-                         steps=tr.step_no, log=tr.log, resumed=resumed,
-                         steps_this_call=tr.step_no - start, data=tr.data_key)
-        if tr.step_no < params["PIXEL_STEPS"]:
-            return dict(done=False, **self.info)
-        tr.ema.copy_to(tr.unet.parameters())
-        self._save_weights(tr.unet, fit_settings)
-        self.unet = tr.unet.eval()
-        return dict(done=True, **self.info)
 
-    def _save_weights(self, unet, fit_settings: dict) -> None:
-        meta = {"settings": json.dumps(fit_settings), "info": json.dumps(self.info)}
-        config.write_atomic(self.weights_path, lambda t: save_file(
-            {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, t, meta))
+    def build_model(self):
+        return build_unet(self.p["PIXEL_CHANNELS"], self.p["PIXEL_LAYERS"],
+                          self.p["PIXEL_ATTENTION"], self.num_classes)
 
-    def _load_weights(self, fit_settings: dict, images, cond_labels) -> bool:
-        """Load the finished fit when it was made with the same settings and data."""
-        if not self.weights_path.exists():
-            return False
-        with safe_open(str(self.weights_path), framework="pt") as f:
-            meta = f.metadata()
-        info = json.loads(meta["info"])
-        if (json.loads(meta["settings"]) != fit_settings
-                or info.get("data") != _fingerprint(np.asarray(images), np.asarray(cond_labels))):
-            return False
-        self.unet = build_unet(self.p["PIXEL_CHANNELS"], self.p["PIXEL_LAYERS"],
-                               self.p["PIXEL_ATTENTION"], self.num_classes).to(self.dev)
-        self.unet.load_state_dict(load_file(str(self.weights_path), device=str(self.dev)))
-        self.unet.eval()
-        self.info = info
-        return True
-
-    def model_id(self) -> str:
-        digest = hashlib.sha256(self.weights_path.read_bytes()).hexdigest()[:12]
-        return f"generator/{WEIGHTS}@{digest}"
+    def trainer(self, images, cond_labels, params, data_key):
+        return PixelTrainer(images, cond_labels, self.num_classes, params,
+                            int(params.get("SEED") or 0), str(self.dev), data_key)
 
     @torch.inference_mode()
     def generate(self, label, seeds):
         dev, w = self.dev, float(self.p["PIXEL_GUIDANCE"])
         z = torch.stack([torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(int(s)))
                          for s in seeds]).to(dev)
-        images = integrate(self.unet, z, label, self.num_classes, w, self.p["PIXEL_SAMPLER"],
+        images = integrate(self.model, z, label, self.num_classes, w, self.p["PIXEL_SAMPLER"],
                            self.p["PIXEL_SAMPLE_STEPS"])
         return to_uint8(images), [{} for _ in seeds]
 
@@ -358,42 +219,25 @@ def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dic
     """Training img/s (full step: balanced batch, noise, bf16 forward on CUDA, AdamW, EMA)
     and sampling img/s (the profile's sampler, steps and guidance) of the profile's UNet on
     random data; projects the profile's fit time and the report's 37,594-image top-up."""
-    from .sd import timed
-
     p = {**PROFILE_DEFAULTS[profile], "PIXEL_STEPS": 1000}
     dev = pick_device(device)
-    cuda = dev.type == "cuda"
     rng = np.random.default_rng(0)
     rows = []
-    for b in batch_sizes or [PROFILE_DEFAULTS[profile]["PIXEL_BATCH"]]:
+    for b in batch_sizes or [p["PIXEL_BATCH"]]:
         images = rng.integers(0, 256, (max(4 * b, 512), 32, 32, 3), dtype=np.uint8)
         tr = PixelTrainer(images, rng.integers(0, 10, len(images)), 10,
                           {**p, "PIXEL_BATCH": b}, device=str(dev))
-        steps = 20 if cuda else 2
-        tr.step()
-        train_s = timed(lambda: [tr.step() for _ in range(steps)], dev)
-        tr.unet.eval()
-        z = torch.randn(b, 3, 32, 32, device=dev)
-        run = lambda: integrate(tr.unet, z, 0, 10, p["PIXEL_GUIDANCE"],  # noqa: E731
-                                p["PIXEL_SAMPLER"], p["PIXEL_SAMPLE_STEPS"])
-        with torch.inference_mode():
-            run()
-            sample_s = timed(run, dev, repeats=1 if cuda else 2)
+        z, steps = torch.randn(b, 3, 32, 32, device=dev), 20 if dev.type == "cuda" else 2
+        train_s, sample_s = time_fit_and_sample(tr, lambda: integrate(  # noqa: B023
+            tr.model, z, 0, 10, p["PIXEL_GUIDANCE"], p["PIXEL_SAMPLER"],
+            p["PIXEL_SAMPLE_STEPS"]), steps)
         evals = (p["PIXEL_SAMPLE_STEPS"] * SAMPLERS[p["PIXEL_SAMPLER"]]
                  * (2 if p["PIXEL_GUIDANCE"] != 1 else 1))
         rows.append(dict(batch_size=b, train_images_per_s=round(steps * b / train_s, 1),
                          sample_images_per_s=round(b / sample_s, 1),
                          network_evals_per_s=round(b * evals / sample_s, 1)))
-    best = rows[0] if len(rows) == 1 else max(rows, key=lambda r: r["train_images_per_s"])
     prof = PROFILE_DEFAULTS[profile]
-    return dict(bench="gen", generator="pixel", profile=profile, device=str(dev),
-                gpu=torch.cuda.get_device_name(dev) if cuda else None,
-                parameters=sum(q.numel() for q in tr.unet.parameters()),
-                channels=prof["PIXEL_CHANNELS"], sampler=p["PIXEL_SAMPLER"],
-                sample_steps=p["PIXEL_SAMPLE_STEPS"], guidance=p["PIXEL_GUIDANCE"],
-                results=rows, train_images_per_s=best["train_images_per_s"],
-                sample_images_per_s=best["sample_images_per_s"],
-                projected_fit_s=round(prof["PIXEL_STEPS"] * prof["PIXEL_BATCH"]
-                                      / best["train_images_per_s"], 1),
-                topup_images=REPORT_TOPUP,
-                projected_topup_s=round(REPORT_TOPUP / best["sample_images_per_s"], 1))
+    return bench_report("pixel", profile, tr, rows, "images",
+                        prof["PIXEL_STEPS"] * prof["PIXEL_BATCH"],
+                        channels=prof["PIXEL_CHANNELS"], sampler=p["PIXEL_SAMPLER"],
+                        sample_steps=p["PIXEL_SAMPLE_STEPS"], guidance=p["PIXEL_GUIDANCE"])

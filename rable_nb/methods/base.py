@@ -12,9 +12,13 @@ import torch
 from .. import augment
 from ._losses import soft_cross_entropy
 
-# Augmented views a method can ask for by name (per-image randomness from the epoch's
-# generator; see rable_nb/augment.py).
-VIEWS: dict[str, Callable] = {"weak": augment.weak_view, "strong": augment.strong_view}
+# Views a method can ask for by name: augmented images (per-image randomness from the
+# epoch's generator; see rable_nb/augment.py), or the inputs as they are ("plain": e.g.
+# feature vectors, which have no augmentation).
+VIEWS: dict[str, Callable] = {"weak": augment.weak_view, "strong": augment.strong_view,
+                              "plain": lambda x, generator=None: x}
+# What a method trains on: images, or the features of a frozen backbone (see Base.inputs).
+INPUTS = ("images", "features")
 # What a forward pass returns, cheapest first: logits only; + backbone features;
 # + L2-normalised projections (the contrastive head).
 OUTPUTS = ("logits", "features", "embed")
@@ -43,7 +47,8 @@ class Outputs:
 class Batch:
     """One training batch as a method sees it.
 
-    ``idx`` dataset indices; ``x`` float images in [0, 1] (B×3×H×W, not augmented);
+    ``idx`` dataset indices; ``x`` float images in [0, 1] (B×3×H×W, not augmented), or the
+    feature vectors (B×D) when the trainer was given features;
     ``cand`` candidate masks (bool); ``conf`` the stored confidences of these images
     (read before this step's update); ``conf_table`` the whole N×C table; ``labels`` the
     hidden true labels (only the supervised baseline and logs may read them); ``weight``
@@ -154,6 +159,13 @@ class Base(Piece):
     records_compatible = True            # RECORDS may adjust its disambiguation
     mixup_views: tuple[str, ...] = ("weak",)  # views +mixup mixes
     mixup_after_forward = False          # mixup targets need this step's outputs
+    # "features": the method trains on the features of a frozen backbone — the trainer is
+    # given feature vectors (its data preparation encodes the images with the run's
+    # backbone and starts the network from that backbone's weights) and skips the backbone
+    # in its forward passes. ``frozen`` names network parts (``PLLNet`` attributes) that
+    # keep their weights: left out of the optimizer and kept in evaluation mode.
+    inputs = "images"
+    frozen: tuple[str, ...] = ()
 
     def stages(self) -> list[Stage]:
         return [Stage("train", self.cfg.epochs)]
@@ -178,7 +190,7 @@ class Base(Piece):
     def target_loss(self, logits: dict[str, torch.Tensor], targets: torch.Tensor,
                     weight: torch.Tensor | None) -> torch.Tensor:
         """The method's classification loss against given soft ``targets`` (mixup)."""
-        return soft_cross_entropy(logits["weak"], targets, weight)
+        return soft_cross_entropy(logits[self.mixup_views[0]], targets, weight)
 
     # -- what +la needs -------------------------------------------------------------------
     def class_prior(self, trainer) -> torch.Tensor:
