@@ -288,11 +288,11 @@ def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dic
     """Training features/s (a full step) and sampling features/s (the profile's sampler and
     steps) of the profile's denoiser on random features of its backbone's width; projects
     the profile's fit time and the report's 37,594-sample top-up."""
+    from ..config import PROFILE_DEFAULTS as SHARED_DEFAULTS
     from ..networks import build_backbone
-    from . import PROFILE_DEFAULTS as GENERATOR_DEFAULTS
 
     prof = PROFILE_DEFAULTS[profile]
-    dim = build_backbone(GENERATOR_DEFAULTS[profile]["WARMUP_ARCH"]).feat_dim
+    dim = build_backbone(SHARED_DEFAULTS[profile]["WARMUP_ARCH"]).feat_dim
     dev = pick_device(device)
     rng = np.random.default_rng(0)
     rows = []
