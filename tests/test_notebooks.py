@@ -30,8 +30,12 @@ def test_committed_without_outputs_and_literal_parameters_first(path):
     assert {"PROFILE", "RUN_DIR"} <= set(runner.parameter_cell(path))
 
 
-def test_00_cost_analysis_smoke(run_notebooks, tmp_path):
+def test_00_cost_analysis_smoke(run_notebooks, tmp_path, capfd):
     out = run_notebooks("00", tmp_path)
+    # the kernel's own log lines go to kernel.log, and its transport is encrypted: no
+    # "Kernel is running over TCP without encryption" warning reaches the terminal
+    assert "without encryption" not in capfd.readouterr().err
+    assert "without encryption" not in (out / runner.KERNEL_LOG).read_text()
     assert (out / "fig-cost.png").stat().st_size > 10_000
     nb = nbformat.read(out / "00_cost_analysis.ipynb", as_version=4)
     html = "".join(o.get("data", {}).get("text/html", "") for c in nb.cells if c.cell_type == "code"
