@@ -367,8 +367,8 @@ def plot_per_class(per_class: dict[str, list[float]], classes, class_counts,
     import matplotlib.pyplot as plt
     groups = class_groups(class_counts)
     order = groups["many"] + groups["medium"] + groups["few"]
-    fig, ax = plt.subplots(figsize=(max(11, 1.2 * len(order) * max(1, len(per_class) / 2)), 4.4),
-                           layout="constrained")
+    width = min(24, max(11, 0.6 * len(order) * max(2, len(per_class))))
+    fig, ax = plt.subplots(figsize=(width, 4.4), layout="constrained")
     start = 0
     for name, shade in (("many", "#e8f0fb"), ("medium", "#f4f4f4"), ("few", "#fbe9e7")):
         k = len(groups[name])
@@ -400,10 +400,15 @@ def plot_confusion(confusions: dict[str, list], classes, title: str | None = Non
     diagonal is the per-class accuracy), values in %, one shared colour bar."""
     import matplotlib.pyplot as plt
     n, c = len(confusions), len(classes)
-    fig, axes = plt.subplots(1, n, figsize=(4.6 * n + 1.2, 4.8), squeeze=False,
-                             layout="constrained")
+    ncols = min(n, 3)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols + 1.2, 4.8 * nrows),
+                             squeeze=False, layout="constrained")
+    fig.get_layout_engine().set(hspace=0.08)  # room between a row's labels and the next titles
+    for ax in axes.flat[n:]:
+        ax.axis("off")
     image = None
-    for ax, (method, counts) in zip(axes[0], confusions.items()):
+    for ax, (method, counts) in zip(axes.flat, confusions.items()):
         counts = np.asarray(counts, dtype=float)
         share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
         image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
@@ -416,7 +421,7 @@ def plot_confusion(confusions: dict[str, list], classes, title: str | None = Non
         ax.set_xticks(range(c), classes, rotation=90, fontsize=7)
         ax.set_yticks(range(c), classes, fontsize=7)
         ax.set(xlabel="predicted class", ylabel="true class")
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8,
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8,
                  label="share of the true class's test images")
     fig.suptitle(title or "confusion matrices after the last epoch (rows: true class, "
                           "normalised per row; numbers in %)")
