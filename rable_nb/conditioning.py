@@ -28,16 +28,20 @@ import numpy as np
 import torch
 
 from . import config, dataset, training
-from .networks import batched_logits, load_model, pick_device, save_model
+from .networks import BACKBONES, batched_logits, load_model, pick_device, save_model
 
 GEN_LABELS = ("pseudo", "oracle")
 WARMUP_TEST_PER_CLASS = 100  # the warm-up logs its test accuracy on this many per class
+# The warm-up's settings (profile defaults in config.PROFILE_DEFAULTS): shared by notebook 03
+# (generator conditioning) and notebook 04 (pseudo-labels of ``+unlabeled`` images).
+WARMUP_RULES = {"WARMUP_ARCH": config.one_of(sorted(BACKBONES)),
+                "WARMUP_EPOCHS": config.integer(1), "WARMUP_BATCH": config.integer(1),
+                "WARMUP_LR": config.number(0, low_open=True)}
 
 
 def validate(params: dict) -> None:
     """Clear ``ValueError`` for bad conditioning parameters."""
-    config.check(params, {"GEN_LABELS": config.one_of(GEN_LABELS),
-                          "WARMUP_EPOCHS": config.integer(1)})
+    config.check(params, {"GEN_LABELS": config.one_of(GEN_LABELS), **WARMUP_RULES})
 
 
 def _key(train_x: np.ndarray, candidates: np.ndarray, settings: dict) -> str:

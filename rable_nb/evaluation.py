@@ -95,15 +95,14 @@ def write_metrics(run_dir, metrics: dict) -> Path:
     return path
 
 
-# Parameters a metrics file records for its own method only: the training config and, for
-# methods trained on synthetic images (rable), which top-up they used.
-METHOD_OWN_PARAMS = ("train", "GENERATOR", "GEN_LABELS", "synthetic")
+# What a method's metrics add about its own training: its config, and for methods trained on
+# synthetic images (``rable``) the generator, its conditioning labels and the top-up settings.
+PER_METHOD_PARAMS = ("train", "synthetic", "GENERATOR", "GEN_LABELS")
 
 
 def _shared_params(metrics: dict) -> dict:
-    """The parameters every method of one training run shares (all but its own)."""
-    return {k: v for k, v in (metrics.get("params") or {}).items()
-            if k not in METHOD_OWN_PARAMS}
+    """The parameters every method of one training run shares (all but ``PER_METHOD_PARAMS``)."""
+    return {k: v for k, v in (metrics.get("params") or {}).items() if k not in PER_METHOD_PARAMS}
 
 
 def _synthetic_is_current(metrics: dict, run_dir: Path) -> bool:
@@ -156,7 +155,6 @@ def method_label(method: str, metrics: dict) -> str:
 
 
 # -- reading the numbers --------------------------------------------------------------------
-Z95 = 1.959963984540054  # two-sided 95 % quantile of the standard normal distribution
 BEST_LABEL = "best (max over epochs, test set)"
 PROFILE_MEANING = {
     "smoke": "smoke profile: a tiny network trained for a few epochs on a few hundred images. "
@@ -170,24 +168,25 @@ PROFILE_MEANING = {
 }
 
 
-def wilson_interval(correct: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval (95 % by default) of the accuracy ``correct / n``.
+def wilson_interval(correct: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval (95 % by default) of the accuracy ``correct / n``
+    (``scipy.stats.binomtest(...).proportion_ci(method="wilson")``).
 
-    With p = correct/n: centre (p + z²/2n) / (1 + z²/n), half-width
-    z·√(p(1 − p)/n + z²/4n²) / (1 + z²/n) (Wilson 1927). Unlike p ± z·√(p(1 − p)/n) it stays
-    inside [0, 1] and keeps its coverage for small test sets and accuracies near 0 or 1.
+    With p = correct/n and z the normal quantile (1.96): centre (p + z²/2n) / (1 + z²/n),
+    half-width z·√(p(1 − p)/n + z²/4n²) / (1 + z²/n) (Wilson 1927). Unlike p ± z·√(p(1 − p)/n)
+    it stays inside [0, 1] and keeps its coverage for small test sets and accuracies near 0
+    or 1.
     """
+    from scipy.stats import binomtest
     if n <= 0:
         return 0.0, 1.0
-    p, z2 = correct / n, z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    ci = binomtest(int(round(correct)), int(n)).proportion_ci(level, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
-def accuracy_interval(accuracy: float, n: int) -> tuple[float, float]:
+def accuracy_interval(accuracy: float, n: int, level: float = 0.95) -> tuple[float, float]:
     """:func:`wilson_interval` of an accuracy measured on ``n`` test images."""
-    return wilson_interval(round(accuracy * n), n)
+    return wilson_interval(round(accuracy * n), n, level)
 
 
 def with_interval(accuracy: float, n: int | None) -> str:
@@ -258,7 +257,9 @@ def results_table(metrics: dict[str, dict], labels: dict[str, str] | None = None
                              "✓" if m.get("comparable_to_published") == key else "",
                          "epochs": "+".join(str(s["epochs"]) for s in m.get("stages", [])),
                          "train images": m.get("n_train"), "synthetic": m.get("n_synthetic"),
-                         "test images": n, "wall s": m.get("wall_s"),
+                         "unlabeled": m.get("n_unlabeled", 0), "test images": n,
+                         "wall s": m.get("wall_s"),
+                         "pre-training s": m.get("preparation", {}).get("ssp", {}).get("wall_s"),
                          "images/s": m.get("images_per_s")})
     if not rows:
         return pd.DataFrame()

@@ -43,13 +43,19 @@ LT_RHO100_IMAGES = 12406  # CIFAR-10-LT, rho = 100, n_max = 5000
 
 # Stage defaults per profile (config.resolve(stage_defaults=...)); protocol L changes the
 # paper profile's epochs and batch size (see stage_defaults).
+# UNLABELED / RATIO / UNLABELED_THRESHOLD: the ``+unlabeled`` images (rable_nb/unlabeled.py):
+# how many (0 = all), at most RATIO per long-tailed image (the reference's 5; smoke: 1, to
+# stay small), confidence needed to train with the pseudo-label (0: always, as the reference).
+_UNLABELED = dict(UNLABELED=0, RATIO=5, UNLABELED_THRESHOLD=0.0)
 PROFILE_DEFAULTS: dict[str, dict] = {
-    "smoke": dict(ARCH="tiny_cnn", EPOCHS=2, BATCH_SIZE=64, LR=0.01, CHECKPOINT_EVERY=1),
+    "smoke": dict(_UNLABELED, ARCH="tiny_cnn", EPOCHS=2, BATCH_SIZE=64, LR=0.01,
+                  CHECKPOINT_EVERY=1, RATIO=1),
     # quick: a CPU comparison (supervised, proden, able, able+records at 25 epochs: 18.6 min
     # on an idle 2-core machine); the larger lr makes up for the short cosine schedule.
-    "quick": dict(ARCH="mini_cnn", EPOCHS=25, BATCH_SIZE=128, LR=0.05, CHECKPOINT_EVERY=1),
-    "paper": dict(ARCH="resnet18", EPOCHS=500, BATCH_SIZE=64, LR=0.01, CHECKPOINT_EVERY=10,
-                  PROTOCOL="R"),
+    "quick": dict(_UNLABELED, ARCH="mini_cnn", EPOCHS=25, BATCH_SIZE=128, LR=0.05,
+                  CHECKPOINT_EVERY=1),
+    "paper": dict(_UNLABELED, ARCH="resnet18", EPOCHS=500, BATCH_SIZE=64, LR=0.01,
+                  CHECKPOINT_EVERY=10, PROTOCOL="R"),
 }
 PROTOCOL_SETTINGS = {"R": dict(EPOCHS=500, BATCH_SIZE=64), "L": dict(EPOCHS=800, BATCH_SIZE=256)}
 PROTOCOL_RULE = config.one_of(sorted(PROTOCOL_SETTINGS))
@@ -147,6 +153,7 @@ class Trainer:
         self.gen = torch.Generator(device=self.dev)   # re-seeded every epoch
         self.sums: dict[str, torch.Tensor] = {}        # the epoch's loss terms, on the device
         self.method.init_state(self)
+        self.preparation = self.method.prepare(self)  # e.g. SSP's pre-training (cached)
         self.graph = graph and self.dev.type == "cuda"
         if graph and not self.graph:
             print(f"GRAPH=True: CUDA graphs need a CUDA device; training on {self.dev.type} "
@@ -408,15 +415,25 @@ def synthetic_candidates(labels: np.ndarray, ds_params: dict, kind: str, cifar, 
 
 
 def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int = 0,
-                 synthetic_labels: str = "exact", device: str = "auto") -> dict:
+                 synthetic_labels: str = "exact", device: str = "auto",
+                 params: dict | None = None) -> dict:
     """Training images/candidates/labels (+ synthetic ones when the method's
-    ``data_sources`` ask for them, e.g. ``rable``) and the test set.
+    ``data_sources`` ask for them, e.g. ``rable``; + pseudo-labelled unlabeled ones for
+    ``unlabeled``, e.g. ``able+unlabeled``, with the settings in ``params``: see
+    ``rable_nb/unlabeled.py``) and the test set.
 
-    ``class_counts`` stays the real long tail's (it defines many/medium/few).
+    ``class_counts`` stays the real long tail's (it defines many/medium/few). The labels of
+    added images are their hidden truth, for the logs' pseudo-label accuracy only.
     """
     ds = dataset.load_dataset(run_dir, cifar)
     x, cand, y = cifar.train_x[ds["indices"]], ds["candidates"], ds["labels"]
-    n_synth = 0
+    n_synth, fields = 0, {"n_unlabeled": 0}
+    if "unlabeled" in methods.data_sources(method):
+        from . import unlabeled  # it imports the warm-up, which imports this module
+        u = unlabeled.pseudo_labelled(ds, cifar, {"SEED": seed, **(params or {})}, device)
+        x, cand = np.concatenate([x, u["x"]]), np.concatenate([cand, u["candidates"]])
+        y = np.concatenate([y, u["hidden"]])
+        fields = {"n_unlabeled": u["info"]["n"], "unlabeled": u["info"]}
     if "synthetic" in methods.data_sources(method):
         sx, sy, rows = generators.load_synthetic(run_dir)
         if not rows:
@@ -428,7 +445,7 @@ def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int =
     test = dataset.balanced_subset(cifar.test_y, n_test_per_class, seed)
     return dict(train_x=x, candidates=cand, labels=y, test_x=cifar.test_x[test],
                 test_y=cifar.test_y[test], class_counts=ds["class_counts"],
-                n_synthetic=n_synth, dataset_params=ds["params"])
+                n_synthetic=n_synth, dataset_params=ds["params"], fields=fields)
 
 
 # -- a whole run --------------------------------------------------------------------------
@@ -522,11 +539,14 @@ def protocol_name(P: dict, ds_params: dict) -> str:
     return "custom"
 
 
-def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int = 0) -> dict:
+def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int = 0,
+           fields: dict | None = None) -> dict:
     """Write the final model checkpoint and ``metrics-<method>.json``; returns the metrics.
 
-    ``accuracy`` uses the network's logits; ``accuracy_adjusted`` (methods with a test-time
-    log-prior, i.e. RECORDS) subtracts it, as the official RECORDS code evaluates —
+    ``fields``: more top-level fields (``prepare_data``'s: ``n_unlabeled`` and the
+    ``unlabeled`` block). What the method's ``prepare`` recorded (SSP's pre-training) goes to
+    ``preparation``. ``accuracy`` uses the network's logits; ``accuracy_adjusted`` (methods
+    with a test-time log-prior, i.e. RECORDS) subtracts it, as the official RECORDS code evaluates —
     ``comparable_to_published`` names the one to compare with published numbers. "best"
     is the maximum over the epochs of the final stage (the test set is used for it).
     """
@@ -550,6 +570,7 @@ def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int 
         "base_method": base, "modifiers": modifiers,
         "stages": [{"name": st.name, "epochs": st.epochs} for st in trainer.stages],
         "epochs_done": trainer.epoch, "n_train": len(trainer.labels), "n_synthetic": n_synthetic,
+        **(fields or {}), **({"preparation": trainer.preparation} if trainer.preparation else {}),
         "confusion": result["final"]["confusion"],
         "device": device_name(trainer.dev), "cuda_graph": trainer.graph,
         "wall_s": result["wall_s"], "images_per_s": result["images_per_s"],
@@ -564,11 +585,20 @@ def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int 
 
 
 def config_from_params(method: str, P: dict, num_classes: int = 10) -> TrainConfig:
-    """TrainConfig from resolved notebook parameters (upper-case names)."""
+    """TrainConfig from resolved notebook parameters (upper-case names). ``SSP_EPOCHS``,
+    when given, sets ``METHOD_PARAMS['ssp']['epochs']``."""
     return TrainConfig(method=method, arch=P["ARCH"], epochs=P["EPOCHS"],
                        batch_size=P["BATCH_SIZE"], lr=float(P.get("LR") or 0.01), seed=P["SEED"],
                        faithful_bug=bool(P.get("FAITHFUL_BUG", False)),
-                       method_params=P.get("METHOD_PARAMS") or {}, num_classes=num_classes)
+                       method_params=method_params(P), num_classes=num_classes)
+
+
+def method_params(P: dict) -> dict:
+    """``METHOD_PARAMS`` with the named shortcuts applied (``SSP_EPOCHS``)."""
+    out = dict(P.get("METHOD_PARAMS") or {})
+    if P.get("SSP_EPOCHS") is not None:
+        out["ssp"] = {**out.get("ssp", {}), "epochs": P["SSP_EPOCHS"]}
+    return out
 
 
 # -- benchmark ----------------------------------------------------------------------------
@@ -685,7 +715,10 @@ def validate(P: dict) -> None:
                 TrainConfig(method=name, method_params=P["METHOD_PARAMS"])
         except ValueError as err:
             raise ValueError(f"METHOD_PARAMS={P['METHOD_PARAMS']!r} is invalid: {err}") from None
-    config.check(P, {
+    from .conditioning import WARMUP_RULES  # it imports this module
+    config.check(P, {**WARMUP_RULES,
+        "SSP_EPOCHS": config.integer(1), "UNLABELED": config.integer(0),
+        "RATIO": config.number(0, low_open=True), "UNLABELED_THRESHOLD": config.number(0, 1),
         "ARCH": config.one_of(sorted(BACKBONES)),
         "PROTOCOL": PROTOCOL_RULE,
         "SYNTHETIC_LABELS": config.one_of(SYNTHETIC_LABELS),
@@ -731,7 +764,7 @@ def runnable_methods(names, run_dir, allow_skip: bool = False
 def run_method(method: str, P: dict, cifar, progress: bool = True) -> dict:
     """Prepare data, train (resuming), write checkpoint + metrics; returns the metrics."""
     data = prepare_data(P["RUN_DIR"], cifar, method, P["N_TEST_PER_CLASS"], P["SEED"],
-                        P.get("SYNTHETIC_LABELS") or "exact", P["DEVICE"])
+                        P.get("SYNTHETIC_LABELS") or "exact", P["DEVICE"], P)
     cfg = config_from_params(method, P, cifar.num_classes)
     result = train(cfg, data, P["RUN_DIR"], P["DEVICE"], bool(P.get("COMPILE")),
                    P["CHECKPOINT_EVERY"], P.get("STOP_AFTER"), progress, bool(P.get("GRAPH")))
@@ -744,5 +777,5 @@ def run_method(method: str, P: dict, cifar, progress: bool = True) -> dict:
     marks = (dict(GENERATOR=synthetic.get("generator"), GEN_LABELS=synthetic.get("cond_labels"),
                   synthetic=synthetic) if synthetic else {})
     metrics = finish(result, P["RUN_DIR"], {**P, "dataset": data["dataset_params"], **marks},
-                     protocol_name(P, data["dataset_params"]), data["n_synthetic"])
+                     protocol_name(P, data["dataset_params"]), data["n_synthetic"], data["fields"])
     return metrics

@@ -18,7 +18,6 @@ Stable Diffusion weights exist). Conditioning labels come from ``rable_nb.condit
 from __future__ import annotations
 
 from .. import captioning, config
-from ..networks import BACKBONES
 from . import copy, pixel, sd
 from .base import Generator, slot_seed
 from .topup import (REPORT_TOPUP, describe, load_synthetic, manifest_rows, pending,
@@ -28,15 +27,14 @@ from .topup import (REPORT_TOPUP, describe, load_synthetic, manifest_rows, pendi
 GENERATORS: dict[str, type[Generator]] = {"sd": sd.SD, "pixel": pixel.Pixel, "copy": copy.Copy}
 
 # AUDIT_PER_CLASS: synthetic (and reference test) images audited per class, 0 = all.
+# The warm-up behind GEN_LABELS='pseudo' (WARMUP_*) is shared with notebook 04: its defaults
+# are in config.PROFILE_DEFAULTS, its rules in conditioning.WARMUP_RULES.
 _COMMON = dict(GEN_LABELS="pseudo", SYNTH_FILTER=False, SYNTH_FILTER_ATTEMPTS=10)
 PROFILE_DEFAULTS: dict[str, dict] = {
-    "smoke": dict(_COMMON, GENERATOR="pixel", WARMUP_ARCH="tiny_cnn", WARMUP_EPOCHS=2,
-                  WARMUP_BATCH=64, WARMUP_LR=0.01, PIXEL_SAMPLE_BATCH=16, AUDIT_PER_CLASS=0,
+    "smoke": dict(_COMMON, GENERATOR="pixel", PIXEL_SAMPLE_BATCH=16, AUDIT_PER_CLASS=0,
                   TARGET_PER_CLASS=captioning.PROFILE_DEFAULTS["smoke"]["TARGET_PER_CLASS"]),
-    "quick": dict(_COMMON, GENERATOR="copy", WARMUP_ARCH="mini_cnn", WARMUP_EPOCHS=10,
-                  WARMUP_BATCH=128, WARMUP_LR=0.05, PIXEL_SAMPLE_BATCH=256, AUDIT_PER_CLASS=1000),
-    "paper": dict(_COMMON, GENERATOR="sd", WARMUP_ARCH="resnet18", WARMUP_EPOCHS=100,
-                  WARMUP_BATCH=256, WARMUP_LR=0.01, PIXEL_SAMPLE_BATCH=2048, AUDIT_PER_CLASS=0),
+    "quick": dict(_COMMON, GENERATOR="copy", PIXEL_SAMPLE_BATCH=256, AUDIT_PER_CLASS=1000),
+    "paper": dict(_COMMON, GENERATOR="sd", PIXEL_SAMPLE_BATCH=2048, AUDIT_PER_CLASS=0),
 }
 for _name, _defaults in PROFILE_DEFAULTS.items():
     _defaults.update({**sd.PROFILE_DEFAULTS[_name], **pixel.PROFILE_DEFAULTS[_name]})
@@ -59,8 +57,6 @@ def validate(params: dict) -> None:
         "SYNTH_FILTER": config.BOOLEAN, "SYNTH_FILTER_ATTEMPTS": config.integer(1),
         "GEN_STOP_AFTER": config.integer(1), "PIXEL_SAMPLE_BATCH": config.integer(1),
         "AUDIT_PER_CLASS": config.integer(0),
-        "WARMUP_ARCH": config.one_of(sorted(BACKBONES)), "WARMUP_BATCH": config.integer(1),
-        "WARMUP_LR": config.number(0, low_open=True),
     })
     sd.validate(params)
     pixel.validate(params)

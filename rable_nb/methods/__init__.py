@@ -7,10 +7,12 @@ references of every method are in docs/algorithms.md; how to add one in docs/arc
 
 Bases (one file each): ``able`` (contrastive PLL), ``rable`` (ABLE on long tail +
 synthetic images), ``proden``, ``supervised`` (true labels: the upper bound), ``corr``
-(consistency regularisation), ``solar`` (Sinkhorn label refinery).
-Modifiers (one file each, applied in this order): ``records`` (RECORDS dynamic
-rebalancing of the disambiguation; test-time adjusted accuracy too), ``la`` (train-time
-logit adjustment with the estimated prior), ``mixup``.
+(consistency regularisation), ``solar`` (Sinkhorn label refinery), ``ssp`` (rotation
+pre-training of the backbone, then ABLE).
+Modifiers (one file each, applied in this order): ``unlabeled`` (real unlabeled images,
+pseudo-labelled, join the training data), ``records`` (RECORDS dynamic rebalancing of the
+disambiguation; test-time adjusted accuracy too), ``la`` (train-time logit adjustment with
+the estimated prior), ``mixup``.
 
 The interface (``base.py``)
 ---------------------------
@@ -48,8 +50,10 @@ network, and keep **state** tensors (``init_state``/``state``/``load_state``: ch
 with the run and restored on resume), read **hyper-parameters** ``self.p`` (declared in
 ``params``/``default_params(cfg)``, overridden by ``TrainConfig.method_params
 {piece: {param: value}}``), ask for extra **training data** (``data_sources``, e.g.
-``("synthetic",)``) and hook **epochs** (``start_stage``, ``start_epoch``, ``end_epoch``:
-outside the step, free to synchronise — e.g. re-estimating a prior over the training set).
+``("synthetic",)``, ``("unlabeled",)``), do long work once before training (``prepare``:
+e.g. SSP's pre-training; what it returns is recorded in the metrics file) and hook
+**epochs** (``start_stage``, ``start_epoch``, ``end_epoch``: outside the step, free to
+synchronise — e.g. re-estimating a prior over the training set).
 Per-image loss weights arrive as ``batch.weight`` (None = plain means; see
 ``_losses.weighted_mean``).
 
@@ -95,14 +99,16 @@ from .proden import Proden
 from .rable import Rable
 from .records import Records
 from .solar import Solar
+from .ssp import Ssp
 from .supervised import Supervised
+from .unlabeled import Unlabeled
 
 BASES: dict[str, type[Base]] = {
     "able": Able, "rable": Rable, "proden": Proden, "supervised": Supervised,
-    "corr": Corr, "solar": Solar,
+    "corr": Corr, "solar": Solar, "ssp": Ssp,
 }
 MODIFIERS: dict[str, type[Modifier]] = {  # the order in which names list them
-    "records": Records, "la": LogitAdjustment, "mixup": Mixup,
+    "unlabeled": Unlabeled, "records": Records, "la": LogitAdjustment, "mixup": Mixup,
 }
 PIECES = {**BASES, **MODIFIERS}
 

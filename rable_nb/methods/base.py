@@ -127,7 +127,14 @@ class Piece:
         for key, value in tensors.items():
             setattr(self, key, value)
 
-    # -- epoch-level hooks (outside the step; may synchronise) ---------------------------
+    # -- hooks outside the step (may synchronise) -----------------------------------------
+    def prepare(self, trainer) -> dict | None:
+        """Called once when the trainer is built, after ``init_state`` and before a
+        checkpoint is resumed (which then replaces the network's weights): long work before
+        the first epoch, e.g. SSP's self-supervised pre-training of the backbone, loaded into
+        ``trainer.net``. Returns what the metrics file should record about it (or None)."""
+        return None
+
     def start_stage(self, trainer, stage: Stage) -> None:
         """Called when ``stage`` begins (after a fresh model was built, if it asks for one)."""
 
@@ -288,6 +295,10 @@ class Method:
     def init_state(self, trainer) -> None:
         for p in self.pieces:
             p.init_state(trainer)
+
+    def prepare(self, trainer) -> dict:
+        """{piece name: what it recorded} of every piece's :meth:`Piece.prepare`."""
+        return {p.name: info for p in self.pieces if (info := p.prepare(trainer)) is not None}
 
     def start_stage(self, trainer, stage: Stage) -> None:
         for p in self.pieces:
