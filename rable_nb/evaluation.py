@@ -106,10 +106,12 @@ def _shared_params(metrics: dict) -> dict:
 
 
 def _synthetic_is_current(metrics: dict, run_dir: Path) -> bool:
-    """A model trained on synthetic images is current only while ``synthetic/`` still holds
-    the top-up it used (notebook 03 may have remade it under other settings)."""
+    """A model trained on synthetic images is stale once ``synthetic/`` holds another top-up
+    than the one it used (notebook 03 remade it under other settings); a run directory
+    without ``synthetic/settings.json`` (e.g. a copy of the results only) cannot tell."""
     used = (metrics.get("params") or {}).get("synthetic")
-    return not used or used == config.read_json(run_dir / "synthetic" / "settings.json")
+    now = config.read_json(run_dir / "synthetic" / "settings.json")
+    return not used or not now or used == now
 
 
 def current_metrics(run_dir) -> dict[str, dict]:
