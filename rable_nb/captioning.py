@@ -147,6 +147,25 @@ def load_captions(run_dir: str | os.PathLike) -> list[dict]:
     return jsonl.read(path)
 
 
+def caption_examples(rows: list[dict], images: np.ndarray, indices: np.ndarray, classes,
+                     per_class: int = 4, seed: int = 0, width: int = 24
+                     ) -> tuple[np.ndarray, list[str]]:
+    """Notebook 02's grid: per class up to ``per_class`` seeded captions next to their images
+    (``images[k]`` is the training image ``indices[k]``), titled with the class in capitals
+    and the caption wrapped at ``width`` characters. One row per class."""
+    import textwrap
+
+    from .dataset import examples_per_class, take
+    position = {int(i): k for k, i in enumerate(indices)}
+    slots = examples_per_class([r["label"] for r in rows], per_class, seed)
+    picked = [rows[s] if s >= 0 else None for s in slots]
+    pics = take(images, np.array([position[int(r["index"])] if r else -1 for r in picked]))
+    titles = ["" if r is None else
+              f"{classes[r['label']].upper()}\n{textwrap.fill(r['caption'], width)}"
+              for r in picked]
+    return pics, titles
+
+
 STOPWORDS = frozenset("a an the of in on with and is are to at it its this that there".split())
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,41 @@ def balanced_subset(labels: np.ndarray, per_class: int, seed: int = 0) -> np.nda
     """Seeded indices of up to ``per_class`` images of every class, grouped by class."""
     counts = np.bincount(labels)
     return long_tail_indices(labels, np.minimum(counts, per_class).tolist(), seed)
+
+
+def examples_per_class(labels, per_class: int, seed: int = 0) -> np.ndarray:
+    """Seeded positions of up to ``per_class`` items of every class present, in rows of
+    ``per_class`` (one row per class); -1 fills the row of a class with fewer items, so in a
+    grid of ``per_class`` columns every class starts its own row (see :func:`take`)."""
+    labels = np.asarray(labels)
+    picks = balanced_subset(labels, per_class, seed) if len(labels) else np.zeros(0, int)
+    rows = []
+    for c in np.unique(labels[picks]):
+        mine = picks[labels[picks] == c]
+        rows.append(np.concatenate([mine, np.full(per_class - len(mine), -1)]))
+    return np.concatenate(rows).astype(int) if rows else np.zeros(0, int)
+
+
+def take(images: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """``images[slots]`` with a white image where a slot is -1."""
+    return np.concatenate([images, np.full_like(images[:1], 255)])[slots]
+
+
+def candidate_examples(ds: dict, images: np.ndarray, classes, per_class: int = 8,
+                       seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """Notebook 01's sample grid: per true class up to ``per_class`` seeded long-tailed
+    images (``images`` aligned with ``ds``) and their candidate sets as titles: the true
+    label in capitals, then the other candidates (abbreviated). One row per class."""
+    slots = examples_per_class(ds["labels"], per_class, seed)
+    titles = []
+    for r in slots:
+        if r < 0:
+            titles.append("")
+            continue
+        true = int(ds["labels"][r])
+        others = [classes[j][:4] for j in np.flatnonzero(ds["candidates"][r]) if j != true]
+        titles.append(classes[true].upper() + "\n" + textwrap.fill(" ".join(others), 20))
+    return take(images, slots), titles
 
 
 def uniform_candidates(labels: np.ndarray, num_classes: int, q: float, seed: int = 0

@@ -5,14 +5,21 @@ Uploads are checked before decoding: at most ``MAX_BYTES`` of file, at most
 ``MAX_PIXELS`` pixels (a small file can declare a huge image: a decompression bomb), and
 the format must be one of the raster formats in ``FORMATS`` (Pillow is not allowed to try
 others: EPS/PS would run Ghostscript where it is installed). Accepted images get the
-evaluation's preprocessing: RGB (16-bit greyscale scaled to 8 bits, not clipped), resized
-to 32×32 with the bicubic filter that ``data`` uses for non-32×32 files, normalised with
-:func:`networks.normalize`.
+evaluation's preprocessing: RGB (16-bit greyscale scaled to 8 bits, not clipped; transparent
+pixels composited on white), centre-cropped to a square and resized to 32×32 with the
+bicubic filter that ``data`` uses for non-32×32 files (a wide photo is cropped, not
+squashed), normalised with :func:`networks.normalize`.
+
+The app keeps what it shows consistent: switching the model or the logit adjustment
+recomputes the bars and the message; a new image clears the ticks; a rejected upload
+clears the current image and disables saving. The adjustment checkbox is enabled only for
+models with a logit prior (``+records``) and says so when it is not.
 
 Feedback is a partial label: the set of ticked labels. Each one is appended as one line
 to ``feedback.jsonl`` (``sha256``, ``image`` — the 32×32 PNG under ``feedback/`` —,
-``candidates``, ``source``, ``model``, ``top5``); :func:`load_feedback` turns the file
-into images and an N×C candidate matrix, the format of ``dataset.npz``.
+``candidates``, ``source``, ``model``, ``adjusted`` — whether the test-time adjustment was
+applied —, ``top5``); :func:`load_feedback` turns the file into images and an N×C
+candidate matrix, the format of ``dataset.npz``.
 """
 from __future__ import annotations
 
@@ -75,18 +82,27 @@ def read_image(blob: bytes, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PI
                             f"({', '.join(FORMATS)}).") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise RejectedImage(f"the image is damaged or truncated ({err}).") from None
-    if rgb.size != (32, 32):
-        rgb = rgb.resize((32, 32), Image.Resampling.BICUBIC)
-    return np.array(rgb, dtype=np.uint8)
+    return np.array(to_model_size(rgb), dtype=np.uint8)
+
+
+def to_model_size(img: Image.Image, side: int = 32) -> Image.Image:
+    """The centred square of ``img`` (the shorter side), resized to side × side (bicubic)."""
+    if img.size == (side, side):
+        return img
+    return ImageOps.fit(img, (side, side), Image.Resampling.BICUBIC, centering=(0.5, 0.5))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB; 16-bit greyscale is scaled (65535 → 255) rather than clipped at 255."""
+    """8-bit RGB; 16-bit greyscale is scaled (65535 → 255) rather than clipped at 255, and
+    transparency (an alpha channel or a transparent palette colour) is laid on white."""
     if img.mode in WIDE_GREY:
         grey = np.asarray(img, dtype=np.float64)
         if img.mode != "I" or grey.max() > 255:  # mode I holds 8-bit values in some files
             grey = grey / 257.0
         img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return img.convert("RGB")
 
 
@@ -151,8 +167,11 @@ class DemoApp:
     """The widget app; ``app.widget`` is what the notebook displays.
 
     ``models``: ``predictions.load_models`` output; ``test_x``/``test_y``: uint8 test images
-    and labels for the "random test image" button.
+    and labels for the "random test image" button. ``adjust``: start with the test-time
+    logit adjustment on (where the selected model has a prior).
     """
+
+    ADJUST_HELP = "subtract the model's log class prior from its logits (RECORDS)"
 
     def __init__(self, models: dict, classes, test_x, test_y, run_dir, seed: int = 0,
                  adjust: bool = False, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS):
@@ -168,7 +187,8 @@ class DemoApp:
         self.random_button = widgets.Button(description="random test image", icon="random")
         self.model = widgets.Dropdown(options=list(models), description="model")
         self.adjust = widgets.Checkbox(value=adjust, description="test-time logit adjustment",
-                                       disabled=all(m["prior"] is None for m in models.values()))
+                                       indent=False, tooltip=self.ADJUST_HELP)
+        self.adjust_note = widgets.HTML()
         self.message = widgets.HTML()
         self.preview = widgets.Image(format="png", width=128, height=128)
         self.caption = widgets.HTML()
@@ -180,6 +200,7 @@ class DemoApp:
                                         layout=widgets.Layout(width="110px")) for c in classes]
         self.save_button = widgets.Button(description="save feedback", button_style="success",
                                           disabled=True)
+        self._update_adjust()
 
         self.uploader.observe(self._on_upload, "value")
         self.random_button.on_click(self._on_random)
@@ -196,7 +217,8 @@ class DemoApp:
                 grid_template_columns="repeat(5, 115px)")),
             self.save_button])
         self.widget = widgets.VBox([
-            widgets.HBox([self.uploader, self.random_button, self.model, self.adjust]),
+            widgets.HBox([self.uploader, self.random_button, self.model]),
+            widgets.HBox([self.adjust, self.adjust_note]),
             self.message,
             widgets.HBox([widgets.VBox([self.preview, self.caption]),
                           widgets.VBox([widgets.HTML("<b>top-5 softmax</b>"), bars])]),
@@ -206,6 +228,24 @@ class DemoApp:
     def show_message(self, text: str, error: bool = False) -> None:
         colour = "#b00020" if error else "#555"
         self.message.value = f'<span style="color:{colour}">{html.escape(text)}</span>'
+
+    @property
+    def adjusted(self) -> bool:
+        """Whether the prediction shown subtracts a logit prior (ticked and available)."""
+        return self.adjust.value and not self.adjust.disabled
+
+    def _update_adjust(self) -> None:
+        """Enable the adjustment only for a model with a logit prior, and say why not."""
+        has_prior = self.models[self.model.value]["prior"] is not None
+        self.adjust.disabled = not has_prior
+        self.adjust_note.value = (
+            f'<span style="color:#555">({self.ADJUST_HELP})</span>' if has_prior else
+            f'<span style="color:#555">(not available for <b>{html.escape(self.model.value)}'
+            "</b>: it has no logit prior; only <code>+records</code> models carry one)</span>")
+
+    def _clear_ticks(self) -> None:
+        for box in self.checks:
+            box.value = False
 
     # -- callbacks --------------------------------------------------------------------
     @_never_raise
@@ -217,6 +257,9 @@ class DemoApp:
         blob = bytes(f["content"])  # bytes or memoryview
         try:
             image = read_image(blob, **self.limits)
+        except RejectedImage:
+            self.clear()  # the previous image must not be saved with this upload's labels
+            raise
         finally:
             self.uploader.value = ()  # the same file can be uploaded again
         self.show(image, hashlib.sha256(blob).hexdigest(), f"upload: {f['name']}")
@@ -230,8 +273,9 @@ class DemoApp:
 
     @_never_raise
     def _on_model(self, _change=None) -> None:
+        self._update_adjust()
         if self.current is not None:
-            self.predict()
+            self.refresh()
 
     @_never_raise
     def _on_save(self, _button=None) -> None:
@@ -241,27 +285,42 @@ class DemoApp:
         cur = self.current
         entry = append_feedback(self.run_dir, cur["image"], cur["sha256"], ticked, self.classes,
                                 source=cur["source"], true_label=cur.get("true_label"),
-                                model=self.model.value, top5=self.top5)
-        for box in self.checks:
-            box.value = False
+                                model=self.model.value, adjusted=self.adjusted, top5=self.top5)
+        self._clear_ticks()
         self.show_message(f"Saved {{{', '.join(entry['candidates'])}}} for {cur['source']} "
                           f"to {self.run_dir / FEEDBACK_FILE}.")
 
     # -- actions ----------------------------------------------------------------------
     def show(self, image: np.ndarray, sha256: str, source: str, true_label=None) -> None:
-        """Make ``image`` the current one, show it and its top-5 prediction."""
+        """Make ``image`` the current one (ticks cleared), show it and its top-5 prediction."""
         self.current = dict(image=image, sha256=sha256, source=source, true_label=true_label)
         self.preview.value = png_bytes(image)
         truth = f"<br>true label: <b>{true_label}</b>" if true_label else ""
         self.caption.value = f"{html.escape(source)} (32×32, as the model sees it){truth}"
+        self._clear_ticks()
         self.save_button.disabled = False
+        self.refresh()
+
+    def clear(self) -> None:
+        """No current image: empty preview, bars and ticks; saving disabled."""
+        self.current, self.top5 = None, []
+        self.preview.value, self.caption.value = b"", ""
+        for n, b, v in zip(self.bar_names, self.bars, self.bar_values):
+            n.value, b.value, v.value = "", 0.0, ""
+        self._clear_ticks()
+        self.save_button.disabled = True
+
+    def refresh(self) -> None:
+        """Recompute and show everything that depends on the model: bars and message."""
         self.predict()
-        self.show_message(f"{source}: predicted {self.top5[0][0]} ({self.top5[0][1]:.1%}).")
+        how = " with test-time adjustment" if self.adjusted else ""
+        self.show_message(f"{self.current['source']}: {self.model.value}{how} predicts "
+                          f"{self.top5[0][0]} ({self.top5[0][1]:.1%}).")
 
     def predict(self) -> list[tuple[str, float]]:
         """Top-5 (label, probability) of the selected model on the current image."""
         probs = predict_proba(self.models[self.model.value], self.current["image"][None],
-                              adjust=self.adjust.value)[0]
+                              adjust=self.adjusted)[0]
         order = np.argsort(-probs)[:5]
         self.top5 = [(self.classes[c], float(probs[c])) for c in order]
         for (name, p), n, b, v in zip(self.top5, self.bar_names, self.bars, self.bar_values):

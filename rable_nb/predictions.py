@@ -1,4 +1,5 @@
-"""Stage 05: the trained models of a run on one fixed set of test images (report Fig. 5.2).
+"""Stage 05: the trained models of a run on one fixed set of test images (report Fig. 5.2):
+one grid row per true class, ``GRID_PER_CLASS`` images each.
 
 Also the shared helpers of notebooks 05–07: which models a run has
 (``checkpoints/<method>.safetensors`` of the methods whose results are current) and their
@@ -111,46 +112,76 @@ def mosaic(images: np.ndarray, ncols: int = 10, pad: int = 2, caption: int = 0):
     return out, origins
 
 
-def draw_grid(ax, images, preds, truth, classes, title: str, ncols: int = 10,
-              captions: bool = True) -> np.ndarray:
-    """Draw one model's grid on ``ax``: colour = correct, greyscale = wrong.
+def rows_by_class(truth) -> tuple[np.ndarray, list[int], int]:
+    """Grid layout with one row per true class: (order of the images, the class of each row,
+    columns = the most images of one class). Correct for any ``GRID_PER_CLASS``."""
+    truth = np.asarray(truth)
+    row_classes = [int(c) for c in dict.fromkeys(truth.tolist())]  # first-seen order
+    ncols = max(int((truth == c).sum()) for c in row_classes)
+    order = np.full(len(row_classes) * ncols, -1)
+    for r, c in enumerate(row_classes):
+        members = np.flatnonzero(truth == c)
+        order[r * ncols:r * ncols + len(members)] = members
+    return order, row_classes, ncols
 
-    Captions give the predicted label (green when right, red when wrong). The title says
-    how many are correct. Returns the cells' top-left corners in data coordinates.
+
+def draw_grid(ax, images, preds, truth, classes, title: str, captions: bool = True
+              ) -> np.ndarray:
+    """Draw one model's grid on ``ax``: one row per true class (its name at the left),
+    colour = correct, greyscale = wrong.
+
+    Captions give the full predicted class name (green when right, red when wrong). The
+    title gives the number correct with its 95 % interval. Returns the top-left corners,
+    in data coordinates, of the cells of ``images`` (in their given order).
     """
-    preds, truth = np.asarray(preds), np.asarray(truth)
+    images, preds, truth = np.asarray(images), np.asarray(preds), np.asarray(truth)
     correct = preds == truth
+    order, row_classes, ncols = rows_by_class(truth)
+    shown = greyscale_wrong(images, correct)
+    blank = np.full_like(images[:1], 255)
+    cells = np.concatenate([shown, blank])[order]  # -1: a blank cell in a short row
     h = images.shape[1]
-    tiles, origins = mosaic(greyscale_wrong(images, correct), ncols,
-                            caption=CAPTION_PX if captions else 0)
+    tiles, cell_origins = mosaic(cells, ncols, caption=CAPTION_PX if captions else 0)
+    origins = np.zeros((len(images), 2), int)
+    origins[order[order >= 0]] = cell_origins[order >= 0]
     ax.imshow(tiles, interpolation="nearest")
-    ax.axis("off")
     if captions:
         for (x, y), p, ok in zip(origins, preds, correct):
-            ax.text(x + h / 2, y - 1, classes[p][:8], ha="center", va="bottom", fontsize=5,
+            ax.text(x + h / 2, y - 1, classes[p], ha="center", va="bottom", fontsize=6,
                     color="tab:green" if ok else "tab:red")
-    ax.set_title(f"{title}: {int(correct.sum())} correct of {len(correct)}")
+    centres = [cell_origins[r * ncols][1] + h / 2 for r in range(len(row_classes))]
+    ax.set_yticks(centres, [classes[c] for c in row_classes], fontsize=8)
+    ax.set_xticks([])
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_ylabel("true class")
+    lo, hi = evaluation.wilson_interval(int(correct.sum()), len(correct))
+    ax.set_title(f"{title}: {int(correct.sum())} correct of {len(correct)}\n"
+                 f"(95 % CI {lo:.0%}–{hi:.0%}; chance {1 / len(classes):.0%})", fontsize=10)
     return origins
 
 
-def grid_figure(images, preds, truth, classes, title: str, captions: bool = True,
-                ncols: int = 10):
+def _grid_size(truth) -> tuple[float, float]:
+    """Figure inches of one grid panel: ~0.75 in per cell, so full class names fit."""
+    _, row_classes, ncols = rows_by_class(truth)
+    return ncols * 0.75 + 1.2, len(row_classes) * 0.95 + 0.9
+
+
+def grid_figure(images, preds, truth, classes, title: str, captions: bool = True):
     """Figure with one model's prediction grid (see :func:`draw_grid`)."""
-    nrows = int(np.ceil(len(images) / ncols))
-    fig, ax = plt.subplots(figsize=(ncols * 0.7, nrows * 0.8 + 0.3), layout="constrained")
-    draw_grid(ax, images, preds, truth, classes, title, ncols, captions)
+    fig, ax = plt.subplots(figsize=_grid_size(truth), layout="constrained")
+    draw_grid(ax, images, preds, truth, classes, title, captions)
     return fig
 
 
-def side_by_side(images, truth, preds_by_method: dict, classes, captions: bool = True,
-                 ncols: int = 10):
+def side_by_side(images, truth, preds_by_method: dict, classes, captions: bool = True):
     """The grids of several models next to each other, one panel per model."""
     n = len(preds_by_method)
-    nrows = int(np.ceil(len(images) / ncols))
-    fig, axes = plt.subplots(1, n, figsize=(n * ncols * 0.7, nrows * 0.8 + 0.3), squeeze=False,
-                             layout="constrained")
+    w, h = _grid_size(truth)
+    fig, axes = plt.subplots(1, n, figsize=(n * w, h), squeeze=False, layout="constrained")
     for ax, (method, preds) in zip(axes[0], preds_by_method.items()):
-        draw_grid(ax, images, preds, truth, classes, method, ncols, captions)
+        draw_grid(ax, images, preds, truth, classes, method, captions)
     return fig
 
 

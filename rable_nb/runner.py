@@ -3,6 +3,10 @@
 Before the first notebook starts, every parameter of every selected notebook is resolved
 and validated by the notebook's stage (``config.resolve``), and the run directory is
 locked (``locks.DirLock``): a second run or sweep into it is refused.
+
+Kernels are started by :class:`RunKernelManager`: with encrypted transport where the kernel
+supports it, and with the kernel process's own log lines (not the cells' outputs, which go
+into the executed notebook) in ``<run dir>/kernel.log`` instead of the terminal.
 """
 from __future__ import annotations
 
@@ -19,13 +23,45 @@ from pathlib import Path
 
 import nbformat
 import papermill as pm
+import zmq
+from jupyter_client.manager import AsyncKernelManager
 from tqdm.auto import tqdm
+from traitlets import Unicode, default
+from traitlets.config import Config
 
 from . import config, data
 from .locks import DirLock, LockedError
 
 NOTEBOOK_DIR = config.PROJECT_ROOT / "notebooks"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+KERNEL_LOG = "kernel.log"
+
+
+class RunKernelManager(AsyncKernelManager):
+    """The kernel manager of ``run``: CurveZMQ transport encryption where the kernelspec
+    declares support (ipykernel's does), so ipykernel has no "running over TCP without
+    encryption" warning to print, and the kernel process's stdout/stderr — ipykernel's own
+    log lines such as "KeyboardInterrupt caught in kernel" when jupyter_client interrupts it
+    before a shutdown — appended to ``kernel_log`` rather than the terminal."""
+
+    kernel_log = Unicode("", config=True, help="file for the kernel process's own output")
+
+    @default("transport_encryption")
+    def _encryption_where_possible(self) -> str:
+        return "auto" if zmq.has("curve") else "disabled"
+
+    async def _async_launch_kernel(self, kernel_cmd, **kw) -> None:
+        if not self.kernel_log:
+            return await super()._async_launch_kernel(kernel_cmd, **kw)
+        with open(self.kernel_log, "ab") as log:  # the kernel keeps its own copy of the fd
+            kw.update(stdout=log, stderr=log)
+            return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+
+def kernel_options(run_dir: Path) -> dict:
+    """papermill keyword arguments that start kernels with :class:`RunKernelManager`."""
+    return dict(kernel_manager_class=RunKernelManager,
+                config=Config({"RunKernelManager": {"kernel_log": str(run_dir / KERNEL_LOG)}}))
 
 
 class RunError(RuntimeError):
@@ -219,7 +255,8 @@ def _execute(notebooks: list[Path], injected: dict, run_dir: Path, profile: str,
             pm.execute_notebook(str(nb), str(target), parameters=injected[nb],
                                 kernel_name=kernel, cwd=str(nb.parent), stdout_file=log_file,
                                 stderr_file=log_file,
-                                progress_bar=log_file is None and dict(desc=nb.stem, leave=False))
+                                progress_bar=log_file is None and dict(desc=nb.stem, leave=False),
+                                **kernel_options(run_dir))
         except pm.PapermillExecutionError as err:
             raise RunError(_failure_message(nb, target, err)) from None
         _record(run_dir, log, nb.name, recorded, seconds=round(time.time() - start, 1))

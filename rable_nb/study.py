@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy.stats import binomtest
 
 from . import evaluation, generators, methods, sweep
 from .data import CLASSES
@@ -66,12 +65,11 @@ def approach(method: str, generator=None, gen_labels=None) -> str:
 
 
 def binomial_interval(accuracy: float, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of an accuracy measured on ``n`` test images."""
+    """Wilson score interval of an accuracy measured on ``n`` test images
+    (``evaluation.accuracy_interval``); NaN where the accuracy or ``n`` is unknown."""
     if not n or pd.isna(accuracy) or pd.isna(n):
         return float("nan"), float("nan")
-    n = int(n)
-    ci = binomtest(int(round(accuracy * n)), n).proportion_ci(level, method="wilson")
-    return float(ci.low), float(ci.high)
+    return evaluation.accuracy_interval(accuracy, int(n), level)
 
 
 def few_share(num_classes: int = NUM_CLASSES) -> float:

@@ -535,51 +535,115 @@ def varying(results: pd.DataFrame) -> list[str]:
     return [c for c in results.columns[:end] if results[c].nunique(dropna=False) > 1]
 
 
-def _curves(ax, long: pd.DataFrame, x: str, groups: list[str], xlabel: str) -> None:
-    """Last-epoch accuracy against ``x``, one line per method and value of ``groups``."""
-    for key, part in long.groupby(["method"] + groups, sort=True):
+SEED_KEYS = ("SEED",)  # grid parameters whose points are repeats of one setting
+AMBIGUITY_KEYS = ("Q", "RATE", "PARTIAL")  # what sets the ambiguity of a point
+
+
+def settings(long: pd.DataFrame, vary: list[str]) -> pd.DataFrame:
+    """One row per method and grid setting: points that differ only by ``SEED`` are
+    averaged — ``last`` and the group accuracies (mean), ``spread`` (standard deviation of
+    ``last``; NaN for one seed), ``seeds`` (how many), and the mean measured ambiguity."""
+    keys = ["method"] + [v for v in vary if v not in SEED_KEYS and v in long]
+    if "IMBALANCE_FACTOR" in long and "IMBALANCE_FACTOR" not in keys:
+        keys.append("IMBALANCE_FACTOR")  # the same for every point: kept for the titles
+    metrics = [m for m in ("last", "many", "medium", "few", "ambiguity") if m in long]
+    grouped = long.groupby(keys, dropna=False, sort=True)
+    out = grouped[metrics].mean()
+    out["spread"] = grouped["last"].std()
+    out["seeds"] = grouped["last"].size()
+    return out.reset_index()
+
+
+def _curves(ax, pts: pd.DataFrame, x: str, lines: list[str], xlabel: str) -> None:
+    """Last-epoch accuracy against ``x``, one line per method and value of ``lines``;
+    error bars: ± one standard deviation over seeds where a setting has several."""
+    import matplotlib.pyplot as plt
+    methods = sorted(pts["method"].unique())
+    variants = sorted({tuple(r) for r in pts[lines].itertuples(index=False)}, key=str)
+    for key, part in pts.groupby(["method"] + lines, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
-        label = key[0] + "".join(f", {g}={v}" for g, v in zip(groups, key[1:]))
+        label = key[0] + "".join(f", {g}={v}" for g, v in zip(lines, key[1:]))
+        k = variants.index(tuple(key[1:]))  # colour = method, line style + marker = variant
         part = part.sort_values(x)
-        ax.plot(part[x], part["last"], marker="o", label=label)
-    ax.set(xlabel=xlabel, ylabel="test accuracy (last epoch)")
+        spread = part["spread"] if (part["seeds"] > 1).any() else None
+        ax.errorbar(part[x], part["last"], yerr=spread, capsize=3, label=label,
+                    color=plt.get_cmap("tab10")(methods.index(key[0]) % 10),
+                    ls=("-", "--", ":", "-.")[k % 4], marker="os^Dv"[k % 5])
+    ax.set(xlabel=xlabel)
+
+
+def _accuracy_axis(ax, chance: float) -> None:
+    """Accuracy on a fixed 0–1 axis with chance marked: no zoom that turns noise into a cliff."""
+    ax.axhline(chance, color="0.3", ls=":", lw=1.2, label=f"chance ({chance:.0%})")
+    ax.set(ylim=(0, 1), ylabel="test accuracy (last epoch)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 
 
-def sweep_figure(results: pd.DataFrame):
+def sweep_figure(results: pd.DataFrame, num_classes: int = 10):
     """Accuracy vs imbalance ratio, vs measured ambiguity, and many/medium/few bars at the
-    hardest point (smallest imbalance factor, then largest ambiguity)."""
+    hardest setting (smallest imbalance factor, then largest ambiguity).
+
+    Accuracy axes are fixed to [0, 1] with chance marked. Points that differ only by
+    ``SEED`` are averaged (error bars: ± one standard deviation). A panel whose x-axis the
+    grid does not vary (one ``IMBALANCE_FACTOR``; one ``Q``/``RATE``/``PARTIAL``) is left
+    out, and a note under the figure says so.
+    """
     import matplotlib.pyplot as plt  # here: sweep workers import this module and never plot
     long = long_format(results)
     if long.empty:
         raise ValueError("No finished point with accuracies in this sweep (see its "
                          "status/error columns); the grid must include notebook 04.")
     vary = varying(results)
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), layout="constrained")
-    if "IMBALANCE_FACTOR" in long:
-        long = long.assign(rho=1 / long["IMBALANCE_FACTOR"])
-        others = [v for v in vary if v != "IMBALANCE_FACTOR" and v in long]
-        _curves(axes[0], long, "rho", others, "imbalance ratio ρ = 1 / IMBALANCE_FACTOR")
-        axes[0].set_xscale("log")
-    axes[0].set_title("accuracy vs imbalance")
-    if long["ambiguity"].notna().any():
-        others = [v for v in vary if v not in ("Q", "RATE", "PARTIAL") and v in long]
-        _curves(axes[1], long, "ambiguity", others,
+    pts = settings(long, vary)
+    chance = 1 / num_classes
+    panels, notes = [], []
+    if "IMBALANCE_FACTOR" in vary:
+        panels.append("imbalance")
+    else:
+        notes.append("accuracy vs imbalance left out: the grid has one IMBALANCE_FACTOR")
+    if any(k in vary for k in AMBIGUITY_KEYS) and pts["ambiguity"].notna().any():
+        panels.append("ambiguity")
+    else:
+        notes.append("accuracy vs ambiguity left out: the grid has one ambiguity level "
+                     "(one Q / RATE / PARTIAL)")
+    panels.append("groups")
+    seeds = int(pts["seeds"].max())
+    notes.append(f"mean ± s.d. over {seeds} seeds per setting" if seeds > 1 else
+                 "one run per setting: no spread over seeds is shown (add SEED to the grid)")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.6), squeeze=False,
+                             layout="constrained")
+    axes = dict(zip(panels, axes[0]))
+    others = [v for v in vary if v not in SEED_KEYS and v in pts]
+    if "imbalance" in axes:
+        ax = axes["imbalance"]
+        _curves(ax, pts.assign(rho=1 / pts["IMBALANCE_FACTOR"]), "rho",
+                [v for v in others if v != "IMBALANCE_FACTOR"],
+                "imbalance ratio ρ = 1 / IMBALANCE_FACTOR")
+        ax.set_xscale("log")
+        ax.set_title("accuracy vs imbalance")
+        _accuracy_axis(ax, chance)
+    if "ambiguity" in axes:
+        ax = axes["ambiguity"]
+        _curves(ax, pts, "ambiguity", [v for v in others if v not in AMBIGUITY_KEYS],
                 "average ambiguity (wrong labels per candidate set)")
-    axes[1].set_title("accuracy vs ambiguity")
-    order = [c for c in ("IMBALANCE_FACTOR", "ambiguity") if c in long]
-    hardest = long.sort_values(order, ascending=[True, False][:len(order)]).iloc[0]
-    at = long[(long[order] == hardest[order]).all(axis=1)] if order else long
+        ax.set_title("accuracy vs ambiguity")
+        _accuracy_axis(ax, chance)
+    order = [c for c in ("IMBALANCE_FACTOR", "ambiguity") if c in pts]
+    hardest = pts.sort_values(order, ascending=[True, False][:len(order)]).iloc[0]
+    at = pts[(pts[others] == hardest[others]).all(axis=1)] if others else pts
+    ax = axes["groups"]
     groups = [g for g in ("many", "medium", "few") if g in at]
     width = 0.8 / max(1, len(groups))
     for k, g in enumerate(groups):
-        axes[2].bar(np.arange(len(at)) + (k - (len(groups) - 1) / 2) * width, at[g], width,
-                    label=g)
-    axes[2].set_xticks(np.arange(len(at)), at["method"], rotation=20)
+        bars = ax.bar(np.arange(len(at)) + (k - (len(groups) - 1) / 2) * width, at[g], width,
+                      label=g)
+        ax.bar_label(bars, [f"{v:.2f}" for v in at[g]], fontsize=7, padding=2)
+    ax.set_xticks(np.arange(len(at)), at["method"], rotation=20)
     where = ", ".join(f"{c}={hardest[c]:.3g}" for c in order)
-    axes[2].set(ylabel="test accuracy", ylim=(0, 1), title=f"many / medium / few at {where}")
-    axes[2].legend(fontsize=8)
+    ax.set_title(f"many / medium / few at {where}")
+    _accuracy_axis(ax, chance)
+    fig.text(0.01, -0.02, "; ".join(notes) + ".", fontsize=8, color="0.3", ha="left", va="top")
     return fig
 
 

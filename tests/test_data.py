@@ -1,4 +1,4 @@
-"""CIFAR-10 sources, caching, resolution order and error messages (DESIGN §4)."""
+"""CIFAR-10 sources, caching, resolution order and error messages (README, "Data")."""
 import tarfile
 import warnings
 

@@ -1,4 +1,4 @@
-"""Long tail and partial labels (DESIGN §4)."""
+"""Long tail and partial labels (notebook 01; docs/algorithms.md, "Partial labels")."""
 import numpy as np
 import pytest
 

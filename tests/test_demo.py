@@ -43,10 +43,10 @@ def test_random_test_image_shows_top5_bars(app, cifar):
     assert [b.value for b in app.bars] == pytest.approx(probs)
     assert [n.value for n in app.bar_names] == [c for c, _ in app.top5]
     assert app.preview.value[:4] == b"\x89PNG" and not app.save_button.disabled
-    assert "predicted" in app.message.value
+    assert "able predicts" in app.message.value
 
 
-def test_upload_is_preprocessed_like_evaluation_and_model_switch_repredicts(app):
+def test_upload_is_preprocessed_like_evaluation(app):
     blob = _png()
     _upload(app, blob)
     assert app.current["source"] == "upload: photo.png"
@@ -54,9 +54,103 @@ def test_upload_is_preprocessed_like_evaluation_and_model_switch_repredicts(app)
     assert app.current["image"].shape == (32, 32, 3)
     assert tuple(app.current["image"][16, 16]) == (200, 40, 40)
     assert app.uploader.value == ()  # reset, so the same file can come again
-    expected = predictions.predict_proba(app.models["able+records"], app.current["image"][None])
+
+
+# -- issue 16: what is shown stays consistent with the model, the image and the ticks ---------
+def _shown(app):
+    return ([n.value for n in app.bar_names], [b.value for b in app.bars],
+            [v.value for v in app.bar_values], app.message.value)
+
+
+def test_switching_the_model_refreshes_every_shown_result(app):
+    app.random_button.click()
+    image = app.current["image"]
+    assert app.model.value == "able" and app.adjust.disabled  # able has no logit prior
+    assert "not available for <b>able</b>" in app.adjust_note.value
+    before = _shown(app)
     app.model.value = "able+records"
-    assert app.top5[0][1] == pytest.approx(float(expected.max()), abs=1e-6)
+    probs = predictions.predict_proba(app.models["able+records"], image[None])[0]
+    order = np.argsort(-probs)[:5]
+    names, values, texts, message = _shown(app)
+    assert names == [app.classes[c] for c in order]
+    assert values == pytest.approx(probs[order].tolist(), abs=1e-6)
+    assert texts == [f"{p:.1%}" for p in probs[order]]
+    assert "able+records predicts" in message and names[0] in message
+    assert (names, values) != before[:2]  # the two models differ on this image
+    assert not app.adjust.disabled and "log class prior" in app.adjust_note.value
+    app.adjust.value = True  # the adjustment, too, recomputes what is shown
+    adjusted = predictions.predict_proba(app.models["able+records"], image[None], adjust=True)[0]
+    assert [b.value for b in app.bars] == pytest.approx(np.sort(adjusted)[::-1][:5], abs=1e-6)
+    assert "with test-time adjustment" in app.message.value
+    app.model.value = "able"  # a model without a prior: adjustment off, and the note says why
+    assert app.adjust.disabled and not app.adjusted
+    assert "able predicts" in app.message.value
+
+
+def test_ticks_are_cleared_for_each_new_image(app):
+    app.random_button.click()
+    app.checks[2].value = app.checks[7].value = True
+    app.random_button.click()
+    assert not any(box.value for box in app.checks)
+    app.checks[1].value = True
+    _upload(app, _png())
+    assert not any(box.value for box in app.checks)
+
+
+def test_a_rejected_upload_after_a_good_image_clears_it_and_disables_saving(app, tmp_path):
+    _upload(app, _png())
+    app.checks[4].value = True
+    assert app.current and not app.save_button.disabled
+    _upload(app, b"not an image", "notes.txt")
+    assert app.current is None and app.save_button.disabled
+    assert app.preview.value == b"" and app.top5 == []
+    assert [b.value for b in app.bars] == [0] * 5 and not any(c.value for c in app.checks)
+    assert "Upload rejected" in app.message.value
+    app._on_save()  # even called directly, nothing is saved for the rejected upload
+    assert "show an image first" in app.message.value
+    assert not (tmp_path / "feedback.jsonl").exists()
+
+
+def test_a_non_square_upload_is_centre_cropped_not_squashed(app):
+    wide = np.zeros((32, 96, 3), np.uint8)
+    wide[:, :32] = (250, 0, 0)
+    wide[:, 32:64] = (0, 250, 0)  # the centred square
+    wide[:, 64:] = (0, 0, 250)
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, format="PNG")
+    _upload(app, buf.getvalue(), "wide.png")
+    image = app.current["image"]
+    assert image.shape == (32, 32, 3)
+    assert (image[:, 2:-2] == (0, 250, 0)).all()  # squashing would show red and blue bands
+    tall = demo.read_image(_png((40, 200), colour=(10, 20, 30)))
+    assert tall.shape == (32, 32, 3) and (tall == (10, 20, 30)).all()
+
+
+def test_an_rgba_upload_is_composited_on_white(app):
+    rgba = np.zeros((32, 64, 4), np.uint8)
+    rgba[:, :, 0] = 200  # red where opaque
+    rgba[:, :32, 3] = 0  # left half transparent (its colour must not show)
+    rgba[:, 32:, 3] = 255
+    rgba[:, 16:48, 3] = 128  # the middle half-transparent
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
+    _upload(app, buf.getvalue(), "logo.png")
+    image = app.current["image"]  # centre crop: columns 16..48, half-transparent red
+    assert image.shape == (32, 32, 3)
+    assert tuple(image[16, 16]) == pytest.approx((228, 127, 127), abs=2)  # 50 % red on white
+    transparent = demo.read_image(_rgba_png(alpha=0))
+    assert (transparent == 255).all()  # fully transparent: white, not black
+    palette = Image.new("P", (32, 32), 0)
+    palette.putpalette([0, 0, 0] + [0] * 765)
+    buf = io.BytesIO()
+    palette.save(buf, format="PNG", transparency=0)  # a transparent palette colour
+    assert (demo.read_image(buf.getvalue()) == 255).all()
+
+
+def _rgba_png(alpha):
+    buf = io.BytesIO()
+    Image.new("RGBA", (50, 50), (0, 0, 0, alpha)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _bomb(side=8_000):
@@ -82,7 +176,7 @@ def test_rejected_uploads_show_a_message_and_the_app_survives(app, blob, limits,
     _upload(app, blob, "evil.png")  # must not raise
     assert "Upload rejected" in app.message.value and pattern in app.message.value
     assert "#b00020" in app.message.value  # shown in red
-    assert app.current is before  # the previous image stays
+    assert before is not None and app.current is None  # the previous image is gone
     _upload(app, _png())  # and the app still works
     assert app.current["source"] == "upload: photo.png"
 
@@ -112,11 +206,22 @@ def test_feedback_is_appended_as_candidate_sets(app, cifar, tmp_path):
     assert lines[0]["candidate_ids"] == [3, 5] and lines[0]["sha256"] == first["sha256"]
     assert lines[0]["true_label"] == first["true_label"] and len(lines[0]["top5"]) == 5
     assert lines[1]["source"] == "upload: sky.png" and lines[1]["model"] == "able"
+    assert lines[0]["adjusted"] is False
     assert not any(box.value for box in app.checks)  # cleared after saving
     fb = demo.load_feedback(tmp_path)
     assert fb["candidates"].tolist()[0] == [c in (3, 5) for c in range(10)]
     assert np.array_equal(fb["images"][0], first["image"])
     assert tuple(fb["images"][1][0, 0]) == (10, 90, 200)
+
+
+def test_the_feedback_record_says_whether_the_adjustment_was_on(app, tmp_path):
+    app.model.value = "able+records"
+    app.adjust.value = True
+    app.random_button.click()
+    app.checks[1].value = True
+    app.save_button.click()
+    entry = json.loads((tmp_path / "feedback.jsonl").read_text())
+    assert entry["adjusted"] is True and entry["model"] == "able+records"
 
 
 # -- issue 17: 16-bit greyscale is scaled; only the listed raster formats are opened ---------

@@ -173,6 +173,24 @@ def test_only_results_of_the_current_parameters_are_used(tmp_path):
     assert list(prov["fig-grid-able.png"]["parameters"]["training"]) == ["able"]
 
 
+def test_a_model_trained_on_synthetic_images_does_not_hide_the_others(tmp_path):
+    """rable's metrics record its top-up (GENERATOR, GEN_LABELS, synthetic): that must not
+    make the run's other methods look stale, and a remade top-up makes rable stale."""
+    settings = {"generator": "pixel", "cond_labels": "pseudo", "TARGET_PER_CLASS": 16}
+    (tmp_path / "synthetic").mkdir()
+    (tmp_path / "synthetic" / "settings.json").write_text(json.dumps(settings))
+    _plant(tmp_path, "able", ["able", "rable"])
+    _plant(tmp_path, "rable", ["able", "rable"])
+    path = tmp_path / "metrics-rable.json"
+    m = json.loads(path.read_text())
+    m["params"].update(GENERATOR="pixel", GEN_LABELS="pseudo", synthetic=settings)
+    path.write_text(json.dumps(m))
+    assert sorted(evaluation.current_metrics(tmp_path)) == ["able", "rable"]
+    assert sorted(predictions.find_models(tmp_path)) == ["able", "rable"]
+    (tmp_path / "synthetic" / "settings.json").write_text(json.dumps(dict(settings, generator="copy")))
+    assert sorted(evaluation.current_metrics(tmp_path)) == ["able"]  # notebook 03 remade it
+
+
 def test_a_new_dataset_makes_every_model_stale(tmp_path):
     _plant(tmp_path, "able", ["able"], dataset_params={"IMBALANCE_FACTOR": 0.1})
     (tmp_path / "dataset.json").write_text(json.dumps({"IMBALANCE_FACTOR": 0.1}))

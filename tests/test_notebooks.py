@@ -30,8 +30,12 @@ def test_committed_without_outputs_and_literal_parameters_first(path):
     assert {"PROFILE", "RUN_DIR"} <= set(runner.parameter_cell(path))
 
 
-def test_00_cost_analysis_smoke(run_notebooks, tmp_path):
+def test_00_cost_analysis_smoke(run_notebooks, tmp_path, capfd):
     out = run_notebooks("00", tmp_path)
+    # the kernel's own log lines go to kernel.log, and its transport is encrypted: no
+    # "Kernel is running over TCP without encryption" warning reaches the terminal
+    assert "without encryption" not in capfd.readouterr().err
+    assert "without encryption" not in (out / runner.KERNEL_LOG).read_text()
     assert (out / "fig-cost.png").stat().st_size > 10_000
     nb = nbformat.read(out / "00_cost_analysis.ipynb", as_version=4)
     html = "".join(o.get("data", {}).get("text/html", "") for c in nb.cells if c.cell_type == "code"
@@ -59,3 +63,17 @@ def test_01_instance_partial_labels_smoke(run_notebooks, tmp_path):
     assert 0 <= meta["clean_classifier"]["test_accuracy"] <= 1
     # expectation <= 1 + r·C = 5; 740 Bernoulli draws per label leave ~0.1 of noise
     assert 1 < meta["mean_candidates"] <= 5.3
+
+
+def test_documentation_is_self_contained():
+    """README, docs/, docstrings and notebooks never send a reader to a document outside the
+    repository (the team's internal design notes), and the docs the README links exist."""
+    root = runner.config.PROJECT_ROOT
+    files = [root / "README.md", *root.glob("docs/*.md"), *root.glob("rable_nb/**/*.py"),
+             *NOTEBOOKS, *root.glob("examples/*.yaml")]
+    offenders = [f.relative_to(root).as_posix() for f in files
+                 if "DESIGN" in f.read_text() or "§" in f.read_text()]
+    assert not offenders
+    readme = (root / "README.md").read_text()
+    for doc in ("docs/architecture.md", "docs/algorithms.md", "docs/protocols.md"):
+        assert f"]({doc})" in readme and (root / doc).is_file()

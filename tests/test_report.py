@@ -47,7 +47,7 @@ def test_rendered_grid_has_grey_wrong_cells_and_coloured_correct_cells():
     preds[wrong] = (truth[wrong] + 1) % 10
     fig = predictions.grid_figure(images, preds, truth, CLASSES, "able", captions=True)
     ax = fig.axes[0]
-    assert ax.get_title() == "able: 97 correct of 100"
+    assert ax.get_title().startswith("able: 97 correct of 100\n(95 % CI 92%–99%")
     origins = predictions.mosaic(images, caption=predictions.CAPTION_PX)[1]
     buf = _rendered(fig)
     for i, (x, y) in enumerate(origins):
@@ -58,7 +58,26 @@ def test_rendered_grid_has_grey_wrong_cells_and_coloured_correct_cells():
             assert max(r, g, b) - min(r, g, b) > 100, f"correct cell {i} lost its colour"
     assert len(ax.texts) == 100
     assert ax.texts[3].get_color() == "tab:red" and ax.texts[4].get_color() == "tab:green"
-    assert ax.texts[3].get_text() == CLASSES[preds[3]][:8]
+    assert ax.texts[3].get_text() == CLASSES[preds[3]]  # the full class name
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(CLASSES)  # one row per true class
+
+
+@pytest.mark.parametrize("per_class", [1, 4, 13])
+def test_grid_has_one_row_per_true_class_for_any_grid_per_class(per_class):
+    truth = np.repeat(np.arange(10), per_class)
+    images = _solid_images(len(truth))
+    preds = (truth + (np.arange(len(truth)) % 2)) % 10  # every second image wrong
+    fig = predictions.grid_figure(images, preds, truth, CLASSES, "able")
+    ax = fig.axes[0]
+    origins = predictions.draw_grid(ax, images, preds, truth, CLASSES, "able")
+    rows = {int(y) for _, y in origins}
+    assert len(rows) == 10  # a row per class, whatever GRID_PER_CLASS is
+    for c in range(10):  # each class's images share one row, at its label's height
+        ys = {int(y) for (_, y), t in zip(origins, truth) if t == c}
+        assert len(ys) == 1
+        top = ys.pop()
+        assert top < ax.get_yticks()[c] < top + 32
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(CLASSES)
 
 
 def test_side_by_side_titles_count_correct_predictions():
@@ -69,7 +88,8 @@ def test_side_by_side_titles_count_correct_predictions():
     fig = predictions.side_by_side(images, truth, {"able": truth, "rable": other}, CLASSES,
                                    captions=False)
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles == ["able: 100 correct of 100", "rable: 75 correct of 100"]
+    assert [t.split("\n")[0] for t in titles] == ["able: 100 correct of 100",
+                                                  "rable: 75 correct of 100"]
     table = predictions.error_table(truth, {"able": truth, "rable": other}, CLASSES)
     assert table["able wrong"].sum() == 0 and table["rable wrong"].sum() == 25
     assert table.loc["airplane", "rable mistaken for"] == "cat ×10"

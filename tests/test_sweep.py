@@ -99,9 +99,39 @@ def test_results_rows_read_metrics_and_the_figure_uses_the_hardest_point(tmp_pat
     assert "IMBALANCE_FACTOR=0.01, ambiguity=2.7" in bars.get_title()
     few = [p.get_height() for p in bars.containers[2]]
     assert few == pytest.approx([0.5 - 0.3, 0.7 - 0.3])  # point 3: the hardest
-    assert len(fig.axes[0].lines) == 4  # 2 methods × 2 values of Q
+    assert len(fig.axes[0].containers) == 4  # 2 methods × 2 values of Q
+    assert all(ax.get_ylim() == (0, 1) for ax in fig.axes)  # no zoom into noise
+    assert all(any(line.get_ydata()[0] == 0.1 for line in ax.lines) for ax in fig.axes)  # chance
     with pytest.raises(ValueError, match="No finished point"):
         sweep.sweep_figure(res.iloc[4:])
+
+
+def _results(points, accuracy):
+    """results.csv rows of finished points (parameters + able/last, groups, ambiguity)."""
+    rows = []
+    for point in points:
+        acc = accuracy(point)
+        rows.append({**point, "status": "done", "error": "", "seconds": 1.0, "run_dir": "x",
+                     "ambiguity": 9 * point.get("Q", 0.3), "able/last": acc,
+                     "able/best": acc, "able/many": acc, "able/medium": acc, "able/few": acc})
+    return pd.DataFrame(rows)
+
+
+def test_sweep_figure_averages_seeds_and_leaves_out_a_panel_with_one_value():
+    points = [{"IMBALANCE_FACTOR": f, "Q": 0.3, "SEED": s} for f in (0.1, 0.01) for s in (0, 1, 2)]
+    res = _results(points, lambda p: 0.5 + 0.01 * p["SEED"] - (p["IMBALANCE_FACTOR"] < 0.1) / 10)
+    fig = sweep.sweep_figure(res)
+    assert len(fig.axes) == 2  # imbalance + groups; ambiguity has one level (one Q)
+    note = " ".join(t.get_text() for t in fig.texts)
+    assert "accuracy vs ambiguity left out" in note and "mean ± s.d. over 3 seeds" in note
+    (curve,) = fig.axes[0].containers  # one line for able, seeds averaged into one point each
+    x, y = curve.lines[0].get_data()
+    assert list(x) == [10, 100] and list(y) == pytest.approx([0.51, 0.41])
+    assert curve.has_yerr  # ± s.d. over the seeds
+    one_f = _results([{"IMBALANCE_FACTOR": 0.01, "Q": q} for q in (0.1, 0.3)], lambda p: 0.4)
+    fig = sweep.sweep_figure(one_f)
+    assert [ax.get_title() for ax in fig.axes][0] == "accuracy vs ambiguity"
+    assert "accuracy vs imbalance left out" in " ".join(t.get_text() for t in fig.texts)
 
 
 def test_notebook_08_reads_a_given_sweep_and_tolerates_a_missing_default(tmp_path, monkeypatch):
@@ -125,3 +155,9 @@ def test_shipped_example_grids_are_valid(name):
         pytest.skip("notebook 04 is not in this checkout")
     spec = sweep.load_grid(sweep.config.PROJECT_ROOT / "examples" / name)
     assert len(sweep.points(spec)) >= 2
+
+
+def test_the_paper_grid_compares_rable_with_able():
+    spec = sweep.load_grid(sweep.config.PROJECT_ROOT / "examples" / "sweep-paper.yaml")
+    assert {"able", "rable"} <= set(spec["fixed"]["METHODS"])
+    assert "03" in spec["notebooks"]  # rable needs the top-up of notebook 03 in every point

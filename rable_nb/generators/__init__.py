@@ -2,7 +2,8 @@
 
 ``GENERATOR`` picks one by name (``GENERATORS``); every backend implements
 ``base.Generator`` (``fit``, ``generate``/``sample``), and the one top-up writer of
-``topup`` (slot seeds, crash-safe manifest, resume) serves them all:
+``topup`` (slot seeds, crash-safe manifest, resume) serves them all (the algorithms:
+docs/algorithms.md; adding a backend: docs/architecture.md):
 
 - ``sd``: the report's BLIP-2-caption + Stable Diffusion path (needs real weights a user
   brings; ``tiny`` = an offline random pipeline for tests);

@@ -212,25 +212,53 @@ def describe(settings: dict) -> str:
 
 
 # --- figures ---------------------------------------------------------------------------
-def rebalanced_figure(real_counts, synth_counts, classes, title: str = ""):
-    """The report's Figure 5.1: real vs synthetic images per class, before and after."""
+def rebalanced_figure(real_counts, synth_counts, classes, title: str = "",
+                      target: int | None = None, cond_labels: str = "pseudo"):
+    """The report's Figure 5.1: images per class before and after the top-up.
+
+    Before: real images per conditioning label (``cond_labels``: pseudo-labels, or the
+    hidden truth for 'oracle'). After: real (blue) + synthetic (orange) images per class,
+    each bar labelled with its total and, in orange, the synthetic count. ``target``
+    (default n_max) is drawn as a dashed line and named in the panel title: classes below it
+    reach it exactly, classes above it keep all their real images, so the "after" panel is
+    flat only up to the target. A log axis is used when the largest class exceeds 5× the
+    target (small classes stay visible). ``title``: the run's top-up (generator, labels).
+    """
     import matplotlib.pyplot as plt
 
     real, synth = np.asarray(real_counts), np.asarray(synth_counts)
+    target = captioning.target_count(real, target)
+    total = real + synth
     x = np.arange(len(classes))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
-    panels = (("before: long-tailed", 0 * synth), ("after: rebalanced", synth))
+    log = total.max() > 5 * target
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True, layout="constrained")
+    which = "true class (ORACLE)" if cond_labels == "oracle" else f"{cond_labels} label"
+    panels = ((f"before: real images per {which}", np.zeros_like(synth)),
+              (f"after: every class below {target} topped up to {target}", synth))
     for ax, (name, add) in zip(axes, panels):
-        ax.bar(x, real, color="tab:blue", label="real")
-        ax.bar(x, add, bottom=real, color="tab:orange", label="synthetic")
+        ax.bar(x, real, color="tab:blue", label=f"real ({int(real.sum()):,})")
+        if add.any():
+            ax.bar(x, add, bottom=real, color="tab:orange",
+                   label=f"synthetic ({int(add.sum()):,})")
+        for i in x:
+            n = real[i] + add[i]
+            ax.annotate(f"{int(n)}", (i, max(n, 0.8)), xytext=(0, 2), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=7)
+            if add[i]:
+                ax.annotate(f"+{int(add[i])}", (i, n), xytext=(0, 11), textcoords="offset points",
+                            ha="center", va="bottom", fontsize=7, color="#b35900")
+        ax.axhline(target, color="0.25", ls="--", lw=1, label=f"target {target} per class")
         ax.set_xticks(x, classes, rotation=45, ha="right")
-        ax.set(title=name, ylabel="training images")
-        for i, n in enumerate(real + add):
-            ax.text(i, n, str(int(n)), ha="center", va="bottom", fontsize=7)
-    axes[1].legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+        ax.set_title(name, fontsize=10)
+    if log:
+        axes[0].set_yscale("log")
+        axes[0].set_ylim(0.7, total.max() * 6)  # headroom for the two labels above a bar
+    else:
+        axes[0].set_ylim(0, total.max() * 1.25)
+    axes[0].set_ylabel("training images" + (" (log scale)" if log else ""))
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncol=3,
+               fontsize=8, frameon=False)
+    fig.suptitle("Rebalanced training set" + (f" — {title}" if title else ""))
     return fig
 
 

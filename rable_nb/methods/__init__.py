@@ -2,7 +2,8 @@
 
 A method name is a base followed by modifiers in a fixed order, joined by ``+``:
 ``corr+records+mixup``, ``able+records``, ``solar+la+mixup``, ``proden+la``. :func:`names`
-lists every valid name; :func:`check` explains why a name is not.
+lists every valid name; :func:`check` explains why a name is not. The equations and
+references of every method are in docs/algorithms.md; how to add one in docs/architecture.md.
 
 Bases (one file each): ``able`` (contrastive PLL), ``rable`` (ABLE on long tail +
 synthetic images), ``rable-feature`` (the classifier head of a frozen backbone fine-tuned on
