@@ -27,6 +27,8 @@ def test_committed_without_outputs_and_literal_parameters_first(path):
     for node in ast.parse(first.source).body:
         assert isinstance(node, ast.Assign), f"{path.name}: parameters cell holds only assignments"
         ast.literal_eval(node.value)  # raises for anything but a literal
+    unparsable = [line for line in first.source.splitlines() if line.count("=") > 1]
+    assert not unparsable, f"{path.name}: papermill cannot parse (a second '='): {unparsable}"
     assert {"PROFILE", "RUN_DIR"} <= set(runner.parameter_cell(path))
 
 
