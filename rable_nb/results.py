@@ -4,12 +4,15 @@ committed metrics files of protocol runs.
 Every ``<root>/**/metrics-<method>.json`` (written by notebook 04; committed as
 ``results/<protocol>/<run>/``) enters the README:
 
-- one table per protocol (the first folder under the root): rows = method, columns = the
+- one table per protocol (the first folder under the root: ``L``, ``R``; any other folder,
+  e.g. ``quick-cpu`` for CPU runs of the quick profile, is titled by its name): rows =
+  method (for a top-up, with its size, generator and conditioning labels), columns = the
   data setting (ρ = 1 / IMBALANCE_FACTOR with q for uniform candidate sets, or rate r for
   instance-dependent ones), cells = last-epoch test accuracy, each linking its file;
 - a detail table: last, best (the maximum over epochs of the test accuracy — the test set
   picks the epoch, so it is optimistic), many / medium / few, the test-time-adjusted last
-  accuracy where the method has one, and per run the device, epochs, wall time and commit.
+  accuracy where the method has one, and per run the profile, network, device, epochs, wall
+  time and commit.
 """
 from __future__ import annotations
 
@@ -70,6 +73,21 @@ def setting(m: dict) -> str:
     return f"{rho}, q={ds.get('Q')}"
 
 
+def method_label(m: dict) -> str:
+    """The method, with its top-up when it trains on synthetic data: 'rable + 4464 copy
+    (pseudo)'."""
+    added = m.get("n_synthetic") or 0
+    if not added:
+        return m["method"]
+    p = m["params"]
+    return f"{m['method']} + {added} {p.get('GENERATOR', '?')} ({p.get('GEN_LABELS', '?')})"
+
+
+def heading(group: str) -> str:
+    """Section title of a results folder: 'Protocol L' for L and R, else the folder's name."""
+    return f"Protocol {group}" if group in ("L", "R") else group
+
+
 def _pct(value) -> str:
     return f"{100 * value:.2f}" if isinstance(value, (int, float)) else "–"
 
@@ -111,13 +129,13 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def protocol_table(entries: list[dict]) -> str:
     """Method × setting, cells = last-epoch accuracy linking the metrics file(s)."""
     columns = sorted({setting(m) for m in entries}, key=_sort_key)
-    methods = sorted({m["method"] for m in entries})
+    methods = sorted({method_label(m) for m in entries})
     rows = []
     for method in methods:
         row = [method]
         for col in columns:
             cell = [_link(_pct(m["accuracy"]["last"]), m) for m in entries
-                    if m["method"] == method and setting(m) == col]
+                    if method_label(m) == method and setting(m) == col]
             row.append(" · ".join(cell) or "–")
         rows.append(row)
     return _table(["method"] + columns, rows)
@@ -126,16 +144,17 @@ def protocol_table(entries: list[dict]) -> str:
 def detail_table(entries: list[dict]) -> str:
     """One row per run and method: accuracies, device, epochs, wall time, commit, file."""
     rows = []
-    for m in sorted(entries, key=lambda m: (_sort_key(setting(m)), m["method"], m["file"])):
+    for m in sorted(entries, key=lambda m: (_sort_key(setting(m)), method_label(m), m["file"])):
         acc, adjusted = m["accuracy"], m.get("accuracy_adjusted", {})
-        rows.append([setting(m), m["method"], _pct(acc["last"]), _pct(acc["best"]),
+        rows.append([setting(m), method_label(m), _pct(acc["last"]), _pct(acc["best"]),
                      _pct(acc["many"]), _pct(acc["medium"]), _pct(acc["few"]),
-                     _pct(adjusted.get("last")), _epochs(m), str(m["device"]),
-                     _duration(m["wall_s"]), f"`{_commit(m)}`", m["protocol"],
+                     _pct(adjusted.get("last")), str(m["params"].get("PROFILE", "?")),
+                     str(m["params"].get("train", {}).get("arch", "?")), _epochs(m),
+                     str(m["device"]), _duration(m["wall_s"]), f"`{_commit(m)}`", m["protocol"],
                      _link(Path(m["file"]).parent.name or m["file"], m)])
     return _table(["setting", "method", "last", "best (max over epochs, test set)", "many",
-                   "medium", "few", "adjusted last", "epochs", "device", "wall time", "commit",
-                   "protocol check", "run"], rows)
+                   "medium", "few", "adjusted last", "profile", "network", "epochs", "device",
+                   "wall time", "commit", "protocol check", "run"], rows)
 
 
 def render(entries: list[dict]) -> str:
@@ -145,7 +164,7 @@ def render(entries: list[dict]) -> str:
     parts = [HEADER, LEGEND]
     for group in sorted({m["group"] for m in entries}):
         members = [m for m in entries if m["group"] == group]
-        parts += [f"\n## Protocol {group}\n\nLast-epoch test accuracy (%):\n\n",
+        parts += [f"\n## {heading(group)}\n\nLast-epoch test accuracy (%):\n\n",
                   protocol_table(members), "\nDetails (protocol check: the settings notebook "
                   "04 recognised, `custom` when they differ from the protocol's):\n\n",
                   detail_table(members)]

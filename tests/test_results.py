@@ -12,7 +12,7 @@ def _plant(root, path, method, last, *, factor=0.01, partial="uniform", q=0.3, r
                per_class=[last] * 10)
     m = dict(method=method, protocol="L", accuracy=acc, device="cuda: NVIDIA H100",
              wall_s=1234.0, images_per_s=9000.0, commit="0123456789abcdef", epochs_done=done,
-             params=dict(train=dict(epochs=epochs), dataset=dict(
+             params=dict(PROFILE="paper", train=dict(epochs=epochs, arch="resnet18"), dataset=dict(
                  IMBALANCE_FACTOR=factor, PARTIAL=partial, Q=q, RATE=rate)))
     if adjusted is not None:
         m["accuracy_adjusted"] = dict(acc, last=adjusted)
@@ -40,7 +40,8 @@ def test_tables_per_protocol_with_linked_cells_and_a_detail_table(tmp_path, caps
             in l_part)
     # detail: last, best, many/medium/few, adjusted, epochs, device, wall time, commit
     assert ("| ρ=100, q=0.3 | able+records | 60.12 | 62.12 | 90.00 | 60.12 | 30.12 | 66.58 "
-            "| 800 | cuda: NVIDIA H100 | 20.6 min | `0123456789` | L |") in l_part
+            "| paper | resnet18 | 800 | cuda: NVIDIA H100 | 20.6 min | `0123456789` | L |"
+            ) in l_part
     assert "| 200 of 800 |" in l_part  # a run stopped early says so
     assert "| ρ=100, r=0.4 |" in r_part and "[66.58](R/report/metrics-rable.json)" in r_part
     assert "maximum over epochs of the test accuracy" in text
@@ -76,3 +77,16 @@ def test_the_committed_results_readme_is_up_to_date():
 ])
 def test_setting_labels(ds, label):
     assert results.setting({"params": {"dataset": ds}}) == label
+
+
+def test_cpu_runs_get_their_own_section_and_top_ups_their_generator(tmp_path):
+    _plant(tmp_path, "quick-cpu/methods", "able", 0.27)
+    _plant(tmp_path, "quick-cpu/copy-1000", "rable", 0.31)
+    m = json.loads((tmp_path / "quick-cpu/copy-1000/metrics-rable.json").read_text())
+    m["n_synthetic"] = 4464
+    m["params"].update(GENERATOR="copy", GEN_LABELS="pseudo")
+    (tmp_path / "quick-cpu/copy-1000/metrics-rable.json").write_text(json.dumps(m))
+    text = results.render(results.load(tmp_path))
+    assert "## quick-cpu" in text and "## Protocol" not in text
+    cell = "[31.00](quick-cpu/copy-1000/metrics-rable.json)"
+    assert f"| rable + 4464 copy (pseudo) | {cell} |" in text
