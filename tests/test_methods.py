@@ -232,6 +232,22 @@ def test_sinkhorn_marginals_and_zeros():
     assert torch.allclose(scaled, short, atol=1e-5)           # row scaling does not matter
 
 
+
+@pytest.mark.filterwarnings("ignore:Sinkhorn did not converge")  # 50 iterations on purpose
+def test_sinkhorn_agrees_with_pot():
+    """The short loop is POT's entropic plan (M = −log cost, reg = 1/λ), scaled by N."""
+    ot = pytest.importorskip("ot")
+    g = torch.Generator().manual_seed(1)
+    n = 300
+    probs = torch.softmax(torch.randn(n, C, generator=g), 1).double()
+    mask = torch.rand(n, C, generator=g) < 0.7
+    mask[torch.arange(n), torch.randint(0, C, (n,), generator=g)] = True
+    cost = probs * mask
+    prior = torch.tensor([0.35, 0.25, 0.2, 0.12, 0.08], dtype=torch.float64)
+    plan = ot.sinkhorn(torch.full((n,), 1.0 / n, dtype=torch.float64), prior,
+                       -torch.log(cost.clamp_min(1e-30)), reg=1 / 3, numItermax=50, stopThr=0)
+    assert torch.allclose(solar.sinkhorn(cost, prior).double(), n * plan, atol=2e-3)
+
 def test_small_loss_selection_matches_a_loop():
     g = torch.Generator().manual_seed(3)
     losses = torch.rand(30, generator=g).round(decimals=1)   # ties on purpose
