@@ -45,8 +45,8 @@ iterations: this function 11–25 ms per call; ``ot.sinkhorn(a, b, M = −log co
 reg = 1/3, numItermax=50, stopThr=0)`` 23–48 ms (numpy float64), 25–59 ms (torch
 float32), 1.0–2.0 s (``method='sinkhorn_log'``); this function was the faster in every
 run and its pseudo-labels agree with POT's to 2e−3 (tested; POT is pinned for that test
-and for measuring). POT would also
-check convergence on the host (a synchronisation per call on a GPU).
+and for measuring). POT would also check convergence on the host (a synchronisation per
+call on a GPU).
 """
 from __future__ import annotations
 
