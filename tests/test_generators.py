@@ -20,7 +20,9 @@ TARGET, PLANNED = 8, {1: 2, 2: 5}
 # smoke settings made smaller still: a 2-level 8/16-channel UNet trained for 4 steps
 FAST = dict(SEED=0, DEVICE="cpu", TARGET_PER_CLASS=TARGET, SD_SIZE=32, SD_STEPS=2,
             SD_BATCH=3, SD_MODEL_ID="tiny", PIXEL_CHANNELS=[8, 16], PIXEL_STEPS=4, PIXEL_BATCH=8,
-            PIXEL_CHECKPOINT_EVERY=2, PIXEL_SAMPLE_STEPS=2, PIXEL_SAMPLE_BATCH=3)
+            PIXEL_CHECKPOINT_EVERY=2, PIXEL_SAMPLE_STEPS=2, PIXEL_SAMPLE_BATCH=3,
+            GAN_CHANNELS=[4, 8], GAN_LATENT=4, GAN_AE_STEPS=3, GAN_STEPS=3, GAN_BATCH=6,
+            GAN_CHECKPOINT_EVERY=2)
 
 
 class Stop(Exception):
@@ -82,10 +84,10 @@ def test_topup_plan_and_slots_are_deterministic():
     with pytest.raises(ValueError, match="no caption"):
         sd.slot_prompt("{caption}", [], "frog", 0)
     with pytest.raises(ValueError, match="GENERATOR"):
-        generators.get("gan")
+        generators.get("vae")
 
 
-@pytest.mark.parametrize("name", ["copy", "pixel", "sd"])
+@pytest.mark.parametrize("name", ["copy", "pixel", "gan", "sd"])
 def test_every_backend_tops_up_exactly_and_resumes_without_duplicates(tmp_path, name):
     run = tmp_path / "run"
     with pytest.raises(Stop):  # batches of 3: cat 0, dog [0, 1], frog [0, 1, 2] [3, 4]
@@ -153,10 +155,12 @@ def test_unknown_sd_model_id_gives_one_clear_error(tmp_path):
 
 def test_validate_rejects_bad_parameters():
     for name, bad in [("SD_SCHEDULER", "fastest"), ("SD_FILTER", "blur"), ("SD_SIZE", 30),
-                      ("SD_PROMPT_TEMPLATE", "{nope}"), ("GENERATOR", "gan"),
+                      ("SD_PROMPT_TEMPLATE", "{nope}"), ("GENERATOR", "vae"),
                       ("GEN_LABELS", "true"), ("WARMUP_EPOCHS", 0), ("PIXEL_SAMPLER", "dpm++"),
                       ("PIXEL_CHANNELS", [8]), ("PIXEL_CHANNELS", [16, 30]),
-                      ("PIXEL_BALANCE", 2), ("SYNTH_FILTER", "yes"), ("AUDIT_PER_CLASS", -1)]:
+                      ("PIXEL_BALANCE", 2), ("SYNTH_FILTER", "yes"), ("AUDIT_PER_CLASS", -1),
+                      ("GAN_CHANNELS", []), ("GAN_AE", "vae"), ("GAN_BATCH", 1),
+                      ("GAN_STEPS", -1), ("GAN_GP", True), ("COMPARE_RUNS", "runs/x")]:
         with pytest.raises(ValueError, match=name):
             generators.validate({name: bad})
     with pytest.raises(ValueError, match="PIXEL_ATTENTION"):

@@ -7,27 +7,35 @@
 - ``sd``: the report's BLIP-2-caption + Stable Diffusion path (needs real weights a user
   brings; ``tiny`` = an offline random pipeline for tests);
 - ``pixel``: a class-conditional flow-matching UNet trained from scratch on the long tail;
+- ``gan``: seed 002's GAN rebalancing, a BAGAN-style class-conditional GAN with a gradient
+  penalty (autoencoder first, class Gaussians in its code space), trained from scratch;
 - ``copy``: the control — random oversampling of the real images at the same counts.
 
 Profile defaults: ``smoke`` uses ``pixel`` (a tiny UNet, seconds on a CPU), ``quick`` uses
-``copy`` (a CPU cannot sample 37,594 images of a UNet in the quick budget; ``pixel`` there is
-opt-in), ``paper`` uses ``sd``, the report's generator (pass ``-p GENERATOR pixel`` where no
-Stable Diffusion weights exist). Conditioning labels come from ``rable_nb.conditioning``.
+``copy`` (a CPU cannot sample 37,594 images of a UNet in the quick budget; ``pixel`` and
+``gan`` there are opt-in), ``paper`` uses ``sd``, the report's generator (pass ``-p GENERATOR
+pixel`` or ``gan`` where no Stable Diffusion weights exist). The trainable backends share
+``fitting`` (resumable step loop, checkpoints, any image shape). Conditioning labels come from
+``rable_nb.conditioning``.
 """
 from __future__ import annotations
 
 from .. import captioning, config
 from ..networks import BACKBONES
-from . import copy, pixel, sd
+from . import copy, gan, pixel, sd
 from .base import Generator, slot_seed
-from .topup import (REPORT_TOPUP, describe, load_synthetic, manifest_rows, pending,
-                    read_settings, rebalanced_figure, side_by_side, synthetic_counts, top_up,
-                    topup_plan)
+from .fitting import loss_figure
+from .topup import (REPORT_TOPUP, describe, load_synthetic, manifest_rows, other_samples,
+                    pending, read_settings, rebalanced_figure, side_by_side, synthetic_counts,
+                    top_up, topup_plan)
 
-GENERATORS: dict[str, type[Generator]] = {"sd": sd.SD, "pixel": pixel.Pixel, "copy": copy.Copy}
+GENERATORS: dict[str, type[Generator]] = {"sd": sd.SD, "pixel": pixel.Pixel, "gan": gan.Gan,
+                                          "copy": copy.Copy}
 
 # AUDIT_PER_CLASS: synthetic (and reference test) images audited per class, 0 = all.
-_COMMON = dict(GEN_LABELS="pseudo", SYNTH_FILTER=False, SYNTH_FILTER_ATTEMPTS=10)
+# COMPARE_RUNS: other run directories whose synthetic samples notebook 03 shows beside these.
+_COMMON = dict(GEN_LABELS="pseudo", SYNTH_FILTER=False, SYNTH_FILTER_ATTEMPTS=10,
+               COMPARE_RUNS=[])
 PROFILE_DEFAULTS: dict[str, dict] = {
     "smoke": dict(_COMMON, GENERATOR="pixel", WARMUP_ARCH="tiny_cnn", WARMUP_EPOCHS=2,
                   WARMUP_BATCH=64, WARMUP_LR=0.01, PIXEL_SAMPLE_BATCH=16, AUDIT_PER_CLASS=0,
@@ -38,7 +46,8 @@ PROFILE_DEFAULTS: dict[str, dict] = {
                   WARMUP_BATCH=256, WARMUP_LR=0.01, PIXEL_SAMPLE_BATCH=2048, AUDIT_PER_CLASS=0),
 }
 for _name, _defaults in PROFILE_DEFAULTS.items():
-    _defaults.update({**sd.PROFILE_DEFAULTS[_name], **pixel.PROFILE_DEFAULTS[_name]})
+    _defaults.update({**sd.PROFILE_DEFAULTS[_name], **pixel.PROFILE_DEFAULTS[_name],
+                      **gan.PROFILE_DEFAULTS[_name]})
 
 
 def get(name: str) -> Generator:
@@ -60,9 +69,12 @@ def validate(params: dict) -> None:
         "AUDIT_PER_CLASS": config.integer(0),
         "WARMUP_ARCH": config.one_of(sorted(BACKBONES)), "WARMUP_BATCH": config.integer(1),
         "WARMUP_LR": config.number(0, low_open=True),
+        "COMPARE_RUNS": (lambda v: isinstance(v, list) and all(config.PATH[0](x) for x in v),
+                         "a list of run directories (paths), e.g. ['runs/smoke-copy']"),
     })
     sd.validate(params)
     pixel.validate(params)
+    gan.validate(params)
 
 
 def topup_settings(generator: Generator, params: dict, cond_info: dict) -> dict:
@@ -82,6 +94,6 @@ def topup_settings(generator: Generator, params: dict, cond_info: dict) -> dict:
 
 
 __all__ = ["GENERATORS", "PROFILE_DEFAULTS", "REPORT_TOPUP", "Generator", "describe", "get",
-           "load_synthetic", "manifest_rows", "pending", "read_settings", "rebalanced_figure",
-           "side_by_side", "slot_seed", "synthetic_counts", "top_up", "topup_plan",
-           "topup_settings", "validate"]
+           "load_synthetic", "loss_figure", "manifest_rows", "other_samples", "pending",
+           "read_settings", "rebalanced_figure", "side_by_side", "slot_seed",
+           "synthetic_counts", "top_up", "topup_plan", "topup_settings", "validate"]

@@ -1,10 +1,13 @@
 """Backend ``pixel``: a class-conditional flow-matching model trained from scratch on the
 long-tailed training images (no pretrained weights anywhere).
 
-- Network: diffusers ``UNet2DModel`` at 32×32 with a class embedding
+- Network: diffusers ``UNet2DModel`` with a class embedding
   (``num_class_embeds`` = C + 1: the extra index is the *null* class of classifier-free
   guidance), ``PIXEL_CHANNELS`` per resolution level, ``PIXEL_LAYERS`` ResNet blocks per
-  level, self-attention at the levels in ``PIXEL_ATTENTION`` (and in the middle block).
+  level, self-attention at the levels in ``PIXEL_ATTENTION`` (and in the middle block). Its
+  channels and size are the data's (RGB or greyscale; sides padded by reflection to a
+  multiple of 2^(levels − 1), e.g. Fashion-MNIST's 28 → 32 with four levels, and samples
+  cropped back).
 - Training: conditional flow matching with independent coupling (Lipman et al., 2023;
   Tong et al., 2024; torchcfm's ``ConditionalFlowMatcher`` with σ = 0): for noise x₀ ~ N(0, I),
   an image x₁ (scaled to [−1, 1], randomly mirrored) and t ~ U(0, 1), the network v_θ(x_t, t, c)
@@ -36,26 +39,19 @@ Reference code read, not copied: torchcfm ``examples/images/cifar10/train_cifar1
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import time
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from .. import config
 from ..networks import pick_device
-from .base import Generator
+from .fitting import (StepTrainer, TrainedGenerator, class_weights, crop_to, fingerprint,
+                      load_optimizer, optimizer_tensors, pad_to_multiple, padded_size, prefixed,
+                      to_signed, to_uint8, unprefixed)
 from .topup import REPORT_TOPUP
 
 SAMPLERS = {"euler": 1, "midpoint": 2, "rk4": 4}  # torchdiffeq method: calls per step
 TIME_SCALE = 999  # t in [0, 1] → the UNet's timestep input
-STATE, WEIGHTS = "pixel-state.safetensors", "pixel.safetensors"
 
 PROFILE_DEFAULTS = {
     # smoke: a 0.17M-parameter UNet, 20 steps of batch 16 on CPU (seconds).
@@ -112,54 +108,48 @@ def _groups(channels) -> int:
     return max(1, min(32, channels[0] // 4))
 
 
-def build_unet(channels, layers: int, attention, num_classes: int):
-    """Class-conditional UNet2DModel for 32×32 RGB; class index ``num_classes`` = null."""
+def build_unet(channels, layers: int, attention, num_classes: int, image_channels: int = 3,
+               size: int = 32):
+    """Class-conditional UNet2DModel for ``size``×``size`` images of ``image_channels``
+    channels; class index ``num_classes`` = null."""
     from diffusers import UNet2DModel
 
     down = tuple("AttnDownBlock2D" if i in attention else "DownBlock2D"
                  for i in range(len(channels)))
     up = tuple("AttnUpBlock2D" if i in attention else "UpBlock2D"
                for i in reversed(range(len(channels))))
-    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3,
+    return UNet2DModel(sample_size=size, in_channels=image_channels, out_channels=image_channels,
                        block_out_channels=tuple(channels), layers_per_block=layers,
                        down_block_types=down, up_block_types=up,
                        norm_num_groups=_groups(channels), attention_head_dim=min(32, channels[0]),
                        num_class_embeds=num_classes + 1)
 
 
-def class_weights(cond_labels: np.ndarray, balance: float, num_classes: int) -> np.ndarray:
-    """Per-image sampling weight n_c^(−balance) (balance 1: every class equally often)."""
-    counts = np.bincount(cond_labels, minlength=num_classes).astype(np.float64)
-    return 1.0 / np.maximum(counts, 1)[cond_labels] ** balance
+def _unet_for(p: dict, num_classes: int, image_shape) -> tuple:
+    """(UNet for images of ``image_shape`` H×W×C, the factor their sides are padded to)."""
+    h, w, c = image_shape
+    multiple = 2 ** (len(p["PIXEL_CHANNELS"]) - 1)  # the UNet halves len − 1 times
+    unet = build_unet(p["PIXEL_CHANNELS"], p["PIXEL_LAYERS"], p["PIXEL_ATTENTION"], num_classes,
+                      c, padded_size(max(h, w), multiple))
+    return unet, multiple
 
 
-def _fingerprint(images: np.ndarray, cond_labels: np.ndarray) -> str:
-    h = hashlib.sha1()
-    for arr in (images, cond_labels):
-        arr = np.ascontiguousarray(arr)
-        h.update(f"{arr.shape}{arr.dtype}".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[−1, 1] N×3×H×W → uint8 N×H×W×3."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-
-class PixelTrainer:
+class PixelTrainer(StepTrainer):
     """UNet, AdamW, EMA and data of one fit; ``step()`` is one optimisation step."""
+
+    desc = "pixel flow matching"
 
     def __init__(self, images, cond_labels, num_classes: int, p: dict, seed: int = 0,
                  device: str = "auto"):
         from diffusers.training_utils import EMAModel
         from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
 
-        self.p, self.seed, self.num_classes = p, seed, num_classes
-        self.dev = pick_device(device)
+        super().__init__(seed, device, fingerprint(images, cond_labels))
+        self.p, self.num_classes = p, num_classes
+        self.total_steps, self.batch = p["PIXEL_STEPS"], p["PIXEL_BATCH"]
         torch.manual_seed(seed)
-        self.unet = build_unet(p["PIXEL_CHANNELS"], p["PIXEL_LAYERS"], p["PIXEL_ATTENTION"],
-                               num_classes).to(self.dev)
+        unet, self.multiple = _unet_for(p, num_classes, np.asarray(images).shape[1:])
+        self.unet = unet.to(self.dev)
         self.opt = torch.optim.AdamW(self.unet.parameters(), lr=p["PIXEL_LR"], weight_decay=0.0)
         self.ema = EMAModel(self.unet.parameters(), decay=p["PIXEL_EMA"], use_ema_warmup=True,
                             power=2 / 3, foreach=True)
@@ -168,19 +158,16 @@ class PixelTrainer:
         self.y = torch.as_tensor(np.asarray(cond_labels), device=self.dev).long()
         self.w = torch.as_tensor(class_weights(np.asarray(cond_labels), p["PIXEL_BALANCE"],
                                                num_classes), device=self.dev)
-        self.step_no, self.log = 0, []
-        self.data_key = _fingerprint(np.asarray(images), np.asarray(cond_labels))
 
     def lr(self, step: int) -> float:
         warmup = min(500, max(1, self.p["PIXEL_STEPS"] // 10))
         return self.p["PIXEL_LR"] * min(1.0, (step + 1) / warmup)
 
-    def step(self) -> torch.Tensor:
+    def step(self) -> dict:
         """One step; its randomness comes from a generator seeded by (seed, step)."""
-        b, dev = self.p["PIXEL_BATCH"], self.dev
-        g = torch.Generator(device=dev).manual_seed(self.seed * 1_000_003 + self.step_no)
+        b, dev, g = self.p["PIXEL_BATCH"], self.dev, self.rng()
         idx = torch.multinomial(self.w, b, replacement=True, generator=g)
-        x = self.x[idx].float().div(127.5).sub(1)
+        x = pad_to_multiple(to_signed(self.x[idx]), self.multiple)
         flip = torch.rand(b, device=dev, generator=g) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
         labels = self.y[idx].masked_fill(
@@ -188,7 +175,7 @@ class PixelTrainer:
         noise = torch.randn(x.shape, device=dev, generator=g)
         t = torch.rand(b, device=dev, generator=g)
         t, xt, ut = self.flow.sample_location_and_conditional_flow(noise, x, t)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with self.autocast():
             pred = self.unet(xt, t * TIME_SCALE, class_labels=labels).sample
         loss = F.mse_loss(pred.float(), ut)
         for group in self.opt.param_groups:
@@ -199,64 +186,26 @@ class PixelTrainer:
         self.opt.step()
         self.ema.step(self.unet.parameters())
         self.step_no += 1
-        return loss.detach()
+        return {"loss": loss.detach()}
 
-    def train(self, until: int, every: int, state_path: Path, settings: dict) -> None:
-        """Steps up to ``until`` (of ``PIXEL_STEPS``), logging the mean loss and saving the
-        state every ``every`` steps and at the end; a tqdm bar shows the loss."""
-        total, t0, n = torch.zeros((), device=self.dev), time.time(), 0
-        bar = tqdm(range(self.step_no, until), desc="pixel flow matching", unit="step",
-                   initial=self.step_no, total=self.p["PIXEL_STEPS"])
-        for _ in bar:
-            total += self.step()
-            n += 1
-            if self.step_no % every == 0 or self.step_no == until:
-                loss, secs = float(total) / n, time.time() - t0
-                self.log.append(dict(step=self.step_no, loss=loss,
-                                     images_per_s=n * self.p["PIXEL_BATCH"] / max(secs, 1e-9)))
-                bar.set_postfix(loss=f"{loss:.4f}")
-                self.save_state(state_path, settings)
-                total.zero_()
-                t0, n = time.time(), 0
-
-    # -- state ----------------------------------------------------------------------------
-    def save_state(self, path: Path, settings: dict) -> None:
-        tensors = {f"model.{k}": v for k, v in self.unet.state_dict().items()}
+    def state(self) -> tuple[dict, dict]:
         params = list(self.unet.parameters())
-        for i, p in enumerate(params):
-            for k, v in self.opt.state.get(p, {}).items():
-                tensors[f"optim.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
         ema = self.ema.state_dict()
-        tensors.update({f"ema.{i}": v for i, v in enumerate(ema.pop("shadow_params"))})
-        meta = {"settings": json.dumps(settings), "step": str(self.step_no),
-                "log": json.dumps(self.log), "ema": json.dumps(ema), "data": self.data_key}
-        config.write_atomic(path, lambda t: save_file(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, t, meta))
+        tensors = {**prefixed("model", self.unet.state_dict()),
+                   **optimizer_tensors(self.opt, params, "optim"),
+                   **{f"ema.{i}": v for i, v in enumerate(ema.pop("shadow_params"))}}
+        return tensors, {"ema": ema}
 
-    def load_state(self, path: Path, settings: dict) -> bool:
-        """Resume from ``path`` when it exists and was made with the same settings/data."""
-        if not path.exists():
-            return False
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-        if json.loads(meta["settings"]) != settings or meta["data"] != self.data_key:
-            print(f"{path.name}: made with other settings or data; training from scratch.")
-            return False
-        t = load_file(str(path), device=str(self.dev))
-        self.unet.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    def restore(self, tensors: dict, extra: dict) -> None:
         params = list(self.unet.parameters())
-        for k, v in t.items():
-            if k.startswith("optim."):
-                _, i, name = k.split(".", 2)
-                self.opt.state[params[int(i)]][name] = v.cpu() if name == "step" else v.clone()
-        ema = json.loads(meta["ema"])
-        ema["shadow_params"] = [t[f"ema.{i}"].clone() for i in range(len(params))]
+        self.unet.load_state_dict(unprefixed("model", tensors))
+        load_optimizer(self.opt, params, tensors, "optim")
+        ema = dict(extra["ema"], shadow_params=[tensors[f"ema.{i}"].clone()
+                                                for i in range(len(params))])
         self.ema.load_state_dict(ema)
-        self.step_no, self.log = int(meta["step"]), json.loads(meta["log"])
-        return True
 
 
-class Pixel(Generator):
+class Pixel(TrainedGenerator):
     """Class-conditional pixel-space flow matching (see the module docstring)."""
 
     name = "pixel"
@@ -264,70 +213,41 @@ class Pixel(Generator):
                   "PIXEL_BATCH", "PIXEL_LR", "PIXEL_EMA", "PIXEL_CFG_DROP", "PIXEL_BALANCE",
                   "SEED")  # what changes the trained weights
     PARAMS = FIT_PARAMS + ("PIXEL_GUIDANCE", "PIXEL_SAMPLER", "PIXEL_SAMPLE_STEPS")
+    CHECKPOINT_EVERY = "PIXEL_CHECKPOINT_EVERY"
 
-    def fit(self, images_or_features, cond_labels, class_counts, params, run_dir) -> dict:
-        """Train (resuming from ``generator/pixel-state.safetensors``) or load the finished
-        EMA weights; ``done`` is False when ``GEN_STOP_AFTER`` stopped the fit early."""
+    def check(self, params: dict) -> None:
         validate(params)
-        self.p = {k: params.get(k) for k in self.PARAMS}
+
+    def configure(self, params: dict) -> None:
         self.batch = params.get("PIXEL_SAMPLE_BATCH") or self.batch
-        self.dev = pick_device(params.get("DEVICE") or "auto")
-        self.num_classes = len(class_counts)
-        folder = Path(run_dir) / "generator"
-        fit_settings = {k: params.get(k) for k in self.FIT_PARAMS}
-        self.weights_path = folder / WEIGHTS
-        if self._load_weights(fit_settings, images_or_features, cond_labels):
-            return dict(done=True, loaded=str(self.weights_path), **self.info)
-        tr = PixelTrainer(images_or_features, cond_labels, self.num_classes, params,
-                          int(params.get("SEED") or 0), str(self.dev))
-        resumed = tr.load_state(folder / STATE, fit_settings)
-        start = tr.step_no
-        tr.train(min(params["PIXEL_STEPS"], params.get("GEN_STOP_AFTER") or params["PIXEL_STEPS"]),
-                 params["PIXEL_CHECKPOINT_EVERY"], folder / STATE, fit_settings)
-        self.info = dict(parameters=sum(p.numel() for p in tr.unet.parameters()),
-                         steps=tr.step_no, log=tr.log, resumed=resumed,
-                         steps_this_call=tr.step_no - start, data=tr.data_key)
-        if tr.step_no < params["PIXEL_STEPS"]:
-            return dict(done=False, **self.info)
-        tr.ema.copy_to(tr.unet.parameters())
-        self._save_weights(tr.unet, fit_settings)
-        self.unet = tr.unet.eval()
-        return dict(done=True, **self.info)
 
-    def _save_weights(self, unet, fit_settings: dict) -> None:
-        meta = {"settings": json.dumps(fit_settings), "info": json.dumps(self.info)}
-        config.write_atomic(self.weights_path, lambda t: save_file(
-            {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, t, meta))
+    def trainer(self, images, cond_labels, params: dict) -> PixelTrainer:
+        return PixelTrainer(images, cond_labels, self.num_classes, params,
+                            int(params.get("SEED") or 0), str(self.dev))
 
-    def _load_weights(self, fit_settings: dict, images, cond_labels) -> bool:
-        """Load the finished fit when it was made with the same settings and data."""
-        if not self.weights_path.exists():
-            return False
-        with safe_open(str(self.weights_path), framework="pt") as f:
-            meta = f.metadata()
-        info = json.loads(meta["info"])
-        if (json.loads(meta["settings"]) != fit_settings
-                or info.get("data") != _fingerprint(np.asarray(images), np.asarray(cond_labels))):
-            return False
-        self.unet = build_unet(self.p["PIXEL_CHANNELS"], self.p["PIXEL_LAYERS"],
-                               self.p["PIXEL_ATTENTION"], self.num_classes).to(self.dev)
-        self.unet.load_state_dict(load_file(str(self.weights_path), device=str(self.dev)))
-        self.unet.eval()
-        self.info = info
-        return True
+    def parameters(self, trainer: PixelTrainer) -> int:
+        return sum(p.numel() for p in trainer.unet.parameters())
 
-    def model_id(self) -> str:
-        digest = hashlib.sha256(self.weights_path.read_bytes()).hexdigest()[:12]
-        return f"generator/{WEIGHTS}@{digest}"
+    def finish(self, trainer: PixelTrainer) -> dict:
+        """The EMA weights become the sampling model."""
+        trainer.ema.copy_to(trainer.unet.parameters())
+        self.unet, self.multiple = trainer.unet.eval(), trainer.multiple
+        return self.unet.state_dict()
+
+    def load_weights(self, tensors: dict) -> None:
+        unet, self.multiple = _unet_for(self.p, self.num_classes, self.image_shape)
+        unet.load_state_dict(tensors)
+        self.unet = unet.to(self.dev).eval()
 
     @torch.inference_mode()
     def generate(self, label, seeds):
-        dev, w = self.dev, float(self.p["PIXEL_GUIDANCE"])
-        z = torch.stack([torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(int(s)))
-                         for s in seeds]).to(dev)
-        images = integrate(self.unet, z, label, self.num_classes, w, self.p["PIXEL_SAMPLER"],
-                           self.p["PIXEL_SAMPLE_STEPS"])
-        return to_uint8(images), [{} for _ in seeds]
+        h, w, c = self.image_shape
+        shape = (c, padded_size(h, self.multiple), padded_size(w, self.multiple))
+        z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
+                         for s in seeds]).to(self.dev)
+        images = integrate(self.unet, z, label, self.num_classes, float(self.p["PIXEL_GUIDANCE"]),
+                           self.p["PIXEL_SAMPLER"], self.p["PIXEL_SAMPLE_STEPS"])
+        return to_uint8(crop_to(images, h, w)), [{} for _ in seeds]
 
 
 def integrate(unet, z: torch.Tensor, label: int, num_classes: int, guidance: float,
