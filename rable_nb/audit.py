@@ -197,6 +197,34 @@ def table(result: dict):
     return pd.DataFrame([{k: r[k] for k in cols} for r in result["per_class"]]).set_index("name")
 
 
+def compare(run_dirs):
+    """A pandas DataFrame with one row per run directory (relative paths: from the project
+    root) with an audit (``synthetic/audit.json``): its generator,
+    conditioning labels, judge, images audited and the per-class metrics averaged over the
+    audited classes — the audit table of several backends on the same data."""
+    import json
+
+    import pandas as pd
+
+    from .config import project_path
+    rows = []
+    for run in map(project_path, run_dirs):
+        path = run / "synthetic" / "audit.json"
+        if not path.exists():
+            continue
+        result = json.loads(path.read_text())
+        mean = lambda key: np.nanmean([np.nan if r[key] is None else r[key]  # noqa: E731
+                                       for r in result["per_class"]])
+        rows.append(dict(run=run.name, generator=result["generator"],
+                         cond_labels=result["cond_labels"], judge=result["judge"]["arch"],
+                         n_audited=result["overall"]["n_audited"],
+                         judge_accuracy=result["overall"]["judge_accuracy"],
+                         **{k: mean(k) for k in ("judge_accuracy_real", "fd_judge",
+                                                 "fd_judge_real_train", "diversity")},
+                         memorisation=result["overall"]["memorisation"]))
+    return pd.DataFrame(rows).set_index("run") if rows else pd.DataFrame()
+
+
 def audit_figure(result: dict, classes, title: str = ""):
     """Confusion matrix + per-class judge accuracy, FD-judge, diversity and memorisation."""
     import matplotlib.pyplot as plt

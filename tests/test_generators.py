@@ -201,13 +201,16 @@ def test_filter_redraws_rejected_samples_and_records_the_cap(tmp_path):
     assert sum(stats["kept_unaccepted"].values()) == sum(not r["accepted"] for r in rows)
 
 
-def test_bench_gen_pixel_cli_prints_json(capsys):
-    assert cli.main(["bench", "gen", "--generator", "pixel", "--device", "cpu",
+@pytest.mark.parametrize("name, rates", [("pixel", ["train_images_per_s"]),
+                                         ("gan", ["ae_images_per_s", "gan_images_per_s"])])
+def test_bench_gen_cli_prints_json(capsys, name, rates):
+    assert cli.main(["bench", "gen", "--generator", name, "--device", "cpu",
                      "--batch-size", "4"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert r["generator"] == "pixel" and r["parameters"] > 0
-    assert r["train_images_per_s"] > 0 and r["sample_images_per_s"] > 0
+    assert r["generator"] == name and r["parameters"] > 0
+    assert all(r[k] > 0 for k in rates) and r["sample_images_per_s"] > 0
     assert r["projected_topup_s"] == pytest.approx(37594 / r["sample_images_per_s"], rel=1e-2)
+    assert cli.main(["bench", "gen", "--generator", "copy", "--device", "cpu"]) == 1
 
 
 def test_bench_synth_on_cpu_reports_throughput_and_projection():

@@ -22,9 +22,11 @@ b57fc15; GH920/improved-bagan-gp ``codes/improved_bagan_gp.py`` at 57a2e3a, "BAG
 3. **Generator = decoder, discriminator = encoder trunk + a (C+1)-way head** (BAGAN lines
    130-140 and 383-387: the head sits on the trunk's features, the last class is "fake").
    Discriminator loss: cross-entropy of real images towards their conditioning class and of
-   ⌈B/C⌉ generated images towards "fake" (BAGAN ``_train_one_epoch``, lines 268-280, so the
-   C + 1 classes are about equally frequent); generator loss: cross-entropy of generated
-   images towards their intended class (lines 282-287). Real batches are class-balanced
+   generated images towards "fake", weighted C/(C+1) and 1/(C+1) (BAGAN ``_train_one_epoch``,
+   lines 268-280, adds ⌈B/C⌉ fakes to B real images so that the C + 1 classes are about
+   equally frequent; we draw B fakes, in the generator's training mode as in its update, and
+   weight them instead); generator loss: cross-entropy of generated images towards their
+   intended class (lines 282-287). Real batches are class-balanced
    over the conditioning labels (weight 1/n_c) and the intended classes uniform (BAGAN's
    ``'uniform'`` ratios); real images are randomly mirrored.
 4. **Gradient penalty** (Gulrajani et al., 2017, as BAGAN-GP lines 315-335 apply it to a
@@ -386,8 +388,11 @@ class Gan(TrainedGenerator):
     @torch.inference_mode()
     def generate(self, label, seeds):
         if not bool(self.present[int(label)]):
-            raise ValueError(f"class {label} has no training image with this conditioning "
-                             "label, so the GAN has no latent Gaussian to draw it from.")
+            raise ValueError(
+                f"class {label} has no training image with this conditioning label, so the GAN "
+                "has no latent Gaussian to draw it from: with GEN_LABELS='pseudo' the warm-up "
+                "assigned no image to it (raise WARMUP_EPOCHS, or use GEN_LABELS='oracle' as "
+                "an ablation).")
         eps = torch.stack([torch.randn(self.means.shape[1], generator=torch.Generator()
                                        .manual_seed(int(s))) for s in seeds]).to(self.dev)
         z = self.means[int(label)] + eps @ self.chol[int(label)].T

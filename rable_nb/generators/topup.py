@@ -262,11 +262,10 @@ def other_samples(run_dirs, image_shape) -> dict[str, tuple[np.ndarray, np.ndarr
     added where a generator repeats), to show
     beside this one (``COMPARE_RUNS``; relative paths from the project root). A run without
     samples, or with samples of another shape, is left out with a note."""
-    from ..config import PROJECT_ROOT
+    from ..config import project_path
 
     out = {}
-    for run in map(Path, run_dirs or []):
-        run = run if run.is_absolute() else PROJECT_ROOT / run
+    for run in map(project_path, run_dirs or []):
         x, y, _ = load_synthetic(run)
         if not len(y) or x.shape[1:] != tuple(image_shape):
             why = f"samples of shape {x.shape[1:]}" if len(y) else "no synthetic samples"
