@@ -123,16 +123,24 @@ def unprefixed(prefix: str, tensors: dict) -> dict:
 
 # --- the step loop ---------------------------------------------------------------------
 class StepTrainer:
-    """Networks, optimizers and data of one fit (see the module docstring). Subclasses set
-    ``total_steps``, ``batch`` (images per step, for images/s) and ``desc``, and implement
-    ``step()`` (→ {loss name: device tensor}), ``state()`` (→ tensors, extra metadata) and
-    ``restore(tensors, extra)``."""
+    """Networks, optimizers and data of one fit (see the module docstring): the images as
+    uint8 N×C×H×W on the device (``x``), their conditioning labels (``y``) and per-image
+    sampling weights n_c^(−balance) (``w``). Subclasses set ``total_steps``, ``batch``
+    (images per step, for images/s) and ``desc``, and implement ``step()`` (→ {loss name:
+    device tensor}), ``state()`` (→ tensors, extra metadata) and ``restore(tensors, extra)``."""
 
     total_steps, batch, desc = 0, 1, "fit"
     marks: tuple[int, ...] = ()  # steps that also log and save (ends of phases)
 
-    def __init__(self, seed: int, device: str, data_key: str):
-        self.seed, self.dev, self.data_key = seed, pick_device(device), data_key
+    def __init__(self, images, cond_labels, num_classes: int, p: dict, seed: int, device: str,
+                 balance: float = 1.0):
+        images, cond_labels = np.asarray(images), np.asarray(cond_labels)
+        self.p, self.num_classes, self.seed = p, num_classes, seed
+        self.dev, self.data_key = pick_device(device), fingerprint(images, cond_labels)
+        self.x = torch.as_tensor(images, device=self.dev).permute(0, 3, 1, 2)
+        self.y = torch.as_tensor(cond_labels, device=self.dev).long()
+        self.w = torch.as_tensor(class_weights(cond_labels, balance, num_classes),
+                                 device=self.dev)
         self.step_no, self.log = 0, []
 
     def rng(self) -> torch.Generator:

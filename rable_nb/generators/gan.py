@@ -65,9 +65,9 @@ from torch import nn
 
 from .. import config
 from ..networks import pick_device
-from .fitting import (StepTrainer, TrainedGenerator, class_weights, crop_to, fingerprint,
-                      load_optimizer, optimizer_tensors, pad_to_multiple, padded_size, prefixed,
-                      to_signed, to_uint8, unprefixed)
+from .fitting import (StepTrainer, TrainedGenerator, crop_to, load_optimizer,
+                      optimizer_tensors, pad_to_multiple, padded_size, prefixed, to_signed,
+                      to_uint8, unprefixed)
 from .topup import REPORT_TOPUP
 
 AUTOENCODERS = ("bagan", "scdl")
@@ -217,8 +217,7 @@ class GanTrainer(StepTrainer):
 
     def __init__(self, images, cond_labels, num_classes: int, p: dict, seed: int = 0,
                  device: str = "auto"):
-        super().__init__(seed, device, fingerprint(images, cond_labels))
-        self.p, self.num_classes = p, num_classes
+        super().__init__(images, cond_labels, num_classes, p, seed, device)
         self.ae_steps, self.batch = p["GAN_AE_STEPS"], p["GAN_BATCH"]
         self.total_steps = self.ae_steps + p["GAN_STEPS"]
         self.marks = (self.ae_steps,)
@@ -232,10 +231,6 @@ class GanTrainer(StepTrainer):
                        "g": list(self.dec.parameters())}
         self.opts = {k: torch.optim.Adam(v, lr=p["GAN_LR"], betas=BETAS)
                      for k, v in self.groups.items()}
-        self.x = torch.as_tensor(np.asarray(images), device=self.dev).permute(0, 3, 1, 2)
-        self.y = torch.as_tensor(np.asarray(cond_labels), device=self.dev).long()
-        self.w = torch.as_tensor(class_weights(np.asarray(cond_labels), 1.0, num_classes),
-                                 device=self.dev)
         latent = p["GAN_LATENT"]
         self.means = torch.zeros(num_classes, latent, device=self.dev)
         self.chol = torch.zeros(num_classes, latent, latent, device=self.dev)

@@ -45,9 +45,9 @@ import torch.nn.functional as F
 
 from .. import config
 from ..networks import pick_device
-from .fitting import (StepTrainer, TrainedGenerator, class_weights, crop_to, fingerprint,
-                      load_optimizer, optimizer_tensors, pad_to_multiple, padded_size, prefixed,
-                      to_signed, to_uint8, unprefixed)
+from .fitting import (StepTrainer, TrainedGenerator, crop_to, load_optimizer,
+                      optimizer_tensors, pad_to_multiple, padded_size, prefixed, to_signed,
+                      to_uint8, unprefixed)
 from .topup import REPORT_TOPUP
 
 SAMPLERS = {"euler": 1, "midpoint": 2, "rk4": 4}  # torchdiffeq method: calls per step
@@ -144,8 +144,7 @@ class PixelTrainer(StepTrainer):
         from diffusers.training_utils import EMAModel
         from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
 
-        super().__init__(seed, device, fingerprint(images, cond_labels))
-        self.p, self.num_classes = p, num_classes
+        super().__init__(images, cond_labels, num_classes, p, seed, device, p["PIXEL_BALANCE"])
         self.total_steps, self.batch = p["PIXEL_STEPS"], p["PIXEL_BATCH"]
         torch.manual_seed(seed)
         unet, self.multiple = _unet_for(p, num_classes, np.asarray(images).shape[1:])
@@ -154,10 +153,6 @@ class PixelTrainer(StepTrainer):
         self.ema = EMAModel(self.unet.parameters(), decay=p["PIXEL_EMA"], use_ema_warmup=True,
                             power=2 / 3, foreach=True)
         self.flow = ConditionalFlowMatcher(sigma=0.0)  # x_t = t·x₁ + (1 − t)·x₀, u_t = x₁ − x₀
-        self.x = torch.as_tensor(np.asarray(images), device=self.dev).permute(0, 3, 1, 2)
-        self.y = torch.as_tensor(np.asarray(cond_labels), device=self.dev).long()
-        self.w = torch.as_tensor(class_weights(np.asarray(cond_labels), p["PIXEL_BALANCE"],
-                                               num_classes), device=self.dev)
 
     def lr(self, step: int) -> float:
         warmup = min(500, max(1, self.p["PIXEL_STEPS"] // 10))
