@@ -79,11 +79,10 @@ PROFILE_DEFAULTS = {
     # smoke: 34k parameters, 40 autoencoder + 20 GAN steps of 16 images: ~1 s on a CPU core.
     "smoke": dict(GAN_CHANNELS=[8, 16], GAN_LATENT=8, GAN_AE_STEPS=40, GAN_STEPS=20,
                   GAN_BATCH=16, GAN_CHECKPOINT_EVERY=10),
-    # quick: 0.62M parameters; one CPU core did 1.2k autoencoder and 0.85k GAN img/s
-    # (`bench gen --generator gan --profile quick`), so 3k + 3k steps of 64 take ~6.5 min
-    # and the whole 37,594-image top-up ~6 s.
-    "quick": dict(GAN_CHANNELS=[32, 64, 128], GAN_LATENT=64, GAN_AE_STEPS=3000,
-                  GAN_STEPS=3000, GAN_BATCH=64, GAN_CHECKPOINT_EVERY=500),
+    # quick: 0.62M parameters; 2k + 2k steps of 64 on one CPU core take ~6-15 min (README:
+    # measured img/s) and the whole 37,594-image top-up ~10 s.
+    "quick": dict(GAN_CHANNELS=[32, 64, 128], GAN_LATENT=64, GAN_AE_STEPS=2000,
+                  GAN_STEPS=2000, GAN_BATCH=64, GAN_CHECKPOINT_EVERY=500),
     # paper: 7.45M parameters at 32×32 (DCGAN-sized), 6k autoencoder steps (124 epochs of
     # CIFAR-10-LT) + 20k GAN steps (413 epochs) of 256 images: <= 20 min on one H100 by the
     # projection in the README (unmeasured: `bench gen --generator gan --profile paper`).
