@@ -88,33 +88,34 @@ def detect_layout(root: Path) -> str:
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
-def _decode(blob: bytes) -> Image.Image:
-    """One image file as an 8-bit 'L' (greyscale files; 16-bit grey scaled, not clipped) or
-    'RGB' image at its own size."""
+def _decode(blob: bytes) -> np.ndarray:
+    """One image file as uint8 at its own size: H×W for greyscale files (16-bit grey scaled,
+    not clipped), else H×W×3 (RGB)."""
     with Image.open(io.BytesIO(blob)) as img:
         if img.mode not in GREY_MODES:
-            return img.convert("RGB")
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
         if img.mode.startswith("I"):
             grey = np.asarray(img, dtype=np.float64)
             if img.mode != "I" or grey.max() > 255:  # mode I holds 8-bit values in some files
                 grey = grey / 257.0
-            return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
-        return img.convert("L")
+            return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+        return np.asarray(img.convert("L"), dtype=np.uint8)
 
 
-def _to_array(img: Image.Image, size: tuple[int, int], grey: bool) -> np.ndarray:
-    """uint8 H×W×C (C = 1 if ``grey`` else 3) at ``size`` (W, H)."""
-    img = img.convert("L" if grey else "RGB")
-    if img.size != size:
-        img = img.resize(size, Image.Resampling.BICUBIC)
-    arr = np.asarray(img, dtype=np.uint8)
+def _to_array(arr: np.ndarray, size: tuple[int, int], grey: bool) -> np.ndarray:
+    """A decoded image as uint8 H×W×C (C = 1 if ``grey`` else 3) of ``size`` (H, W)."""
+    if (arr.ndim == 2) != grey or arr.shape[:2] != size:
+        img = Image.fromarray(arr).convert("L" if grey else "RGB")
+        if img.size != size[::-1]:
+            img = img.resize(size[::-1], Image.Resampling.BICUBIC)
+        arr = np.asarray(img, dtype=np.uint8)
     return arr[..., None] if grey else arr
 
 
-def image_format(images: list[Image.Image]) -> tuple[tuple[int, int], bool]:
-    """(the most common size (W, H), whether every image is greyscale) of decoded images."""
-    sizes = Counter(img.size for img in images)
-    return sizes.most_common(1)[0][0], all(img.mode == "L" for img in images)
+def image_format(images: list[np.ndarray]) -> tuple[tuple[int, int], bool]:
+    """(the most common size (H, W), whether every image is greyscale) of decoded images."""
+    sizes = Counter(a.shape[:2] for a in images)
+    return sizes.most_common(1)[0][0], all(a.ndim == 2 for a in images)
 
 
 def _collect(items, total: int, desc: str, classes: list[str], fmt=None):
