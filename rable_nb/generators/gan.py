@@ -76,11 +76,11 @@ LEAK = 0.2
 SUPCON_TAU = 0.1  # temperature of the supervised contrastive term ('scdl')
 
 PROFILE_DEFAULTS = {
-    # smoke: 34k parameters, 40 autoencoder + 20 GAN steps of 16 images: ~1 s on a CPU core.
+    # smoke: 34k parameters, 40 autoencoder + 20 GAN steps of 16 images: < 1 s on a CPU core.
     "smoke": dict(GAN_CHANNELS=[8, 16], GAN_LATENT=8, GAN_AE_STEPS=40, GAN_STEPS=20,
                   GAN_BATCH=16, GAN_CHECKPOINT_EVERY=10),
-    # quick: 0.62M parameters; 2k + 2k steps of 64 on one CPU core take ~6-15 min (README:
-    # measured img/s) and the whole 37,594-image top-up ~10 s.
+    # quick: 0.62M parameters; one CPU core: 1.1k autoencoder and 0.37k GAN img/s
+    # (README), so 2k + 2k steps of 64 take ~8 min and the 37,594-image top-up ~7 s.
     "quick": dict(GAN_CHANNELS=[32, 64, 128], GAN_LATENT=64, GAN_AE_STEPS=2000,
                   GAN_STEPS=2000, GAN_BATCH=64, GAN_CHECKPOINT_EVERY=500),
     # paper: 7.45M parameters at 32×32 (DCGAN-sized), 6k autoencoder steps (124 epochs of
