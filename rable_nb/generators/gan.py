@@ -8,9 +8,9 @@ b57fc15; GH920/improved-bagan-gp ``codes/improved_bagan_gp.py`` at 57a2e3a, "BAG
 1. **Autoencoder on all long-tailed images** (BAGAN ``init_autoenc``, lines 365-373; MSE
    loss, lines 239-242): encoder = convolutional trunk + linear code of ``GAN_LATENT``
    dimensions (BAGAN lines 81-128), decoder = linear map + transposed convolutions with
-   batch norm and LeakyReLU 0.2, tanh output (BAGAN-GP ``decoder``, lines 91-124). The trunk
+   batch norm and LeakyReLU 0.2, tanh output (BAGAN-GP ``decoder``, lines 91-127). The trunk
    has 4×4 stride-2 convolutions with LeakyReLU 0.2 and *no* normalisation (BAGAN-GP
-   ``encoder``, lines 130-160: no batch norm in a discriminator that gets a gradient
+   ``encoder``, lines 130-163: no batch norm in a discriminator that gets a gradient
    penalty). No labels are used in this phase (``'bagan'``).
 2. **Class-conditional latent Gaussians** (BAGAN lines 389-403 fit ``np.cov`` and the mean
    of the codes of each class; sampling lines 151-157): fitted on the codes of the images
@@ -26,9 +26,9 @@ b57fc15; GH920/improved-bagan-gp ``codes/improved_bagan_gp.py`` at 57a2e3a, "BAG
    lines 268-280, adds ⌈B/C⌉ fakes to B real images so that the C + 1 classes are about
    equally frequent; we draw B fakes, in the generator's training mode as in its update, and
    weight them instead); generator loss: cross-entropy of generated images towards their
-   intended class (lines 282-287). Real batches are class-balanced
-   over the conditioning labels (weight 1/n_c) and the intended classes uniform (BAGAN's
-   ``'uniform'`` ratios); real images are randomly mirrored.
+   intended class (lines 282-287). Real batches are class-balanced over the conditioning
+   labels (weight 1/n_c) and the intended classes uniform (BAGAN's ``'uniform'`` ratios);
+   real images are randomly mirrored.
 4. **Gradient penalty** (Gulrajani et al., 2017, as BAGAN-GP lines 315-335 apply it to a
    cross-entropy discriminator, weight ``GAN_GP`` = 10 as its line 299):
    λ·E[(‖∇ₓ s(x̂)‖₂ − 1)²] at x̂ = εx_real + (1 − ε)x_fake, ε ~ U(0, 1) (BAGAN-GP draws ε
@@ -36,7 +36,7 @@ b57fc15; GH920/improved-bagan-gp ``codes/improved_bagan_gp.py`` at 57a2e3a, "BAG
    is the discriminator's real-vs-fake log-odds. ``GAN_CRITIC`` discriminator updates per
    generator update (BAGAN 1, line 264-287; BAGAN-GP 5, line 87). Adam lr ``GAN_LR`` = 2e-4,
    β = (0.5, 0.9) for every network (BAGAN-GP lines 403-409).
-5. **SCDL-GAN switch** (``GAN_AE='scdl'``; seed 002's additions as its issue describes them,
+5. **SCDL-GAN switch** (``GAN_AE='scdl'``; seed 002's two additions to BAGAN as it names them,
    no public code read): the autoencoder phase adds a supervised contrastive term (Khosla et
    al., 2020, temperature 0.1) on the L2-normalised codes with the conditioning labels, and
    the Wasserstein-autoencoder penalty of WAE-MMD (Tolstikhin et al., 2018: MMD with the
