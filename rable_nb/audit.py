@@ -26,6 +26,17 @@ with synthetic images (at most ``per_class`` of them, a seeded subset):
   images that were never trained on come to the training images. Memorisation = share of
   synthetic images of c with d(x) < τ_c: about 0.05 for a generator that draws fresh
   images, 1 for exact copies (the ``copy`` backend).
+
+Feature-space samples (the ``feature`` backend) have no pixels, so the judge cannot see
+them. Their audit (:func:`feature_audit`) keeps the same fields, measured in the feature
+space of the run's backbone (``generator/backbone.safetensors``): **judge accuracy** = the
+frozen backbone classifier's accuracy on synthetic features of c (label fidelity; with
+pseudo conditioning the labels came from the same network, so it measures how well the
+generator reproduces what that network believes), beside its accuracy on real test
+features; **FD** between the synthetic and the real test features of c (reference: real
+training features); **diversity** relative to real test features; **memorisation** with
+d(x) = RMS distance ‖x − t‖₂/√D to the nearest real training feature t and the same 5 %
+rule. No figure of closest pairs exists for them (a feature vector is not an image).
 """
 from __future__ import annotations
 
@@ -35,25 +46,18 @@ import numpy as np
 import torch
 
 from . import dataset
-from .networks import normalize, pick_device
+from .networks import batched_features, pick_device
 
 ALPHA = 0.05
 DIVERSITY_MAX = 500  # images per class for the O(n²) pairwise distances
 
 
-@torch.no_grad()
-def judge_outputs(judge, x_uint8, batch: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+def judge_outputs(judge, x_uint8) -> tuple[np.ndarray, np.ndarray]:
     """(penultimate features float64 N×D, predicted classes) of the judge on uint8 images."""
-    judge.eval()
-    dev = next(judge.parameters()).device
-    feats, preds = [], []
-    for i in range(0, len(x_uint8), batch):
-        f = judge[0](normalize(torch.as_tensor(np.asarray(x_uint8[i:i + batch]), device=dev)))
-        feats.append(f.double().cpu())
-        preds.append(judge[1](f).argmax(1).cpu())
-    if not feats:
+    if not len(x_uint8):
         return np.zeros((0, 1)), np.zeros(0, np.int64)
-    return torch.cat(feats).numpy(), torch.cat(preds).numpy()
+    feats, logits = batched_features(judge[0], judge[1], np.asarray(x_uint8))
+    return feats.double().cpu().numpy(), logits.argmax(1).cpu().numpy()
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -83,22 +87,27 @@ def mean_pairwise(features: np.ndarray, seed: int = 0) -> float | None:
 
 
 @torch.no_grad()
+def nearest_rows(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 1024):
+    """(RMS distance ‖q − b‖₂/√D, index) of the nearest row b of ``bank`` to each query."""
+    dists, idx = [], []
+    for i in range(0, len(queries), chunk):
+        d = torch.cdist(queries[i:i + chunk], bank).min(1)
+        dists.append(d.values.cpu())
+        idx.append(d.indices.cpu())
+    if not dists:
+        return np.zeros(0), np.zeros(0, np.int64)
+    return (torch.cat(dists) / float(np.sqrt(bank.shape[1]))).numpy(), torch.cat(idx).numpy()
+
+
+@torch.no_grad()
 def nearest_train(x_uint8, train_uint8, device: str = "auto", chunk: int = 1024):
     """(RMS pixel distance, index) of each image's nearest training image or its mirror."""
     dev = pick_device(device)
     flat = lambda a: torch.as_tensor(np.asarray(a), device=dev).float().div(255).flatten(1)  # noqa: E731
     train = torch.as_tensor(np.asarray(train_uint8), device=dev)
     bank = torch.cat([flat(train), flat(train.flip(2))])  # N×H×W×3: flip(2) mirrors width
-    n_train = len(train)
-    dists, idx = [], []
-    for i in range(0, len(x_uint8), chunk):
-        d = torch.cdist(flat(x_uint8[i:i + chunk]), bank).min(1)
-        dists.append(d.values.cpu())
-        idx.append((d.indices % n_train).cpu())
-    if not dists:
-        return np.zeros(0), np.zeros(0, np.int64)
-    scale = float(np.sqrt(bank.shape[1]))
-    return (torch.cat(dists) / scale).numpy(), torch.cat(idx).numpy()
+    dist, idx = nearest_rows(flat(x_uint8), bank, chunk)
+    return dist, idx % len(train)
 
 
 def _subset(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
@@ -114,15 +123,44 @@ def audit(syn_x, syn_y, train_x, train_y, test_x, test_y, judge, classes,
     ``train_y`` (the hidden truth) is used only to pick each class's real training images for
     the FD-judge reference: the audit is an evaluation, not part of learning.
     """
-    c_num = len(classes)
     keep = _subset(syn_y, per_class, seed)
-    sx, sy = np.asarray(syn_x)[keep], np.asarray(syn_y)[keep]
+    sx = np.asarray(syn_x)[keep]
+    ref = _subset(test_y, per_class, seed)
     s_feat, s_pred = judge_outputs(judge, sx)
     t_feat, t_pred = judge_outputs(judge, test_x)
     r_feat, _ = judge_outputs(judge, train_x)
     s_dist, s_near = nearest_train(sx, train_x, device)
-    ref = _subset(test_y, per_class, seed)
     t_dist, _ = nearest_train(test_x[ref], train_x, device)
+    return _summary(syn_y, keep, s_feat, s_pred, s_dist, s_near, test_y, t_feat, t_pred,
+                    ref, t_dist, train_y, r_feat, classes, seed)
+
+
+@torch.no_grad()
+def feature_audit(syn_f, syn_y, train_f, train_y, test_f, test_y, classifier, classes,
+                  per_class: int | None = None, seed: int = 0, device: str = "auto") -> dict:
+    """The audit of synthetic *features* (see the module docstring): the same fields as
+    :func:`audit`, in the backbone's feature space, judged by its ``classifier``."""
+    dev = pick_device(device)
+    as_tensor = lambda a: torch.as_tensor(np.asarray(a), device=dev).float()  # noqa: E731
+    keep = _subset(syn_y, per_class, seed)
+    ref = _subset(test_y, per_class, seed)
+    sf, tf, rf = as_tensor(syn_f)[keep], as_tensor(test_f), as_tensor(train_f)
+    classifier = classifier.to(dev).eval()
+    preds = lambda f: classifier(f).argmax(1).cpu().numpy()  # noqa: E731
+    s_dist, s_near = nearest_rows(sf, rf)
+    t_dist, _ = nearest_rows(tf[ref], rf)
+    numpy = lambda t: t.double().cpu().numpy()  # noqa: E731
+    return _summary(syn_y, keep, numpy(sf), preds(sf), s_dist, s_near, test_y, numpy(tf),
+                    preds(tf), ref, t_dist, train_y, numpy(rf), classes, seed)
+
+
+def _summary(syn_y, keep, s_feat, s_pred, s_dist, s_near, test_y, t_feat, t_pred, ref, t_dist,
+             train_y, r_feat, classes, seed) -> dict:
+    """The per-class audit from the judge's view of the synthetic samples (``s_*``: rows
+    ``keep`` of ``syn_y``), the real test samples (``t_*``; ``t_dist``: the distances of
+    rows ``ref`` to the training set) and the real training samples (``r_feat``)."""
+    c_num = len(classes)
+    sy = np.asarray(syn_y)[keep]
     confusion, confusion_real = np.zeros((2, c_num, c_num), np.int64)
     np.add.at(confusion, (sy, s_pred), 1)
     np.add.at(confusion_real, (np.asarray(test_y), t_pred), 1)
@@ -155,35 +193,50 @@ def audit(syn_x, syn_y, train_x, train_y, test_x, test_y, judge, classes,
 
 
 def run(run_dir, cifar, ds, params: dict, device: str = "auto") -> dict:
-    """Audit ``run_dir/synthetic`` with the profile's judge; writes ``synthetic/audit.json``,
-    ``fig-audit.png``, ``fig-audit-confusion.png`` and ``fig-audit-closest.png``; returns
-    the audit."""
+    """Audit ``run_dir/synthetic``: images with the profile's judge, features (the
+    ``feature`` backend) in the run's backbone feature space. Writes
+    ``synthetic/audit.json`` (``space``: 'image' or 'feature'), ``fig-audit.png``,
+    ``fig-audit-confusion.png`` and, for images, ``fig-audit-closest.png``; returns the
+    audit."""
     from pathlib import Path
 
     import matplotlib.pyplot as plt
 
     from . import config, viz
-    from .generators import describe, load_synthetic, read_settings
+    from .generators import describe, feature, load_synthetic, read_settings, synthetic_space
 
     run_dir = Path(run_dir)
-    judge, judge_info = dataset.clean_classifier(
-        cifar, params["CLEAN_ARCH"], params["CLEAN_EPOCHS"], params.get("SEED") or 0, device,
-        params.get("CLEAN_PER_CLASS") or None)
+    seed = params.get("SEED") or 0
     syn_x, syn_y, _ = load_synthetic(run_dir)
-    test = dataset.balanced_subset(cifar.test_y, params["N_TEST_PER_CLASS"], params.get("SEED") or 0)
-    train_x = cifar.train_x[ds["indices"]]
+    test = dataset.balanced_subset(cifar.test_y, params["N_TEST_PER_CLASS"], seed)
+    train_x, test_x, test_y = cifar.train_x[ds["indices"]], cifar.test_x[test], cifar.test_y[test]
     settings = read_settings(run_dir)
-    result = audit(syn_x, syn_y, train_x, ds["labels"], cifar.test_x[test], cifar.test_y[test],
-                   judge, cifar.classes, params.get("AUDIT_PER_CLASS") or None,
-                   params.get("SEED") or 0, device)
+    space = synthetic_space(run_dir)
+    per_class = params.get("AUDIT_PER_CLASS") or None
+    figures = {}
+    if space == "feature":
+        net, meta = feature.load_backbone(run_dir, device)
+        judge_info = dict(meta.get("backbone") or {}, judge="the backbone's own classifier",
+                          arch=meta["arch"], file=f"generator/{feature.BACKBONE}")
+        result = feature_audit(syn_x, syn_y, feature.encode(net, train_x), ds["labels"],
+                               feature.encode(net, test_x), test_y, net.classifier,
+                               cifar.classes, per_class, seed, device)
+    else:
+        judge, judge_info = dataset.clean_classifier(
+            cifar, params["CLEAN_ARCH"], params["CLEAN_EPOCHS"], seed, device,
+            params.get("CLEAN_PER_CLASS") or None)
+        result = audit(syn_x, syn_y, train_x, ds["labels"], test_x, test_y, judge,
+                       cifar.classes, per_class, seed, device)
     result = dict(generator=settings.get("generator"), cond_labels=settings.get("cond_labels"),
-                  judge=judge_info, **result)
+                  space=space, judge=judge_info, **result)
     config.write_json(run_dir / "synthetic" / "audit.json", result)
     title = f"synthetic-data audit: {describe(settings)}"
-    for name, fig in (("fig-audit.png", audit_figure(result, cifar.classes, title)),
-                      ("fig-audit-confusion.png", confusion_figure(result, cifar.classes, title)),
-                      ("fig-audit-closest.png",
-                       closest_figure(result, syn_x, train_x, cifar.classes, title))):
+    figures["fig-audit.png"] = audit_figure(result, cifar.classes, title)
+    figures["fig-audit-confusion.png"] = confusion_figure(result, cifar.classes, title)
+    if space != "feature":
+        figures["fig-audit-closest.png"] = closest_figure(result, syn_x, train_x, cifar.classes,
+                                                          title)
+    for name, fig in figures.items():
         viz.save(fig, run_dir / name)
         plt.close(fig)
     return result
@@ -199,8 +252,9 @@ def table(result: dict):
 
 def compare(run_dirs):
     """A pandas DataFrame with one row per run directory (relative paths: from the project
-    root) with an audit (``synthetic/audit.json``): its generator,
-    conditioning labels, judge, images audited and the per-class metrics averaged over the
+    root) with an audit (``synthetic/audit.json``): its generator, conditioning labels,
+    space (image or feature: the metrics of the two are measured by different judges and
+    are not comparable), judge, samples audited and the per-class metrics averaged over the
     audited classes — the audit table of several backends on the same data."""
     import json
 
@@ -216,13 +270,21 @@ def compare(run_dirs):
         mean = lambda key: np.nanmean([np.nan if r[key] is None else r[key]  # noqa: E731
                                        for r in result["per_class"]])
         rows.append(dict(run=run.name, generator=result["generator"],
-                         cond_labels=result["cond_labels"], judge=result["judge"]["arch"],
+                         cond_labels=result["cond_labels"], space=result.get("space", "image"),
+                         judge=result["judge"]["arch"],
                          n_audited=result["overall"]["n_audited"],
                          judge_accuracy=result["overall"]["judge_accuracy"],
                          **{k: mean(k) for k in ("judge_accuracy_real", "fd_judge",
                                                  "fd_judge_real_train", "diversity")},
                          memorisation=result["overall"]["memorisation"]))
     return pd.DataFrame(rows).set_index("run") if rows else pd.DataFrame()
+
+
+def judge_names(result: dict) -> tuple[str, str]:
+    """(who judged, what the Fréchet distance is called) for an audit of images or features."""
+    if result.get("space") == "feature":
+        return "backbone classifier", "FD (backbone features)"
+    return "judge", "FD-judge"
 
 
 def audit_figure(result: dict, classes, title: str = ""):
@@ -233,12 +295,14 @@ def audit_figure(result: dict, classes, title: str = ""):
     names = [r["name"] for r in rows]
     x = np.arange(len(rows))
     val = lambda key: [np.nan if r[key] is None else r[key] for r in rows]  # noqa: E731
+    judge, fd = judge_names(result)
     fig, ax = plt.subplots(1, 4, figsize=(18, 4))
     confusion_panel(ax[0], result["confusion"], [r["label"] for r in rows], classes,
-                    "judge prediction (row-normalised)", "intended class")
+                    f"{judge} prediction (row-normalised)", "intended class", judge)
     for a, (key_s, key_r, label_s, label_r, name) in zip(ax[1:3], (
-            ("judge_accuracy", "judge_accuracy_real", "synthetic", "real test", "judge accuracy"),
-            ("fd_judge", "fd_judge_real_train", "synthetic", "real train", "FD-judge to real test"))):
+            ("judge_accuracy", "judge_accuracy_real", "synthetic", "real test",
+             f"{judge} accuracy"),
+            ("fd_judge", "fd_judge_real_train", "synthetic", "real train", f"{fd} to real test"))):
         a.bar(x - 0.2, val(key_s), 0.4, label=label_s, color="tab:orange")
         a.bar(x + 0.2, val(key_r), 0.4, label=label_r, color="tab:blue")
         a.set_xticks(x, names, rotation=45, ha="right", fontsize=7)
@@ -257,15 +321,15 @@ def audit_figure(result: dict, classes, title: str = ""):
     return fig
 
 
-def confusion_panel(ax, confusion, rows, classes, title: str, ylabel: str,
+def confusion_panel(ax, confusion, rows, classes, title: str, ylabel: str, judge: str = "judge",
                     counts: bool = False) -> None:
-    """Rows ``rows`` of a confusion matrix, coloured by row share; ``counts`` writes each
-    non-zero count into its cell."""
+    """Rows ``rows`` of a confusion matrix (columns: ``judge``'s class), coloured by row
+    share; ``counts`` writes each non-zero count into its cell."""
     shown = np.asarray(confusion, float)[rows]
     share = shown / np.maximum(shown.sum(1, keepdims=True), 1)
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto")
     ax.set(title=title, yticks=range(len(rows)), xticks=range(len(classes)),
-           xlabel="judge's class", ylabel=ylabel)
+           xlabel=f"{judge}'s class", ylabel=ylabel)
     ax.set_yticklabels([classes[r] for r in rows], fontsize=7)
     ax.set_xticklabels(classes, rotation=90, fontsize=7)
     if counts:
@@ -276,18 +340,21 @@ def confusion_panel(ax, confusion, rows, classes, title: str, ylabel: str,
 
 
 def confusion_figure(result: dict, classes, title: str = ""):
-    """Seed 002's check: the judge's predictions for the synthetic images of each intended
+    """Seed 002's check: the judge's predictions for the synthetic samples of each intended
     class (counts; a collapsed generator fills one column), beside the judge's confusion
-    on real test images (its own errors)."""
+    on real test samples (its own errors). For features the judge is the backbone's
+    classifier."""
     import matplotlib.pyplot as plt
 
+    judge, _ = judge_names(result)
+    kind = "features" if result.get("space") == "feature" else "images"
     rows = [r["label"] for r in result["per_class"]]
     fig, ax = plt.subplots(1, 2, figsize=(13, 0.45 * len(classes) + 2.2))
     confusion_panel(ax[0], result["confusion"], rows, classes,
-                    "synthetic images: judge prediction per intended class", "intended class",
-                    counts=True)
+                    f"synthetic {kind}: {judge} prediction per intended class", "intended class",
+                    judge, counts=True)
     confusion_panel(ax[1], result["confusion_real"], list(range(len(classes))), classes,
-                    "real test images: judge prediction per true class", "true class",
+                    f"real test {kind}: {judge} prediction per true class", "true class", judge,
                     counts=True)
     if title:
         fig.suptitle(title)

@@ -8,7 +8,8 @@ import sys
 
 from . import config
 
-BENCHED_GENERATORS = ("pixel", "gan")  # backends with a ``bench`` of their own (sd: synth)
+# backends with a ``bench`` of their own (sd: ``bench synth``)
+BENCHED_GENERATORS = ("pixel", "feature", "gan")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train: a training step; synth: Stable Diffusion; gen: a generator "
                             "backend; augment: the augmented views alone")
     bench.add_argument("--generator", default="pixel",
-                       help="backend timed by `bench gen` (pixel, gan; sd = `bench synth`)")
+                       help="backend timed by `bench gen` (pixel, feature, gan; "
+                            "sd = `bench synth`)")
     bench.add_argument("--profile", default="smoke", help=f"one of {config.PROFILES}")
     bench.add_argument("--device", default="auto", help=f"one of {config.DEVICES}")
     bench.add_argument("--batch-size", type=int, nargs="*", help="batch size(s) to time")

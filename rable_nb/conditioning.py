@@ -28,16 +28,20 @@ import numpy as np
 import torch
 
 from . import config, dataset, training
-from .networks import batched_logits, load_model, pick_device, save_model
+from .networks import BACKBONES, batched_logits, load_model, pick_device, save_model
 
 GEN_LABELS = ("pseudo", "oracle")
 WARMUP_TEST_PER_CLASS = 100  # the warm-up logs its test accuracy on this many per class
+# The warm-up's settings (profile defaults in config.PROFILE_DEFAULTS): shared by notebook 03
+# (generator conditioning) and notebook 04 (pseudo-labels of ``+unlabeled`` images).
+WARMUP_RULES = {"WARMUP_ARCH": config.one_of(sorted(BACKBONES)),
+                "WARMUP_EPOCHS": config.integer(1), "WARMUP_BATCH": config.integer(1),
+                "WARMUP_LR": config.number(0, low_open=True)}
 
 
 def validate(params: dict) -> None:
     """Clear ``ValueError`` for bad conditioning parameters."""
-    config.check(params, {"GEN_LABELS": config.one_of(GEN_LABELS),
-                          "WARMUP_EPOCHS": config.integer(1)})
+    config.check(params, {"GEN_LABELS": config.one_of(GEN_LABELS), **WARMUP_RULES})
 
 
 def _key(train_x: np.ndarray, candidates: np.ndarray, settings: dict) -> str:
@@ -84,15 +88,17 @@ def warmup(train_x, candidates, cifar, arch: str, epochs: int, batch_size: int, 
     return pseudo, trainer.net.eval(), info
 
 
-def cond_labels(kind: str, ds: dict, train_x, cifar, params: dict, device: str = "auto"):
+def cond_labels(kind: str, ds: dict, train_x, cifar, params: dict, device: str = "auto",
+                need_net: bool = False):
     """(conditioning labels, warm-up network or None, info) for ``GEN_LABELS=kind``.
 
     ``'pseudo'`` reads only images and candidate sets; ``'oracle'`` returns ``ds['labels']``.
-    The warm-up also runs for ``'oracle'`` when ``SYNTH_FILTER`` needs its network.
+    The warm-up also runs for ``'oracle'`` when ``SYNTH_FILTER`` or ``need_net`` (the
+    ``feature`` backend's backbone) needs its network.
     """
     validate({"GEN_LABELS": kind})
     net, info = None, {"gen_labels": kind}
-    if kind == "pseudo" or params.get("SYNTH_FILTER"):
+    if kind == "pseudo" or params.get("SYNTH_FILTER") or need_net:
         pseudo, net, wi = warmup(train_x, ds["candidates"], cifar, params["WARMUP_ARCH"],
                                  params["WARMUP_EPOCHS"], params["WARMUP_BATCH"],
                                  params["WARMUP_LR"], params.get("SEED") or 0, device)
@@ -114,7 +120,14 @@ def accuracy(cond, truth, num_classes: int) -> dict:
 
 
 def class_filter(net):
-    """``accept(samples, label)`` for ``SYNTH_FILTER``: the network predicts ``label``."""
+    """``accept(samples, label)`` for ``SYNTH_FILTER``: the network predicts ``label`` (for
+    feature vectors: the network's classifier head)."""
+    @torch.inference_mode()
     def accept(samples, label):
-        return (batched_logits(net, samples).argmax(1) == int(label)).cpu().numpy()
+        if np.ndim(samples) == 2:
+            dev = next(net.parameters()).device
+            logits = net.classifier(torch.as_tensor(samples, device=dev).float())
+        else:
+            logits = batched_logits(net, samples)
+        return (logits.argmax(1) == int(label)).cpu().numpy()
     return accept

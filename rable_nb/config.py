@@ -29,13 +29,18 @@ DEVICES = ("auto", "cpu", "cuda")
 # Profile defaults, applied to every parameter left at None.
 PROFILE_DEFAULTS: dict[str, dict] = {
     # N_MAX: images of the most frequent class; CLEAN_*: the classifier behind `instance`
-    # candidates (CLEAN_PER_CLASS 0 = the whole clean training set).
+    # candidates (CLEAN_PER_CLASS 0 = the whole clean training set); WARMUP_*: the
+    # intermediate ABLE model behind pseudo-labels (generator conditioning in notebook 03,
+    # `+unlabeled` images in notebook 04; rable_nb/conditioning.py).
     "smoke": dict(N_MAX=300, N_TEST_PER_CLASS=20, CLEAN_ARCH="tiny_cnn", CLEAN_EPOCHS=2,
-                  CLEAN_PER_CLASS=100),
+                  CLEAN_PER_CLASS=100, WARMUP_ARCH="tiny_cnn", WARMUP_EPOCHS=2,
+                  WARMUP_BATCH=64, WARMUP_LR=0.01),
     "quick": dict(N_MAX=5000, N_TEST_PER_CLASS=1000, CLEAN_ARCH="small_cnn", CLEAN_EPOCHS=3,
-                  CLEAN_PER_CLASS=1000),
+                  CLEAN_PER_CLASS=1000, WARMUP_ARCH="mini_cnn", WARMUP_EPOCHS=10,
+                  WARMUP_BATCH=128, WARMUP_LR=0.05),
     "paper": dict(N_MAX=5000, N_TEST_PER_CLASS=1000, CLEAN_ARCH="resnet18", CLEAN_EPOCHS=40,
-                  CLEAN_PER_CLASS=0),
+                  CLEAN_PER_CLASS=0, WARMUP_ARCH="resnet18", WARMUP_EPOCHS=100,
+                  WARMUP_BATCH=256, WARMUP_LR=0.01),
 }
 
 
@@ -177,7 +182,7 @@ def validate(params: dict) -> None:
 # Notebook (two-digit prefix) -> the rable_nb module that owns its parameters.
 NOTEBOOK_STAGES = {"00": "cost", "01": "dataset", "02": "captioning", "03": "generators",
                    "04": "training", "05": "predictions", "06": "embedding", "07": "demo",
-                   "08": "sweep"}
+                   "08": "sweep", "09": "study"}
 
 
 def stage_module(stage: str):

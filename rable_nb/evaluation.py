@@ -86,9 +86,14 @@ def write_metrics(run_dir, metrics: dict) -> Path:
     return path
 
 
+# What a method's metrics add about its own training: its config, and for methods trained on
+# synthetic images (``rable``) the generator, its conditioning labels and the top-up settings.
+PER_METHOD_PARAMS = ("train", "synthetic", "GENERATOR", "GEN_LABELS")
+
+
 def _shared_params(metrics: dict) -> dict:
-    """The parameters every method of one training run shares (all but its own config)."""
-    return {k: v for k, v in (metrics.get("params") or {}).items() if k != "train"}
+    """The parameters every method of one training run shares (all but ``PER_METHOD_PARAMS``)."""
+    return {k: v for k, v in (metrics.get("params") or {}).items() if k not in PER_METHOD_PARAMS}
 
 
 def current_metrics(run_dir) -> dict[str, dict]:

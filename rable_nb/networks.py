@@ -99,6 +99,29 @@ def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
     return standardize(to_unit(x_uint8))
 
 
+def _eval_batches(modules, x_uint8, batch: int | None, fn) -> list:
+    """``fn(x)`` for every batch ``x`` of uint8 images, normalised, with ``modules`` in
+    evaluation mode (restored afterwards). On CUDA: bf16 autocast, channels_last, batches of
+    ``EVAL_BATCH["cuda"]``, the images copied to the GPU once; on CPU: fp32."""
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    dev = next(modules[0].parameters()).device
+    cuda = dev.type == "cuda"
+    batch = batch or EVAL_BATCH["cuda" if cuda else "cpu"]
+    images = torch.as_tensor(x_uint8).to(dev)
+    out = []
+    for i in range(0, len(images), batch):
+        x = normalize(images[i:i + batch])
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+            out.append(fn(x))
+    for m, mode in zip(modules, was_training):
+        m.train(mode)
+    return out
+
+
 @torch.inference_mode()
 def batched_logits(net: nn.Module, x_uint8, log_prior: torch.Tensor | None = None,
                    batch: int | None = None) -> torch.Tensor:
@@ -110,23 +133,26 @@ def batched_logits(net: nn.Module, x_uint8, log_prior: torch.Tensor | None = Non
     of the result is the only wait. On CPU: fp32, batches of ``EVAL_BATCH["cpu"]``.
     Returns an inference tensor (no autograd).
     """
-    was_training = net.training
-    net.eval()
     dev = next(net.parameters()).device
-    cuda = dev.type == "cuda"
-    batch = batch or EVAL_BATCH["cuda" if cuda else "cpu"]
-    images = torch.as_tensor(x_uint8).to(dev)
     prior = log_prior.to(dev) if log_prior is not None else None
-    out = []
-    for i in range(0, len(images), batch):
-        x = normalize(images[i:i + batch])
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-            logits = net(x).float()
-        out.append(logits - prior if prior is not None else logits)
-    net.train(was_training)
-    return torch.cat(out)
+    out = _eval_batches([net], x_uint8, batch,
+                        lambda x: net(x).float() - prior if prior is not None else net(x).float())
+    return torch.cat(out) if out else torch.zeros(0, device=dev)
+
+
+@torch.inference_mode()
+def batched_features(backbone: nn.Module, classifier: nn.Module, x_uint8,
+                     batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float features, logits) of uint8 images: ``backbone`` then ``classifier``, both in
+    evaluation mode, batched as :func:`batched_logits` (bf16 autocast on CUDA)."""
+    def both(x):
+        f = backbone(x)
+        return f.float(), classifier(f).float()
+    out = _eval_batches([backbone, classifier], x_uint8, batch, both)
+    if not out:
+        dev = next(backbone.parameters()).device
+        return torch.zeros(0, backbone.feat_dim, device=dev), torch.zeros(0, device=dev)
+    return torch.cat([f for f, _ in out]), torch.cat([c for _, c in out])
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -148,7 +174,8 @@ def device_name(dev: torch.device) -> str:
 class PLLNet(nn.Module):
     """Backbone + linear classifier + projection head (feat→feat→ReLU→proj_dim, L2-normed).
 
-    ``forward`` returns logits; :meth:`embed` returns (features, logits, projections).
+    ``forward`` returns logits; :meth:`embed` returns (features, logits, projections) of
+    images, :meth:`heads` the same of backbone features.
     """
 
     def __init__(self, arch: str, num_classes: int = 10, proj_dim: int = 128):
@@ -160,7 +187,10 @@ class PLLNet(nn.Module):
         self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, proj_dim))
 
     def embed(self, x: torch.Tensor):
-        feats = self.backbone(x)
+        return self.heads(self.backbone(x))
+
+    def heads(self, feats: torch.Tensor):
+        """(features, logits, L2-normalised projections) of backbone features."""
         return feats, self.classifier(feats), nn.functional.normalize(self.head(feats), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

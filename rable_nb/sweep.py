@@ -7,12 +7,24 @@ A grid file (YAML, see ``examples/sweep-*.yaml``)::
     fixed: {METHODS: [able], EPOCHS: 2}        # the same for every point
     grid: {IMBALANCE_FACTOR: [0.1, 0.01], Q: [0.1, 0.3]}   # cartesian product
 
+Instead of (or besides) ``grid``, ``points`` lists points one by one, for studies whose
+points are not a product (``examples/sweep-study-quick.yaml``)::
+
+    points:                   # each entry: one point (its values win over `fixed`)
+      - {METHODS: [able, able+records]}
+      - {METHODS: [rable], GENERATOR: pixel, TARGET_PER_CLASS: 1000}
+
+With both, every grid combination runs with every listed point.
+
 Each point runs in its own directory ``<out>/<NNN>_<name>/`` and leaves ``point.json``
 (parameters, status, error). A failed point is recorded with its error and the sweep goes
 on; ``results.csv`` (one row per point: parameters, status, error, ambiguity, and
-``<method>/<metric>`` accuracies from ``metrics-<method>.json``) is rewritten after every
-point. A rerun skips points already ``done`` with the same parameters and retries the
-others (notebooks that finished inside an interrupted point are skipped too).
+``<method>/<metric>`` accuracies from ``metrics-<method>.json``, with ``<method>/n_test``,
+``<method>/n_synthetic`` and ``<method>/n_unlabeled``: the test images and the images added to
+the long tail; ``<method>/generator`` and ``<method>/gen_labels`` for methods trained on
+synthetic images) is rewritten after every point. A rerun skips points already ``done``
+with the same parameters and retries the others (notebooks that finished inside an
+interrupted point are skipped too).
 
 Executors: every point runs :func:`run_point` (its notebooks' output in ``point.log``) in
 its own process, ``parallel`` points at once on this machine with the visible GPUs handed out
@@ -45,8 +57,10 @@ from tqdm.auto import tqdm
 from . import config, evaluation, runner
 from .locks import DirLock, LockedError
 
-GRID_KEYS = {"profile", "notebooks", "fixed", "grid"}
+GRID_KEYS = {"profile", "notebooks", "fixed", "grid", "points"}
 METRICS = ("last", "best", "many", "medium", "few")
+COUNTS = ("n_test", "n_synthetic", "n_unlabeled")  # images behind a method's accuracies
+MARKS = ("generator", "gen_labels")  # how a method's synthetic images were made (rable)
 POINT_FILE = "point.json"
 LOG_FILE = "point.log"  # what a point's notebooks print (papermill's stdout/stderr)
 EXECUTORS = ("local", "ray")
@@ -75,15 +89,23 @@ def load_grid(path, notebook_dir: Path = runner.NOTEBOOK_DIR) -> dict:
     spec.setdefault("fixed", {})
     if spec["profile"] not in config.PROFILES:
         raise ValueError(f"{path}: profile {spec['profile']!r} is not one of {config.PROFILES}.")
-    grid = spec.get("grid")
-    if not isinstance(grid, dict) or not grid or not all(
-            isinstance(v, list) and v for v in grid.values()):
+    grid, listed = spec.get("grid"), spec.get("points")
+    if (grid is not None or listed is None) and (not isinstance(grid, dict) or not grid or not all(
+            isinstance(v, list) and v for v in grid.values())):
         raise ValueError(f"{path}: 'grid' must map parameter names to non-empty lists of values.")
+    if listed is not None and (not isinstance(listed, list) or not listed or not all(
+            isinstance(p, dict) and p for p in listed)):
+        raise ValueError(f"{path}: 'points' must be a non-empty list of mappings from parameter "
+                         "names to values.")
     if not isinstance(spec["fixed"], dict):
         raise ValueError(f"{path}: 'fixed' must map parameter names to values.")
+    grid, listed = grid or {}, listed or []
     overlap = set(grid) & set(spec["fixed"])
     if overlap:
         raise ValueError(f"{path}: {sorted(overlap)} appear in both 'grid' and 'fixed'.")
+    overlap = set(grid) & {k for p in listed for k in p}
+    if overlap:
+        raise ValueError(f"{path}: {sorted(overlap)} appear in both 'grid' and 'points'.")
     if spec.get("notebooks") is not None:  # "01,04", [1, 4] or 1 (YAML reads 01 as 1)
         nbs = spec["notebooks"]
         nbs = nbs if isinstance(nbs, list) else str(nbs).split(",")
@@ -91,7 +113,7 @@ def load_grid(path, notebook_dir: Path = runner.NOTEBOOK_DIR) -> dict:
                                      for n in nbs)
     notebooks = runner.select(spec.get("notebooks"), runner.list_notebooks(notebook_dir))
     known = set().union(*(runner.parameter_cell(nb) for nb in notebooks))
-    unknown = sorted((set(grid) | set(spec["fixed"])) - known)
+    unknown = sorted((set(grid) | set(spec["fixed"]) | {k for p in listed for k in p}) - known)
     if unknown:
         raise ValueError(f"{path}: unknown parameter(s) {unknown}; notebooks "
                          f"{[nb.name for nb in notebooks]} take {sorted(known)}.")
@@ -99,9 +121,19 @@ def load_grid(path, notebook_dir: Path = runner.NOTEBOOK_DIR) -> dict:
 
 
 def points(spec: dict) -> list[dict]:
-    """Parameter dicts of every grid point (grid values vary fastest in the last key)."""
-    names = list(spec["grid"])
-    return [dict(zip(names, values)) for values in itertools.product(*spec["grid"].values())]
+    """Parameter dicts of every grid point (grid values vary fastest in the last key), each
+    combined with every entry of ``points`` when the grid file lists any."""
+    grid = spec.get("grid") or {}
+    names = list(grid)
+    combos = [dict(zip(names, values)) for values in itertools.product(*grid.values())]
+    return [{**c, **p} for c in combos for p in spec.get("points") or [{}]]
+
+
+def point_columns(spec: dict, todo: list[dict]) -> list[dict]:
+    """Each point as ``results.csv`` shows it: every parameter some point sets, with this
+    point's value, else ``fixed``'s (``None``: the notebooks' default)."""
+    keys = list(dict.fromkeys(k for p in todo for k in p))
+    return [{k: p.get(k, spec["fixed"].get(k)) for k in keys} for p in todo]
 
 
 def point_name(i: int, point: dict) -> str:
@@ -112,12 +144,19 @@ def point_name(i: int, point: dict) -> str:
 
 def read_metrics(run_dir) -> dict:
     """``{"<method>/<metric>": value}`` of the run's current results
-    (``evaluation.current_metrics``: leftovers of other parameters are not read)."""
+    (``evaluation.current_metrics``: leftovers of other parameters are not read): the
+    accuracies ``METRICS`` and, where the metrics file has them, the ``COUNTS`` (test images:
+    the confusion matrix's total; synthetic and unlabeled images added to the long tail) and
+    the ``MARKS`` of synthetic images (their generator and conditioning labels)."""
     row = {}
     for method, m in evaluation.current_metrics(run_dir).items():
-        for key in METRICS:
-            value = m.get("accuracy", {}).get(key)
-            if isinstance(value, (int, float)):
+        params = m.get("params") or {}
+        values = {**{k: m.get("accuracy", {}).get(k) for k in METRICS},
+                  "n_test": int(np.sum(m["confusion"])) if "confusion" in m else None,
+                  "n_synthetic": m.get("n_synthetic"), "n_unlabeled": m.get("n_unlabeled"),
+                  "generator": params.get("GENERATOR"), "gen_labels": params.get("GEN_LABELS")}
+        for key, value in values.items():
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
                 row[f"{method}/{key}"] = value
     return row
 
@@ -377,8 +416,10 @@ def _run_points(spec: dict, out: Path, kernel: str, extra: dict | None, notebook
     out.mkdir(parents=True, exist_ok=True)
     config.write_json(out / "grid.json", spec)
     todo = points(spec)
+    shown = point_columns(spec, todo)
     records = [_record(out / point_name(i, point)) for i, point in enumerate(todo)]
-    rows = [_row(p, r, out / point_name(i, p)) for i, (p, r) in enumerate(zip(todo, records))]
+    rows = [_row(shown[i], r, out / point_name(i, p))
+            for i, (p, r) in enumerate(zip(todo, records))]
     write_results(out, rows)
     if extra:  # only what the grid's notebooks take (e.g. DATA_DIR)
         selected = runner.select(spec.get("notebooks"), runner.list_notebooks(notebook_dir))
@@ -412,13 +453,13 @@ def _run_points(spec: dict, out: Path, kernel: str, extra: dict | None, notebook
                         record["status"] != "done")
                     if record["status"] != "done":
                         tqdm.write(f"point {name} failed: {record['error'].splitlines()[0]}")
-                    rows[job["index"]] = _row(todo[job["index"]], record, Path(job["run_dir"]))
+                    rows[job["index"]] = _row(shown[job["index"]], record, Path(job["run_dir"]))
                     write_results(out, rows)
                     bar.update(1)
                 bar.set_postfix(done=done, failed=failed, running=len(running))
     except KeyboardInterrupt:  # points that finished while the workers were being stopped
         for job in jobs:
-            rows[job["index"]] = _row(todo[job["index"]], _record(Path(job["run_dir"])),
+            rows[job["index"]] = _row(shown[job["index"]], _record(Path(job["run_dir"])),
                                       Path(job["run_dir"]))
         write_results(out, rows)
         tqdm.write(f"interrupted: workers stopped; the {done} finished point(s) are kept in "
@@ -437,7 +478,8 @@ def long_format(results: pd.DataFrame) -> pd.DataFrame:
     methods = sorted({c.split("/")[0] for c in metric_cols})
     frames = []
     for method in methods:
-        cols = {f"{method}/{m}": m for m in METRICS if f"{method}/{m}" in done.columns}
+        cols = {f"{method}/{m}": m for m in METRICS + COUNTS + MARKS
+                if f"{method}/{m}" in done.columns}
         part = done[params + list(cols)].rename(columns=cols).assign(method=method)
         frames.append(part.dropna(subset=["last"]) if "last" in part else part.iloc[:0])
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -458,18 +500,22 @@ def _project_path(path) -> Path:
     return path if path.is_absolute() else config.PROJECT_ROOT / path
 
 
-def notebook_results(P: dict, kernel: str = "python3") -> tuple[pd.DataFrame | None, Path]:
-    """Notebook 08's sweep: (results, sweep directory).
+def notebook_results(P: dict, kernel: str = "python3", smoke_grid: str = SMOKE_GRID,
+                     default_dirs: dict[str, str] | None = None
+                     ) -> tuple[pd.DataFrame | None, Path]:
+    """A notebook's sweep (08; 09 with its own ``smoke_grid`` and ``default_dirs``):
+    (results, sweep directory).
 
     With ``SWEEP_GRID`` the grid is run (finished points are skipped) into ``SWEEP_DIR`` or
     ``RUN_DIR/sweep-<grid name>``; without, ``SWEEP_DIR``'s results are read. With neither:
-    the smoke profile runs the tiny ``examples/sweep-smoke.yaml``; quick and paper read
-    ``DEFAULT_SWEEP_DIRS[profile]`` and return ``(None, dir)`` when it holds no results yet
-    (a full pipeline run must not fail on the optional sweep).
+    the smoke profile runs the tiny ``smoke_grid`` (``examples/sweep-smoke.yaml``); quick and
+    paper read ``default_dirs[profile]`` (``DEFAULT_SWEEP_DIRS``) and return ``(None, dir)``
+    when it holds no results yet (a full pipeline run must not fail on the optional sweep).
     """
+    default_dirs = default_dirs or DEFAULT_SWEEP_DIRS
     grid = P.get("SWEEP_GRID")
     if grid is None and P.get("SWEEP_DIR") is None and P["PROFILE"] == "smoke":
-        grid = SMOKE_GRID
+        grid = smoke_grid
     if grid:
         grid = _project_path(grid)
         out = _project_path(P.get("SWEEP_DIR") or Path(P["RUN_DIR"]) / f"sweep-{grid.stem}")
@@ -477,7 +523,7 @@ def notebook_results(P: dict, kernel: str = "python3") -> tuple[pd.DataFrame | N
                   if P.get("DATA_DIR") else None)
         return read_results(out), out
     if P.get("SWEEP_DIR") is None:
-        out = _project_path(DEFAULT_SWEEP_DIRS[P["PROFILE"]])
+        out = _project_path(default_dirs[P["PROFILE"]])
         return (read_results(out) if (out / "results.csv").exists() else None), out
     out = _project_path(P["SWEEP_DIR"])
     return read_results(out), out

@@ -43,13 +43,19 @@ LT_RHO100_IMAGES = 12406  # CIFAR-10-LT, rho = 100, n_max = 5000
 
 # Stage defaults per profile (config.resolve(stage_defaults=...)); protocol L changes the
 # paper profile's epochs and batch size (see stage_defaults).
+# UNLABELED / RATIO / UNLABELED_THRESHOLD: the ``+unlabeled`` images (rable_nb/unlabeled.py):
+# how many (0 = all), at most RATIO per long-tailed image (the reference's 5; smoke: 1, to
+# stay small), confidence needed to train with the pseudo-label (0: always, as the reference).
+_UNLABELED = dict(UNLABELED=0, RATIO=5, UNLABELED_THRESHOLD=0.0)
 PROFILE_DEFAULTS: dict[str, dict] = {
-    "smoke": dict(ARCH="tiny_cnn", EPOCHS=2, BATCH_SIZE=64, LR=0.01, CHECKPOINT_EVERY=1),
+    "smoke": dict(_UNLABELED, ARCH="tiny_cnn", EPOCHS=2, BATCH_SIZE=64, LR=0.01,
+                  CHECKPOINT_EVERY=1, RATIO=1),
     # quick: a CPU comparison (supervised, proden, able, able+records at 25 epochs: 18.6 min
     # on an idle 2-core machine); the larger lr makes up for the short cosine schedule.
-    "quick": dict(ARCH="mini_cnn", EPOCHS=25, BATCH_SIZE=128, LR=0.05, CHECKPOINT_EVERY=1),
-    "paper": dict(ARCH="resnet18", EPOCHS=500, BATCH_SIZE=64, LR=0.01, CHECKPOINT_EVERY=10,
-                  PROTOCOL="R"),
+    "quick": dict(_UNLABELED, ARCH="mini_cnn", EPOCHS=25, BATCH_SIZE=128, LR=0.05,
+                  CHECKPOINT_EVERY=1),
+    "paper": dict(_UNLABELED, ARCH="resnet18", EPOCHS=500, BATCH_SIZE=64, LR=0.01,
+                  CHECKPOINT_EVERY=10, PROTOCOL="R"),
 }
 PROTOCOL_SETTINGS = {"R": dict(EPOCHS=500, BATCH_SIZE=64), "L": dict(EPOCHS=800, BATCH_SIZE=256)}
 PROTOCOL_RULE = config.one_of(sorted(PROTOCOL_SETTINGS))
@@ -115,14 +121,18 @@ def cosine_lr(cfg: TrainConfig, epoch: int) -> float:
 class Trainer:
     """Network, optimizer, confidences and method state of one method on one training set.
 
-    ``sample_weight`` (N, optional): per-image loss weights handed to the method.
-    ``graph``: run the steps as CUDA graphs (``cuda_graph.CapturedSteps``); on a CPU device
-    it falls back to the eager step (the same computation) with a note.
+    ``train_x``: uint8 images (N×H×W×3), or float feature vectors (N×D) of a backbone — then
+    every forward pass starts after the backbone (for methods whose ``inputs`` are
+    ``"features"``). ``sample_weight`` (N, optional): per-image loss weights handed to the
+    method. ``init_weights`` (optional): a network state dict every fresh network starts
+    from instead of a random initialisation (e.g. the backbone whose features ``train_x``
+    holds). ``graph``: run the steps as CUDA graphs (``cuda_graph.CapturedSteps``); on a
+    CPU device it falls back to the eager step (the same computation) with a note.
     """
 
     def __init__(self, cfg: TrainConfig, train_x, candidates, labels, device: str = "auto",
                  compile: bool = False, data_key: str = "", sample_weight=None,
-                 graph: bool = False):
+                 graph: bool = False, init_weights: dict | None = None):
         self.cfg, self.dev, self.data_key, self.compile = cfg, pick_device(device), data_key, compile
         if graph and compile:
             raise ValueError("GRAPH=True and COMPILE=True cannot be combined: choose one "
@@ -134,9 +144,14 @@ class Trainer:
             torch.set_flush_denormal(True)  # augmentations produce denormals: 10× slower
         self.method = methods.build(cfg)
         self.stages = self.method.stages()
-        self._build_model(cfg.seed)
+        self.init_weights = init_weights
         self.x = torch.as_tensor(np.asarray(train_x), device=self.dev)
-        self.x = self.x.permute(0, 3, 1, 2).contiguous()             # uint8 N×3×32×32
+        self.features_in = self.x.dim() == 2
+        if self.features_in:
+            self.x = self.x.float()                                    # N×D features
+        else:
+            self.x = self.x.permute(0, 3, 1, 2).contiguous()           # uint8 N×3×32×32
+        self._build_model(cfg.seed)
         self.cand = torch.as_tensor(np.asarray(candidates), device=self.dev).bool()
         self.labels = torch.as_tensor(np.asarray(labels), device=self.dev).long()
         self.weight = (None if sample_weight is None else
@@ -147,6 +162,7 @@ class Trainer:
         self.gen = torch.Generator(device=self.dev)   # re-seeded every epoch
         self.sums: dict[str, torch.Tensor] = {}        # the epoch's loss terms, on the device
         self.method.init_state(self)
+        self.preparation = self.method.prepare(self)  # e.g. SSP's pre-training (cached)
         self.graph = graph and self.dev.type == "cuda"
         if graph and not self.graph:
             print(f"GRAPH=True: CUDA graphs need a CUDA device; training on {self.dev.type} "
@@ -158,16 +174,23 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(seed)
         self.net = PLLNet(cfg.arch, cfg.num_classes).to(self.dev)
+        if self.init_weights is not None:
+            self.net.load_state_dict(self.init_weights)
+        for part in self.method.base.frozen:
+            self.net.get_submodule(part).requires_grad_(False)
         if self.dev.type == "cuda":
             self.net = self.net.to(memory_format=torch.channels_last)
         self.extra = torch.nn.ModuleDict(self.method.modules(self.net)).to(self.dev)
         net = self.net
+        encode = (lambda x: x) if self.features_in else net.backbone  # features: done already
 
         def features(x):
-            feats = net.backbone(x)
+            feats = encode(x)
             return feats, net.classifier(feats)
+        nets = {"logits": net.classifier if self.features_in else net, "features": features,
+                "embed": lambda x: net.heads(encode(x))}
         wrap = torch.compile if self.compile else (lambda fn: fn)
-        self._nets = {"logits": wrap(net), "features": wrap(features), "embed": wrap(net.embed)}
+        self._nets = {k: wrap(fn) for k, fn in nets.items()}
         self.opt = self._optimizer()
 
     def _optimizer(self) -> torch.optim.SGD:
@@ -187,8 +210,15 @@ class Trainer:
                 group["lr"] = lr
 
     def _parameters(self) -> list[torch.nn.Parameter]:
-        """Everything the optimizer trains: the network, then the method's modules."""
-        return [*self.net.parameters(), *self.extra.parameters()]
+        """Everything the optimizer trains: the network (but its frozen parts), then the
+        method's modules."""
+        return [p for p in [*self.net.parameters(), *self.extra.parameters()] if p.requires_grad]
+
+    def _train_mode(self) -> None:
+        """The network in training mode, its frozen parts in evaluation mode."""
+        self.net.train()
+        for part in self.method.base.frozen:
+            self.net.get_submodule(part).eval()
 
     # -- stages ---------------------------------------------------------------------------
     @property
@@ -218,6 +248,8 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.features_in:
+            return x
         x = standardize(x)
         return x.contiguous(memory_format=torch.channels_last) if self.dev.type == "cuda" else x
 
@@ -243,6 +275,11 @@ class Trainer:
             return {} if t is None else dict(zip(names, t.split(sizes)))
         feats, logits, proj = res
         return methods.Outputs(split(logits), split(feats), split(proj))
+
+    def batch_inputs(self, idx: torch.Tensor) -> torch.Tensor:
+        """The inputs of the samples ``idx`` as a step sees them: float images in [0, 1]
+        (N×3×H×W), or the feature vectors."""
+        return self.x[idx] if self.features_in else to_unit(self.x[idx])
 
     def log_prior(self) -> torch.Tensor | None:
         """The method's test-time log-prior (RECORDS), or None."""
@@ -270,7 +307,7 @@ class Trainer:
         views, forward, the method's losses, backward, optimizer step, confidence update,
         and the loss terms added to the epoch's sums (``self.sums``)."""
         batch = methods.Batch(
-            idx=idx, x=to_unit(self.x[idx]), cand=self.cand[idx], conf=self.conf[idx],
+            idx=idx, x=self.batch_inputs(idx), cand=self.cand[idx], conf=self.conf[idx],
             conf_table=self.conf, labels=self.labels[idx],
             weight=None if self.weight is None else self.weight[idx], gen=gen, epoch=epoch,
             step=step, stage=self.stage.name, net=self.net, forward=self.forward,
@@ -307,7 +344,7 @@ class Trainer:
         order = torch.randperm(n, device=self.dev, generator=gen)
         steps = n // cfg.batch_size
         terms: dict[str, torch.Tensor] = {}
-        self.net.train()
+        self._train_mode()
         t0 = time.time()
         bar = tqdm(range(steps), desc=f"{cfg.method} epoch {self.epoch + 1}/{self.total_epochs}",
                    unit="step", leave=False, disable=not progress)
@@ -399,6 +436,10 @@ def synthetic_candidates(labels: np.ndarray, ds_params: dict, kind: str, cifar, 
     seed = int(ds_params.get("SEED", 0)) + 1
     if ds_params["PARTIAL"] == "uniform":
         return dataset.uniform_candidates(labels, c, float(ds_params["Q"]), seed)
+    if np.ndim(x) != 4:
+        raise ValueError("SYNTHETIC_LABELS='partial' with PARTIAL='instance' draws candidates "
+                         "from a classifier's view of each image; synthetic features have "
+                         "none: use SYNTHETIC_LABELS='exact'.")
     info = ds_params["clean_classifier"]
     per_class = None if info["train_images"] >= len(cifar.train_y) else info["train_images"] // c
     net, _ = dataset.clean_classifier(cifar, info["arch"], info["epochs"], info["seed"], device,
@@ -408,27 +449,48 @@ def synthetic_candidates(labels: np.ndarray, ds_params: dict, kind: str, cifar, 
 
 
 def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int = 0,
-                 synthetic_labels: str = "exact", device: str = "auto") -> dict:
+                 synthetic_labels: str = "exact", device: str = "auto",
+                 params: dict | None = None, synth_weight: float = 1.0) -> dict:
     """Training images/candidates/labels (+ synthetic ones when the method's
-    ``data_sources`` ask for them, e.g. ``rable``) and the test set.
+    ``data_sources`` ask for them, e.g. ``rable``; + pseudo-labelled unlabeled ones for
+    ``unlabeled``, e.g. ``able+unlabeled``, with the settings in ``params``: see
+    ``rable_nb/unlabeled.py``) and the test set.
 
-    ``class_counts`` stays the real long tail's (it defines many/medium/few).
+    A method whose ``inputs`` are ``"features"`` (``rable-feature``) gets the features of the
+    run's backbone (``generator/backbone.safetensors``) instead of the images, and
+    ``init_weights``, that backbone's network. ``synth_weight`` (``SYNTH_WEIGHT``) is the
+    loss weight of every synthetic sample (``sample_weight``: 1 for real ones; left out
+    when it is 1). ``class_counts`` stays the real long tail's (it defines
+    many/medium/few). The labels of added images are their hidden truth, for the logs'
+    pseudo-label accuracy only.
     """
     ds = dataset.load_dataset(run_dir, cifar)
     x, cand, y = cifar.train_x[ds["indices"]], ds["candidates"], ds["labels"]
-    n_synth = 0
+    n_synth, fields, weight, init = 0, {"n_unlabeled": 0}, None, None
+    if "unlabeled" in methods.data_sources(method):
+        from . import unlabeled  # it imports the warm-up, which imports this module
+        u = unlabeled.pseudo_labelled(ds, cifar, {"SEED": seed, **(params or {})}, device)
+        x, cand = np.concatenate([x, u["x"]]), np.concatenate([cand, u["candidates"]])
+        y = np.concatenate([y, u["hidden"]])
+        fields = {"n_unlabeled": u["info"]["n"], "unlabeled": u["info"]}
+    if methods.inputs(method) == "features":
+        net, _ = generators.feature.load_backbone(run_dir, device)
+        x, init = generators.feature.encode(net, x), net.state_dict()
     if "synthetic" in methods.data_sources(method):
+        problem = synthetic_problem(method, run_dir)
+        if problem:
+            raise ValueError(f"{method!r} cannot run: {problem}")
         sx, sy, rows = generators.load_synthetic(run_dir)
-        if not rows:
-            raise FileNotFoundError(f"{Path(run_dir) / 'synthetic/manifest.jsonl'} is missing: "
-                                    f"run notebook 03 before training {method!r}.")
         sc = synthetic_candidates(sy, ds["params"], synthetic_labels, cifar, sx, device)
         x, cand, y = np.concatenate([x, sx]), np.concatenate([cand, sc]), np.concatenate([y, sy])
         n_synth = len(sy)
+        if synth_weight != 1:
+            weight = np.concatenate([np.ones(len(y) - n_synth), np.full(n_synth, synth_weight)])
     test = dataset.balanced_subset(cifar.test_y, n_test_per_class, seed)
     return dict(train_x=x, candidates=cand, labels=y, test_x=cifar.test_x[test],
                 test_y=cifar.test_y[test], class_counts=ds["class_counts"],
-                n_synthetic=n_synth, dataset_params=ds["params"])
+                n_synthetic=n_synth, dataset_params=ds["params"], fields=fields,
+                sample_weight=weight, init_weights=init)
 
 
 # -- a whole run --------------------------------------------------------------------------
@@ -439,7 +501,7 @@ def train(cfg: TrainConfig, data: dict, out_dir, device: str = "auto", compile: 
 
     ``stop_after``: stop once this many epochs are done in total, counting every stage (to
     split a run across commands). ``data`` may carry ``sample_weight`` (per-image loss
-    weights). ``graph``: CUDA-graph steps (see :class:`Trainer`). Writes
+    weights) and ``init_weights`` (the network's starting weights). ``graph``: CUDA-graph steps (see :class:`Trainer`). Writes
     ``logs/<method>.jsonl`` every epoch. Returns a dict with the trainer,
     history, final evaluation (and the test-time-adjusted one when the method has a
     test-time log-prior, e.g. RECORDS), and timing.
@@ -448,7 +510,7 @@ def train(cfg: TrainConfig, data: dict, out_dir, device: str = "auto", compile: 
     state_path = out / "checkpoints" / f"{cfg.method}-state.safetensors"
     trainer = Trainer(cfg, data["train_x"], data["candidates"], data["labels"], device, compile,
                       data_key=data_fingerprint(data), sample_weight=data.get("sample_weight"),
-                      graph=graph)
+                      graph=graph, init_weights=data.get("init_weights"))
     resumed = trainer.load_state(state_path)
     if not resumed:  # results of an earlier, different run must not pass for this one
         for stale in (out / "checkpoints" / f"{cfg.method}.safetensors",
@@ -491,12 +553,17 @@ def train(cfg: TrainConfig, data: dict, out_dir, device: str = "auto", compile: 
 
 
 def data_fingerprint(data: dict) -> str:
-    """Hash of the training images, candidates, labels (+ sample weights) and test labels."""
+    """Hash of the training images (or features), candidates, labels (+ sample weights and
+    starting weights) and test labels."""
     h = hashlib.sha1()
-    for key in ("train_x", "candidates", "labels", "test_y", "sample_weight"):
-        if data.get(key) is None:
+    arrays = [(key, data.get(key)) for key in ("train_x", "candidates", "labels", "test_y",
+                                               "sample_weight")]
+    arrays += [(f"init.{k}", v.detach().cpu().numpy())
+               for k, v in sorted((data.get("init_weights") or {}).items())]
+    for key, arr in arrays:
+        if arr is None:
             continue
-        arr = np.ascontiguousarray(data[key])
+        arr = np.ascontiguousarray(arr)
         h.update(f"{key}{arr.shape}{arr.dtype}".encode())
         h.update(arr.tobytes())
     return h.hexdigest()
@@ -522,11 +589,14 @@ def protocol_name(P: dict, ds_params: dict) -> str:
     return "custom"
 
 
-def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int = 0) -> dict:
+def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int = 0,
+           fields: dict | None = None) -> dict:
     """Write the final model checkpoint and ``metrics-<method>.json``; returns the metrics.
 
-    ``accuracy`` uses the network's logits; ``accuracy_adjusted`` (methods with a test-time
-    log-prior, i.e. RECORDS) subtracts it, as the official RECORDS code evaluates —
+    ``fields``: more top-level fields (``prepare_data``'s: ``n_unlabeled`` and the
+    ``unlabeled`` block). What the method's ``prepare`` recorded (SSP's pre-training) goes to
+    ``preparation``. ``accuracy`` uses the network's logits; ``accuracy_adjusted`` (methods
+    with a test-time log-prior, i.e. RECORDS) subtracts it, as the official RECORDS code evaluates —
     ``comparable_to_published`` names the one to compare with published numbers. "best"
     is the maximum over the epochs of the final stage (the test set is used for it).
     """
@@ -550,6 +620,7 @@ def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int 
         "base_method": base, "modifiers": modifiers,
         "stages": [{"name": st.name, "epochs": st.epochs} for st in trainer.stages],
         "epochs_done": trainer.epoch, "n_train": len(trainer.labels), "n_synthetic": n_synthetic,
+        **(fields or {}), **({"preparation": trainer.preparation} if trainer.preparation else {}),
         "confusion": result["final"]["confusion"],
         "device": device_name(trainer.dev), "cuda_graph": trainer.graph,
         "wall_s": result["wall_s"], "images_per_s": result["images_per_s"],
@@ -564,11 +635,20 @@ def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int 
 
 
 def config_from_params(method: str, P: dict, num_classes: int = 10) -> TrainConfig:
-    """TrainConfig from resolved notebook parameters (upper-case names)."""
+    """TrainConfig from resolved notebook parameters (upper-case names). ``SSP_EPOCHS``,
+    when given, sets ``METHOD_PARAMS['ssp']['epochs']``."""
     return TrainConfig(method=method, arch=P["ARCH"], epochs=P["EPOCHS"],
                        batch_size=P["BATCH_SIZE"], lr=float(P.get("LR") or 0.01), seed=P["SEED"],
                        faithful_bug=bool(P.get("FAITHFUL_BUG", False)),
-                       method_params=P.get("METHOD_PARAMS") or {}, num_classes=num_classes)
+                       method_params=method_params(P), num_classes=num_classes)
+
+
+def method_params(P: dict) -> dict:
+    """``METHOD_PARAMS`` with the named shortcuts applied (``SSP_EPOCHS``)."""
+    out = dict(P.get("METHOD_PARAMS") or {})
+    if P.get("SSP_EPOCHS") is not None:
+        out["ssp"] = {**out.get("ssp", {}), "epochs": P["SSP_EPOCHS"]}
+    return out
 
 
 # -- benchmark ----------------------------------------------------------------------------
@@ -680,12 +760,15 @@ def validate(P: dict) -> None:
         if not isinstance(P["METHOD_PARAMS"], dict):
             raise ValueError(f"METHOD_PARAMS={P['METHOD_PARAMS']!r} is invalid: METHOD_PARAMS "
                              "must be a dict {piece: {parameter: value}}.")
-        try:
-            for name in names or []:
+        try:  # without METHODS: against every method notebook 04 may default to
+            for name in names or ["able", "rable", "rable-feature"]:
                 TrainConfig(method=name, method_params=P["METHOD_PARAMS"])
         except ValueError as err:
             raise ValueError(f"METHOD_PARAMS={P['METHOD_PARAMS']!r} is invalid: {err}") from None
-    config.check(P, {
+    from .conditioning import WARMUP_RULES  # it imports this module
+    config.check(P, {**WARMUP_RULES,
+        "SSP_EPOCHS": config.integer(1), "UNLABELED": config.integer(0),
+        "RATIO": config.number(0, low_open=True), "UNLABELED_THRESHOLD": config.number(0, 1),
         "ARCH": config.one_of(sorted(BACKBONES)),
         "PROTOCOL": PROTOCOL_RULE,
         "SYNTHETIC_LABELS": config.one_of(SYNTHETIC_LABELS),
@@ -694,7 +777,7 @@ def validate(P: dict) -> None:
         "STOP_AFTER": config.integer(1),
         "N_TEST_PER_CLASS": config.integer(1),
         "FAITHFUL_BUG": config.BOOLEAN, "COMPILE": config.BOOLEAN, "GRAPH": config.BOOLEAN,
-        "ALLOW_SKIP": config.BOOLEAN,
+        "ALLOW_SKIP": config.BOOLEAN, "SYNTH_WEIGHT": config.number(0),
     })
     n = dataset.num_images(P.get("dataset") or {})
     if n is not None and config.is_int(P.get("BATCH_SIZE")) and P["BATCH_SIZE"] > n:
@@ -706,21 +789,49 @@ def validate(P: dict) -> None:
                          "graph records the eager step).")
 
 
+def default_methods(run_dir) -> list[str]:
+    """Notebook 04's ``METHODS`` when none are given: ABLE and RABLE on the run's synthetic
+    samples — ``rable`` for images, ``rable-feature`` for the ``feature`` backend's
+    features."""
+    space = generators.synthetic_space(run_dir)
+    return ["able", "rable-feature" if space == "feature" else "rable"]
+
+
+def synthetic_problem(method: str, run_dir) -> str | None:
+    """Why ``method``'s synthetic data source is not usable in ``run_dir``, or None: none
+    made yet, or samples of the other kind (features for an image method, images for a
+    feature method)."""
+    space = generators.synthetic_space(run_dir)
+    folder = Path(run_dir) / "synthetic"
+    if space is None:
+        return f"no synthetic images or features in {folder} yet; run notebook 03 first"
+    made = generators.read_settings(run_dir).get("generator")
+    if methods.inputs(method) == "features" and space != "feature":
+        return (f"it fine-tunes a classifier head on backbone features, and {folder} holds "
+                f"images of GENERATOR={made!r}: run notebook 03 with GENERATOR='feature'")
+    if methods.inputs(method) == "images" and space == "feature":
+        return (f"it trains on images, and {folder} holds backbone features of "
+                f"GENERATOR={made!r}: use 'rable-feature' (or rerun notebook 03 with an "
+                "image generator: pixel, copy, sd)")
+    return None
+
+
 def runnable_methods(names, run_dir, allow_skip: bool = False
                      ) -> tuple[list[str], dict[str, str]]:
     """Split method ``names`` into those that can run now and {name: reason} for the rest
-    (methods that need synthetic images before notebook 03 made any).
+    (methods that need synthetic samples before notebook 03 made any, or samples of the
+    other kind: see :func:`synthetic_problem`).
 
     A method that cannot run is an error (``ValueError`` giving the reason) unless
     ``allow_skip`` (the ``ALLOW_SKIP`` parameter) says to leave it out.
     """
     validate({"METHODS": list(names)})
     skipped = {}
-    has_synthetic = bool(generators.manifest_rows(run_dir))
     for name in names:
-        if "synthetic" in methods.data_sources(name) and not has_synthetic:
-            skipped[name] = (f"no synthetic images in {Path(run_dir) / 'synthetic'} yet; run "
-                             "notebook 03 first")
+        problem = ("synthetic" in methods.data_sources(name)
+                   and synthetic_problem(name, run_dir))
+        if problem:
+            skipped[name] = problem
     if skipped and not allow_skip:
         raise ValueError("; ".join(f"METHODS has {m!r}, which cannot run: {why}"
                                    for m, why in skipped.items())
@@ -731,7 +842,8 @@ def runnable_methods(names, run_dir, allow_skip: bool = False
 def run_method(method: str, P: dict, cifar, progress: bool = True) -> dict:
     """Prepare data, train (resuming), write checkpoint + metrics; returns the metrics."""
     data = prepare_data(P["RUN_DIR"], cifar, method, P["N_TEST_PER_CLASS"], P["SEED"],
-                        P.get("SYNTHETIC_LABELS") or "exact", P["DEVICE"])
+                        P.get("SYNTHETIC_LABELS") or "exact", P["DEVICE"], P,
+                        1.0 if P.get("SYNTH_WEIGHT") is None else P["SYNTH_WEIGHT"])
     cfg = config_from_params(method, P, cifar.num_classes)
     result = train(cfg, data, P["RUN_DIR"], P["DEVICE"], bool(P.get("COMPILE")),
                    P["CHECKPOINT_EVERY"], P.get("STOP_AFTER"), progress, bool(P.get("GRAPH")))
@@ -744,5 +856,5 @@ def run_method(method: str, P: dict, cifar, progress: bool = True) -> dict:
     marks = (dict(GENERATOR=synthetic.get("generator"), GEN_LABELS=synthetic.get("cond_labels"),
                   synthetic=synthetic) if synthetic else {})
     metrics = finish(result, P["RUN_DIR"], {**P, "dataset": data["dataset_params"], **marks},
-                     protocol_name(P, data["dataset_params"]), data["n_synthetic"])
+                     protocol_name(P, data["dataset_params"]), data["n_synthetic"], data["fields"])
     return metrics

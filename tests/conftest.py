@@ -18,6 +18,21 @@ def cifar_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_long_tail(cifar_dir):
+    """(cifar, dataset dict, images): 131 training images in a 10-class long tail with
+    uniform candidate sets (q = 0.3)."""
+    import numpy as np
+
+    from rable_nb import dataset
+    cifar = data.load_cifar10(cifar_dir)
+    idx = dataset.long_tail_indices(cifar.train_y, [40, 30, 20, 15, 10, 8, 6, 5, 4, 3], 0)
+    labels = cifar.train_y[idx]
+    ds = dict(indices=idx, labels=labels, candidates=dataset.uniform_candidates(labels, 10, 0.3, 0),
+              class_counts=np.bincount(labels, minlength=10))
+    return cifar, ds, cifar.train_x[idx]
+
+
+@pytest.fixture(scope="session")
 def run_notebooks(cifar_dir):
     """Callable: execute notebooks (``only='01,04'``) in smoke into ``out``; returns the dir."""
     def _run(only: str, out: Path, **params) -> Path:

@@ -2,19 +2,14 @@
 import numpy as np
 import pytest
 
-from rable_nb import conditioning, data, dataset, training
+from rable_nb import conditioning, training
 
 PARAMS = dict(WARMUP_ARCH="tiny_cnn", WARMUP_EPOCHS=1, WARMUP_BATCH=32, WARMUP_LR=0.01, SEED=0)
 
 
-@pytest.fixture(scope="module")
-def small(cifar_dir):
-    cifar = data.load_cifar10(cifar_dir)
-    idx = dataset.long_tail_indices(cifar.train_y, [40, 30, 20, 15, 10, 8, 6, 5, 4, 3], 0)
-    labels = cifar.train_y[idx]
-    ds = dict(indices=idx, labels=labels, candidates=dataset.uniform_candidates(labels, 10, 0.3, 0),
-              class_counts=np.bincount(labels, minlength=10))
-    return cifar, ds, cifar.train_x[idx]
+@pytest.fixture
+def small(small_long_tail):
+    return small_long_tail
 
 
 def test_pseudo_labels_never_read_the_hidden_labels(small, tmp_path, monkeypatch):

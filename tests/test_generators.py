@@ -177,7 +177,7 @@ def test_pixel_fit_split_by_a_step_budget_equals_an_uninterrupted_fit(tmp_path):
     assert not first["done"] and first["steps"] == 2
     rest = part.fit(x, LABELS, COUNTS, P, tmp_path / "b")
     assert rest["done"] and rest["resumed"] and rest["steps_this_call"] == 2
-    a, b = whole.unet.state_dict(), part.unet.state_dict()
+    a, b = whole.model.state_dict(), part.model.state_dict()
     assert all((a[k] == b[k]).all() for k in a)
     assert [r["loss"] for r in first["log"]] == [r["loss"] for r in rest["log"][:1]]
     again = generators.get("pixel")  # a finished fit is loaded, not retrained

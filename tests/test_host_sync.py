@@ -44,6 +44,23 @@ def host_read_guard(monkeypatch):
         yield counter
 
 
+@contextlib.contextmanager
+def epoch_guard(monkeypatch):
+    """:func:`host_read_guard` around training epochs, except the epoch's one read-out
+    (``Trainer._read_epoch``)."""
+    read_epoch = training.Trainer._read_epoch
+    with host_read_guard(monkeypatch) as guard:
+        def unguarded_read(self, *args):
+            guard.counting = False
+            try:
+                return read_epoch(self, *args)
+            finally:
+                guard.counting = True
+        monkeypatch.setattr(training.Trainer, "_read_epoch", unguarded_read)
+        yield guard
+    monkeypatch.setattr(training.Trainer, "_read_epoch", read_epoch)
+
+
 def small_data(n=48, seed=0):
     rng = np.random.default_rng(seed)
     y = np.arange(n) % 10
@@ -57,16 +74,8 @@ def test_an_epoch_reads_nothing_back_and_keeps_its_tensors_in_place(monkeypatch,
     cfg = training.TrainConfig(method=name, epochs=3, batch_size=16,   # 3 steps per epoch
                                method_params={"solar": {"queue_batches": 2, "est_epochs": 1}})
     tr = training.Trainer(cfg, x, cand, y, "cpu", sample_weight=np.linspace(0.5, 1, len(y)))
-    read_epoch = training.Trainer._read_epoch
     bound, stage = {}, None
-    with host_read_guard(monkeypatch) as guard:
-        def unguarded_read(self, *args):
-            guard.counting = False
-            try:
-                return read_epoch(self, *args)
-            finally:
-                guard.counting = True
-        monkeypatch.setattr(training.Trainer, "_read_epoch", unguarded_read)
+    with epoch_guard(monkeypatch) as guard:
         rows = []
         for _ in range(tr.total_epochs):
             rows.append(tr.train_epoch(progress=False))

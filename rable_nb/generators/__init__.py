@@ -9,7 +9,9 @@
 - ``pixel``: a class-conditional flow-matching UNet trained from scratch on the long tail;
 - ``gan``: seed 002's GAN rebalancing, a BAGAN-style class-conditional GAN with a gradient
   penalty (autoencoder first, class Gaussians in its code space), trained from scratch;
-- ``copy``: the control — random oversampling of the real images at the same counts.
+- ``copy``: the control — random oversampling of the real images at the same counts;
+- ``feature``: LDMLR-style diffusion over the features of a backbone (the ABLE warm-up);
+  its samples are feature vectors, for the head fine-tuning of method ``rable-feature``.
 
 Profile defaults: ``smoke`` uses ``pixel`` (a tiny UNet, seconds on a CPU), ``quick`` uses
 ``copy`` (a CPU cannot sample 37,594 images of a UNet in the quick budget; ``pixel`` and
@@ -21,8 +23,7 @@ pixel`` or ``gan`` where no Stable Diffusion weights exist). The trainable backe
 from __future__ import annotations
 
 from .. import captioning, config
-from ..networks import BACKBONES
-from . import copy, gan, pixel, sd
+from . import copy, feature, gan, pixel, sd
 from .base import Generator, slot_seed
 from .fitting import loss_figure
 from .topup import (REPORT_TOPUP, describe, load_synthetic, manifest_rows, other_samples,
@@ -30,24 +31,23 @@ from .topup import (REPORT_TOPUP, describe, load_synthetic, manifest_rows, other
                     top_up, topup_plan)
 
 GENERATORS: dict[str, type[Generator]] = {"sd": sd.SD, "pixel": pixel.Pixel, "gan": gan.Gan,
-                                          "copy": copy.Copy}
+                                          "copy": copy.Copy, "feature": feature.Feature}
 
 # AUDIT_PER_CLASS: synthetic (and reference test) images audited per class, 0 = all.
 # COMPARE_RUNS: other run directories whose synthetic samples notebook 03 shows beside these.
+# The warm-up behind GEN_LABELS='pseudo' (WARMUP_*) is shared with notebook 04: its defaults
+# are in config.PROFILE_DEFAULTS, its rules in conditioning.WARMUP_RULES.
 _COMMON = dict(GEN_LABELS="pseudo", SYNTH_FILTER=False, SYNTH_FILTER_ATTEMPTS=10,
                COMPARE_RUNS=[])
 PROFILE_DEFAULTS: dict[str, dict] = {
-    "smoke": dict(_COMMON, GENERATOR="pixel", WARMUP_ARCH="tiny_cnn", WARMUP_EPOCHS=2,
-                  WARMUP_BATCH=64, WARMUP_LR=0.01, PIXEL_SAMPLE_BATCH=16, AUDIT_PER_CLASS=0,
+    "smoke": dict(_COMMON, GENERATOR="pixel", PIXEL_SAMPLE_BATCH=16, AUDIT_PER_CLASS=0,
                   TARGET_PER_CLASS=captioning.PROFILE_DEFAULTS["smoke"]["TARGET_PER_CLASS"]),
-    "quick": dict(_COMMON, GENERATOR="copy", WARMUP_ARCH="mini_cnn", WARMUP_EPOCHS=10,
-                  WARMUP_BATCH=128, WARMUP_LR=0.05, PIXEL_SAMPLE_BATCH=256, AUDIT_PER_CLASS=1000),
-    "paper": dict(_COMMON, GENERATOR="sd", WARMUP_ARCH="resnet18", WARMUP_EPOCHS=100,
-                  WARMUP_BATCH=256, WARMUP_LR=0.01, PIXEL_SAMPLE_BATCH=2048, AUDIT_PER_CLASS=0),
+    "quick": dict(_COMMON, GENERATOR="copy", PIXEL_SAMPLE_BATCH=256, AUDIT_PER_CLASS=1000),
+    "paper": dict(_COMMON, GENERATOR="sd", PIXEL_SAMPLE_BATCH=2048, AUDIT_PER_CLASS=0),
 }
 for _name, _defaults in PROFILE_DEFAULTS.items():
     _defaults.update({**sd.PROFILE_DEFAULTS[_name], **pixel.PROFILE_DEFAULTS[_name],
-                      **gan.PROFILE_DEFAULTS[_name]})
+                      **feature.PROFILE_DEFAULTS[_name], **gan.PROFILE_DEFAULTS[_name]})
 
 
 def get(name: str) -> Generator:
@@ -67,14 +67,35 @@ def validate(params: dict) -> None:
         "SYNTH_FILTER": config.BOOLEAN, "SYNTH_FILTER_ATTEMPTS": config.integer(1),
         "GEN_STOP_AFTER": config.integer(1), "PIXEL_SAMPLE_BATCH": config.integer(1),
         "AUDIT_PER_CLASS": config.integer(0),
-        "WARMUP_ARCH": config.one_of(sorted(BACKBONES)), "WARMUP_BATCH": config.integer(1),
-        "WARMUP_LR": config.number(0, low_open=True),
         "COMPARE_RUNS": (lambda v: isinstance(v, list) and all(config.PATH[0](x) for x in v),
                          "a list of run directories (paths), e.g. ['runs/smoke-copy']"),
     })
     sd.validate(params)
     pixel.validate(params)
+    feature.validate(params)
     gan.validate(params)
+
+
+def fit_inputs(generator: Generator, images, backbone, run_dir, info: dict | None = None):
+    """What ``generator.fit`` takes: the images themselves, or — for a feature-space backend —
+    their features under ``backbone`` (a ``PLLNet``), which is saved to
+    ``generator/backbone.safetensors`` (with ``info``) for the head fine-tuning and audit."""
+    if generator.space != "feature":
+        return images
+    if backbone is None:
+        raise ValueError(f"GENERATOR={generator.name!r} works on the features of a backbone: "
+                         "pass the warm-up network (conditioning.cond_labels(..., "
+                         "need_net=True)).")
+    feature.save_backbone(backbone, run_dir, info)
+    return feature.encode(backbone, images)
+
+
+def synthetic_space(run_dir) -> str | None:
+    """What the run's synthetic samples are ('image' or 'feature'), None when there are none."""
+    if not manifest_rows(run_dir):
+        return None
+    name = read_settings(run_dir).get("generator")
+    return GENERATORS[name].space if name in GENERATORS else "image"
 
 
 def topup_settings(generator: Generator, params: dict, cond_info: dict) -> dict:
@@ -93,7 +114,8 @@ def topup_settings(generator: Generator, params: dict, cond_info: dict) -> dict:
     return out
 
 
-__all__ = ["GENERATORS", "PROFILE_DEFAULTS", "REPORT_TOPUP", "Generator", "describe", "get",
-           "load_synthetic", "loss_figure", "manifest_rows", "other_samples", "pending",
-           "read_settings", "rebalanced_figure", "side_by_side", "slot_seed",
-           "synthetic_counts", "top_up", "topup_plan", "topup_settings", "validate"]
+__all__ = ["GENERATORS", "PROFILE_DEFAULTS", "REPORT_TOPUP", "Generator", "describe",
+           "fit_inputs", "get", "load_synthetic", "loss_figure", "manifest_rows",
+           "other_samples", "pending", "read_settings", "rebalanced_figure", "side_by_side",
+           "slot_seed", "synthetic_counts", "synthetic_space", "top_up", "topup_plan",
+           "topup_settings", "validate"]

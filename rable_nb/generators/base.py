@@ -12,8 +12,12 @@ or the hidden truth, see ``rable_nb.conditioning``) and then draws samples of a 
 - ``sample(label, n, seed)``: n samples of a class, drawn from the slot seeds of ``seed``.
 
 Samples are uint8 H×W×C images of the data's size and channels (CIFAR-10: 32×32×3;
-greyscale: C = 1; written as PNG) or 1-D feature vectors (written as ``.npy``). ``PARAMS`` names the notebook parameters that change a backend's output: they are
-recorded in ``synthetic/settings.json``, and a top-up is never extended under other values.
+greyscale: C = 1; written as PNG) or 1-D feature vectors (written as ``.npy``): ``space``
+says which (``'image'`` or ``'feature'``). A feature-space backend is fitted on the features
+of the run's backbone (``generators.fit_inputs``), and its samples serve methods that train
+on features (``rable-feature``). ``PARAMS`` names the notebook parameters that change a
+backend's output: they are recorded in ``synthetic/settings.json``, and a top-up is never
+extended under other values.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ class Generator:
 
     name = ""
     PARAMS: tuple[str, ...] = ()
+    space = "image"  # what a sample is: "image" or "feature" (a backbone's feature vector)
     suffix = ".png"  # file type of one sample in synthetic/<class>/
     batch = 64  # samples per ``generate`` call of a top-up (a backend's fit may set it)
 

@@ -65,10 +65,9 @@ from torch import nn
 
 from .. import config
 from ..networks import pick_device
-from .fitting import (StepTrainer, TrainedGenerator, crop_to, load_optimizer,
-                      optimizer_tensors, pad_to_multiple, padded_size, prefixed, to_signed,
-                      to_uint8, unprefixed)
-from .topup import REPORT_TOPUP
+from .fitting import (StepTrainer, TrainedGenerator, bench_report, crop_to, pad_to_multiple,
+                      padded_size, prefixed, time_fit_and_sample, to_signed, to_uint8,
+                      unprefixed)
 
 AUTOENCODERS = ("bagan", "scdl")
 BETAS = (0.5, 0.9)
@@ -225,11 +224,12 @@ class GanTrainer(StepTrainer):
         self.enc = Encoder(shape, p["GAN_CHANNELS"], p["GAN_LATENT"]).to(self.dev)
         self.dec = Decoder(shape, p["GAN_CHANNELS"], p["GAN_LATENT"]).to(self.dev)
         self.head = nn.Linear(self.enc.feat_dim, num_classes + 1).to(self.dev)
-        self.groups = {"ae": [*self.enc.parameters(), *self.dec.parameters()],
-                       "d": [*self.enc.trunk.parameters(), *self.head.parameters()],
-                       "g": list(self.dec.parameters())}
-        self.opts = {k: torch.optim.Adam(v, lr=p["GAN_LR"], betas=BETAS)
-                     for k, v in self.groups.items()}
+        self.networks = {"enc": self.enc, "dec": self.dec, "head": self.head}
+        groups = {"ae": [*self.enc.parameters(), *self.dec.parameters()],
+                  "d": [*self.enc.trunk.parameters(), *self.head.parameters()],
+                  "g": list(self.dec.parameters())}
+        self.optimizers = {f"optim_{k}": (torch.optim.Adam(v, lr=p["GAN_LR"], betas=BETAS), v)
+                           for k, v in groups.items()}
         latent = p["GAN_LATENT"]
         self.means = torch.zeros(num_classes, latent, device=self.dev)
         self.chol = torch.zeros(num_classes, latent, latent, device=self.dev)
@@ -266,16 +266,18 @@ class GanTrainer(StepTrainer):
         return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
 
     def _update(self, name: str, loss: torch.Tensor) -> None:
-        opt = self.opts[name]
+        opt, _ = self.optimizers[f"optim_{name}"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     # -- steps ----------------------------------------------------------------------------
+    def update(self, g: torch.Generator) -> dict:
+        return self.ae_step(g) if self.step_no < self.ae_steps else self.gan_step(g)
+
     def step(self) -> dict:
-        g = self.rng()
-        losses = self.ae_step(g) if self.step_no < self.ae_steps else self.gan_step(g)
-        self.step_no += 1
+        """One step of the current phase; the class Gaussians after the last autoencoder step."""
+        losses = super().step()
         if self.step_no == self.ae_steps:
             self.fit_gaussians()
         return losses
@@ -309,11 +311,12 @@ class GanTrainer(StepTrainer):
             gp = self.penalty(real, fake, g)
             self._update("d", d_ce + self.p["GAN_GP"] * gp)
         intended = torch.randint(0, c, (b,), device=self.dev, generator=g)
-        for p in self.groups["d"]:
+        d_params = self.optimizers["optim_d"][1]
+        for p in d_params:
             p.requires_grad_(False)
         g_ce = F.cross_entropy(self.discriminate(self.generate(intended, g)), intended)
         self._update("g", g_ce)
-        for p in self.groups["d"]:
+        for p in d_params:
             p.requires_grad_(True)
         return {"d_ce": d_ce.detach(), "gp": gp.detach(), "g_ce": g_ce.detach()}
 
@@ -328,56 +331,44 @@ class GanTrainer(StepTrainer):
         self.present.copy_(torch.as_tensor(present))
 
     # -- state ----------------------------------------------------------------------------
+    def gaussians(self) -> dict:
+        return {"means": self.means, "chol": self.chol, "present": self.present}
+
     def state(self) -> tuple[dict, dict]:
-        tensors = {k: v for name in ("enc", "dec", "head")
-                   for k, v in prefixed(name, getattr(self, name).state_dict()).items()}
-        tensors.update(means=self.means, chol=self.chol, present=self.present)
-        for name, opt in self.opts.items():
-            tensors.update(optimizer_tensors(opt, self.groups[name], f"optim_{name}"))
-        return tensors, {}
+        return self.gaussians(), {}
 
     def restore(self, tensors: dict, extra: dict) -> None:
-        for name in ("enc", "dec", "head"):
-            getattr(self, name).load_state_dict(unprefixed(name, tensors))
-        for name, opt in self.opts.items():
-            load_optimizer(opt, self.groups[name], tensors, f"optim_{name}")
-        for name in ("means", "chol", "present"):
-            getattr(self, name).copy_(tensors[name])
+        for name, t in self.gaussians().items():
+            t.copy_(tensors[name])
+
+    def finished(self) -> dict:
+        """The generator and the class Gaussians: what sampling needs."""
+        return {**prefixed("dec", self.dec.state_dict()), **self.gaussians()}
 
 
 class Gan(TrainedGenerator):
     """BAGAN-style class-conditional GAN with a gradient penalty (module docstring)."""
 
-    name = "gan"
+    name, prefix = "gan", "GAN"
     FIT_PARAMS = ("GAN_CHANNELS", "GAN_LATENT", "GAN_AE", "GAN_AE_STEPS", "GAN_STEPS",
                   "GAN_BATCH", "GAN_LR", "GAN_GP", "GAN_CRITIC", "SEED")
     PARAMS = FIT_PARAMS
-    CHECKPOINT_EVERY = "GAN_CHECKPOINT_EVERY"
     batch = 256
 
-    def check(self, params: dict) -> None:
+    def prepare(self, images, cond_labels, params: dict) -> None:
         validate(params)
 
     def trainer(self, images, cond_labels, params: dict) -> GanTrainer:
         return GanTrainer(images, cond_labels, self.num_classes, params,
                           int(params.get("SEED") or 0), str(self.dev))
 
-    def parameters(self, trainer: GanTrainer) -> int:
-        return sum(p.numel() for m in (trainer.enc, trainer.dec, trainer.head)
-                   for p in m.parameters())
-
-    def finish(self, trainer: GanTrainer) -> dict:
-        """The generator and the class Gaussians become the sampling model."""
-        self.dec, self.means, self.chol, self.present = (
-            trainer.dec.eval(), trainer.means, trainer.chol, trainer.present)
-        return {**prefixed("dec", self.dec.state_dict()), "means": self.means,
-                "chol": self.chol, "present": self.present}
-
     def load_weights(self, tensors: dict) -> None:
-        self.dec = Decoder(self.image_shape, self.p["GAN_CHANNELS"], self.p["GAN_LATENT"])
-        self.dec.load_state_dict(unprefixed("dec", tensors))
-        self.dec = self.dec.to(self.dev).eval()
-        self.means, self.chol, self.present = tensors["means"], tensors["chol"], tensors["present"]
+        """The generator (batch norm in evaluation mode) and the class Gaussians."""
+        dec = Decoder(self.data_shape, self.p["GAN_CHANNELS"], self.p["GAN_LATENT"])
+        dec.load_state_dict(unprefixed("dec", tensors))
+        self.dec = dec.to(self.dev).eval()
+        self.means, self.chol, self.present = (tensors[k].to(self.dev)
+                                               for k in ("means", "chol", "present"))
 
     @torch.inference_mode()
     def generate(self, label, seeds):
@@ -399,42 +390,34 @@ class Gan(TrainedGenerator):
 def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dict:
     """Training img/s of an autoencoder step and of a GAN step (``GAN_CRITIC``
     discriminator updates with the gradient penalty + one generator update; real images per
-    second) and sampling img/s of the profile's networks on random 32×32×3 data; projects
-    the profile's fit time and the report's 37,594-image top-up."""
+    second), their mix over the profile's fit (``train_images_per_s``) and sampling img/s
+    of the profile's networks on random 32×32×3 data; projects the profile's fit time and
+    the report's 37,594-image top-up."""
     from .sd import timed
 
     prof = PROFILE_DEFAULTS[profile]
     dev = pick_device(device)
-    cuda = dev.type == "cuda"
     rng = np.random.default_rng(0)
     rows = []
     for b in batch_sizes or [prof["GAN_BATCH"]]:
         images = rng.integers(0, 256, (max(4 * b, 512), 32, 32, 3), dtype=np.uint8)
         p = {**prof, "GAN_BATCH": b, "GAN_AE_STEPS": 1, "GAN_STEPS": 10 ** 9}
         tr = GanTrainer(images, rng.integers(0, 10, len(images)), 10, p, device=str(dev))
-        steps = 20 if cuda else 2
-        tr.step()  # the autoencoder step, then the Gaussians
-        ae_s = timed(lambda: [tr.ae_step(tr.rng()) for _ in range(steps)], dev)
-        tr.step()
-        gan_s = timed(lambda: [tr.step() for _ in range(steps)], dev)
+        steps = 20 if dev.type == "cuda" else 2
+        tr.step()  # the autoencoder phase's one step (a warm-up), then the Gaussians
+        ae_s = timed(lambda: [tr.ae_step(tr.rng()) for _ in range(steps)], dev)  # noqa: B023
         gen = Gan()
-        gen.dec, gen.means, gen.chol, gen.present = tr.dec.eval(), tr.means, tr.chol, tr.present
-        gen.dev = dev
-        seeds = list(range(b))
-        gen.generate(0, seeds)
-        sample_s = timed(lambda: gen.generate(0, seeds), dev, repeats=3)
-        rows.append(dict(batch_size=b, ae_images_per_s=round(steps * b / ae_s, 1),
-                         gan_images_per_s=round(steps * b / gan_s, 1),
+        gen.dev, gen.dec, gen.means, gen.chol, gen.present = (dev, tr.dec, tr.means, tr.chol,
+                                                              tr.present)
+        gan_s, sample_s = time_fit_and_sample(tr, lambda: gen.generate(0, range(b)),  # noqa: B023
+                                              steps)
+        ae, gan = steps * b / ae_s, steps * b / gan_s
+        mix = prof["GAN_AE_STEPS"] + prof["GAN_STEPS"]  # the profile's fit: ae, then gan steps
+        train = mix / (prof["GAN_AE_STEPS"] / ae + prof["GAN_STEPS"] / gan)
+        rows.append(dict(batch_size=b, ae_images_per_s=round(ae, 1),
+                         gan_images_per_s=round(gan, 1), train_images_per_s=round(train, 1),
                          sample_images_per_s=round(b / sample_s, 1)))
-    best = max(rows, key=lambda r: r["gan_images_per_s"])
-    fit_s = prof["GAN_BATCH"] * (prof["GAN_AE_STEPS"] / best["ae_images_per_s"]
-                                 + prof["GAN_STEPS"] / best["gan_images_per_s"])
-    return dict(bench="gen", generator="gan", profile=profile, device=str(dev),
-                gpu=torch.cuda.get_device_name(dev) if cuda else None,
-                parameters=Gan().parameters(tr), channels=prof["GAN_CHANNELS"],
-                latent=prof["GAN_LATENT"], critic=prof["GAN_CRITIC"], results=rows,
-                ae_images_per_s=best["ae_images_per_s"],
-                gan_images_per_s=best["gan_images_per_s"],
-                sample_images_per_s=best["sample_images_per_s"],
-                projected_fit_s=round(fit_s, 1), topup_images=REPORT_TOPUP,
-                projected_topup_s=round(REPORT_TOPUP / best["sample_images_per_s"], 1))
+    return bench_report("gan", profile, tr, rows, "images",
+                        (prof["GAN_AE_STEPS"] + prof["GAN_STEPS"]) * prof["GAN_BATCH"],
+                        channels=prof["GAN_CHANNELS"], latent=prof["GAN_LATENT"],
+                        critic=prof["GAN_CRITIC"])

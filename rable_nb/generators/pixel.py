@@ -45,10 +45,8 @@ import torch.nn.functional as F
 
 from .. import config
 from ..networks import pick_device
-from .fitting import (StepTrainer, TrainedGenerator, crop_to, load_optimizer,
-                      optimizer_tensors, pad_to_multiple, padded_size, prefixed, to_signed,
-                      to_uint8, unprefixed)
-from .topup import REPORT_TOPUP
+from .fitting import (StepFit, TrainedGenerator, bench_report, crop_to, pad_to_multiple,
+                      padded_size, time_fit_and_sample, to_signed, to_uint8)
 
 SAMPLERS = {"euler": 1, "midpoint": 2, "rk4": 4}  # torchdiffeq method: calls per step
 TIME_SCALE = 999  # t in [0, 1] → the UNet's timestep input
@@ -125,42 +123,37 @@ def build_unet(channels, layers: int, attention, num_classes: int, image_channel
                        num_class_embeds=num_classes + 1)
 
 
-def _unet_for(p: dict, num_classes: int, image_shape) -> tuple:
-    """(UNet for images of ``image_shape`` H×W×C, the factor their sides are padded to)."""
+def side_multiple(channels) -> int:
+    """What the image sides are padded to a multiple of: the UNet halves them len − 1 times."""
+    return 2 ** (len(channels) - 1)
+
+
+def _unet_for(p: dict, num_classes: int, image_shape):
+    """The profile's UNet for images of ``image_shape`` H×W×C."""
     h, w, c = image_shape
-    multiple = 2 ** (len(p["PIXEL_CHANNELS"]) - 1)  # the UNet halves len − 1 times
-    unet = build_unet(p["PIXEL_CHANNELS"], p["PIXEL_LAYERS"], p["PIXEL_ATTENTION"], num_classes,
-                      c, padded_size(max(h, w), multiple))
-    return unet, multiple
+    return build_unet(p["PIXEL_CHANNELS"], p["PIXEL_LAYERS"], p["PIXEL_ATTENTION"], num_classes,
+                      c, padded_size(max(h, w), side_multiple(p["PIXEL_CHANNELS"])))
 
 
-class PixelTrainer(StepTrainer):
-    """UNet, AdamW, EMA and data of one fit; ``step()`` is one optimisation step."""
+class PixelTrainer(StepFit):
+    """The UNet's flow-matching fit (see the module docstring); ``loss(g)`` is one batch."""
 
     desc = "pixel flow matching"
 
     def __init__(self, images, cond_labels, num_classes: int, p: dict, seed: int = 0,
                  device: str = "auto"):
-        from diffusers.training_utils import EMAModel
         from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
 
-        super().__init__(images, cond_labels, num_classes, p, seed, device, p["PIXEL_BALANCE"])
-        self.total_steps, self.batch = p["PIXEL_STEPS"], p["PIXEL_BATCH"]
         torch.manual_seed(seed)
-        unet, self.multiple = _unet_for(p, num_classes, np.asarray(images).shape[1:])
-        self.unet = unet.to(self.dev)
-        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=p["PIXEL_LR"], weight_decay=0.0)
-        self.ema = EMAModel(self.unet.parameters(), decay=p["PIXEL_EMA"], use_ema_warmup=True,
-                            power=2 / 3, foreach=True)
+        unet = _unet_for(p, num_classes, np.asarray(images).shape[1:])
+        self.multiple = side_multiple(p["PIXEL_CHANNELS"])
+        super().__init__(unet, images, cond_labels, num_classes, p, seed, device,
+                         lr=p["PIXEL_LR"], steps=p["PIXEL_STEPS"], batch=p["PIXEL_BATCH"],
+                         ema=p["PIXEL_EMA"], balance=p["PIXEL_BALANCE"])
         self.flow = ConditionalFlowMatcher(sigma=0.0)  # x_t = t·x₁ + (1 − t)·x₀, u_t = x₁ − x₀
 
-    def lr(self, step: int) -> float:
-        warmup = min(500, max(1, self.p["PIXEL_STEPS"] // 10))
-        return self.p["PIXEL_LR"] * min(1.0, (step + 1) / warmup)
-
-    def step(self) -> dict:
-        """One step; its randomness comes from a generator seeded by (seed, step)."""
-        b, dev, g = self.p["PIXEL_BATCH"], self.dev, self.rng()
+    def loss(self, g):
+        b, dev = self.batch, self.dev
         idx = torch.multinomial(self.w, b, replacement=True, generator=g)
         x = pad_to_multiple(to_signed(self.x[idx]), self.multiple)
         flip = torch.rand(b, device=dev, generator=g) < 0.5
@@ -171,76 +164,38 @@ class PixelTrainer(StepTrainer):
         t = torch.rand(b, device=dev, generator=g)
         t, xt, ut = self.flow.sample_location_and_conditional_flow(noise, x, t)
         with self.autocast():
-            pred = self.unet(xt, t * TIME_SCALE, class_labels=labels).sample
-        loss = F.mse_loss(pred.float(), ut)
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr(self.step_no)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
-        self.opt.step()
-        self.ema.step(self.unet.parameters())
-        self.step_no += 1
-        return {"loss": loss.detach()}
-
-    def state(self) -> tuple[dict, dict]:
-        params = list(self.unet.parameters())
-        ema = self.ema.state_dict()
-        tensors = {**prefixed("model", self.unet.state_dict()),
-                   **optimizer_tensors(self.opt, params, "optim"),
-                   **{f"ema.{i}": v for i, v in enumerate(ema.pop("shadow_params"))}}
-        return tensors, {"ema": ema}
-
-    def restore(self, tensors: dict, extra: dict) -> None:
-        params = list(self.unet.parameters())
-        self.unet.load_state_dict(unprefixed("model", tensors))
-        load_optimizer(self.opt, params, tensors, "optim")
-        ema = dict(extra["ema"], shadow_params=[tensors[f"ema.{i}"].clone()
-                                                for i in range(len(params))])
-        self.ema.load_state_dict(ema)
+            pred = self.model(xt, t * TIME_SCALE, class_labels=labels).sample
+        return F.mse_loss(pred.float(), ut)
 
 
 class Pixel(TrainedGenerator):
     """Class-conditional pixel-space flow matching (see the module docstring)."""
 
-    name = "pixel"
+    name, prefix = "pixel", "PIXEL"
     FIT_PARAMS = ("PIXEL_CHANNELS", "PIXEL_LAYERS", "PIXEL_ATTENTION", "PIXEL_STEPS",
                   "PIXEL_BATCH", "PIXEL_LR", "PIXEL_EMA", "PIXEL_CFG_DROP", "PIXEL_BALANCE",
                   "SEED")  # what changes the trained weights
     PARAMS = FIT_PARAMS + ("PIXEL_GUIDANCE", "PIXEL_SAMPLER", "PIXEL_SAMPLE_STEPS")
-    CHECKPOINT_EVERY = "PIXEL_CHECKPOINT_EVERY"
 
-    def check(self, params: dict) -> None:
+    def prepare(self, images, cond_labels, params: dict) -> None:
         validate(params)
-
-    def configure(self, params: dict) -> None:
         self.batch = params.get("PIXEL_SAMPLE_BATCH") or self.batch
+        self.multiple = side_multiple(self.p["PIXEL_CHANNELS"])
 
     def trainer(self, images, cond_labels, params: dict) -> PixelTrainer:
         return PixelTrainer(images, cond_labels, self.num_classes, params,
                             int(params.get("SEED") or 0), str(self.dev))
 
-    def parameters(self, trainer: PixelTrainer) -> int:
-        return sum(p.numel() for p in trainer.unet.parameters())
-
-    def finish(self, trainer: PixelTrainer) -> dict:
-        """The EMA weights become the sampling model."""
-        trainer.ema.copy_to(trainer.unet.parameters())
-        self.unet, self.multiple = trainer.unet.eval(), trainer.multiple
-        return self.unet.state_dict()
-
-    def load_weights(self, tensors: dict) -> None:
-        unet, self.multiple = _unet_for(self.p, self.num_classes, self.image_shape)
-        unet.load_state_dict(tensors)
-        self.unet = unet.to(self.dev).eval()
+    def build_model(self):
+        return _unet_for(self.p, self.num_classes, self.data_shape)
 
     @torch.inference_mode()
     def generate(self, label, seeds):
-        h, w, c = self.image_shape
+        h, w, c = self.data_shape
         shape = (c, padded_size(h, self.multiple), padded_size(w, self.multiple))
         z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
                          for s in seeds]).to(self.dev)
-        images = integrate(self.unet, z, label, self.num_classes, float(self.p["PIXEL_GUIDANCE"]),
+        images = integrate(self.model, z, label, self.num_classes, float(self.p["PIXEL_GUIDANCE"]),
                            self.p["PIXEL_SAMPLER"], self.p["PIXEL_SAMPLE_STEPS"])
         return to_uint8(crop_to(images, h, w)), [{} for _ in seeds]
 
@@ -273,42 +228,25 @@ def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dic
     """Training img/s (full step: balanced batch, noise, bf16 forward on CUDA, AdamW, EMA)
     and sampling img/s (the profile's sampler, steps and guidance) of the profile's UNet on
     random data; projects the profile's fit time and the report's 37,594-image top-up."""
-    from .sd import timed
-
     p = {**PROFILE_DEFAULTS[profile], "PIXEL_STEPS": 1000}
     dev = pick_device(device)
-    cuda = dev.type == "cuda"
     rng = np.random.default_rng(0)
     rows = []
-    for b in batch_sizes or [PROFILE_DEFAULTS[profile]["PIXEL_BATCH"]]:
+    for b in batch_sizes or [p["PIXEL_BATCH"]]:
         images = rng.integers(0, 256, (max(4 * b, 512), 32, 32, 3), dtype=np.uint8)
         tr = PixelTrainer(images, rng.integers(0, 10, len(images)), 10,
                           {**p, "PIXEL_BATCH": b}, device=str(dev))
-        steps = 20 if cuda else 2
-        tr.step()
-        train_s = timed(lambda: [tr.step() for _ in range(steps)], dev)
-        tr.unet.eval()
-        z = torch.randn(b, 3, 32, 32, device=dev)
-        run = lambda: integrate(tr.unet, z, 0, 10, p["PIXEL_GUIDANCE"],  # noqa: E731
-                                p["PIXEL_SAMPLER"], p["PIXEL_SAMPLE_STEPS"])
-        with torch.inference_mode():
-            run()
-            sample_s = timed(run, dev, repeats=1 if cuda else 2)
+        z, steps = torch.randn(b, 3, 32, 32, device=dev), 20 if dev.type == "cuda" else 2
+        train_s, sample_s = time_fit_and_sample(tr, lambda: integrate(  # noqa: B023
+            tr.model, z, 0, 10, p["PIXEL_GUIDANCE"], p["PIXEL_SAMPLER"],
+            p["PIXEL_SAMPLE_STEPS"]), steps)
         evals = (p["PIXEL_SAMPLE_STEPS"] * SAMPLERS[p["PIXEL_SAMPLER"]]
                  * (2 if p["PIXEL_GUIDANCE"] != 1 else 1))
         rows.append(dict(batch_size=b, train_images_per_s=round(steps * b / train_s, 1),
                          sample_images_per_s=round(b / sample_s, 1),
                          network_evals_per_s=round(b * evals / sample_s, 1)))
-    best = rows[0] if len(rows) == 1 else max(rows, key=lambda r: r["train_images_per_s"])
     prof = PROFILE_DEFAULTS[profile]
-    return dict(bench="gen", generator="pixel", profile=profile, device=str(dev),
-                gpu=torch.cuda.get_device_name(dev) if cuda else None,
-                parameters=sum(q.numel() for q in tr.unet.parameters()),
-                channels=prof["PIXEL_CHANNELS"], sampler=p["PIXEL_SAMPLER"],
-                sample_steps=p["PIXEL_SAMPLE_STEPS"], guidance=p["PIXEL_GUIDANCE"],
-                results=rows, train_images_per_s=best["train_images_per_s"],
-                sample_images_per_s=best["sample_images_per_s"],
-                projected_fit_s=round(prof["PIXEL_STEPS"] * prof["PIXEL_BATCH"]
-                                      / best["train_images_per_s"], 1),
-                topup_images=REPORT_TOPUP,
-                projected_topup_s=round(REPORT_TOPUP / best["sample_images_per_s"], 1))
+    return bench_report("pixel", profile, tr, rows, "images",
+                        prof["PIXEL_STEPS"] * prof["PIXEL_BATCH"],
+                        channels=prof["PIXEL_CHANNELS"], sampler=p["PIXEL_SAMPLER"],
+                        sample_steps=p["PIXEL_SAMPLE_STEPS"], guidance=p["PIXEL_GUIDANCE"])

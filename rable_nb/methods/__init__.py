@@ -5,11 +5,14 @@ A method name is a base followed by modifiers in a fixed order, joined by ``+``:
 lists every valid name; :func:`check` explains why a name is not.
 
 Bases (one file each): ``able`` (contrastive PLL), ``rable`` (ABLE on long tail +
-synthetic images), ``proden``, ``supervised`` (true labels: the upper bound), ``corr``
-(consistency regularisation), ``solar`` (Sinkhorn label refinery).
-Modifiers (one file each, applied in this order): ``records`` (RECORDS dynamic
-rebalancing of the disambiguation; test-time adjusted accuracy too), ``la`` (train-time
-logit adjustment with the estimated prior), ``mixup``.
+synthetic images), ``rable-feature`` (the classifier head of a frozen backbone fine-tuned on
+real + synthetic features), ``proden``, ``supervised`` (true labels: the upper bound),
+``corr`` (consistency regularisation), ``solar`` (Sinkhorn label refinery), ``ssp``
+(rotation pre-training of the backbone, then ABLE).
+Modifiers (one file each, applied in this order): ``unlabeled`` (real unlabeled images,
+pseudo-labelled, join the training data), ``records`` (RECORDS dynamic rebalancing of the
+disambiguation; test-time adjusted accuracy too), ``la`` (train-time logit adjustment with
+the estimated prior), ``mixup``.
 
 The interface (``base.py``)
 ---------------------------
@@ -21,7 +24,11 @@ steps the optimizer and writes the new confidences into the table.
 
 A **base** (subclass :class:`base.Base`) declares
 
-- ``views``: augmented views it needs (``"weak"``, ``"strong"``; see ``base.VIEWS``);
+- ``views``: augmented views it needs (``"weak"``, ``"strong"``, or ``"plain"`` = the
+  inputs as they are; see ``base.VIEWS``);
+  ``inputs``: ``"images"`` (default) or ``"features"`` (a frozen backbone's features: the
+  trainer receives feature vectors and skips the backbone) with ``frozen`` (network parts
+  that keep their weights);
   ``joint_forward``: all of them in one pass (default) or one pass each;
   ``needs``: ``"logits"``, ``"features"`` or ``"embed"`` (+ projection head);
 - ``losses(batch, out, log_prior) -> (loss, {name: term}, new_conf)``: its loss terms
@@ -47,8 +54,10 @@ network, and keep **state** tensors (``init_state``/``state``/``load_state``: ch
 with the run and restored on resume), read **hyper-parameters** ``self.p`` (declared in
 ``params``/``default_params(cfg)``, overridden by ``TrainConfig.method_params
 {piece: {param: value}}``), ask for extra **training data** (``data_sources``, e.g.
-``("synthetic",)``) and hook **epochs** (``start_stage``, ``start_epoch``, ``end_epoch``:
-outside the step, free to synchronise — e.g. re-estimating a prior over the training set).
+``("synthetic",)``, ``("unlabeled",)``), do long work once before training (``prepare``:
+e.g. SSP's pre-training; what it returns is recorded in the metrics file) and hook
+**epochs** (``start_stage``, ``start_epoch``, ``end_epoch``: outside the step, free to
+synchronise — e.g. re-estimating a prior over the training set).
 Per-image loss weights arrive as ``batch.weight`` (None = plain means; see
 ``_losses.weighted_mean``).
 
@@ -92,21 +101,25 @@ from .la import LogitAdjustment
 from .mixup import Mixup
 from .proden import Proden
 from .rable import Rable
+from .rable_feature import RableFeature
 from .records import Records
 from .solar import Solar
+from .ssp import Ssp
 from .supervised import Supervised
+from .unlabeled import Unlabeled
 
 BASES: dict[str, type[Base]] = {
-    "able": Able, "rable": Rable, "proden": Proden, "supervised": Supervised,
-    "corr": Corr, "solar": Solar,
+    "able": Able, "rable": Rable, "rable-feature": RableFeature, "proden": Proden,
+    "supervised": Supervised, "corr": Corr, "solar": Solar, "ssp": Ssp,
 }
 MODIFIERS: dict[str, type[Modifier]] = {  # the order in which names list them
-    "records": Records, "la": LogitAdjustment, "mixup": Mixup,
+    "unlabeled": Unlabeled, "records": Records, "la": LogitAdjustment, "mixup": Mixup,
 }
 PIECES = {**BASES, **MODIFIERS}
 
 __all__ = ["BASES", "MODIFIERS", "Base", "Batch", "Method", "Modifier", "Outputs", "Stage",
-           "build", "check", "data_sources", "explain", "names", "parse", "resolve_params"]
+           "build", "check", "data_sources", "explain", "inputs", "names", "parse",
+           "resolve_params"]
 
 
 def parse(name: str) -> tuple[str, list[str]]:
@@ -168,6 +181,12 @@ def data_sources(name: str) -> tuple[str, ...]:
     check(name)
     base, mods = parse(name)
     return tuple(dict.fromkeys(s for p in [base, *mods] for s in PIECES[p].data_sources))
+
+
+def inputs(name: str) -> str:
+    """What method ``name`` trains on: ``"images"`` or ``"features"`` (see ``Base.inputs``)."""
+    check(name)
+    return BASES[parse(name)[0]].inputs
 
 
 def resolve_params(name: str, cfg, overrides: dict | None = None) -> dict:

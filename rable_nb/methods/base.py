@@ -12,9 +12,13 @@ import torch
 from .. import augment
 from ._losses import soft_cross_entropy
 
-# Augmented views a method can ask for by name (per-image randomness from the epoch's
-# generator; see rable_nb/augment.py).
-VIEWS: dict[str, Callable] = {"weak": augment.weak_view, "strong": augment.strong_view}
+# Views a method can ask for by name: augmented images (per-image randomness from the
+# epoch's generator; see rable_nb/augment.py), or the inputs as they are ("plain": e.g.
+# feature vectors, which have no augmentation).
+VIEWS: dict[str, Callable] = {"weak": augment.weak_view, "strong": augment.strong_view,
+                              "plain": lambda x, generator=None: x}
+# What a method trains on: images, or the features of a frozen backbone (see Base.inputs).
+INPUTS = ("images", "features")
 # What a forward pass returns, cheapest first: logits only; + backbone features;
 # + L2-normalised projections (the contrastive head).
 OUTPUTS = ("logits", "features", "embed")
@@ -43,7 +47,8 @@ class Outputs:
 class Batch:
     """One training batch as a method sees it.
 
-    ``idx`` dataset indices; ``x`` float images in [0, 1] (B×3×H×W, not augmented);
+    ``idx`` dataset indices; ``x`` float images in [0, 1] (B×3×H×W, not augmented), or the
+    feature vectors (B×D) when the trainer was given features;
     ``cand`` candidate masks (bool); ``conf`` the stored confidences of these images
     (read before this step's update); ``conf_table`` the whole N×C table; ``labels`` the
     hidden true labels (only the supervised baseline and logs may read them); ``weight``
@@ -127,7 +132,14 @@ class Piece:
         for key, value in tensors.items():
             setattr(self, key, value)
 
-    # -- epoch-level hooks (outside the step; may synchronise) ---------------------------
+    # -- hooks outside the step (may synchronise) -----------------------------------------
+    def prepare(self, trainer) -> dict | None:
+        """Called once when the trainer is built, after ``init_state`` and before a
+        checkpoint is resumed (which then replaces the network's weights): long work before
+        the first epoch, e.g. SSP's self-supervised pre-training of the backbone, loaded into
+        ``trainer.net``. Returns what the metrics file should record about it (or None)."""
+        return None
+
     def start_stage(self, trainer, stage: Stage) -> None:
         """Called when ``stage`` begins (after a fresh model was built, if it asks for one)."""
 
@@ -147,6 +159,13 @@ class Base(Piece):
     records_compatible = True            # RECORDS may adjust its disambiguation
     mixup_views: tuple[str, ...] = ("weak",)  # views +mixup mixes
     mixup_after_forward = False          # mixup targets need this step's outputs
+    # "features": the method trains on the features of a frozen backbone — the trainer is
+    # given feature vectors (its data preparation encodes the images with the run's
+    # backbone and starts the network from that backbone's weights) and skips the backbone
+    # in its forward passes. ``frozen`` names network parts (``PLLNet`` attributes) that
+    # keep their weights: left out of the optimizer and kept in evaluation mode.
+    inputs = "images"
+    frozen: tuple[str, ...] = ()
 
     def stages(self) -> list[Stage]:
         return [Stage("train", self.cfg.epochs)]
@@ -171,7 +190,7 @@ class Base(Piece):
     def target_loss(self, logits: dict[str, torch.Tensor], targets: torch.Tensor,
                     weight: torch.Tensor | None) -> torch.Tensor:
         """The method's classification loss against given soft ``targets`` (mixup)."""
-        return soft_cross_entropy(logits["weak"], targets, weight)
+        return soft_cross_entropy(logits[self.mixup_views[0]], targets, weight)
 
     # -- what +la needs -------------------------------------------------------------------
     def class_prior(self, trainer) -> torch.Tensor:
@@ -288,6 +307,10 @@ class Method:
     def init_state(self, trainer) -> None:
         for p in self.pieces:
             p.init_state(trainer)
+
+    def prepare(self, trainer) -> dict:
+        """{piece name: what it recorded} of every piece's :meth:`Piece.prepare`."""
+        return {p.name: info for p in self.pieces if (info := p.prepare(trainer)) is not None}
 
     def start_stage(self, trainer, stage: Stage) -> None:
         for p in self.pieces:

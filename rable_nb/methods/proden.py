@@ -16,7 +16,7 @@ class Proden(Base):
     name = "proden"
 
     def losses(self, batch, out, log_prior):
-        logits = out.logits["weak"]
+        logits = out.logits[self.views[0]]
         disamb = logits.detach().float()
         if log_prior is not None:
             disamb = disamb - log_prior
