@@ -14,10 +14,11 @@
   its samples are feature vectors, for the head fine-tuning of method ``rable-feature``.
 
 Profile defaults: ``smoke`` uses ``pixel`` (a tiny UNet, seconds on a CPU), ``quick`` uses
-``copy`` (a CPU cannot sample 37,594 images of a UNet in the quick budget; ``pixel`` and
-``gan`` there are opt-in), ``paper`` uses ``sd``, the report's generator (pass ``-p GENERATOR
-pixel`` or ``gan`` where no Stable Diffusion weights exist). The trainable backends share
-``fitting`` (resumable step loop, checkpoints, any image shape). Conditioning labels come from
+``copy`` (a CPU cannot sample 37,594 images of a UNet in the quick budget; ``pixel``,
+``feature`` and ``gan`` there are opt-in), ``paper`` uses ``sd``, the report's generator
+(pass ``-p GENERATOR pixel``, ``feature`` or ``gan`` where no Stable Diffusion weights exist).
+The backends trained here share ``fitting`` (resumable step loop, checkpoints, finished
+weights, images of any shape or feature vectors). Conditioning labels come from
 ``rable_nb.conditioning``.
 """
 from __future__ import annotations
