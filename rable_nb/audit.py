@@ -8,7 +8,10 @@ with synthetic images (at most ``per_class`` of them, a seeded subset):
 
 - **judge accuracy**: share of synthetic images of c that the judge classifies as c, beside
   its accuracy on real test images of c; the **confusion matrix** (rows: intended class,
-  columns: judge prediction) shows a collapse onto few classes as a dominant column.
+  columns: judge prediction; the SCDL-GAN study's mode-collapse check) shows a collapse onto few
+  classes as a dominant column. ``confusion_real`` is the judge's own confusion matrix on
+  the real test images (rows: true class), the reference that separates the judge's
+  errors from the generator's (``fig-audit-confusion.png`` shows both, with counts).
 - **FD-judge**: Fréchet distance ‖μ_s − μ_r‖² + tr(Σ_s + Σ_r − 2(Σ_sΣ_r)^½) between
   Gaussians fitted to the judge features of the synthetic images of c and of the real test
   images of c (Heusel et al., 2017, computed in the judge's feature space instead of
@@ -18,7 +21,7 @@ with synthetic images (at most ``per_class`` of them, a seeded subset):
   images of c divided by the same for real test images of c (1 = as diverse as real data,
   0 = one image repeated).
 - **memorisation**: d(x) = min over the long-tailed training images t and their mirror
-  images of the RMS pixel difference ‖x − t‖₂/√3072 (pixels in [0, 1]). The threshold τ_c is
+  images of the RMS pixel difference ‖x − t‖₂/√(H·W·C) (pixels in [0, 1]). The threshold τ_c is
   the ``ALPHA`` = 5 % quantile of d over real *test* images of c, i.e. of how close real
   images that were never trained on come to the training images. Memorisation = share of
   synthetic images of c with d(x) < τ_c: about 0.05 for a generator that draws fresh
@@ -158,8 +161,9 @@ def _summary(syn_y, keep, s_feat, s_pred, s_dist, s_near, test_y, t_feat, t_pred
     rows ``ref`` to the training set) and the real training samples (``r_feat``)."""
     c_num = len(classes)
     sy = np.asarray(syn_y)[keep]
-    confusion = np.zeros((c_num, c_num), np.int64)
+    confusion, confusion_real = np.zeros((2, c_num, c_num), np.int64)
     np.add.at(confusion, (sy, s_pred), 1)
+    np.add.at(confusion_real, (np.asarray(test_y), t_pred), 1)
     rows = []
     for c in np.unique(syn_y):
         s, t, r = sy == c, test_y == c, train_y == c
@@ -183,6 +187,7 @@ def _summary(syn_y, keep, s_feat, s_pred, s_dist, s_near, test_y, t_feat, t_pred
                    if rows else None)
     closest = np.argsort(s_dist)[:16]
     return dict(alpha=ALPHA, per_class=rows, overall=overall, confusion=confusion.tolist(),
+                confusion_real=confusion_real.tolist(),
                 closest=[dict(synthetic=int(keep[i]), train_row=int(s_near[i]),
                               distance=float(s_dist[i]), label=int(sy[i])) for i in closest])
 
@@ -190,8 +195,9 @@ def _summary(syn_y, keep, s_feat, s_pred, s_dist, s_near, test_y, t_feat, t_pred
 def run(run_dir, cifar, ds, params: dict, device: str = "auto") -> dict:
     """Audit ``run_dir/synthetic``: images with the profile's judge, features (the
     ``feature`` backend) in the run's backbone feature space. Writes
-    ``synthetic/audit.json`` (``space``: 'image' or 'feature'), ``fig-audit.png`` and, for
-    images, ``fig-audit-closest.png``; returns the audit."""
+    ``synthetic/audit.json`` (``space``: 'image' or 'feature'), ``fig-audit.png``,
+    ``fig-audit-confusion.png`` and, for images, ``fig-audit-closest.png``; returns the
+    audit."""
     from pathlib import Path
 
     import matplotlib.pyplot as plt
@@ -226,6 +232,7 @@ def run(run_dir, cifar, ds, params: dict, device: str = "auto") -> dict:
     config.write_json(run_dir / "synthetic" / "audit.json", result)
     title = f"synthetic-data audit: {describe(settings)}"
     figures["fig-audit.png"] = audit_figure(result, cifar.classes, title)
+    figures["fig-audit-confusion.png"] = confusion_figure(result, cifar.classes, title)
     if space != "feature":
         figures["fig-audit-closest.png"] = closest_figure(result, syn_x, train_x, cifar.classes,
                                                           title)
@@ -243,6 +250,43 @@ def table(result: dict):
     return pd.DataFrame([{k: r[k] for k in cols} for r in result["per_class"]]).set_index("name")
 
 
+def compare(run_dirs):
+    """A pandas DataFrame with one row per run directory (relative paths: from the project
+    root) with an audit (``synthetic/audit.json``): its generator, conditioning labels,
+    space (image or feature: the metrics of the two are measured by different judges and
+    are not comparable), judge, samples audited and the per-class metrics averaged over the
+    audited classes — the audit table of several backends on the same data."""
+    import json
+
+    import pandas as pd
+
+    from .config import project_path
+    rows = []
+    for run in map(project_path, run_dirs):
+        path = run / "synthetic" / "audit.json"
+        if not path.exists():
+            continue
+        result = json.loads(path.read_text())
+        mean = lambda key: np.nanmean([np.nan if r[key] is None else r[key]  # noqa: E731
+                                       for r in result["per_class"]])
+        rows.append(dict(run=run.name, generator=result["generator"],
+                         cond_labels=result["cond_labels"], space=result.get("space", "image"),
+                         judge=result["judge"]["arch"],
+                         n_audited=result["overall"]["n_audited"],
+                         judge_accuracy=result["overall"]["judge_accuracy"],
+                         **{k: mean(k) for k in ("judge_accuracy_real", "fd_judge",
+                                                 "fd_judge_real_train", "diversity")},
+                         memorisation=result["overall"]["memorisation"]))
+    return pd.DataFrame(rows).set_index("run") if rows else pd.DataFrame()
+
+
+def judge_names(result: dict) -> tuple[str, str]:
+    """(who judged, what the Fréchet distance is called) for an audit of images or features."""
+    if result.get("space") == "feature":
+        return "backbone classifier", "FD (backbone features)"
+    return "judge", "FD-judge"
+
+
 def audit_figure(result: dict, classes, title: str = ""):
     """Confusion matrix + per-class judge accuracy, FD-judge, diversity and memorisation."""
     import matplotlib.pyplot as plt
@@ -251,16 +295,10 @@ def audit_figure(result: dict, classes, title: str = ""):
     names = [r["name"] for r in rows]
     x = np.arange(len(rows))
     val = lambda key: [np.nan if r[key] is None else r[key] for r in rows]  # noqa: E731
-    judge, fd = (("backbone classifier", "FD (backbone features)")
-                 if result.get("space") == "feature" else ("judge", "FD-judge"))
+    judge, fd = judge_names(result)
     fig, ax = plt.subplots(1, 4, figsize=(18, 4))
-    conf = np.asarray(result["confusion"], float)
-    shown = conf[[r["label"] for r in rows]]
-    ax[0].imshow(shown / np.maximum(shown.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
-    ax[0].set(title=f"{judge} prediction (row-normalised)", yticks=x,
-              xticks=range(len(classes)), xlabel=f"{judge}'s class", ylabel="intended class")
-    ax[0].set_yticklabels(names, fontsize=7)
-    ax[0].set_xticklabels(classes, rotation=90, fontsize=7)
+    confusion_panel(ax[0], result["confusion"], [r["label"] for r in rows], classes,
+                    f"{judge} prediction (row-normalised)", "intended class", judge)
     for a, (key_s, key_r, label_s, label_r, name) in zip(ax[1:3], (
             ("judge_accuracy", "judge_accuracy_real", "synthetic", "real test",
              f"{judge} accuracy"),
@@ -283,9 +321,52 @@ def audit_figure(result: dict, classes, title: str = ""):
     return fig
 
 
+def confusion_panel(ax, confusion, rows, classes, title: str, ylabel: str, judge: str = "judge",
+                    counts: bool = False) -> None:
+    """Rows ``rows`` of a confusion matrix (columns: ``judge``'s class), coloured by row
+    share; ``counts`` writes each non-zero count into its cell."""
+    shown = np.asarray(confusion, float)[rows]
+    share = shown / np.maximum(shown.sum(1, keepdims=True), 1)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    ax.set(title=title, yticks=range(len(rows)), xticks=range(len(classes)),
+           xlabel=f"{judge}'s class", ylabel=ylabel)
+    ax.set_yticklabels([classes[r] for r in rows], fontsize=7)
+    ax.set_xticklabels(classes, rotation=90, fontsize=7)
+    if counts:
+        for (i, j), n in np.ndenumerate(shown):
+            if n:
+                ax.text(j, i, str(int(n)), ha="center", va="center", fontsize=6,
+                        color="white" if share[i, j] > 0.5 else "black")
+
+
+def confusion_figure(result: dict, classes, title: str = ""):
+    """The SCDL-GAN study's check: the judge's predictions for the synthetic samples of each
+    intended class (counts; a collapsed generator fills one column), beside the judge's confusion
+    on real test samples (its own errors). For features the judge is the backbone's
+    classifier."""
+    import matplotlib.pyplot as plt
+
+    judge, _ = judge_names(result)
+    kind = "features" if result.get("space") == "feature" else "images"
+    rows = [r["label"] for r in result["per_class"]]
+    fig, ax = plt.subplots(1, 2, figsize=(13, 0.45 * len(classes) + 2.2))
+    confusion_panel(ax[0], result["confusion"], rows, classes,
+                    f"synthetic {kind}: {judge} prediction per intended class", "intended class",
+                    judge, counts=True)
+    confusion_panel(ax[1], result["confusion_real"], list(range(len(classes))), classes,
+                    f"real test {kind}: {judge} prediction per true class", "true class", judge,
+                    counts=True)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def closest_figure(result: dict, syn_x, train_x, classes, title: str = "", n: int = 8):
     """The n synthetic images closest to a training image, each above its nearest neighbour."""
     import matplotlib.pyplot as plt
+
+    from . import viz
 
     pairs = result["closest"][:n]
     fig, axes = plt.subplots(2, max(len(pairs), 1), figsize=(1.6 * max(len(pairs), 1), 3.8),
@@ -293,9 +374,9 @@ def closest_figure(result: dict, syn_x, train_x, classes, title: str = "", n: in
     for ax in axes.flat:
         ax.axis("off")
     for i, p in enumerate(pairs):
-        axes[0, i].imshow(syn_x[p["synthetic"]])
+        viz.show_image(axes[0, i], syn_x[p["synthetic"]])
         axes[0, i].set_title(f"{classes[p['label']][:6]}\nd={p['distance']:.3f}", fontsize=7)
-        axes[1, i].imshow(train_x[p["train_row"]])
+        viz.show_image(axes[1, i], train_x[p["train_row"]])
     axes[0, 0].text(-4, 16, "synthetic", rotation=90, va="center", ha="right", fontsize=8)
     axes[1, 0].text(-4, 16, "nearest\ntraining", rotation=90, va="center", ha="right", fontsize=8)
     fig.suptitle(title + " — closest pairs (RMS pixel distance, mirrors included)", fontsize=9)

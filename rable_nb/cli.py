@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
 from . import config
+
+# backends with a ``bench`` of their own (sd: ``bench synth``)
+BENCHED_GENERATORS = ("pixel", "feature", "gan")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train: a training step; synth: Stable Diffusion; gen: a generator "
                             "backend; augment: the augmented views alone")
     bench.add_argument("--generator", default="pixel",
-                       help="backend timed by `bench gen` (pixel, feature; sd = `bench synth`)")
+                       help="backend timed by `bench gen` (pixel, feature, gan; "
+                            "sd = `bench synth`)")
     bench.add_argument("--profile", default="smoke", help=f"one of {config.PROFILES}")
     bench.add_argument("--device", default="auto", help=f"one of {config.DEVICES}")
     bench.add_argument("--batch-size", type=int, nargs="*", help="batch size(s) to time")
@@ -94,13 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"paths": args.paths or ("eager",)}
     elif args.what == "synth" or args.generator == "sd":
         from .generators.sd import bench
-    elif args.generator == "pixel":
-        from .generators.pixel import bench
-    elif args.generator == "feature":
-        from .generators.feature import bench
+    elif args.generator in BENCHED_GENERATORS:
+        bench = importlib.import_module(f".generators.{args.generator}", __package__).bench
     else:
-        print(f"error: `bench gen` times 'pixel', 'feature' or 'sd', not {args.generator!r}",
-              file=sys.stderr)
+        print(f"error: `bench gen` times one of {('sd', *BENCHED_GENERATORS)}, not "
+              f"{args.generator!r}", file=sys.stderr)
         return 1
     result = bench(profile=args.profile, device=args.device, batch_sizes=args.batch_size,
                    **extra)

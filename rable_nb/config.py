@@ -82,6 +82,13 @@ def read_json(path: str | os.PathLike) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def project_path(path: str | os.PathLike) -> Path:
+    """``path`` itself when absolute, else relative to the project root (where notebooks
+    run interactively, a relative ``RUN_DIR`` or ``COMPARE_RUNS`` entry means this)."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
 def cache_dir() -> Path:
     """Folder for decoded data and cached classifiers (``RABLE_CACHE`` or ``.cache/``)."""
     path = Path(os.environ.get("RABLE_CACHE", PROJECT_ROOT / ".cache"))
@@ -207,10 +214,8 @@ def resolve(stage: str | None = None, *, stage_defaults: dict[str, dict] | None 
     validate(params)
     if module is not None:
         module.validate(params)
-    run_dir = params.get("RUN_DIR") or os.environ.get("RABLE_RUN_DIR") or "runs/interactive"
-    run_dir = Path(run_dir)
-    if not run_dir.is_absolute():
-        run_dir = PROJECT_ROOT / run_dir
+    run_dir = project_path(params.get("RUN_DIR") or os.environ.get("RABLE_RUN_DIR")
+                           or "runs/interactive")
     if create:
         run_dir.mkdir(parents=True, exist_ok=True)
     params["RUN_DIR"] = str(run_dir)

@@ -69,9 +69,13 @@ def build_backbone(arch: str) -> nn.Module:
 
 
 def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 N×3×H×W (or N×H×W×3) → float in [0, 1], N×3×H×W."""
-    if x_uint8.shape[-1] == 3:
+    """uint8 N×C×H×W (or N×H×W×C), C = 3 or 1 → float in [0, 1], N×3×H×W: a greyscale
+    image (C = 1, e.g. Fashion-MNIST) is repeated into three equal channels, so every
+    network, augmentation and normalisation here takes it unchanged."""
+    if x_uint8.shape[-1] in (1, 3):
         x_uint8 = x_uint8.permute(0, 3, 1, 2)
+    if x_uint8.shape[1] == 1:
+        x_uint8 = x_uint8.expand(-1, 3, -1, -1)
     return x_uint8.float().div_(255)
 
 
@@ -91,7 +95,7 @@ def standardize(x: torch.Tensor) -> torch.Tensor:
 
 
 def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 N×32×32×3 (or N×3×32×32) → float N×3×32×32 normalised with CIFAR statistics."""
+    """uint8 N×H×W×C (or N×C×H×W) → float N×3×H×W normalised with CIFAR statistics."""
     return standardize(to_unit(x_uint8))
 
 

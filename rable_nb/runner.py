@@ -160,10 +160,17 @@ def check_parameters(params: dict, notebooks: list[Path], base: dict | None = No
 
 
 def absolute_paths(params: dict) -> dict:
-    """``DATA_DIR`` relative to the caller's directory (notebooks run in notebooks/)."""
-    value = params.get("DATA_DIR")
-    if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-        params = dict(params, DATA_DIR=str((Path.cwd() / value).resolve()))
+    """``DATA_DIR`` and the run directories of ``COMPARE_RUNS`` relative to the caller's
+    directory (notebooks run in notebooks/)."""
+    def absolute(value):
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            return str((Path.cwd() / value).resolve())
+        return value
+    params = dict(params)
+    if "DATA_DIR" in params:
+        params["DATA_DIR"] = absolute(params["DATA_DIR"])
+    if isinstance(params.get("COMPARE_RUNS"), list):
+        params["COMPARE_RUNS"] = [absolute(v) for v in params["COMPARE_RUNS"]]
     return params
 
 

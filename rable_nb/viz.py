@@ -46,9 +46,15 @@ def candidate_sizes(candidates: np.ndarray, labels: np.ndarray, classes):
     return fig
 
 
+def show_image(ax, img: np.ndarray) -> None:
+    """Draw a uint8 H×W×3, H×W×1 or H×W image (greyscale in grey, full 0–255 range)."""
+    img = img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img
+    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
+
+
 def image_grid(images: np.ndarray, titles=None, ncols: int = 10, scale: float = 1.2,
                title: str | None = None):
-    """Grid of uint8 HxWx3 images with optional per-image titles."""
+    """Grid of uint8 H×W×3 (or greyscale) images with optional per-image titles."""
     nrows = int(np.ceil(len(images) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * scale, nrows * scale * 1.15),
                              squeeze=False)
@@ -56,7 +62,7 @@ def image_grid(images: np.ndarray, titles=None, ncols: int = 10, scale: float = 
         ax.axis("off")
     for i, img in enumerate(images):
         ax = axes.flat[i]
-        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
+        show_image(ax, img)
         if titles is not None:
             ax.set_title(titles[i], fontsize=6)
     if title:

@@ -56,3 +56,43 @@ def test_frechet_distance_of_shifted_gaussians():
     assert audit.frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
     assert audit.frechet_distance(a, a + 2.0) == pytest.approx(12.0, rel=1e-6)
     assert audit.frechet_distance(a[:1], a) is None
+
+
+def test_confusion_matrix_of_gan_samples_counts_the_judges_predictions(setup, tmp_path):
+    """The SCDL-GAN study's check on the ``gan`` backend: row c holds the judge's predictions
+    for the samples meant as class c; a collapsed generator fills a single column."""
+    import torch
+
+    from rable_nb.networks import batched_logits
+    cifar, judge, idx, test = setup
+    x, y = cifar.train_x[idx], cifar.train_y[idx]
+    gen = generators.get("gan")
+    params = dict(SEED=0, DEVICE="cpu", GAN_CHANNELS=[4, 8], GAN_LATENT=4, GAN_AE="bagan",
+                  GAN_AE_STEPS=4, GAN_STEPS=2, GAN_BATCH=8, GAN_LR=2e-4, GAN_GP=10.0,
+                  GAN_CRITIC=1, GAN_CHECKPOINT_EVERY=5)
+    assert gen.fit(x, y, np.bincount(y), params, tmp_path)["done"]
+
+    def audited():
+        sx = np.concatenate([gen.sample(c, 10, seed=0) for c in (5, 8, 9)])
+        sy = np.repeat([5, 8, 9], 10)
+        return sx, sy, audit.audit(sx, sy, x, y, cifar.test_x[test], cifar.test_y[test], judge,
+                                   cifar.classes, device="cpu")
+    sx, sy, result = audited()
+    pred = batched_logits(judge, sx).argmax(1).numpy()
+    conf = np.asarray(result["confusion"])
+    for c in (5, 8, 9):
+        assert conf[c].tolist() == np.bincount(pred[sy == c], minlength=10).tolist()
+    assert conf.sum() == 30 and conf[[0, 1, 2, 3, 4, 6, 7]].sum() == 0
+    real_pred = batched_logits(judge, cifar.test_x[test]).argmax(1).numpy()
+    real = np.zeros((10, 10), int)
+    np.add.at(real, (cifar.test_y[test], real_pred), 1)
+    assert np.asarray(result["confusion_real"]).tolist() == real.tolist()
+    with torch.no_grad():  # collapse: the generator ignores its code (one image for all)
+        last = gen.dec.up[-2]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.3, -0.2, 0.1]))
+    _, _, collapsed = audited()
+    conf = np.asarray(collapsed["confusion"])
+    assert (conf.sum(0) > 0).sum() == 1 and conf.sum() == 30
+    assert all(r["diversity"] == pytest.approx(0, abs=1e-6) for r in collapsed["per_class"])
+    assert audit.confusion_figure(collapsed, cifar.classes).axes

@@ -30,6 +30,28 @@ def test_image_folder_layout_is_decoded_class_sorted_and_cached(fake, cache):
     assert np.array_equal(again.train_x, cifar.train_x)
 
 
+def test_greyscale_folder_keeps_its_size_and_one_channel(cache, tmp_path):
+    """A Fashion-MNIST-like folder (28×28 greyscale PNGs written with PIL) loads as
+    N×28×28×1; a colour file among them makes every image RGB; the most common size wins."""
+    from PIL import Image
+    grey = data.write_fake_cifar(tmp_path / "grey", n_train=5, n_test=2, size=28, channels=1)
+    cifar = data.load_cifar10(grey)
+    assert cifar.train_x.shape == (50, 28, 28, 1) and cifar.test_x.shape == (20, 28, 28, 1)
+    assert cifar.image_shape == (28, 28, 1)
+    first = sorted((grey / "train" / "airplane").iterdir())[0]
+    assert (cifar.train_x[0, ..., 0] == np.asarray(Image.open(first))).all()  # lossless
+    Image.new("I;16", (28, 28), 65535).save(grey / "train" / "cat" / "wide.png")  # 16 bits
+    Image.new("L", (14, 14), 7).save(grey / "train" / "dog" / "small.png")  # other size
+    wide = data.load_cifar10(grey)
+    assert wide.train_x.shape == (52, 28, 28, 1) and wide.train_x.max() == 255
+    assert (wide.train_x == 7).all(axis=(1, 2, 3)).sum() == 1  # resized to 28×28, kept
+    Image.new("RGB", (28, 28), (255, 0, 0)).save(grey / "test" / "cat" / "red.png")
+    Image.new("RGB", (28, 28), (255, 0, 0)).save(grey / "train" / "cat" / "red.png")
+    mixed = data.load_cifar10(grey)
+    assert mixed.train_x.shape == (53, 28, 28, 3) and mixed.test_x.shape == (21, 28, 28, 3)
+    assert (mixed.train_x[..., 0] == mixed.train_x[..., 2]).all(axis=(1, 2)).sum() == 52
+
+
 def test_archive_layout_matches_folder_layout(fake, cache, tmp_path):
     arch = tmp_path / "archives"
     arch.mkdir()

@@ -20,7 +20,9 @@ TARGET, PLANNED = 8, {1: 2, 2: 5}
 # smoke settings made smaller still: a 2-level 8/16-channel UNet trained for 4 steps
 FAST = dict(SEED=0, DEVICE="cpu", TARGET_PER_CLASS=TARGET, SD_SIZE=32, SD_STEPS=2,
             SD_BATCH=3, SD_MODEL_ID="tiny", PIXEL_CHANNELS=[8, 16], PIXEL_STEPS=4, PIXEL_BATCH=8,
-            PIXEL_CHECKPOINT_EVERY=2, PIXEL_SAMPLE_STEPS=2, PIXEL_SAMPLE_BATCH=3)
+            PIXEL_CHECKPOINT_EVERY=2, PIXEL_SAMPLE_STEPS=2, PIXEL_SAMPLE_BATCH=3,
+            GAN_CHANNELS=[4, 8], GAN_LATENT=4, GAN_AE_STEPS=3, GAN_STEPS=3, GAN_BATCH=6,
+            GAN_CHECKPOINT_EVERY=2)
 
 
 class Stop(Exception):
@@ -82,10 +84,10 @@ def test_topup_plan_and_slots_are_deterministic():
     with pytest.raises(ValueError, match="no caption"):
         sd.slot_prompt("{caption}", [], "frog", 0)
     with pytest.raises(ValueError, match="GENERATOR"):
-        generators.get("gan")
+        generators.get("vae")
 
 
-@pytest.mark.parametrize("name", ["copy", "pixel", "sd"])
+@pytest.mark.parametrize("name", ["copy", "pixel", "gan", "sd"])
 def test_every_backend_tops_up_exactly_and_resumes_without_duplicates(tmp_path, name):
     run = tmp_path / "run"
     with pytest.raises(Stop):  # batches of 3: cat 0, dog [0, 1], frog [0, 1, 2] [3, 4]
@@ -153,10 +155,12 @@ def test_unknown_sd_model_id_gives_one_clear_error(tmp_path):
 
 def test_validate_rejects_bad_parameters():
     for name, bad in [("SD_SCHEDULER", "fastest"), ("SD_FILTER", "blur"), ("SD_SIZE", 30),
-                      ("SD_PROMPT_TEMPLATE", "{nope}"), ("GENERATOR", "gan"),
+                      ("SD_PROMPT_TEMPLATE", "{nope}"), ("GENERATOR", "vae"),
                       ("GEN_LABELS", "true"), ("WARMUP_EPOCHS", 0), ("PIXEL_SAMPLER", "dpm++"),
                       ("PIXEL_CHANNELS", [8]), ("PIXEL_CHANNELS", [16, 30]),
-                      ("PIXEL_BALANCE", 2), ("SYNTH_FILTER", "yes"), ("AUDIT_PER_CLASS", -1)]:
+                      ("PIXEL_BALANCE", 2), ("SYNTH_FILTER", "yes"), ("AUDIT_PER_CLASS", -1),
+                      ("GAN_CHANNELS", []), ("GAN_AE", "vae"), ("GAN_BATCH", 1),
+                      ("GAN_STEPS", -1), ("GAN_GP", True), ("COMPARE_RUNS", "runs/x")]:
         with pytest.raises(ValueError, match=name):
             generators.validate({name: bad})
     with pytest.raises(ValueError, match="PIXEL_ATTENTION"):
@@ -197,13 +201,16 @@ def test_filter_redraws_rejected_samples_and_records_the_cap(tmp_path):
     assert sum(stats["kept_unaccepted"].values()) == sum(not r["accepted"] for r in rows)
 
 
-def test_bench_gen_pixel_cli_prints_json(capsys):
-    assert cli.main(["bench", "gen", "--generator", "pixel", "--device", "cpu",
+@pytest.mark.parametrize("name, rates", [("pixel", ["train_images_per_s"]),
+                                         ("gan", ["ae_images_per_s", "gan_images_per_s"])])
+def test_bench_gen_cli_prints_json(capsys, name, rates):
+    assert cli.main(["bench", "gen", "--generator", name, "--device", "cpu",
                      "--batch-size", "4"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert r["generator"] == "pixel" and r["parameters"] > 0
-    assert r["train_images_per_s"] > 0 and r["sample_images_per_s"] > 0
+    assert r["generator"] == name and r["parameters"] > 0
+    assert all(r[k] > 0 for k in rates) and r["sample_images_per_s"] > 0
     assert r["projected_topup_s"] == pytest.approx(37594 / r["sample_images_per_s"], rel=1e-2)
+    assert cli.main(["bench", "gen", "--generator", "copy", "--device", "cpu"]) == 1
 
 
 def test_bench_synth_on_cpu_reports_throughput_and_projection():

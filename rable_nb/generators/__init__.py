@@ -8,32 +8,39 @@ docs/algorithms.md; adding a backend: docs/architecture.md):
 - ``sd``: the report's BLIP-2-caption + Stable Diffusion path (needs real weights a user
   brings; ``tiny`` = an offline random pipeline for tests);
 - ``pixel``: a class-conditional flow-matching UNet trained from scratch on the long tail;
+- ``gan``: GAN rebalancing as in the SCDL-GAN study, a BAGAN-style class-conditional GAN
+  with a gradient penalty (autoencoder first, class Gaussians in its code space), trained from scratch;
 - ``copy``: the control — random oversampling of the real images at the same counts;
 - ``feature``: LDMLR-style diffusion over the features of a backbone (the ABLE warm-up);
   its samples are feature vectors, for the head fine-tuning of method ``rable-feature``.
 
 Profile defaults: ``smoke`` uses ``pixel`` (a tiny UNet, seconds on a CPU), ``quick`` uses
-``copy`` (a CPU cannot sample 37,594 images of a UNet in the quick budget; ``pixel`` there is
-opt-in), ``paper`` uses ``sd``, the report's generator (pass ``-p GENERATOR pixel`` where no
-Stable Diffusion weights exist). Conditioning labels come from ``rable_nb.conditioning``.
+``copy`` (a CPU cannot sample 37,594 images of a UNet in the quick budget; ``pixel``,
+``feature`` and ``gan`` there are opt-in), ``paper`` uses ``sd``, the report's generator
+(pass ``-p GENERATOR pixel``, ``feature`` or ``gan`` where no Stable Diffusion weights exist).
+The backends trained here share ``fitting`` (resumable step loop, checkpoints, finished
+weights, images of any shape or feature vectors). Conditioning labels come from
+``rable_nb.conditioning``.
 """
 from __future__ import annotations
 
 from .. import captioning, config
-from ..networks import BACKBONES
-from . import copy, feature, pixel, sd
+from . import copy, feature, gan, pixel, sd
 from .base import Generator, slot_seed
-from .topup import (REPORT_TOPUP, describe, load_synthetic, manifest_rows, pending,
-                    read_settings, rebalanced_figure, side_by_side, synthetic_counts, top_up,
-                    topup_plan)
+from .fitting import loss_figure
+from .topup import (REPORT_TOPUP, describe, load_synthetic, manifest_rows, other_samples,
+                    pending, read_settings, rebalanced_figure, side_by_side, synthetic_counts,
+                    top_up, topup_plan)
 
-GENERATORS: dict[str, type[Generator]] = {"sd": sd.SD, "pixel": pixel.Pixel, "copy": copy.Copy,
-                                          "feature": feature.Feature}
+GENERATORS: dict[str, type[Generator]] = {"sd": sd.SD, "pixel": pixel.Pixel, "gan": gan.Gan,
+                                          "copy": copy.Copy, "feature": feature.Feature}
 
 # AUDIT_PER_CLASS: synthetic (and reference test) images audited per class, 0 = all.
+# COMPARE_RUNS: other run directories whose synthetic samples notebook 03 shows beside these.
 # The warm-up behind GEN_LABELS='pseudo' (WARMUP_*) is shared with notebook 04: its defaults
 # are in config.PROFILE_DEFAULTS, its rules in conditioning.WARMUP_RULES.
-_COMMON = dict(GEN_LABELS="pseudo", SYNTH_FILTER=False, SYNTH_FILTER_ATTEMPTS=10)
+_COMMON = dict(GEN_LABELS="pseudo", SYNTH_FILTER=False, SYNTH_FILTER_ATTEMPTS=10,
+               COMPARE_RUNS=[])
 PROFILE_DEFAULTS: dict[str, dict] = {
     "smoke": dict(_COMMON, GENERATOR="pixel", PIXEL_SAMPLE_BATCH=16, AUDIT_PER_CLASS=0,
                   TARGET_PER_CLASS=captioning.PROFILE_DEFAULTS["smoke"]["TARGET_PER_CLASS"]),
@@ -42,7 +49,7 @@ PROFILE_DEFAULTS: dict[str, dict] = {
 }
 for _name, _defaults in PROFILE_DEFAULTS.items():
     _defaults.update({**sd.PROFILE_DEFAULTS[_name], **pixel.PROFILE_DEFAULTS[_name],
-                      **feature.PROFILE_DEFAULTS[_name]})
+                      **feature.PROFILE_DEFAULTS[_name], **gan.PROFILE_DEFAULTS[_name]})
 
 
 def get(name: str) -> Generator:
@@ -62,10 +69,13 @@ def validate(params: dict) -> None:
         "SYNTH_FILTER": config.BOOLEAN, "SYNTH_FILTER_ATTEMPTS": config.integer(1),
         "GEN_STOP_AFTER": config.integer(1), "PIXEL_SAMPLE_BATCH": config.integer(1),
         "AUDIT_PER_CLASS": config.integer(0),
+        "COMPARE_RUNS": (lambda v: isinstance(v, list) and all(config.PATH[0](x) for x in v),
+                         "a list of run directories (paths), e.g. ['runs/smoke-copy']"),
     })
     sd.validate(params)
     pixel.validate(params)
     feature.validate(params)
+    gan.validate(params)
 
 
 def fit_inputs(generator: Generator, images, backbone, run_dir, info: dict | None = None):
@@ -107,6 +117,7 @@ def topup_settings(generator: Generator, params: dict, cond_info: dict) -> dict:
 
 
 __all__ = ["GENERATORS", "PROFILE_DEFAULTS", "REPORT_TOPUP", "Generator", "describe",
-           "fit_inputs", "get", "load_synthetic", "manifest_rows", "pending", "read_settings",
-           "rebalanced_figure", "side_by_side", "slot_seed", "synthetic_counts",
-           "synthetic_space", "top_up", "topup_plan", "topup_settings", "validate"]
+           "fit_inputs", "get", "load_synthetic", "loss_figure", "manifest_rows",
+           "other_samples", "pending", "read_settings", "rebalanced_figure", "side_by_side",
+           "slot_seed", "synthetic_counts", "synthetic_space", "top_up", "topup_plan",
+           "topup_settings", "validate"]

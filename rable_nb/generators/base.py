@@ -11,11 +11,13 @@ or the hidden truth, see ``rable_nb.conditioning``) and then draws samples of a 
   holds one dict per sample that goes into its manifest row (e.g. the prompt);
 - ``sample(label, n, seed)``: n samples of a class, drawn from the slot seeds of ``seed``.
 
-Samples are uint8 32×32×3 images (written as PNG) or 1-D feature vectors (written as
-``.npy``): ``space`` says which (``'image'`` or ``'feature'``). A feature-space backend is
-fitted on the features of the run's backbone (``generators.fit_inputs``), and its samples
-serve methods that train on features (``rable-feature``). ``PARAMS`` names the notebook parameters that change a backend's output: they are
-recorded in ``synthetic/settings.json``, and a top-up is never extended under other values.
+Samples are uint8 H×W×C images of the data's size and channels (CIFAR-10: 32×32×3;
+greyscale: C = 1; written as PNG) or 1-D feature vectors (written as ``.npy``): ``space``
+says which (``'image'`` or ``'feature'``). A feature-space backend is fitted on the features
+of the run's backbone (``generators.fit_inputs``), and its samples serve methods that train
+on features (``rable-feature``). ``PARAMS`` names the notebook parameters that change a
+backend's output: they are recorded in ``synthetic/settings.json``, and a top-up is never
+extended under other values.
 """
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ from torch import nn
 
 from .. import config
 from ..networks import batched_features, load_model, pick_device, save_model
-from .fitting import StepFit, Trained, bench_report, class_weights, time_fit_and_sample
+from .fitting import StepFit, TrainedGenerator, bench_report, time_fit_and_sample
 
 SAMPLERS = ("ddim", "ddpm")
 TRAIN_TIMESTEPS = 1000   # LDMLR: timesteps=1000
@@ -166,36 +166,33 @@ def noise_schedule():
 class FeatureTrainer(StepFit):
     """The denoiser's fit on standardised features; ``loss(g)`` is one batch."""
 
-    label = "feature diffusion"
+    desc = "feature diffusion"
 
     def __init__(self, z: np.ndarray, cond_labels, num_classes: int, p: dict, seed: int = 0,
-                 device: str = "auto", data_key: str = ""):
-        dev = pick_device(device)
+                 device: str = "auto"):
+        z = np.asarray(z, np.float32)
         torch.manual_seed(seed)
         model = Denoiser(z.shape[1], num_classes, p["FEATURE_HIDDEN"], p["FEATURE_DEPTH"])
-        super().__init__(model, p["FEATURE_LR"], p["FEATURE_STEPS"], p["FEATURE_BATCH"],
-                         p["FEATURE_EMA"], seed, dev, data_key)
+        super().__init__(model, z, cond_labels, num_classes, p, seed, device,
+                         lr=p["FEATURE_LR"], steps=p["FEATURE_STEPS"], batch=p["FEATURE_BATCH"],
+                         ema=p["FEATURE_EMA"], balance=p["FEATURE_BALANCE"])
         self.schedule = noise_schedule()
-        self.alphas = self.schedule.alphas_cumprod.to(dev)
-        self.z = torch.as_tensor(z, device=dev).float()
-        self.y = torch.as_tensor(np.asarray(cond_labels), device=dev).long()
-        self.w = torch.as_tensor(class_weights(np.asarray(cond_labels), p["FEATURE_BALANCE"],
-                                               num_classes), device=dev)
+        self.alphas = self.schedule.alphas_cumprod.to(self.dev)
 
     def loss(self, g):
         dev = self.dev
         idx = torch.multinomial(self.w, self.batch, replacement=True, generator=g)
-        x0, labels = self.z[idx], self.y[idx]
+        x0, labels = self.x[idx], self.y[idx]
         noise = torch.randn(x0.shape, device=dev, generator=g)
         t = torch.randint(0, TRAIN_TIMESTEPS, (self.batch,), device=dev, generator=g)
         xt = self.schedule.add_noise(x0, noise, t)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with self.autocast():
             pred = self.model(xt, t, labels).float()
         snr = self.alphas[t] / (1 - self.alphas[t])
         return (snr.clamp(max=SNR_CAP) * (pred - x0).pow(2).mean(1)).mean()
 
 
-class Feature(Trained):
+class Feature(TrainedGenerator):
     """Class-conditional diffusion over backbone features (see the module docstring)."""
 
     name, prefix, space = "feature", "FEATURE", "feature"
@@ -221,11 +218,11 @@ class Feature(Trained):
         return Denoiser(self.dim, self.num_classes, self.p["FEATURE_HIDDEN"],
                         self.p["FEATURE_DEPTH"])
 
-    def trainer(self, features, cond_labels, params, data_key):
+    def trainer(self, features, cond_labels, params):
         z = (torch.as_tensor(np.asarray(features, np.float32), device=self.dev)
              - self.mean) / self.std
         return FeatureTrainer(z.cpu().numpy(), cond_labels, self.num_classes, params,
-                              int(params.get("SEED") or 0), str(self.dev), data_key)
+                              int(params.get("SEED") or 0), str(self.dev))
 
     @torch.inference_mode()
     def generate(self, label, seeds):

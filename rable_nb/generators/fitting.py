@@ -1,25 +1,41 @@
-"""What the trained generator backends (``pixel``, ``feature``) share: a step-wise fit with
-AdamW, EMA weights, per-step seeded randomness, a checkpoint every K steps with exact resume,
-and the finished EMA weights kept beside the settings and data that made them.
+"""What the backends trained here (``pixel``, ``feature``, ``gan``) share: the resumable step
+loop, the checkpoint format, the finished-fit file, image tensors of any shape and the
+``bench gen`` report.
 
-- :class:`StepFit`: model, AdamW (linear warm-up, gradient clipping at 1), EMA (diffusers
-  ``EMAModel`` with its warm-up), the step counter and a loss log. A backend writes
-  ``loss(g)``, the loss of one batch whose random draws all come from ``g``, a generator
-  seeded by (seed, step): a fit split across commands ends with the same weights as an
-  uninterrupted one. The whole state goes to ``generator/<name>-state.safetensors``.
-- :class:`Trained`: the ``fit`` of such a backend — load the finished weights
-  (``generator/<name>.safetensors``) when they were made with the same settings and data,
-  else train (resuming) up to ``<PREFIX>_STEPS`` or ``GEN_STOP_AFTER`` steps in total.
+- A :class:`StepTrainer` holds one fit's networks, optimizers and data (images N×H×W×C
+  uint8 or feature vectors N×D); ``step()`` is one optimisation step whose randomness comes
+  from a generator seeded by (seed, step), so a fit resumed from its checkpoint ends with
+  the same weights as an uninterrupted one. ``train`` runs steps with a tqdm bar showing the
+  losses, logs their means (and the training samples per second) and saves the whole state
+  — every network and optimizer, plus what a subclass adds — every K steps (and at the
+  steps in ``marks``, e.g. the end of a training phase). A state file made with other
+  settings or other data is ignored.
+- :class:`StepFit` is the common case: one network fitted with AdamW (linear warm-up,
+  gradient clipping at 1) and EMA weights (diffusers ``EMAModel`` with its warm-up); a
+  backend writes only ``loss(g)``, the loss of one batch whose random draws all come from
+  ``g``. ``pixel`` and ``feature`` use it; ``gan`` (three networks, three optimizers, two
+  phases) is a :class:`StepTrainer` of its own.
+- A :class:`TrainedGenerator` fits through such a trainer (resuming from
+  ``generator/<name>-state.safetensors``; ``GEN_STOP_AFTER`` stops after that many steps in
+  total, ``done`` is then False), keeps the finished weights in
+  ``generator/<name>.safetensors`` and loads them instead of training again when the
+  settings and the data are the same.
+- Images of any size and channel count (N×H×W×C uint8, C = 1 or 3): the networks see them
+  as N×C×H×W in [−1, 1], padded (reflection) to a multiple of their down-sampling factor,
+  and their outputs are cropped back.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -29,8 +45,9 @@ from ..networks import pick_device
 from .base import Generator
 
 
+# --- data and image tensors ------------------------------------------------------------
 def fingerprint(*arrays) -> str:
-    """SHA-1 of the shapes, dtypes and bytes of ``arrays`` (what a fit was trained on)."""
+    """SHA-1 of the arrays' shapes, types and bytes (which data a fit was made from)."""
     h = hashlib.sha1()
     for arr in arrays:
         arr = np.ascontiguousarray(arr)
@@ -45,33 +62,201 @@ def class_weights(cond_labels: np.ndarray, balance: float, num_classes: int) -> 
     return 1.0 / np.maximum(counts, 1)[cond_labels] ** balance
 
 
-class StepFit:
-    """Model, AdamW, EMA and step counter of one fit; ``step()`` is one optimisation step."""
+def to_signed(x_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 N×C×H×W → float in [−1, 1]."""
+    return x_uint8.float().div(127.5).sub(1)
 
-    label = "fit"  # progress-bar text
 
-    def __init__(self, model: torch.nn.Module, lr: float, steps: int, batch: int, ema: float,
-                 seed: int, dev: torch.device, data_key: str):
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[−1, 1] N×C×H×W → uint8 N×H×W×C."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def padded_size(size: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is at least ``size``."""
+    return math.ceil(size / multiple) * multiple
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Reflection-pad N×C×H×W (split evenly, extra row/column at the end) so that H and W
+    become multiples of ``multiple`` (e.g. 28 → 32 for a network that halves three times)."""
+    h, w = x.shape[-2:]
+    dh, dw = padded_size(h, multiple) - h, padded_size(w, multiple) - w
+    if not dh and not dw:
+        return x
+    return F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2), mode="reflect")
+
+
+def crop_to(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The H×W window that :func:`pad_to_multiple` added its border around."""
+    top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
+    return x[..., top:top + h, left:left + w]
+
+
+# --- safetensors files -----------------------------------------------------------------
+def save_tensors(path: Path, tensors: dict, meta: dict) -> None:
+    """Atomically write tensors (moved to the CPU) and string metadata."""
+    config.write_atomic(path, lambda t: save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, t, meta))
+
+
+def read_meta(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def prefixed(prefix: str, state: dict) -> dict:
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def unprefixed(prefix: str, tensors: dict) -> dict:
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+# --- the step loop ---------------------------------------------------------------------
+class StepTrainer:
+    """Networks, optimizers and data of one fit (see the module docstring): the data on the
+    device (``x``: images as uint8 N×C×H×W, feature vectors as they are), their conditioning
+    labels (``y``) and per-sample drawing weights n_c^(−balance) (``w``). Subclasses
+    register their ``networks`` and ``optimizers`` (name → (optimizer, its parameters)),
+    set ``total_steps``, ``batch`` (samples per step, for samples/s) and ``desc``, and
+    implement ``update(g)`` (one step's losses and updates → {loss name: device tensor}) and
+    ``finished()`` (the tensors sampling needs); ``state``/``restore`` carry anything else
+    the checkpoint must hold."""
+
+    total_steps, batch, desc = 0, 1, "fit"
+    marks: tuple[int, ...] = ()  # steps that also log and save (ends of phases)
+
+    def __init__(self, data, cond_labels, num_classes: int, p: dict, seed: int, device: str,
+                 balance: float = 1.0):
+        data, cond_labels = np.asarray(data), np.asarray(cond_labels)
+        self.p, self.num_classes, self.seed = p, num_classes, seed
+        self.dev, self.data_key = pick_device(device), fingerprint(data, cond_labels)
+        x = torch.as_tensor(data, device=self.dev)
+        self.x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x
+        self.y = torch.as_tensor(cond_labels, device=self.dev).long()
+        self.w = torch.as_tensor(class_weights(cond_labels, balance, num_classes),
+                                 device=self.dev)
+        self.networks: dict[str, torch.nn.Module] = {}
+        self.optimizers: dict[str, tuple[torch.optim.Optimizer, list]] = {}
+        self.step_no, self.log = 0, []
+
+    def rng(self) -> torch.Generator:
+        """The randomness of the current step: seeded by (seed, step)."""
+        return torch.Generator(device=self.dev).manual_seed(self.seed * 1_000_003 + self.step_no)
+
+    def autocast(self):
+        """bf16 autocast on CUDA, nothing on the CPU."""
+        return torch.autocast(self.dev.type, dtype=torch.bfloat16,
+                              enabled=self.dev.type == "cuda")
+
+    def update(self, g: torch.Generator) -> dict:
+        raise NotImplementedError
+
+    def finished(self) -> dict:
+        raise NotImplementedError
+
+    def step(self) -> dict:
+        """One optimisation step, its randomness from :meth:`rng`; → its losses."""
+        losses = self.update(self.rng())
+        self.step_no += 1
+        return losses
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for net in self.networks.values() for p in net.parameters())
+
+    def train(self, until: int, every: int, state_path: Path, settings: dict) -> None:
+        """Steps up to ``until``; every ``every`` steps (and at ``marks`` and the end) the
+        mean of each loss since the last log goes to ``log`` and the state to disk. The
+        losses stay on the device between logs (no read-back per step)."""
+        sums, counts, t0, n = {}, Counter(), time.time(), 0
+        bar = tqdm(range(self.step_no, until), desc=self.desc, unit="step",
+                   initial=self.step_no, total=self.total_steps)
+        for _ in bar:
+            for k, v in self.step().items():
+                sums[k] = sums[k] + v if k in sums else v.detach().clone()
+                counts[k] += 1
+            n += 1
+            if self.step_no % every == 0 or self.step_no == until or self.step_no in self.marks:
+                row = {k: float(s) / counts[k] for k, s in sums.items()}
+                self.log.append(dict(step=self.step_no, **row, images_per_s=n * self.batch
+                                     / max(time.time() - t0, 1e-9)))
+                bar.set_postfix({k: f"{v:.4f}" for k, v in row.items()})
+                self.save_state(state_path, settings)
+                sums, counts, t0, n = {}, Counter(), time.time(), 0
+
+    # -- state ----------------------------------------------------------------------------
+    def state(self) -> tuple[dict, dict]:
+        """(tensors, JSON-able metadata) the checkpoint holds besides the networks and the
+        optimizers."""
+        return {}, {}
+
+    def restore(self, tensors: dict, extra: dict) -> None:
+        """Inverse of :meth:`state`."""
+
+    def save_state(self, path: Path, settings: dict) -> None:
+        tensors, extra = self.state()
+        for name, net in self.networks.items():
+            tensors.update(prefixed(name, net.state_dict()))
+        for name, (opt, params) in self.optimizers.items():  # ``<name>.<param index>.<key>``
+            for i, p in enumerate(params):
+                for k, v in opt.state.get(p, {}).items():
+                    tensors[f"{name}.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        meta = {"settings": json.dumps(settings), "step": str(self.step_no),
+                "log": json.dumps(self.log), "data": self.data_key,
+                **{k: json.dumps(v) for k, v in extra.items()}}
+        save_tensors(path, tensors, meta)
+
+    def load_state(self, path: Path, settings: dict) -> bool:
+        """Resume from ``path`` when it exists and was made with the same settings/data."""
+        if not path.exists():
+            return False
+        meta = read_meta(path)
+        if json.loads(meta["settings"]) != settings or meta["data"] != self.data_key:
+            print(f"{path.name}: made with other settings or data; training from scratch.")
+            return False
+        tensors = load_file(str(path), device=str(self.dev))
+        for name, net in self.networks.items():
+            net.load_state_dict(unprefixed(name, tensors))
+        for name, (opt, params) in self.optimizers.items():
+            for k, v in unprefixed(name, tensors).items():
+                i, key = k.split(".", 1)  # Adam's ``step`` counter stays on the CPU
+                opt.state[params[int(i)]][key] = v.cpu() if key == "step" else v.clone()
+        self.restore(tensors, {k: json.loads(v) for k, v in meta.items()
+                               if k not in ("settings", "step", "log", "data")})
+        self.step_no, self.log = int(meta["step"]), json.loads(meta["log"])
+        return True
+
+
+class StepFit(StepTrainer):
+    """One network (``model``, registered as ``model``) fitted with AdamW and EMA weights
+    (see the module docstring); subclasses write ``loss(g)``. ``finished()`` switches the
+    model to its EMA weights and returns its state dict."""
+
+    def __init__(self, model: torch.nn.Module, data, cond_labels, num_classes: int, p: dict,
+                 seed: int, device: str, *, lr: float, steps: int, batch: int, ema: float,
+                 balance: float):
         from diffusers.training_utils import EMAModel
 
-        self.model, self.base_lr, self.steps, self.batch = model.to(dev), lr, steps, batch
-        self.seed, self.dev, self.data_key = seed, dev, data_key
+        super().__init__(data, cond_labels, num_classes, p, seed, device, balance)
+        self.model, self.base_lr = model.to(self.dev), lr
+        self.total_steps, self.batch = steps, batch
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.0)
         self.ema = EMAModel(self.model.parameters(), decay=ema, use_ema_warmup=True,
                             power=2 / 3, foreach=True)
-        self.step_no, self.log = 0, []
+        self.networks = {"model": self.model}
+        self.optimizers = {"optim": (self.opt, list(self.model.parameters()))}
 
     def loss(self, g: torch.Generator) -> torch.Tensor:
         """The loss of one batch, every random draw taken from ``g``."""
         raise NotImplementedError
 
     def lr(self, step: int) -> float:
-        warmup = min(500, max(1, self.steps // 10))
+        warmup = min(500, max(1, self.total_steps // 10))
         return self.base_lr * min(1.0, (step + 1) / warmup)
 
-    def step(self) -> torch.Tensor:
-        """One step; its randomness comes from a generator seeded by (seed, step)."""
-        g = torch.Generator(device=self.dev).manual_seed(self.seed * 1_000_003 + self.step_no)
+    def update(self, g: torch.Generator) -> dict:
         loss = self.loss(g)
         for group in self.opt.param_groups:
             group["lr"] = self.lr(self.step_no)
@@ -80,134 +265,89 @@ class StepFit:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.ema.step(self.model.parameters())
-        self.step_no += 1
-        return loss.detach()
+        return {"loss": loss.detach()}
 
-    def train(self, until: int, every: int, state_path: Path, settings: dict) -> None:
-        """Steps up to ``until``, logging the mean loss and saving the state every ``every``
-        steps and at the end; a tqdm bar shows the loss."""
-        total, t0, n = torch.zeros((), device=self.dev), time.time(), 0
-        bar = tqdm(range(self.step_no, until), desc=self.label, unit="step",
-                   initial=self.step_no, total=self.steps)
-        for _ in bar:
-            total += self.step()
-            n += 1
-            if self.step_no % every == 0 or self.step_no == until:
-                loss, secs = float(total) / n, time.time() - t0
-                self.log.append(dict(step=self.step_no, loss=loss,
-                                     images_per_s=n * self.batch / max(secs, 1e-9)))
-                bar.set_postfix(loss=f"{loss:.4f}")
-                self.save_state(state_path, settings)
-                total.zero_()
-                t0, n = time.time(), 0
+    def finished(self) -> dict:
+        self.ema.copy_to(self.model.parameters())
+        return self.model.eval().state_dict()
 
-    def resume_and_train(self, state_path: Path, settings: dict, stop_after: int | None,
-                         every: int) -> tuple[bool, dict]:
-        """(done, info): resume from ``state_path``, train up to ``stop_after`` steps in
-        total (default: all), and switch to the EMA weights once every step is done."""
-        resumed = self.load_state(state_path, settings)
-        start = self.step_no
-        self.train(min(self.steps, stop_after or self.steps), every, state_path, settings)
-        info = dict(parameters=sum(p.numel() for p in self.model.parameters()),
-                    steps=self.step_no, log=self.log, resumed=resumed,
-                    steps_this_call=self.step_no - start, data=self.data_key)
-        done = self.step_no >= self.steps
-        if done:
-            self.ema.copy_to(self.model.parameters())
-            self.model.eval()
-        return done, info
-
-    # -- state ----------------------------------------------------------------------------
-    def save_state(self, path: Path, settings: dict) -> None:
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        params = list(self.model.parameters())
-        for i, p in enumerate(params):
-            for k, v in self.opt.state.get(p, {}).items():
-                tensors[f"optim.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    def state(self) -> tuple[dict, dict]:
         ema = self.ema.state_dict()
-        tensors.update({f"ema.{i}": v for i, v in enumerate(ema.pop("shadow_params"))})
-        meta = {"settings": json.dumps(settings), "step": str(self.step_no),
-                "log": json.dumps(self.log), "ema": json.dumps(ema), "data": self.data_key}
-        config.write_atomic(path, lambda t: save_file(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, t, meta))
+        return {f"ema.{i}": v for i, v in enumerate(ema.pop("shadow_params"))}, {"ema": ema}
 
-    def load_state(self, path: Path, settings: dict) -> bool:
-        """Resume from ``path`` when it exists and was made with the same settings/data."""
-        if not path.exists():
-            return False
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-        if json.loads(meta["settings"]) != settings or meta["data"] != self.data_key:
-            print(f"{path.name}: made with other settings or data; training from scratch.")
-            return False
-        t = load_file(str(path), device=str(self.dev))
-        self.model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
-        params = list(self.model.parameters())
-        for k, v in t.items():
-            if k.startswith("optim."):
-                _, i, name = k.split(".", 2)
-                self.opt.state[params[int(i)]][name] = v.cpu() if name == "step" else v.clone()
-        ema = json.loads(meta["ema"])
-        ema["shadow_params"] = [t[f"ema.{i}"].clone() for i in range(len(params))]
-        self.ema.load_state_dict(ema)
-        self.step_no, self.log = int(meta["step"]), json.loads(meta["log"])
-        return True
+    def restore(self, tensors: dict, extra: dict) -> None:
+        n = len(list(self.model.parameters()))
+        self.ema.load_state_dict(dict(extra["ema"], shadow_params=[
+            tensors[f"ema.{i}"].clone() for i in range(n)]))
 
 
-class Trained(Generator):
-    """A backend whose model a :class:`StepFit` trains. Subclasses set ``prefix`` (their
-    parameters' prefix: ``<prefix>_STEPS``, ``<prefix>_CHECKPOINT_EVERY``), ``FIT_PARAMS``
-    (what changes the weights) and write ``build_model()`` and ``trainer(...)``."""
+# --- a backend trained here ------------------------------------------------------------
+class TrainedGenerator(Generator):
+    """A backend with a resumable fit (see the module docstring). Subclasses set ``name``,
+    ``prefix`` (of their parameters: ``<prefix>_CHECKPOINT_EVERY``), ``FIT_PARAMS`` (what
+    changes the trained weights) and ``PARAMS``, and implement ``prepare`` (validation and
+    what sampling needs from the data), ``trainer`` and either ``build_model`` (one network
+    whose weights the fit keeps: it becomes ``model``) or ``load_weights``."""
 
     prefix = ""
     FIT_PARAMS: tuple[str, ...] = ()
 
+    def prepare(self, data, cond_labels, params: dict) -> None:
+        """Check ``params`` and set up what sampling needs besides the weights (called by
+        every ``fit`` before loading or training; ``p``, ``dev``, ``num_classes`` and
+        ``data_shape`` — one sample's shape, H×W×C or D — are set)."""
+
+    def trainer(self, data, cond_labels, params: dict) -> StepTrainer:
+        raise NotImplementedError
+
     def build_model(self) -> torch.nn.Module:
         raise NotImplementedError
 
-    def trainer(self, data, cond_labels, params: dict, data_key: str) -> StepFit:
-        raise NotImplementedError
-
-    def prepare(self, data, cond_labels, params: dict) -> None:
-        """Set up what sampling needs besides the weights (called by every ``fit``)."""
+    def load_weights(self, tensors: dict) -> None:
+        """The sampling model from the finished fit's tensors (``build_model()`` with them)."""
+        model = self.build_model()
+        model.load_state_dict(tensors)
+        self.model = model.to(self.dev).eval()
 
     def fit(self, images_or_features, cond_labels, class_counts, params, run_dir) -> dict:
-        """Train (resuming from ``generator/<name>-state.safetensors``) or load the finished
-        EMA weights; ``done`` is False when ``GEN_STOP_AFTER`` stopped the fit early."""
+        """Train (resuming from the state file) or load the finished weights; ``done`` is
+        False when ``GEN_STOP_AFTER`` stopped the fit early."""
         self.p = {k: params.get(k) for k in self.PARAMS}
         self.dev = pick_device(params.get("DEVICE") or "auto")
         self.num_classes = len(class_counts)
+        self.data_shape = tuple(np.asarray(images_or_features).shape[1:])
         self.prepare(images_or_features, cond_labels, params)
         folder = Path(run_dir) / "generator"
-        fit_settings = {k: params.get(k) for k in self.FIT_PARAMS}
+        settings = {k: params.get(k) for k in self.FIT_PARAMS}
         self.weights_path = folder / f"{self.name}.safetensors"
-        key = fingerprint(np.asarray(images_or_features), np.asarray(cond_labels))
-        if self._load_weights(fit_settings, key):
+        data_key = fingerprint(images_or_features, cond_labels)
+        if self._load_finished(settings, data_key):
             return dict(done=True, loaded=str(self.weights_path), **self.info)
-        tr = self.trainer(images_or_features, cond_labels, params, key)
-        done, self.info = tr.resume_and_train(
-            folder / f"{self.name}-state.safetensors", fit_settings,
-            params.get("GEN_STOP_AFTER"), params[f"{self.prefix}_CHECKPOINT_EVERY"])
-        if done:
-            self.model = tr.model
-            meta = {"settings": json.dumps(fit_settings), "info": json.dumps(self.info)}
-            config.write_atomic(self.weights_path, lambda t: save_file(
-                {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
-                t, meta))
-        return dict(done=done, **self.info)
+        tr = self.trainer(images_or_features, cond_labels, params)
+        state = folder / f"{self.name}-state.safetensors"
+        resumed = tr.load_state(state, settings)
+        start = tr.step_no
+        tr.train(min(tr.total_steps, params.get("GEN_STOP_AFTER") or tr.total_steps),
+                 params[f"{self.prefix}_CHECKPOINT_EVERY"], state, settings)
+        self.info = dict(parameters=tr.parameter_count(), steps=tr.step_no, log=tr.log,
+                         resumed=resumed, steps_this_call=tr.step_no - start, data=data_key)
+        if tr.step_no < tr.total_steps:
+            return dict(done=False, **self.info)
+        tensors = tr.finished()
+        meta = {"settings": json.dumps(settings), "info": json.dumps(self.info)}
+        save_tensors(self.weights_path, tensors, meta)
+        self.load_weights(tensors)
+        return dict(done=True, **self.info)
 
-    def _load_weights(self, fit_settings: dict, data_key: str) -> bool:
+    def _load_finished(self, settings: dict, data_key: str) -> bool:
         """Load the finished fit when it was made with the same settings and data."""
         if not self.weights_path.exists():
             return False
-        with safe_open(str(self.weights_path), framework="pt") as f:
-            meta = f.metadata()
+        meta = read_meta(self.weights_path)
         info = json.loads(meta["info"])
-        if json.loads(meta["settings"]) != fit_settings or info.get("data") != data_key:
+        if json.loads(meta["settings"]) != settings or info.get("data") != data_key:
             return False
-        self.model = self.build_model().to(self.dev)
-        self.model.load_state_dict(load_file(str(self.weights_path), device=str(self.dev)))
-        self.model.eval()
+        self.load_weights(load_file(str(self.weights_path), device=str(self.dev)))
         self.info = info
         return True
 
@@ -216,36 +356,54 @@ class Trained(Generator):
         return f"generator/{self.weights_path.name}@{digest}"
 
 
+def loss_figure(log: list[dict], title: str = ""):
+    """Every logged loss against the training step (log scale where all are positive)."""
+    import matplotlib.pyplot as plt
+
+    keys = list(dict.fromkeys(k for r in log for k in r if k not in ("step", "images_per_s")))
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for k in keys:  # a fit in phases logs other losses in each phase
+        rows = [r for r in log if k in r]
+        ax.plot([r["step"] for r in rows], [r[k] for r in rows], ".-", label=k)
+    if all(r[k] > 0 for r in log for k in keys if k in r):
+        ax.set_yscale("log")
+    ax.set(xlabel="training step", ylabel="loss", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 # --- benchmark -------------------------------------------------------------------------
-def time_fit_and_sample(trainer: StepFit, sample, steps: int) -> tuple[float, float]:
+def time_fit_and_sample(trainer: StepTrainer, sample, steps: int) -> tuple[float, float]:
     """(seconds for ``steps`` training steps, seconds for one ``sample()`` call) after a
-    warm-up step and a warm-up call; best of two sampling calls on a CPU."""
+    warm-up step and a warm-up call, the networks in evaluation mode for sampling; best of
+    two sampling calls on a CPU."""
     from .sd import timed
 
     dev = trainer.dev
     trainer.step()
     train_s = timed(lambda: [trainer.step() for _ in range(steps)], dev)
-    trainer.model.eval()
+    for net in trainer.networks.values():
+        net.eval()
     with torch.inference_mode():
         sample()
         sample_s = timed(sample, dev, repeats=1 if dev.type == "cuda" else 2)
     return train_s, sample_s
 
 
-def bench_report(name: str, profile: str, trainer: StepFit, rows: list[dict], unit: str,
+def bench_report(name: str, profile: str, trainer: StepTrainer, rows: list[dict], unit: str,
                  fit_samples: int, **details) -> dict:
-    """The ``bench gen`` result: rows of ``train_<unit>_per_s`` / ``sample_<unit>_per_s``,
-    the fastest row's rates, the projected fit (``fit_samples`` training samples) and the
-    projected top-up of the report (37,594 samples)."""
+    """The ``bench gen`` result: rows with ``train_<unit>_per_s`` and ``sample_<unit>_per_s``
+    (and any other rates), the fastest row's rates, the projected fit (``fit_samples``
+    training samples) and the projected top-up of the report (37,594 samples)."""
     from .topup import REPORT_TOPUP
 
     dev = trainer.dev
     best = max(rows, key=lambda r: r[f"train_{unit}_per_s"])
-    train, sample = best[f"train_{unit}_per_s"], best[f"sample_{unit}_per_s"]
     return dict(bench="gen", generator=name, profile=profile, device=str(dev),
                 gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-                parameters=sum(q.numel() for q in trainer.model.parameters()), **details,
-                results=rows, **{f"train_{unit}_per_s": train, f"sample_{unit}_per_s": sample},
-                projected_fit_s=round(fit_samples / train, 1),
+                parameters=trainer.parameter_count(), **details, results=rows,
+                **{k: v for k, v in best.items() if k.endswith("_per_s")},
+                projected_fit_s=round(fit_samples / best[f"train_{unit}_per_s"], 1),
                 **{f"topup_{unit}": REPORT_TOPUP},
-                projected_topup_s=round(REPORT_TOPUP / sample, 1))
+                projected_topup_s=round(REPORT_TOPUP / best[f"sample_{unit}_per_s"], 1))

@@ -1,10 +1,13 @@
 """Backend ``pixel``: a class-conditional flow-matching model trained from scratch on the
 long-tailed training images (no pretrained weights anywhere).
 
-- Network: diffusers ``UNet2DModel`` at 32×32 with a class embedding
+- Network: diffusers ``UNet2DModel`` with a class embedding
   (``num_class_embeds`` = C + 1: the extra index is the *null* class of classifier-free
   guidance), ``PIXEL_CHANNELS`` per resolution level, ``PIXEL_LAYERS`` ResNet blocks per
-  level, self-attention at the levels in ``PIXEL_ATTENTION`` (and in the middle block).
+  level, self-attention at the levels in ``PIXEL_ATTENTION`` (and in the middle block). Its
+  channels and size are the data's (RGB or greyscale; sides padded by reflection to a
+  multiple of 2^(levels − 1), e.g. Fashion-MNIST's 28 → 32 with four levels, and samples
+  cropped back).
 - Training: conditional flow matching with independent coupling (Lipman et al., 2023;
   Tong et al., 2024; torchcfm's ``ConditionalFlowMatcher`` with σ = 0): for noise x₀ ~ N(0, I),
   an image x₁ (scaled to [−1, 1], randomly mirrored) and t ~ U(0, 1), the network v_θ(x_t, t, c)
@@ -42,7 +45,8 @@ import torch.nn.functional as F
 
 from .. import config
 from ..networks import pick_device
-from .fitting import StepFit, Trained, bench_report, class_weights, time_fit_and_sample
+from .fitting import (StepFit, TrainedGenerator, bench_report, crop_to, pad_to_multiple,
+                      padded_size, time_fit_and_sample, to_signed, to_uint8)
 
 SAMPLERS = {"euler": 1, "midpoint": 2, "rk4": 4}  # torchdiffeq method: calls per step
 TIME_SCALE = 999  # t in [0, 1] → the UNet's timestep input
@@ -102,52 +106,56 @@ def _groups(channels) -> int:
     return max(1, min(32, channels[0] // 4))
 
 
-def build_unet(channels, layers: int, attention, num_classes: int):
-    """Class-conditional UNet2DModel for 32×32 RGB; class index ``num_classes`` = null."""
+def build_unet(channels, layers: int, attention, num_classes: int, image_channels: int = 3,
+               size: int = 32):
+    """Class-conditional UNet2DModel for ``size``×``size`` images of ``image_channels``
+    channels; class index ``num_classes`` = null."""
     from diffusers import UNet2DModel
 
     down = tuple("AttnDownBlock2D" if i in attention else "DownBlock2D"
                  for i in range(len(channels)))
     up = tuple("AttnUpBlock2D" if i in attention else "UpBlock2D"
                for i in reversed(range(len(channels))))
-    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3,
+    return UNet2DModel(sample_size=size, in_channels=image_channels, out_channels=image_channels,
                        block_out_channels=tuple(channels), layers_per_block=layers,
                        down_block_types=down, up_block_types=up,
                        norm_num_groups=_groups(channels), attention_head_dim=min(32, channels[0]),
                        num_class_embeds=num_classes + 1)
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[−1, 1] N×3×H×W → uint8 N×H×W×3."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+def side_multiple(channels) -> int:
+    """What the image sides are padded to a multiple of: the UNet halves them len − 1 times."""
+    return 2 ** (len(channels) - 1)
+
+
+def _unet_for(p: dict, num_classes: int, image_shape):
+    """The profile's UNet for images of ``image_shape`` H×W×C."""
+    h, w, c = image_shape
+    return build_unet(p["PIXEL_CHANNELS"], p["PIXEL_LAYERS"], p["PIXEL_ATTENTION"], num_classes,
+                      c, padded_size(max(h, w), side_multiple(p["PIXEL_CHANNELS"])))
 
 
 class PixelTrainer(StepFit):
     """The UNet's flow-matching fit (see the module docstring); ``loss(g)`` is one batch."""
 
-    label = "pixel flow matching"
+    desc = "pixel flow matching"
 
     def __init__(self, images, cond_labels, num_classes: int, p: dict, seed: int = 0,
-                 device: str = "auto", data_key: str = ""):
+                 device: str = "auto"):
         from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
 
-        self.p, self.num_classes = p, num_classes
-        dev = pick_device(device)
         torch.manual_seed(seed)
-        unet = build_unet(p["PIXEL_CHANNELS"], p["PIXEL_LAYERS"], p["PIXEL_ATTENTION"],
-                          num_classes)
-        super().__init__(unet, p["PIXEL_LR"], p["PIXEL_STEPS"], p["PIXEL_BATCH"], p["PIXEL_EMA"],
-                         seed, dev, data_key)
+        unet = _unet_for(p, num_classes, np.asarray(images).shape[1:])
+        self.multiple = side_multiple(p["PIXEL_CHANNELS"])
+        super().__init__(unet, images, cond_labels, num_classes, p, seed, device,
+                         lr=p["PIXEL_LR"], steps=p["PIXEL_STEPS"], batch=p["PIXEL_BATCH"],
+                         ema=p["PIXEL_EMA"], balance=p["PIXEL_BALANCE"])
         self.flow = ConditionalFlowMatcher(sigma=0.0)  # x_t = t·x₁ + (1 − t)·x₀, u_t = x₁ − x₀
-        self.x = torch.as_tensor(np.asarray(images), device=dev).permute(0, 3, 1, 2)
-        self.y = torch.as_tensor(np.asarray(cond_labels), device=dev).long()
-        self.w = torch.as_tensor(class_weights(np.asarray(cond_labels), p["PIXEL_BALANCE"],
-                                               num_classes), device=dev)
 
     def loss(self, g):
         b, dev = self.batch, self.dev
         idx = torch.multinomial(self.w, b, replacement=True, generator=g)
-        x = self.x[idx].float().div(127.5).sub(1)
+        x = pad_to_multiple(to_signed(self.x[idx]), self.multiple)
         flip = torch.rand(b, device=dev, generator=g) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
         labels = self.y[idx].masked_fill(
@@ -155,12 +163,12 @@ class PixelTrainer(StepFit):
         noise = torch.randn(x.shape, device=dev, generator=g)
         t = torch.rand(b, device=dev, generator=g)
         t, xt, ut = self.flow.sample_location_and_conditional_flow(noise, x, t)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with self.autocast():
             pred = self.model(xt, t * TIME_SCALE, class_labels=labels).sample
         return F.mse_loss(pred.float(), ut)
 
 
-class Pixel(Trained):
+class Pixel(TrainedGenerator):
     """Class-conditional pixel-space flow matching (see the module docstring)."""
 
     name, prefix = "pixel", "PIXEL"
@@ -169,26 +177,27 @@ class Pixel(Trained):
                   "SEED")  # what changes the trained weights
     PARAMS = FIT_PARAMS + ("PIXEL_GUIDANCE", "PIXEL_SAMPLER", "PIXEL_SAMPLE_STEPS")
 
-    def prepare(self, images, cond_labels, params):
+    def prepare(self, images, cond_labels, params: dict) -> None:
         validate(params)
         self.batch = params.get("PIXEL_SAMPLE_BATCH") or self.batch
+        self.multiple = side_multiple(self.p["PIXEL_CHANNELS"])
+
+    def trainer(self, images, cond_labels, params: dict) -> PixelTrainer:
+        return PixelTrainer(images, cond_labels, self.num_classes, params,
+                            int(params.get("SEED") or 0), str(self.dev))
 
     def build_model(self):
-        return build_unet(self.p["PIXEL_CHANNELS"], self.p["PIXEL_LAYERS"],
-                          self.p["PIXEL_ATTENTION"], self.num_classes)
-
-    def trainer(self, images, cond_labels, params, data_key):
-        return PixelTrainer(images, cond_labels, self.num_classes, params,
-                            int(params.get("SEED") or 0), str(self.dev), data_key)
+        return _unet_for(self.p, self.num_classes, self.data_shape)
 
     @torch.inference_mode()
     def generate(self, label, seeds):
-        dev, w = self.dev, float(self.p["PIXEL_GUIDANCE"])
-        z = torch.stack([torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(int(s)))
-                         for s in seeds]).to(dev)
-        images = integrate(self.model, z, label, self.num_classes, w, self.p["PIXEL_SAMPLER"],
-                           self.p["PIXEL_SAMPLE_STEPS"])
-        return to_uint8(images), [{} for _ in seeds]
+        h, w, c = self.data_shape
+        shape = (c, padded_size(h, self.multiple), padded_size(w, self.multiple))
+        z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
+                         for s in seeds]).to(self.dev)
+        images = integrate(self.model, z, label, self.num_classes, float(self.p["PIXEL_GUIDANCE"]),
+                           self.p["PIXEL_SAMPLER"], self.p["PIXEL_SAMPLE_STEPS"])
+        return to_uint8(crop_to(images, h, w)), [{} for _ in seeds]
 
 
 def integrate(unet, z: torch.Tensor, label: int, num_classes: int, guidance: float,

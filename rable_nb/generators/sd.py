@@ -2,7 +2,8 @@
 
 Report settings (defaults of the ``paper`` profile): ``stabilityai/stable-diffusion-2-1-base``
 in fp16, 512 px, 50 steps of its own scheduler, guidance 2, prompt = a random caption of a
-real image of the same class, one seed per image, resized to 32×32. The caption of an image
+real image of the same class, one seed per image, resized to the data's size (32×32;
+greyscale data: converted to grey). The caption of an image
 joins the class of that image's *conditioning* label (pseudo-label or, as in the report,
 the hidden truth). The prompt of a sample is drawn from its seed, so a sample's prompt and
 image depend only on its slot. The pipeline is loaded on the first ``generate`` call: a
@@ -136,6 +137,7 @@ class SD(Generator):
         self.p, self.pipe = {**PROFILE_DEFAULTS["paper"], **given}, None
         self.batch = self.p["SD_BATCH"]
         self.classes = params.get("CLASSES") or CLASSES
+        self.image_shape = tuple(np.asarray(images_or_features).shape[1:]) or (32, 32, 3)
         needs = "{caption}" in self.p["SD_PROMPT_TEMPLATE"]
         self.captions = captions_by_class(run_dir, cond_labels) if needs else defaultdict(list)
         return dict(done=True, captions=sum(map(len, self.captions.values())))
@@ -158,9 +160,10 @@ class SD(Generator):
                            negative_prompt=negative,
                            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
                            output_type="pil").images
-        small = [np.asarray(img.convert("RGB").resize((32, 32), FILTERS[p["SD_FILTER"]]))
-                 for img in images]
-        return np.stack(small), [{"prompt": q} for q in prompts]
+        h, w, c = self.image_shape  # the data's size and channels (CIFAR-10: 32×32×3)
+        small = np.stack([np.asarray(img.convert("L" if c == 1 else "RGB")
+                                     .resize((w, h), FILTERS[p["SD_FILTER"]])) for img in images])
+        return small.reshape(len(images), h, w, c), [{"prompt": q} for q in prompts]
 
 
 # --- benchmark -------------------------------------------------------------------------

@@ -88,16 +88,22 @@ def pending(run_dir, plan: dict, classes, settings: dict, suffix: str = ".png") 
 
 
 def _save(sample: np.ndarray, path: Path) -> None:
+    """An image H×W×C (C = 3, or 1: a greyscale PNG) or a feature vector (.npy)."""
     if sample.dtype == np.uint8 and sample.ndim == 3:
-        write_atomic(path, lambda t: Image.fromarray(sample).save(t, format="PNG"))
+        img = sample[..., 0] if sample.shape[-1] == 1 else sample
+        write_atomic(path, lambda t: Image.fromarray(img).save(t, format="PNG"))
     else:
         write_atomic(path, lambda t: np.save(t, sample))
 
 
 def _load(path: Path) -> np.ndarray:
+    """Inverse of :func:`_save`: greyscale PNGs come back as H×W×1."""
     if path.suffix == ".npy":
         return np.load(path)
-    return np.asarray(Image.open(path).convert("RGB"))
+    with Image.open(path) as img:
+        if img.mode == "L":
+            return np.asarray(img)[..., None]
+        return np.asarray(img.convert("RGB"))
 
 
 def _draw(generator, label: int, slots: list[int], seed: int, accept, max_attempts: int):
@@ -186,7 +192,7 @@ def read_settings(run_dir: str | os.PathLike) -> dict:
 
 
 def load_synthetic(run_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """(samples — uint8 images N×32×32×3 or features N×D —, labels, manifest rows)."""
+    """(samples — uint8 images N×H×W×C or features N×D —, labels, manifest rows)."""
     out = Path(run_dir) / SYNTH_DIR
     rows = manifest_rows(run_dir)
     if not rows:
@@ -262,14 +268,37 @@ def rebalanced_figure(real_counts, synth_counts, classes, title: str = "",
     return fig
 
 
-def side_by_side(real_x, real_y, syn_x, syn_y, classes, n: int = 4, seed: int = 0):
-    """Images and titles: per class with synthetic images, n real then n synthetic."""
+def side_by_side(real_x, real_y, syn_x, syn_y, classes, n: int = 4, seed: int = 0,
+                 others: dict | None = None):
+    """Images and titles: per class with synthetic images, n real, n synthetic, then n of
+    each entry of ``others`` ({name: (samples, labels)}, e.g. other backends' top-ups)."""
     rng = np.random.default_rng(seed)
+    sources = [("real", real_x, real_y), ("synth", syn_x, syn_y),
+               *((name, x, y) for name, (x, y) in (others or {}).items())]
     images, titles = [], []
     for c in np.unique(syn_y):
-        for kind, x, y in (("real", real_x, real_y), ("synth", syn_x, syn_y)):
+        for kind, x, y in sources:
             pick = np.flatnonzero(y == c)
             pick = rng.choice(pick, size=min(n, len(pick)), replace=False)
             images += [x[i] for i in pick] + [np.full_like(real_x[0], 255)] * (n - len(pick))
             titles += [f"{classes[c][:5]} {kind}"] * len(pick) + [""] * (n - len(pick))
     return np.stack(images), titles
+
+
+def other_samples(run_dirs, image_shape) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{generator name: (samples, labels)} of other runs' top-ups (the run directory's name
+    added where a generator repeats), to show
+    beside this one (``COMPARE_RUNS``; relative paths from the project root). A run without
+    samples, or with samples of another shape, is left out with a note."""
+    from ..config import project_path
+
+    out = {}
+    for run in map(project_path, run_dirs or []):
+        x, y, _ = load_synthetic(run)
+        if not len(y) or x.shape[1:] != tuple(image_shape):
+            why = f"samples of shape {x.shape[1:]}" if len(y) else "no synthetic samples"
+            print(f"COMPARE_RUNS: {run} left out ({why}).")
+            continue
+        name = read_settings(run).get("generator")
+        out[name if name not in out else f"{name} ({run.name})"] = (x, y)
+    return out
