@@ -80,7 +80,9 @@ def method_label(m: dict) -> str:
     if not added:
         return m["method"]
     p = m["params"]
-    return f"{m['method']} + {added} {p.get('GENERATOR', '?')} ({p.get('GEN_LABELS', '?')})"
+    weight = " at weight 0 (control)" if p.get("SYNTH_WEIGHT") == 0 else ""
+    return (f"{m['method']} + {added} {p.get('GENERATOR', '?')} ({p.get('GEN_LABELS', '?')})"
+            + weight)
 
 
 def heading(group: str) -> str:

@@ -90,3 +90,5 @@ def test_cpu_runs_get_their_own_section_and_top_ups_their_generator(tmp_path):
     assert "## quick-cpu" in text and "## Protocol" not in text
     cell = "[31.00](quick-cpu/copy-1000/metrics-rable.json)"
     assert f"| rable + 4464 copy (pseudo) | {cell} |" in text
+    m["params"]["SYNTH_WEIGHT"] = 0
+    assert results.method_label(m) == "rable + 4464 copy (pseudo) at weight 0 (control)"
