@@ -74,15 +74,15 @@ def setting(m: dict) -> str:
 
 
 def method_label(m: dict) -> str:
-    """The method, with its top-up when it trains on synthetic data: 'rable + 4464 copy
-    (pseudo)'."""
+    """The method as figures name it (``evaluation.method_label``), with the size of its
+    top-up: 'rable [copy, pseudo labels] + 4464'; a top-up weighted 0 is marked as the
+    control."""
+    from .evaluation import method_label as shown
     added = m.get("n_synthetic") or 0
     if not added:
         return m["method"]
-    p = m["params"]
-    weight = " at weight 0 (control)" if p.get("SYNTH_WEIGHT") == 0 else ""
-    return (f"{m['method']} + {added} {p.get('GENERATOR', '?')} ({p.get('GEN_LABELS', '?')})"
-            + weight)
+    weight = " at weight 0 (control)" if m["params"].get("SYNTH_WEIGHT") == 0 else ""
+    return f"{shown(m['method'], m)} + {added}{weight}"
 
 
 def heading(group: str) -> str:

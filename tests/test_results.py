@@ -84,11 +84,11 @@ def test_cpu_runs_get_their_own_section_and_top_ups_their_generator(tmp_path):
     _plant(tmp_path, "quick-cpu/copy-1000", "rable", 0.31)
     m = json.loads((tmp_path / "quick-cpu/copy-1000/metrics-rable.json").read_text())
     m["n_synthetic"] = 4464
-    m["params"].update(GENERATOR="copy", GEN_LABELS="pseudo")
+    m["params"].update(synthetic={"generator": "copy", "cond_labels": "pseudo"})
     (tmp_path / "quick-cpu/copy-1000/metrics-rable.json").write_text(json.dumps(m))
     text = results.render(results.load(tmp_path))
     assert "## quick-cpu" in text and "## Protocol" not in text
     cell = "[31.00](quick-cpu/copy-1000/metrics-rable.json)"
-    assert f"| rable + 4464 copy (pseudo) | {cell} |" in text
+    assert f"| rable [copy, pseudo labels] + 4464 | {cell} |" in text
     m["params"]["SYNTH_WEIGHT"] = 0
-    assert results.method_label(m) == "rable + 4464 copy (pseudo) at weight 0 (control)"
+    assert results.method_label(m) == "rable [copy, pseudo labels] + 4464 at weight 0 (control)"
