@@ -23,6 +23,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 PACKAGE = Path(__file__).resolve().parent
 
 
+def three_figures(x: float) -> float:
+    """``x`` to three significant figures: a projection at any scale keeps its precision
+    (rounding to fixed decimals turned a fast 4.248 s into 4.2)."""
+    return float(f"{x:.3g}")
+
+
 def reads_to_host(func, args, kwargs) -> bool:
     """Whether the ATen call ``func(*args, **kwargs)`` reads tensor data back to the host."""
     name = func.overloadpacket.__name__

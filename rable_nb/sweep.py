@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing, redirect_stderr, redirect_stdout
+from contextlib import closing, redirect_stderr, redirect_stdout, suppress
 from pathlib import Path
 
 import numpy as np
@@ -299,8 +299,9 @@ def _stop(procs: list) -> None:
         for proc in (p for p in procs if p.is_alive()):
             try:
                 os.killpg(proc.pid, sig)
-            except ProcessLookupError:  # not yet in its own group
-                os.kill(proc.pid, sig)
+            except ProcessLookupError:  # not yet in its own group, or exited meanwhile
+                with suppress(ProcessLookupError):
+                    os.kill(proc.pid, sig)
         deadline = time.time() + STOP_GRACE_S
         for proc in procs:
             proc.join(max(0.0, deadline - time.time()))

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import psutil
@@ -54,6 +55,26 @@ def serial(grid, tmp_path_factory) -> pd.DataFrame:
 def _points(out: Path) -> list[dict]:
     return [json.loads((out / sweep.point_name(i, {"N_MAX": n}) / sweep.POINT_FILE).read_text())
             for i, n in enumerate(N_MAX)]
+
+
+def _done(run_dir: Path) -> bool:
+    return config.read_json(run_dir / sweep.POINT_FILE).get("status") == "done"
+
+
+def _point_of(kernel: psutil.Process) -> Path | None:
+    """The point a kernel runs: its worker writes the point's log."""
+    try:
+        logs = [f.path for f in kernel.parent().open_files() if f.path.endswith(sweep.LOG_FILE)]
+    except (psutil.Error, AttributeError):  # exited meanwhile
+        return None
+    return Path(logs[0]).parent if logs else None
+
+
+def _quietly(action) -> None:
+    try:
+        action()
+    except psutil.NoSuchProcess:
+        pass
 
 
 def _cmdline(proc: psutil.Process) -> str:
@@ -115,16 +136,25 @@ def test_interrupted_parallel_sweep_stops_its_kernels_and_resumes(grid, serial, 
            "--parallel", "2"]
     proc = subprocess.Popen(cmd, cwd=config.PROJECT_ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    finished, kernels, deadline = [], [], time.time() + 120
-    while not (finished and kernels) and time.time() < deadline and proc.poll() is None:
+    finished, running, deadline = [], {}, time.time() + 120
+    while not (finished and running) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)  # wait for a finished point while another point's kernel runs
-        finished = [p.parent for p in out.glob(f"*/{sweep.POINT_FILE}")
-                    if json.loads(p.read_text())["status"] == "done"]
+        finished = [p for p in out.glob("*/") if _done(p)]
         workers = psutil.Process(proc.pid).children(recursive=True)  # workers and kernels
-        kernels = [w for w in workers if "ipykernel" in _cmdline(w)]
-    assert finished and kernels, "no point finished while another one ran"
-    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
-    assert proc.wait(timeout=60) == 130
+        running = {k: _point_of(k) for k in workers if "ipykernel" in _cmdline(k)}
+        running = {k: run for k, run in running.items() if run and not _done(run)}
+    assert finished and running, "no point finished while another one ran"
+    # Freeze the running kernels, so that their points cannot finish before Ctrl-C lands (on a
+    # loaded machine the last point used to finish in that gap, and the sweep exited with 1).
+    for kernel in running:
+        _quietly(kernel.suspend)
+    try:
+        assert not any(_done(run) for run in running.values())
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert proc.wait(timeout=60) == 130
+    finally:  # thawed, a kernel sees its worker gone and exits (ipykernel's parent poller)
+        for kernel in running:
+            _quietly(kernel.resume)
     gone, alive = psutil.wait_procs(workers, timeout=15)
     assert not alive, f"left running: {[_cmdline(p) for p in alive]}"
     res = pd.read_csv(out / "results.csv")
@@ -139,6 +169,17 @@ def test_interrupted_parallel_sweep_stops_its_kernels_and_resumes(grid, serial, 
         assert f"skip {run.name}: finished" in printed
         assert (run / "dataset.npz").stat().st_mtime_ns == stamp  # not run again
     pd.testing.assert_frame_equal(_rows(out), serial)
+
+
+def test_stopping_a_worker_that_exited_meanwhile_is_quiet():
+    """Ctrl-C races the workers: one may exit between the liveness check and the signal (the
+    sweep used to die of ProcessLookupError then, with exit code 1 instead of 130)."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # exited and reaped: its pid names no process now
+    joined = []
+    worker = SimpleNamespace(pid=gone.pid, is_alive=lambda: True, join=joined.append)
+    sweep._stop([worker])  # SIGTERM, then SIGKILL: both find no process
+    assert len(joined) == 2
 
 
 @pytest.mark.parametrize("args, pattern", [

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from .. import config
 from ..networks import pick_device
+from ..profiling import three_figures
 from .base import Generator
 
 
@@ -404,6 +405,6 @@ def bench_report(name: str, profile: str, trainer: StepTrainer, rows: list[dict]
                 gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
                 parameters=trainer.parameter_count(), **details, results=rows,
                 **{k: v for k, v in best.items() if k.endswith("_per_s")},
-                projected_fit_s=round(fit_samples / best[f"train_{unit}_per_s"], 1),
+                projected_fit_s=three_figures(fit_samples / best[f"train_{unit}_per_s"]),
                 **{f"topup_{unit}": REPORT_TOPUP},
-                projected_topup_s=round(REPORT_TOPUP / best[f"sample_{unit}_per_s"], 1))
+                projected_topup_s=three_figures(REPORT_TOPUP / best[f"sample_{unit}_per_s"]))

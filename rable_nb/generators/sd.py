@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .. import captioning, config, dataset
 from ..data import CLASSES
 from ..networks import pick_device
+from ..profiling import three_figures
 from ..tiny_models import TINY, build_tiny_sd, load_pretrained, resolve_model_id
 from .base import Generator
 from .topup import REPORT_TOPUP
@@ -277,4 +278,4 @@ def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dic
                 dtype=str(pipe.unet.dtype).replace("torch.", ""), size=size, steps=steps,
                 guidance=guidance, scheduler=type(pipe.scheduler).__name__, results=rows,
                 best_images_per_s=best, topup_images=REPORT_TOPUP,
-                projected_topup_hours=round(REPORT_TOPUP / best / 3600, 3))
+                projected_topup_hours=three_figures(REPORT_TOPUP / best / 3600))
