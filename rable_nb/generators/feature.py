@@ -55,6 +55,7 @@ from torch import nn
 
 from .. import config
 from ..networks import batched_features, load_model, pick_device, save_model
+from ..profiling import three_figures
 from .fitting import StepFit, TrainedGenerator, bench_report, time_fit_and_sample
 
 SAMPLERS = ("ddim", "ddpm")
@@ -302,8 +303,8 @@ def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dic
         train_s, sample_s = time_fit_and_sample(tr, lambda: denoise(  # noqa: B023
             tr.model, noise, 0, prof["FEATURE_SAMPLER"], prof["FEATURE_SAMPLE_STEPS"], gens),
             steps)
-        rows.append(dict(batch_size=b, train_features_per_s=round(steps * b / train_s, 1),
-                         sample_features_per_s=round(b / sample_s, 1)))
+        rows.append(dict(batch_size=b, train_features_per_s=three_figures(steps * b / train_s),
+                         sample_features_per_s=three_figures(b / sample_s)))
     return bench_report("feature", profile, tr, rows, "features",
                         prof["FEATURE_STEPS"] * prof["FEATURE_BATCH"], feature_dim=dim,
                         sampler=prof["FEATURE_SAMPLER"],

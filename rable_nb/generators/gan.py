@@ -65,6 +65,7 @@ from torch import nn
 
 from .. import config
 from ..networks import pick_device
+from ..profiling import three_figures
 from .fitting import (StepTrainer, TrainedGenerator, bench_report, crop_to, pad_to_multiple,
                       padded_size, prefixed, time_fit_and_sample, to_signed, to_uint8,
                       unprefixed)
@@ -414,9 +415,10 @@ def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dic
         ae, gan = steps * b / ae_s, steps * b / gan_s
         mix = prof["GAN_AE_STEPS"] + prof["GAN_STEPS"]  # the profile's fit: ae, then gan steps
         train = mix / (prof["GAN_AE_STEPS"] / ae + prof["GAN_STEPS"] / gan)
-        rows.append(dict(batch_size=b, ae_images_per_s=round(ae, 1),
-                         gan_images_per_s=round(gan, 1), train_images_per_s=round(train, 1),
-                         sample_images_per_s=round(b / sample_s, 1)))
+        rows.append(dict(batch_size=b, ae_images_per_s=three_figures(ae),
+                         gan_images_per_s=three_figures(gan),
+                         train_images_per_s=three_figures(train),
+                         sample_images_per_s=three_figures(b / sample_s)))
     return bench_report("gan", profile, tr, rows, "images",
                         (prof["GAN_AE_STEPS"] + prof["GAN_STEPS"]) * prof["GAN_BATCH"],
                         channels=prof["GAN_CHANNELS"], latent=prof["GAN_LATENT"],

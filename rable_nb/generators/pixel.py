@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from .. import config
 from ..networks import pick_device
+from ..profiling import three_figures
 from .fitting import (StepFit, TrainedGenerator, bench_report, crop_to, pad_to_multiple,
                       padded_size, time_fit_and_sample, to_signed, to_uint8)
 
@@ -242,9 +243,9 @@ def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dic
             p["PIXEL_SAMPLE_STEPS"]), steps)
         evals = (p["PIXEL_SAMPLE_STEPS"] * SAMPLERS[p["PIXEL_SAMPLER"]]
                  * (2 if p["PIXEL_GUIDANCE"] != 1 else 1))
-        rows.append(dict(batch_size=b, train_images_per_s=round(steps * b / train_s, 1),
-                         sample_images_per_s=round(b / sample_s, 1),
-                         network_evals_per_s=round(b * evals / sample_s, 1)))
+        rows.append(dict(batch_size=b, train_images_per_s=three_figures(steps * b / train_s),
+                         sample_images_per_s=three_figures(b / sample_s),
+                         network_evals_per_s=three_figures(b * evals / sample_s)))
     prof = PROFILE_DEFAULTS[profile]
     return bench_report("pixel", profile, tr, rows, "images",
                         prof["PIXEL_STEPS"] * prof["PIXEL_BATCH"],

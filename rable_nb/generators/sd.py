@@ -269,8 +269,8 @@ def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dic
     for b in tqdm(batch_sizes, desc="bench synth", unit="batch size"):
         full = timed(lambda: pipe(["a photo of a horse in a field"] * b, **run), dev, repeats)
         bare = timed(lambda: _unet_loop(pipe, b, size, steps, guidance), dev, repeats)
-        rows.append(dict(batch_size=b, pipeline_images_per_s=round(b / full, 3),
-                         unet_images_per_s=round(b / bare, 3), pipeline_s=round(full, 3),
+        rows.append(dict(batch_size=b, pipeline_images_per_s=three_figures(b / full),
+                         unet_images_per_s=three_figures(b / bare), pipeline_s=three_figures(full),
                          unet_s=round(bare, 3), non_unet_share=round(1 - bare / full, 3)))
     best = max(r["pipeline_images_per_s"] for r in rows)
     return dict(bench="synth", profile=profile, device=str(dev),
