@@ -134,8 +134,11 @@ def test_interrupted_parallel_sweep_stops_its_kernels_and_resumes(grid, serial, 
     out = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "rable_nb", "sweep", str(grid), "--out", str(out),
            "--parallel", "2"]
+    # SIG_DFL: Python then installs its Ctrl-C handler; a shell's background job (as CI may
+    # run the suite) inherits SIGINT ignored, and the sweep then never saw the signal
     proc = subprocess.Popen(cmd, cwd=config.PROJECT_ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     finished, running, deadline = [], {}, time.time() + 120
     while not (finished and running) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)  # wait for a finished point while another point's kernel runs
