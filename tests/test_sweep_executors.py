@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -68,13 +69,6 @@ def _point_of(kernel: psutil.Process) -> Path | None:
     except (psutil.Error, AttributeError):  # exited meanwhile
         return None
     return Path(logs[0]).parent if logs else None
-
-
-def _quietly(action) -> None:
-    try:
-        action()
-    except psutil.NoSuchProcess:
-        pass
 
 
 def _cmdline(proc: psutil.Process) -> str:
@@ -150,14 +144,16 @@ def test_interrupted_parallel_sweep_stops_its_kernels_and_resumes(grid, serial, 
     # Freeze the running kernels, so that their points cannot finish before Ctrl-C lands (on a
     # loaded machine the last point used to finish in that gap, and the sweep exited with 1).
     for kernel in running:
-        _quietly(kernel.suspend)
+        with suppress(psutil.NoSuchProcess):
+            kernel.suspend()
     try:
         assert not any(_done(run) for run in running.values())
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert proc.wait(timeout=60) == 130
     finally:  # thawed, a kernel sees its worker gone and exits (ipykernel's parent poller)
         for kernel in running:
-            _quietly(kernel.resume)
+            with suppress(psutil.NoSuchProcess):
+                kernel.resume()
     gone, alive = psutil.wait_procs(workers, timeout=15)
     assert not alive, f"left running: {[_cmdline(p) for p in alive]}"
     res = pd.read_csv(out / "results.csv")
