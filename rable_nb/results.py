@@ -77,7 +77,7 @@ def method_label(m: dict) -> str:
     """The method as figures name it (``evaluation.method_label``), with the size of its
     top-up: 'rable [copy, pseudo labels] + 4464'; a top-up weighted 0 is marked as the
     control."""
-    from .evaluation import method_label as shown
+    from .evaluation import method_label as shown  # here: evaluation loads torch
     added = m.get("n_synthetic") or 0
     if not added:
         return m["method"]

@@ -244,8 +244,7 @@ def run_point(job: dict) -> dict:
 
 def _record(run_dir: Path) -> dict:
     """A point's ``point.json`` record; empty when it has none (never started, or running)."""
-    path = run_dir / POINT_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+    return config.read_json(run_dir / POINT_FILE)
 
 
 def _lost_point(job: dict, why: str) -> dict:

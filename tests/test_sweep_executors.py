@@ -59,7 +59,7 @@ def _points(out: Path) -> list[dict]:
 
 
 def _done(run_dir: Path) -> bool:
-    return config.read_json(run_dir / sweep.POINT_FILE).get("status") == "done"
+    return sweep._record(run_dir).get("status") == "done"
 
 
 def _point_of(kernel: psutil.Process) -> Path | None:
@@ -141,8 +141,8 @@ def test_interrupted_parallel_sweep_stops_its_kernels_and_resumes(grid, serial, 
         running = {k: _point_of(k) for k in workers if "ipykernel" in _cmdline(k)}
         running = {k: run for k, run in running.items() if run and not _done(run)}
     assert finished and running, "no point finished while another one ran"
-    # Freeze the running kernels, so that their points cannot finish before Ctrl-C lands (on a
-    # loaded machine the last point used to finish in that gap, and the sweep exited with 1).
+    # Freeze the running kernels, so that their points cannot finish before Ctrl-C lands: the
+    # sweep is surely mid-point when it is interrupted, however slow or fast the machine.
     for kernel in running:
         with suppress(psutil.NoSuchProcess):
             kernel.suspend()
