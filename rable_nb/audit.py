@@ -203,7 +203,8 @@ def run(run_dir, cifar, ds, params: dict, device: str = "auto") -> dict:
     import matplotlib.pyplot as plt
 
     from . import config, viz
-    from .generators import describe, feature, load_synthetic, read_settings, synthetic_space
+    from .generators import feature
+    from .runfiles import describe, load_synthetic, read_settings, synthetic_space
 
     run_dir = Path(run_dir)
     seed = params.get("SEED") or 0

@@ -2,14 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 
 from . import config
-
-# backends with a ``bench`` of their own (sd: ``bench synth``)
-BENCHED_GENERATORS = ("pixel", "feature", "gan")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,24 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.paths is not None and args.what != "train":
         print("error: --eager/--graph/--both apply to 'bench train' only", file=sys.stderr)
         return 1
+    from . import bench
     if args.what == "augment":  # the views alone: independent of the profile
-        from .augment import bench
-        print(json.dumps(bench(device=args.device, batch_sizes=args.batch_size)))
-        return 0
-    extra = {}
-    if args.what == "train":
-        from .training import bench
-        extra = {"paths": args.paths or ("eager",)}
-    elif args.what == "synth" or args.generator == "sd":
-        from .generators.sd import bench
-    elif args.generator in BENCHED_GENERATORS:
-        bench = importlib.import_module(f".generators.{args.generator}", __package__).bench
+        result = bench.augment_views(device=args.device, batch_sizes=args.batch_size)
+    elif args.what == "train":
+        result = bench.train(profile=args.profile, device=args.device,
+                             batch_sizes=args.batch_size, paths=args.paths or ("eager",))
     else:
-        print(f"error: `bench gen` times one of {('sd', *BENCHED_GENERATORS)}, not "
-              f"{args.generator!r}", file=sys.stderr)
-        return 1
-    result = bench(profile=args.profile, device=args.device, batch_sizes=args.batch_size,
-                   **extra)
+        name = "sd" if args.what == "synth" else args.generator
+        try:
+            result = bench.generator(name, args.profile, args.device, args.batch_size)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     print(json.dumps(result))
     return 0
 

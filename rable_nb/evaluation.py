@@ -20,10 +20,8 @@ import torch
 
 from . import config, jsonl
 from .networks import batched_logits
+from .runfiles import ACCURACY_FIELDS, METRICS_FIELDS, method_label  # noqa: F401
 
-METRICS_FIELDS = ("method", "protocol", "params", "accuracy", "device", "wall_s",
-                  "images_per_s", "commit")
-ACCURACY_FIELDS = ("last", "best", "many", "medium", "few", "per_class")
 
 
 def class_groups(class_counts) -> dict[str, list[int]]:
@@ -144,16 +142,6 @@ def read_history(run_dir, method: str) -> list[dict]:
     """The per-epoch rows of ``logs/<method>.jsonl`` (epoch, lr, loss terms, pseudo-label and
     test accuracy, seconds); [] when the method has no log."""
     return jsonl.read(Path(run_dir) / "logs" / f"{method}.jsonl", repair=False)
-
-
-def method_label(method: str, metrics: dict) -> str:
-    """Display name of a trained method: models trained on synthetic images carry their
-    top-up, e.g. 'rable [pixel, pseudo labels]' or 'rable [copy, ORACLE labels (ablation)]'."""
-    synthetic = (metrics.get("params") or {}).get("synthetic")
-    if not synthetic:
-        return method
-    from .generators import describe  # generators import the trainer, which imports this
-    return f"{method} [{describe(synthetic)}]"
 
 
 # -- reading the numbers --------------------------------------------------------------------

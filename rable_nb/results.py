@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from urllib.parse import quote
 
-from . import config
+from . import config, runfiles
 
 RESULTS_DIR = config.PROJECT_ROOT / "results"
 README = "README.md"
@@ -46,7 +46,6 @@ LEGEND = (
 def load(root) -> list[dict]:
     """Every metrics file below ``root`` with its ``file`` (relative path) and ``group``
     (first folder); ``ValueError`` naming the file when one is not a notebook-04 metrics file."""
-    from .evaluation import METRICS_FIELDS
     root = Path(root)
     entries = []
     for path in sorted(root.rglob("metrics-*.json")):
@@ -55,7 +54,7 @@ def load(root) -> list[dict]:
             m = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
-        missing = [k for k in METRICS_FIELDS if k not in m] if isinstance(m, dict) else "all"
+        missing = [k for k in runfiles.METRICS_FIELDS if k not in m] if isinstance(m, dict) else "all"
         if missing:
             raise ValueError(f"{path} is not a metrics file of notebook 04: it lacks {missing}.")
         entries.append(dict(m, file=rel.as_posix(),
@@ -74,15 +73,14 @@ def setting(m: dict) -> str:
 
 
 def method_label(m: dict) -> str:
-    """The method as figures name it (``evaluation.method_label``), with the size of its
+    """The method as figures name it (``runfiles.method_label``), with the size of its
     top-up: 'rable [copy, pseudo labels] + 4464'; a top-up weighted 0 is marked as the
     control."""
-    from .evaluation import method_label as shown  # here: evaluation loads torch
     added = m.get("n_synthetic") or 0
     if not added:
         return m["method"]
     weight = " at weight 0 (control)" if m["params"].get("SYNTH_WEIGHT") == 0 else ""
-    return f"{shown(m['method'], m)} + {added}{weight}"
+    return f"{runfiles.method_label(m['method'], m)} + {added}{weight}"
 
 
 def heading(group: str) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from . import evaluation, generators, methods, sweep
+from . import evaluation, methods, runfiles, sweep
 from .data import CLASSES
 
 SMOKE_GRID = "examples/sweep-study-smoke.yaml"
@@ -55,7 +55,7 @@ def approach(method: str, generator=None, gen_labels=None) -> str:
     if base == "ssp":
         parts.append("self-supervision (SSP)")
     elif base == "rable":
-        made = (generators.describe({"generator": generator, "cond_labels": gen_labels})
+        made = (runfiles.describe({"generator": generator, "cond_labels": gen_labels})
                 if isinstance(generator, str) else "unknown generator")
         parts.append(f"generated ({made})")
     elif base != "able":

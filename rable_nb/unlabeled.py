@@ -14,7 +14,7 @@ adds 5 unlabeled images per labeled one (``dataset/imbalance_cifar.py`` line 81,
 whole pool.
 
 Pseudo-labels: the intermediate model is ABLE trained on the long-tailed partial-label data
-for ``WARMUP_EPOCHS`` (``conditioning.warmup``: the same cached warm-up that conditions the
+for ``WARMUP_EPOCHS`` (``warmup.warmup``: the same cached warm-up that conditions the
 generators of notebook 03; it never receives the hidden labels). An unlabeled image starts
 with every class as a candidate; the warm-up network's softmax p (evaluation mode, no
 augmentation) gives ŷ = argmax_j p_j and its confidence max_j p_j. Rule: where the
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import conditioning
+from . import conditioning, warmup
 from .networks import batched_logits
 
 
@@ -77,7 +77,7 @@ def pseudo_labelled(ds: dict, cifar, params: dict, device: str = "auto") -> dict
                     int(params.get("UNLABELED") or 0), float(params.get("RATIO") or 5.0),
                     int(params.get("SEED") or 0))
     threshold = float(params.get("UNLABELED_THRESHOLD") or 0.0)
-    _, net, warm = conditioning.warmup(
+    _, net, warm = warmup.warmup(
         cifar.train_x[ds["indices"]], ds["candidates"], cifar, params["WARMUP_ARCH"],
         params["WARMUP_EPOCHS"], params["WARMUP_BATCH"], params["WARMUP_LR"],
         int(params.get("SEED") or 0), device)

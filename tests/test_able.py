@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import training
+from rable_nb import engine
 from rable_nb.methods import _losses as losses
 from rable_nb.methods import able, records
 
@@ -92,7 +92,7 @@ def _trainer(faithful_bug):
     y = rng.integers(0, 10, 64)
     cand = rng.random((64, 10)) < 0.5
     cand[np.arange(64), y] = True
-    tr = training.Trainer(training.TrainConfig(method="able", batch_size=16,
+    tr = engine.Trainer(engine.TrainConfig(method="able", batch_size=16,
                                                faithful_bug=faithful_bug), x, cand, y, "cpu")
     scores = torch.rand(64, 10, generator=torch.Generator().manual_seed(1))
     tr.conf = losses.updated_confidence(scores, tr.cand)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from rable_nb import conditioning, training
+from rable_nb import conditioning, engine
 
 PARAMS = dict(WARMUP_ARCH="tiny_cnn", WARMUP_EPOCHS=1, WARMUP_BATCH=32, WARMUP_LR=0.01, SEED=0)
 
@@ -15,12 +15,12 @@ def small(small_long_tail):
 def test_pseudo_labels_never_read_the_hidden_labels(small, tmp_path, monkeypatch):
     cifar, ds, x = small
     given = []
-    real_train = training.train
+    real_train = engine.train
 
     def spy(cfg, data_, *args, **kwargs):
         given.append(np.asarray(data_["labels"]).copy())
         return real_train(cfg, data_, *args, **kwargs)
-    monkeypatch.setattr(training, "train", spy)
+    monkeypatch.setattr(engine, "train", spy)
     runs = []
     for name, labels in (("a", ds["labels"]),
                          ("b", np.random.default_rng(1).permutation(ds["labels"]))):
@@ -33,7 +33,7 @@ def test_pseudo_labels_never_read_the_hidden_labels(small, tmp_path, monkeypatch
     assert ds["candidates"][np.arange(len(a)), a].all()  # always a candidate
     assert info_a["warmup"]["epochs"] == 1 and info_a["gen_labels"] == "pseudo"
     # a second call is served from the cache (no training)
-    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(engine, "train", lambda *a, **k: pytest.fail("retrained"))
     again, net, _ = conditioning.cond_labels("pseudo", ds, x, cifar, PARAMS, "cpu")
     assert (again == b).all() and net is not None
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import cuda_graph, dataset, training
+from rable_nb import cuda_graph, dataset, engine
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PARAMS = {"solar": {"queue_batches": 4, "est_epochs": 1}}
@@ -24,8 +24,8 @@ def data(n=256, seed=0):
 
 def run(method, graph, epochs=3):
     x, cand, y = data()
-    cfg = training.TrainConfig(method=method, epochs=epochs, batch_size=32, method_params=PARAMS)
-    tr = training.Trainer(cfg, x, cand, y, "cuda", graph=graph)
+    cfg = engine.TrainConfig(method=method, epochs=epochs, batch_size=32, method_params=PARAMS)
+    tr = engine.Trainer(cfg, x, cand, y, "cuda", graph=graph)
     return tr, [tr.train_epoch(progress=False) for _ in range(tr.total_epochs)]
 
 

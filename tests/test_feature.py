@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import audit, conditioning, dataset, generators, jsonl, methods, training
+from rable_nb import audit, conditioning, dataset, engine, generators, jsonl, methods, training
 from rable_nb.generators import feature
 from rable_nb.methods import Outputs
 from rable_nb.networks import PLLNet
@@ -174,8 +174,8 @@ def test_copied_training_features_are_fully_memorised(small_long_tail):
 def feature_trainer(f, cand, y, weight=None, method="rable-feature", batch=None):
     torch.manual_seed(0)
     init = PLLNet("tiny_cnn").state_dict()
-    cfg = training.TrainConfig(method=method, epochs=1, batch_size=batch or len(y), lr=0.1)
-    return training.Trainer(cfg, f, cand, y, "cpu", sample_weight=weight, init_weights=init)
+    cfg = engine.TrainConfig(method=method, epochs=1, batch_size=batch or len(y), lr=0.1)
+    return engine.Trainer(cfg, f, cand, y, "cpu", sample_weight=weight, init_weights=init)
 
 
 def head_problem(n_real=24, n_synth=12, seed=0):
@@ -230,7 +230,7 @@ def test_able_classification_loss_ignores_synthetic_images_at_weight_zero():
     out = Outputs({"weak": logits}, {}, {"weak": z[:b], "strong": z[b:]})
 
     def losses(weight, rows):
-        base = methods.build(training.TrainConfig(method="rable")).base
+        base = methods.build(engine.TrainConfig(method="rable")).base
         batch = methods.Batch(idx=torch.arange(len(rows)), x=None, cand=cand[rows],
                               conf=conf[rows], conf_table=conf, labels=None, weight=weight,
                               gen=None, epoch=0, step=0, stage="train", net=None, forward=None)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import cuda_graph, dataset, evaluation, methods, networks, profiling, training
+from rable_nb import cuda_graph, dataset, engine, evaluation, methods, networks, profiling, training
 
 PATCHED = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
@@ -48,7 +48,7 @@ def host_read_guard(monkeypatch):
 def epoch_guard(monkeypatch):
     """:func:`host_read_guard` around training epochs, except the epoch's one read-out
     (``Trainer._read_epoch``)."""
-    read_epoch = training.Trainer._read_epoch
+    read_epoch = engine.Trainer._read_epoch
     with host_read_guard(monkeypatch) as guard:
         def unguarded_read(self, *args):
             guard.counting = False
@@ -56,9 +56,9 @@ def epoch_guard(monkeypatch):
                 return read_epoch(self, *args)
             finally:
                 guard.counting = True
-        monkeypatch.setattr(training.Trainer, "_read_epoch", unguarded_read)
+        monkeypatch.setattr(engine.Trainer, "_read_epoch", unguarded_read)
         yield guard
-    monkeypatch.setattr(training.Trainer, "_read_epoch", read_epoch)
+    monkeypatch.setattr(engine.Trainer, "_read_epoch", read_epoch)
 
 
 def small_data(n=48, seed=0):
@@ -71,9 +71,9 @@ def small_data(n=48, seed=0):
 @pytest.mark.parametrize("name", methods.names())
 def test_an_epoch_reads_nothing_back_and_keeps_its_tensors_in_place(monkeypatch, name):
     x, cand, y = small_data()
-    cfg = training.TrainConfig(method=name, epochs=3, batch_size=16,   # 3 steps per epoch
+    cfg = engine.TrainConfig(method=name, epochs=3, batch_size=16,   # 3 steps per epoch
                                method_params={"solar": {"queue_batches": 2, "est_epochs": 1}})
-    tr = training.Trainer(cfg, x, cand, y, "cpu", sample_weight=np.linspace(0.5, 1, len(y)))
+    tr = engine.Trainer(cfg, x, cand, y, "cpu", sample_weight=np.linspace(0.5, 1, len(y)))
     bound, stage = {}, None
     with epoch_guard(monkeypatch) as guard:
         rows = []
@@ -102,11 +102,11 @@ def test_steps_depend_on_epoch_and_step_only_as_declared(name):
     ``schedule`` (reading ``batch.epoch`` or ``batch.step`` for a number, or leaving a
     branch undeclared, makes it differ)."""
     x, cand, y = small_data(64)
-    cfg = training.TrainConfig(method=name, epochs=3, batch_size=16,
+    cfg = engine.TrainConfig(method=name, epochs=3, batch_size=16,
                                method_params={"solar": {"queue_batches": 3, "est_epochs": 2,
                                                         "warmup_epochs": 2}})
-    eager = training.Trainer(cfg, x, cand, y, "cpu")
-    replayed = training.Trainer(cfg, x, cand, y, "cpu")
+    eager = engine.Trainer(cfg, x, cand, y, "cpu")
+    replayed = engine.Trainer(cfg, x, cand, y, "cpu")
     recorded = {}
     compute_step = replayed.compute_step
 
@@ -169,9 +169,9 @@ def test_evaluation_makes_one_pass_for_raw_and_adjusted_accuracy(monkeypatch):
 
 def test_graph_on_cpu_falls_back_to_the_eager_step(capsys):
     x, cand, y = small_data(32)
-    cfg = training.TrainConfig(method="able+records", epochs=1, batch_size=16)
-    eager = training.Trainer(cfg, x, cand, y, "cpu")
-    graphed = training.Trainer(cfg, x, cand, y, "cpu", graph=True)
+    cfg = engine.TrainConfig(method="able+records", epochs=1, batch_size=16)
+    eager = engine.Trainer(cfg, x, cand, y, "cpu")
+    graphed = engine.Trainer(cfg, x, cand, y, "cpu", graph=True)
     assert "GRAPH=True: CUDA graphs need a CUDA device" in capsys.readouterr().out
     assert not graphed.graph
     assert eager.train_epoch(progress=False)["loss_cont"] == \
@@ -179,7 +179,7 @@ def test_graph_on_cpu_falls_back_to_the_eager_step(capsys):
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         cuda_graph.CapturedSteps(eager)
     with pytest.raises(ValueError, match="GRAPH=True and COMPILE=True"):
-        training.Trainer(cfg, x, cand, y, "cpu", compile=True, graph=True)
+        engine.Trainer(cfg, x, cand, y, "cpu", compile=True, graph=True)
     with pytest.raises(ValueError, match="GRAPH=True and COMPILE=True"):
         training.validate({"GRAPH": True, "COMPILE": True})
     with pytest.raises(ValueError, match="GRAPH='yes' is invalid"):

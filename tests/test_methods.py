@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rable_nb import methods, training
+from rable_nb import engine, methods, training
 from rable_nb.methods import corr, mixup, solar
 
 B, C, D = 12, 5, 6
@@ -43,7 +43,7 @@ def make(name, epoch=3, weight=None, seed=0, **cfg):
     cand[torch.arange(B), labels] = True
     conf = torch.rand(B, C, generator=g) * cand
     conf = conf / conf.sum(1, keepdim=True)
-    tcfg = training.TrainConfig(method=name, num_classes=C, batch_size=B, epochs=800, **cfg)
+    tcfg = engine.TrainConfig(method=name, num_classes=C, batch_size=B, epochs=800, **cfg)
     method = methods.build(tcfg)
     net = StubNet(seed)
     trainer = SimpleNamespace(dev=torch.device("cpu"), net=net, conf=conf, cand=cand,
@@ -91,23 +91,23 @@ def test_invalid_names_get_one_clear_error(name, message):
 
 
 def test_method_params_defaults_overrides_and_errors():
-    cfg = training.TrainConfig(method="solar+mixup", epochs=800)
+    cfg = engine.TrainConfig(method="solar+mixup", epochs=800)
     assert cfg.method_params["solar"]["est_epochs"] == 100      # the paper's 100 of 800
     assert cfg.method_params["solar"]["warmup_epochs"] == 50
     assert cfg.method_params["mixup"] == {"weight": 1.0}
-    short = training.TrainConfig(method="solar", epochs=16,
+    short = engine.TrainConfig(method="solar", epochs=16,
                                  method_params={"solar": {"lamd": 5.0}, "corr": {"upd_start": 2}})
     assert short.method_params == {"solar": {**solar.Solar.params, "lamd": 5.0,
                                              "est_epochs": 2, "warmup_epochs": 1}}
     with pytest.raises(ValueError, match="unknown parameter"):
-        training.TrainConfig(method="corr", method_params={"corr": {"upd_begin": 2}})
+        engine.TrainConfig(method="corr", method_params={"corr": {"upd_begin": 2}})
     with pytest.raises(ValueError, match="unknown piece"):
-        training.TrainConfig(method="corr", method_params={"cor": {}})
+        engine.TrainConfig(method="corr", method_params={"cor": {}})
     with pytest.raises(ValueError, match="METHOD_PARAMS"):
         training.validate({"METHODS": ["corr"], "METHOD_PARAMS": [1]})
-    assert training.TrainConfig(method="proden", mixup=True).method == "proden+mixup"
+    assert engine.TrainConfig(method="proden", mixup=True).method == "proden+mixup"
     with pytest.raises(ValueError, match="mixup_alpha"):
-        training.TrainConfig(method="proden+mixup", mixup_alpha=0.4)
+        engine.TrainConfig(method="proden+mixup", mixup_alpha=0.4)
 
 
 # -- bases against per-sample loops ---------------------------------------------------------
@@ -411,15 +411,15 @@ def test_a_new_method_is_one_class_and_one_registry_line(tmp_path, monkeypatch):
     assert "toy+records+mixup" in methods.names()
     from test_training import tiny_data
     data = tiny_data(128)
-    cfg = training.TrainConfig(method="toy+mixup", epochs=2, batch_size=32,
+    cfg = engine.TrainConfig(method="toy+mixup", epochs=2, batch_size=32,
                                method_params={"toy": {"aux_weight": 0.25}})
-    whole = training.train(cfg, data, tmp_path / "a", "cpu", progress=False)
-    training.train(cfg, data, tmp_path / "b", "cpu", stop_after=1, progress=False)
-    rest = training.train(cfg, data, tmp_path / "b", "cpu", progress=False)
+    whole = engine.train(cfg, data, tmp_path / "a", "cpu", progress=False)
+    engine.train(cfg, data, tmp_path / "b", "cpu", stop_after=1, progress=False)
+    rest = engine.train(cfg, data, tmp_path / "b", "cpu", progress=False)
     assert rest["resumed"]
     a, b = whole["trainer"], rest["trainer"]
     assert torch.equal(a.extra["toy_head"].weight, b.extra["toy_head"].weight)
     assert a.method.base.steps.item() == b.method.base.steps.item() == 8
     assert whole["history"][-1]["loss_aux"] == rest["history"][-1]["loss_aux"]
-    untrained = training.Trainer(cfg, data["train_x"], data["candidates"], data["labels"], "cpu")
+    untrained = engine.Trainer(cfg, data["train_x"], data["candidates"], data["labels"], "cpu")
     assert not torch.equal(a.extra["toy_head"].weight, untrained.extra["toy_head"].weight)

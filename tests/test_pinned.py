@@ -7,7 +7,7 @@ method's maths updates its row here and says why in the commit message.
 import numpy as np
 import pytest
 
-from rable_nb import dataset, training
+from rable_nb import dataset, engine
 
 
 def pinned_data(n=96, seed=0):
@@ -45,7 +45,7 @@ PINNED = {
 def test_first_epoch_matches_pinned_numbers(method):
     losses, conf_rows, pseudo_acc = PINNED[method]
     x, cand, y = pinned_data()
-    tr = training.Trainer(training.TrainConfig(method=method, batch_size=32, epochs=1),
+    tr = engine.Trainer(engine.TrainConfig(method=method, batch_size=32, epochs=1),
                           x, cand, y, "cpu")
     row = tr.train_epoch(progress=False)
     for key, value in losses.items():

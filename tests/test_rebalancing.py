@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import data, dataset, methods, training, unlabeled
+from rable_nb import data, dataset, engine, methods, training, unlabeled
 from rable_nb.methods import ssp
 from rable_nb.networks import standardize, to_unit
 
@@ -116,23 +116,23 @@ def test_ssp_trains_able_from_the_pretrained_backbone(cifar, tmp_path, monkeypat
     x = _images(cifar).permute(0, 2, 3, 1).numpy()
     y = np.arange(len(x)) % 10
     cand = dataset.uniform_candidates(y, 10, 0.3, 0)
-    cfg = training.TrainConfig(method="ssp+records", epochs=1, batch_size=32,
+    cfg = engine.TrainConfig(method="ssp+records", epochs=1, batch_size=32,
                                method_params={"ssp": {"epochs": 2}})
     assert cfg.method_params["ssp"] == {"epochs": 2, "lr": 0.1, "weight_decay": 2e-4,
                                         "batch_size": 32}
-    tr = training.Trainer(cfg, x, cand, y, "cpu")
+    tr = engine.Trainer(cfg, x, cand, y, "cpu")
     weights, info = ssp.pretrain(tr.x, "tiny_cnn", 2, 32, 0.1, 2e-4, cfg.lr_min)
     assert info["cached"]  # the trainer's pre-training filled the cache
     state = tr.net.backbone.state_dict()
     assert all(torch.equal(state[k], weights[k]) for k in weights)
     assert tr.preparation["ssp"]["epochs"] == 2 and "rotation_acc_last" in tr.preparation["ssp"]
-    scratch = training.Trainer(training.TrainConfig(method="able+records", epochs=1,
+    scratch = engine.Trainer(engine.TrainConfig(method="able+records", epochs=1,
                                                     batch_size=32), x, cand, y, "cpu")
     assert torch.equal(scratch.net.classifier.weight, tr.net.classifier.weight)  # fresh head
     assert not torch.equal(scratch.net.backbone[0].weight, tr.net.backbone[0].weight)
     assert np.isfinite(tr.train_epoch(progress=False)["loss_cont"])
     with pytest.raises(ValueError, match=r"method_params\['ssp'\]\['epochs'\]=0 is invalid"):
-        training.TrainConfig(method="ssp", method_params={"ssp": {"epochs": 0}})
+        engine.TrainConfig(method="ssp", method_params={"ssp": {"epochs": 0}})
     P = {"METHOD_PARAMS": {"ssp": {"lr": 0.05}}, "SSP_EPOCHS": 7}
     assert training.method_params(P) == {"ssp": {"lr": 0.05, "epochs": 7}}
 
@@ -198,8 +198,8 @@ def test_hidden_labels_are_never_read(cifar, smoke_dataset_run, monkeypatch, tmp
     for source in (cifar, shuffled):
         d = training.prepare_data(smoke_dataset_run, source, "able+unlabeled", 5, 0,
                                   device="cpu", params=P)
-        cfg = training.TrainConfig(method="able+unlabeled", epochs=1, batch_size=64)
-        tr = training.Trainer(cfg, d["train_x"], d["candidates"], d["labels"], "cpu")
+        cfg = engine.TrainConfig(method="able+unlabeled", epochs=1, batch_size=64)
+        tr = engine.Trainer(cfg, d["train_x"], d["candidates"], d["labels"], "cpu")
         tr.train_epoch(progress=False)
         runs.append((d, tr))
     (a, ta), (b, tb) = runs

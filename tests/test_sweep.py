@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from rable_nb import cli, runner, sweep
+from rable_nb import cli, runner, sweep, sweep_executors
 
 
 def _grid(tmp_path, **spec):
@@ -32,7 +32,7 @@ def test_two_point_sweep_records_the_failure_and_a_rerun_skips_finished_points(
     done_dir = out / sweep.point_name(0, {"IMBALANCE_FACTOR": 0.1})
     assert (done_dir / "dataset.npz").exists()
     stamp = (done_dir / "dataset.npz").stat().st_mtime_ns
-    point = json.loads((done_dir / sweep.POINT_FILE).read_text())
+    point = json.loads((done_dir / sweep_executors.POINT_FILE).read_text())
     assert point["status"] == "done" and point["params"]["Q"] == 0.2
 
     again = sweep.run_sweep(sweep.load_grid(grid), out)

@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from rable_nb import cli, config, sweep
+from rable_nb import cli, config, sweep, sweep_executors
 
 N_MAX = [150, "lots", 250]
 
@@ -54,7 +54,7 @@ def serial(grid, tmp_path_factory) -> pd.DataFrame:
 
 
 def _points(out: Path) -> list[dict]:
-    return [json.loads((out / sweep.point_name(i, {"N_MAX": n}) / sweep.POINT_FILE).read_text())
+    return [json.loads((out / sweep.point_name(i, {"N_MAX": n}) / sweep_executors.POINT_FILE).read_text())
             for i, n in enumerate(N_MAX)]
 
 
@@ -65,7 +65,7 @@ def _done(run_dir: Path) -> bool:
 def _point_of(kernel: psutil.Process) -> Path | None:
     """The point a kernel runs: its worker writes the point's log."""
     try:
-        logs = [f.path for f in kernel.parent().open_files() if f.path.endswith(sweep.LOG_FILE)]
+        logs = [f.path for f in kernel.parent().open_files() if f.path.endswith(sweep_executors.LOG_FILE)]
     except (psutil.Error, AttributeError):  # exited meanwhile
         return None
     return Path(logs[0]).parent if logs else None
@@ -79,16 +79,16 @@ def _cmdline(proc: psutil.Process) -> str:
 
 
 def test_workers_get_the_visible_gpus_round_robin(monkeypatch):
-    assert sweep.worker_gpus(4, ["0", "1"]) == ["0", "1", "0", "1"]
-    assert sweep.worker_gpus(3, ["GPU-5a1f"]) == ["GPU-5a1f"] * 3
-    assert sweep.worker_gpus(2, []) == [None, None]
+    assert sweep_executors.worker_gpus(4, ["0", "1"]) == ["0", "1", "0", "1"]
+    assert sweep_executors.worker_gpus(3, ["GPU-5a1f"]) == ["GPU-5a1f"] * 3
+    assert sweep_executors.worker_gpus(2, []) == [None, None]
     for env, gpus in [("3,5", ["3", "5"]), ("2,-1,4", ["2"]), ("", [])]:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)
-        assert sweep.visible_gpus() == gpus
+        assert sweep_executors.visible_gpus() == gpus
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     import torch
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
-    assert sweep.visible_gpus() == ["0", "1", "2"]
+    assert sweep_executors.visible_gpus() == ["0", "1", "2"]
 
 
 def test_parallel_sweep_gives_the_serial_rows_and_spreads_points_over_gpus(
@@ -104,7 +104,7 @@ def test_parallel_sweep_gives_the_serial_rows_and_spreads_points_over_gpus(
     records = _points(out)
     assert {r["gpus"] for r in records} == {"0", "1"}  # both worker slots, one GPU each
     for i, name in enumerate(serial["run_dir"]):
-        log = out.resolve() / name / sweep.LOG_FILE
+        log = out.resolve() / name / sweep_executors.LOG_FILE
         assert f"start {name}: log {log}" in printed
         assert ("is invalid" if N_MAX[i] == "lots" else "average ambiguity") in log.read_text()
     assert "2 of 3 points finished" in printed
@@ -120,7 +120,7 @@ def test_ray_sweep_gives_the_serial_rows(grid, serial, tmp_path):
     finally:
         ray.shutdown()
     pd.testing.assert_frame_equal(_rows(out), serial)
-    assert (out / _rows(out).loc[0, "run_dir"] / sweep.LOG_FILE).exists()
+    assert (out / _rows(out).loc[0, "run_dir"] / sweep_executors.LOG_FILE).exists()
 
 
 def test_interrupted_parallel_sweep_stops_its_kernels_and_resumes(grid, serial, tmp_path,
@@ -177,7 +177,7 @@ def test_stopping_a_worker_that_exited_meanwhile_is_quiet():
     gone.wait()  # exited and reaped: its pid names no process now
     joined = []
     worker = SimpleNamespace(pid=gone.pid, is_alive=lambda: True, join=joined.append)
-    sweep._stop([worker])  # SIGTERM, then SIGKILL: both find no process
+    sweep_executors._stop([worker])  # SIGTERM, then SIGKILL: both find no process
     assert len(joined) == 2
 
 

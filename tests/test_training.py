@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rable_nb import cli, dataset, evaluation, networks, training
+from rable_nb import bench, cli, dataset, engine, evaluation, networks, training
 
 
 def tiny_data(n=256, seed=0):
@@ -30,11 +30,11 @@ def weights(tr):
                                     "solar+la+mixup"])
 def test_split_run_equals_uninterrupted_run(tmp_path, method):
     data = tiny_data()
-    cfg = training.TrainConfig(method=method, epochs=3, batch_size=32)
-    whole = training.train(cfg, data, tmp_path / "a", "cpu", progress=False)
-    first = training.train(cfg, data, tmp_path / "b", "cpu", stop_after=1, progress=False)
+    cfg = engine.TrainConfig(method=method, epochs=3, batch_size=32)
+    whole = engine.train(cfg, data, tmp_path / "a", "cpu", progress=False)
+    first = engine.train(cfg, data, tmp_path / "b", "cpu", stop_after=1, progress=False)
     assert not first["done"] and first["trainer"].epoch == 1
-    rest = training.train(cfg, data, tmp_path / "b", "cpu", progress=False)
+    rest = engine.train(cfg, data, tmp_path / "b", "cpu", progress=False)
     assert rest["resumed"] and rest["done"]
     a, b = weights(whole["trainer"]), weights(rest["trainer"])
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -49,16 +49,16 @@ def test_split_run_equals_uninterrupted_run(tmp_path, method):
 
 def test_changed_settings_start_from_scratch(tmp_path, capsys):
     data = tiny_data(128)
-    training.train(training.TrainConfig(epochs=1, batch_size=32), data, tmp_path, "cpu",
+    engine.train(engine.TrainConfig(epochs=1, batch_size=32), data, tmp_path, "cpu",
                    progress=False)
-    again = training.train(training.TrainConfig(epochs=2, batch_size=32), data, tmp_path, "cpu",
+    again = engine.train(engine.TrainConfig(epochs=2, batch_size=32), data, tmp_path, "cpu",
                            progress=False)
     assert not again["resumed"] and "starting from scratch" in capsys.readouterr().out
 
 
 def test_changed_data_start_from_scratch_and_drop_stale_results(tmp_path, capsys):
     data = tiny_data(128)
-    cfg = training.TrainConfig(epochs=1, batch_size=32)
+    cfg = engine.TrainConfig(epochs=1, batch_size=32)
     training.finish(training.train(cfg, data, tmp_path, "cpu", progress=False), tmp_path,
                     {"PROFILE": "smoke"}, "custom")
     assert (tmp_path / "metrics-able.json").exists()
@@ -72,8 +72,8 @@ def test_changed_data_start_from_scratch_and_drop_stale_results(tmp_path, capsys
 
 def test_finish_writes_metrics_and_loadable_checkpoint(tmp_path):
     data = tiny_data(128)
-    cfg = training.TrainConfig(method="able+records", epochs=1, batch_size=32)
-    result = training.train(cfg, data, tmp_path, "cpu", progress=False)
+    cfg = engine.TrainConfig(method="able+records", epochs=1, batch_size=32)
+    result = engine.train(cfg, data, tmp_path, "cpu", progress=False)
     metrics = training.finish(result, tmp_path, {"PROFILE": "smoke", "EPOCHS": 1}, "custom")
     saved = json.loads((tmp_path / "metrics-able+records.json").read_text())
     assert set(evaluation.METRICS_FIELDS) <= set(saved) and saved == json.loads(json.dumps(metrics))
@@ -100,11 +100,11 @@ def test_summary_groups_and_confusion():
 
 def test_bad_parameters_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="method"):
-        training.TrainConfig(method="pico")
+        engine.TrainConfig(method="pico")
     with pytest.raises(ValueError, match="METHODS"):
         training.validate({"METHODS": ["able", "pico"]})
     with pytest.raises(ValueError, match="BATCH_SIZE"):
-        training.Trainer(training.TrainConfig(batch_size=64), *list(tiny_data(32).values())[:3],
+        engine.Trainer(engine.TrainConfig(batch_size=64), *list(tiny_data(32).values())[:3],
                          device="cpu")
     with pytest.raises(ValueError, match="'rable', which cannot run: no synthetic images"):
         training.runnable_methods(["able", "rable"], tmp_path)
@@ -179,7 +179,7 @@ def test_bench_train_cli_prints_json(capsys):
     assert cli.main(["bench", "augment", "--graph"]) == 1
     assert "apply to 'bench train' only" in capsys.readouterr().err
     with pytest.raises(ValueError, match="paths=.*choose from"):
-        training.bench(device="cpu", paths=("graph",))
+        bench.train(device="cpu", paths=("graph",))
 
 
 @pytest.mark.parametrize("partial", ["uniform", "instance"])

@@ -24,13 +24,13 @@ weights, images of any shape or feature vectors). Conditioning labels come from
 """
 from __future__ import annotations
 
-from .. import captioning, config
+from .. import captioning, conditioning, config
 from . import copy, feature, gan, pixel, sd
 from .base import Generator, slot_seed
 from .fitting import loss_figure
-from .topup import (REPORT_TOPUP, describe, load_synthetic, manifest_rows, other_samples,
-                    pending, read_settings, rebalanced_figure, side_by_side, synthetic_counts,
-                    top_up, topup_plan)
+from ..runfiles import (describe, load_synthetic, manifest_rows, read_settings,
+                        synthetic_counts, synthetic_space)
+from .topup import REPORT_TOPUP, other_samples, pending, rebalanced_figure, side_by_side, top_up, topup_plan
 
 GENERATORS: dict[str, type[Generator]] = {"sd": sd.SD, "pixel": pixel.Pixel, "gan": gan.Gan,
                                           "copy": copy.Copy, "feature": feature.Feature}
@@ -61,7 +61,6 @@ def get(name: str) -> Generator:
 
 def validate(params: dict) -> None:
     """Clear ``ValueError`` for every parameter of the generation stage."""
-    from .. import conditioning  # imports the trainer, which imports this package
     captioning.validate({"TARGET_PER_CLASS": params.get("TARGET_PER_CLASS")})
     conditioning.validate(params)
     config.check(params, {
@@ -92,12 +91,9 @@ def fit_inputs(generator: Generator, images, backbone, run_dir, info: dict | Non
     return feature.encode(backbone, images)
 
 
-def synthetic_space(run_dir) -> str | None:
-    """What the run's synthetic samples are ('image' or 'feature'), None when there are none."""
-    if not manifest_rows(run_dir):
-        return None
-    name = read_settings(run_dir).get("generator")
-    return GENERATORS[name].space if name in GENERATORS else "image"
+def image_generators() -> list[str]:
+    """The backends whose samples are images (for methods that train on images)."""
+    return [name for name, g in GENERATORS.items() if g.space == "image"]
 
 
 def topup_settings(generator: Generator, params: dict, cond_info: dict) -> dict:
@@ -117,7 +113,7 @@ def topup_settings(generator: Generator, params: dict, cond_info: dict) -> dict:
 
 
 __all__ = ["GENERATORS", "PROFILE_DEFAULTS", "REPORT_TOPUP", "Generator", "describe",
-           "fit_inputs", "get", "load_synthetic", "loss_figure", "manifest_rows",
+           "fit_inputs", "get", "image_generators", "load_synthetic", "loss_figure", "manifest_rows",
            "other_samples", "pending", "read_settings", "rebalanced_figure", "side_by_side",
            "slot_seed", "synthetic_counts", "synthetic_space", "top_up", "topup_plan",
            "topup_settings", "validate"]

@@ -7,7 +7,7 @@ class-conditional diffusion model to the features, samples features of every cla
 fine-tunes the classifier head on real + synthetic features with the backbone frozen. Here:
 
 - **Backbone**: the ABLE warm-up network of the conditioning labels
-  (``conditioning.warmup``: trained on the long-tailed images and their candidate sets,
+  (``warmup.warmup``: trained on the long-tailed images and their candidate sets,
   never the hidden labels; cached per data set and settings). It also runs for
   ``GEN_LABELS='oracle'``. Its weights are copied to ``generator/backbone.safetensors``, so
   that the head fine-tuning (method ``rable-feature``) and the audit use the same feature

@@ -16,8 +16,6 @@ draws; a slot still rejected then keeps its last draw, marked ``accepted: false`
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -29,9 +27,9 @@ from tqdm.auto import tqdm
 from .. import captioning, jsonl
 from ..config import write_atomic
 from ..dataset import long_tail_counts
+from ..runfiles import MANIFEST, SETTINGS, SYNTH_DIR, load_synthetic, read_settings
 from .base import slot_seed
 
-SYNTH_DIR, MANIFEST, SETTINGS = "synthetic", "manifest.jsonl", "settings.json"
 # The report's top-up: n_max − n_c summed over CIFAR-10-LT at IF 0.01 (= 37,594).
 REPORT_TOPUP = sum(5000 - n for n in long_tail_counts(5000, 10, 0.01))
 
@@ -94,16 +92,6 @@ def _save(sample: np.ndarray, path: Path) -> None:
         write_atomic(path, lambda t: Image.fromarray(img).save(t, format="PNG"))
     else:
         write_atomic(path, lambda t: np.save(t, sample))
-
-
-def _load(path: Path) -> np.ndarray:
-    """Inverse of :func:`_save`: greyscale PNGs come back as H×W×1."""
-    if path.suffix == ".npy":
-        return np.load(path)
-    with Image.open(path) as img:
-        if img.mode == "L":
-            return np.asarray(img)[..., None]
-        return np.asarray(img.convert("RGB"))
 
 
 def _draw(generator, label: int, slots: list[int], seed: int, accept, max_attempts: int):
@@ -178,43 +166,6 @@ def top_up(run_dir, generator, plan: dict, classes, settings: dict, seed: int = 
     stats["seconds"] = round(time.time() - start, 2)
     stats["images_per_s"] = round(stats["generated"] / max(stats["seconds"], 1e-9), 3)
     return stats
-
-
-def manifest_rows(run_dir: str | os.PathLike) -> list[dict]:
-    """The lines of a run's ``synthetic/manifest.jsonl`` (empty when there is none)."""
-    return jsonl.read(Path(run_dir) / SYNTH_DIR / MANIFEST, repair=False)
-
-
-def read_settings(run_dir: str | os.PathLike) -> dict:
-    """``synthetic/settings.json`` of a run ({} when nothing was generated)."""
-    path = Path(run_dir) / SYNTH_DIR / SETTINGS
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def load_synthetic(run_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """(samples — uint8 images N×H×W×C or features N×D —, labels, manifest rows)."""
-    out = Path(run_dir) / SYNTH_DIR
-    rows = manifest_rows(run_dir)
-    if not rows:
-        return np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64), []
-    samples = np.stack([_load(out / r["file"]) for r in rows])
-    return samples, np.array([r["label"] for r in rows], dtype=np.int64), rows
-
-
-def synthetic_counts(run_dir: str | os.PathLike, num_classes: int) -> np.ndarray:
-    """Synthetic samples per class according to the manifest."""
-    counts = Counter(r["label"] for r in manifest_rows(run_dir))
-    return np.array([counts.get(c, 0) for c in range(num_classes)], dtype=np.int64)
-
-
-def describe(settings: dict) -> str:
-    """Short label of a top-up for titles, e.g. 'pixel, pseudo labels' or
-    'copy, ORACLE labels (ablation)'."""
-    if not settings:
-        return "no synthetic data"
-    cond = settings.get("cond_labels")
-    tag = "ORACLE labels (ablation)" if cond == "oracle" else f"{cond} labels"
-    return f"{settings.get('generator')}, {tag}"
 
 
 # --- figures ---------------------------------------------------------------------------

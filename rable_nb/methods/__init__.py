@@ -17,7 +17,7 @@ the estimated prior), ``mixup``.
 
 The interface (``base.py``)
 ---------------------------
-The trainer (``rable_nb/training.py``) owns the network, optimizer, the N×C confidence
+The trainer (``rable_nb/engine.py``) owns the network, optimizer, the N×C confidence
 table ``trainer.conf``, the candidate masks, the data on the device, checkpoints and logs.
 It never looks at a method's name; each step it builds a :class:`base.Batch` and calls
 ``method.step(batch) -> (loss, terms, new_confidences or None)``, then back-propagates,

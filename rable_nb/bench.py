@@ -1,0 +1,117 @@
+"""Benchmarks (``python -m rable_nb bench train|augment|gen|synth``): the training step of the
+engine, the augmented views alone, and the generator backends' own ``bench`` functions. The
+last line the command prints is one JSON object. Timings use ``profiling.timed``.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+
+import numpy as np
+import torch
+
+from . import augment, cuda_graph, dataset, evaluation, profiling
+from .engine import TrainConfig, Trainer
+from .networks import device_name, pick_device, to_unit
+from .training import LT_RHO100_IMAGES, PROFILE_DEFAULTS
+
+BENCH_STEPS = {"smoke": 3, "quick": 10, "paper": 30}
+# backends with a ``bench`` of their own (sd: ``bench synth``)
+BENCHED_GENERATORS = ("pixel", "feature", "gan")
+
+
+# -- the training step --------------------------------------------------------------------
+BENCH_PATHS = {"eager": False, "cuda_graph": True}   # step path -> Trainer(graph=...)
+BENCH_TEST_IMAGES = 10_000                           # a CIFAR-10 test set
+PROTOCOL_L_EPOCHS = 800
+
+
+def train(profile: str = "smoke", device: str = "auto", batch_sizes=None,
+          paths=("eager",)) -> dict:
+    """Speed of a full ABLE step per batch size and step path (``paths``: ``"eager"``,
+    ``"cuda_graph"``); random uint8 images stand in for data.
+
+    Per row: images/s of the step and of a bare forward+backward of the same network; the
+    share of the step's wall time the device is busy (``profiling.busy_share``; on CPU a
+    proxy) with kernels and launches per step (CUDA); ATen ops the host dispatches and
+    reads back to the host per step; the evaluation of 10,000 test images; the projected
+    epoch on CIFAR-10-LT rho = 100 (12,406 images, drop_last, + evaluation) and 800 of them
+    (protocol L). A CUDA-graph row on a CPU device says why it was skipped.
+    """
+    unknown = [p for p in paths if p not in BENCH_PATHS]
+    if unknown or not paths:
+        raise ValueError(f"paths={list(paths)!r} is invalid: choose from {list(BENCH_PATHS)}.")
+    arch = PROFILE_DEFAULTS[profile]["ARCH"]
+    batch_sizes = batch_sizes or [PROFILE_DEFAULTS[profile]["BATCH_SIZE"]]
+    steps = BENCH_STEPS[profile]
+    dev = pick_device(device)
+    rng = np.random.default_rng(0)
+    test_x = torch.as_tensor(rng.integers(0, 256, (BENCH_TEST_IMAGES, 32, 32, 3),
+                                          dtype=np.uint8), device=dev)
+    rows = []
+    for bs in batch_sizes:
+        n = bs * (steps + 1)
+        x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, n)
+        cand = dataset.uniform_candidates(labels, 10, 0.3, 0)
+        for path in paths:
+            if BENCH_PATHS[path] and dev.type != "cuda":
+                rows.append({"batch_size": bs, "path": path,
+                             "skipped": f"CUDA graphs need a CUDA device (device: {dev.type})"})
+                continue
+            tr = Trainer(TrainConfig(method="able", arch=arch, batch_size=bs), x, cand, labels,
+                         device, graph=BENCH_PATHS[path])
+            rows.append({"batch_size": bs, "path": path, **_measure(tr, steps, test_x)})
+    measured = [r for r in rows if "skipped" not in r]
+    out = {"what": "train", "profile": profile, "arch": arch, "device": device_name(dev),
+           "steps": steps, "paths": list(paths), "results": rows, **(measured or rows)[0]}
+    first = {r["path"]: r for r in measured if r["batch_size"] == batch_sizes[0]}
+    if len(first) == 2:
+        out["graph_over_eager"] = (first["cuda_graph"]["able_images_per_s"]
+                                   / first["eager"]["able_images_per_s"])
+    return out
+
+
+def _measure(tr: Trainer, steps: int, test_x: torch.Tensor) -> dict:
+    """The measurements of one ``bench`` row (see there) on the trainer's path."""
+    dev, bs = tr.dev, tr.cfg.batch_size
+    gen = tr.epoch_generator(0)
+
+    def able(i):
+        tr.run_step(torch.arange(i * bs, (i + 1) * bs, device=dev), gen, i)
+    warmup = cuda_graph.WARMUP + 1 if tr.graph else 1     # + the capture
+    step_s = profiling.timed(able, steps, dev, warmup)
+    ops = profiling.count_ops(able, steps)
+    busy = profiling.busy_share(able, min(steps, 5), dev, step_s)
+    views = tr._norm(to_unit(tr.x[:bs]))
+
+    def bare(_):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            loss = tr.net(views).float().logsumexp(1).mean()
+        tr.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        tr.opt.step()
+    bare_s = profiling.timed(bare, steps, dev)
+    evaluation.predict(tr.net, test_x[:bs])                 # warm-up
+    t0 = time.perf_counter()
+    evaluation.predict(tr.net, test_x).cpu()
+    eval_s = time.perf_counter() - t0
+    train_s = LT_RHO100_IMAGES // bs * step_s
+    return {"able_images_per_s": bs / step_s, "bare_images_per_s": bs / bare_s,
+            "bare_over_able": step_s / bare_s, "step_ms": 1e3 * step_s, **busy,
+            "ops_per_step": ops["ops"], "host_syncs_per_step": ops["host_syncs"],
+            "able_epoch_s_cifar10_lt_rho100": train_s, "eval_s": eval_s,
+            "epoch_s_with_eval": train_s + eval_s,
+            "run_800_epochs_min": PROTOCOL_L_EPOCHS * (train_s + eval_s) / 60}
+
+def augment_views(device: str = "auto", batch_sizes=None) -> dict:
+    """Images/s and dispatched ops of the weak and strong views alone (``augment.bench``)."""
+    return augment.bench(device=device, batch_sizes=batch_sizes)
+
+
+def generator(name: str, profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dict:
+    """The ``bench`` of generator backend ``name`` (``sd``, or one of ``BENCHED_GENERATORS``)."""
+    if name != "sd" and name not in BENCHED_GENERATORS:
+        raise ValueError(f"`bench gen` times one of {('sd', *BENCHED_GENERATORS)}, not {name!r}")
+    module = importlib.import_module(f".generators.{name}", __package__)
+    return module.bench(profile=profile, device=device, batch_sizes=batch_sizes)

@@ -1,0 +1,475 @@
+"""The training engine: one trainer for every learning method of ``rable_nb/methods/``.
+
+The trainer owns the loop, the network and optimizer, the N×C confidence table, the data
+on the device, checkpoints and logs; what a step computes belongs to the method
+(``methods.build(cfg).step``), and the trainer never looks at a method's name. It knows no
+run directory and no notebook parameter: stage 04 (``rable_nb/training.py``), the warm-up
+(``rable_nb/warmup.py``) and the benchmark (``rable_nb/bench.py``) are its clients.
+The uint8 training and test images live on the device; views are augmented there per
+batch (``augment.weak_view`` / ``strong_view``). Every ``checkpoint_every`` epochs the
+whole state (model, optimizer, confidences, the method's state tensors, history, RNG)
+goes to ``<out>/checkpoints/<method>-state.safetensors``; a later call with the same
+settings resumes from it and ends with the same numbers as an uninterrupted run. Each
+epoch's random draws come from the trainer's generator re-seeded with (seed, epoch), so
+resuming needs no hidden state.
+
+Inside an epoch nothing is read back to the host: the loss terms are summed on the device
+by the step itself and read once, with the pseudo-label accuracy, when the epoch ends; the
+test-set evaluation after it is one more read (``evaluation.evaluate``). On CUDA the
+optimizer is the fused SGD with the learning rate as a device tensor, and ``graph=True``
+(``GRAPH=True``) replays the whole step as a CUDA graph (``rable_nb/cuda_graph.py``); on CPU
+the eager step runs, the reference for both.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import config, cuda_graph, evaluation, methods
+from .methods._losses import uniform_confidence
+from .networks import PLLNet, pick_device, standardize, to_unit
+
+
+@dataclass
+class TrainConfig:
+    """Every setting that changes the numbers of a run (compared on resume).
+
+    ``method`` is a name of ``methods.names()`` (e.g. ``'corr+records+mixup'``);
+    ``mixup=True`` is the older spelling of ``+mixup`` and is folded into the name.
+    ``method_params`` {piece: {param: value}} overrides a method's hyper-parameters; after
+    construction it holds every resolved value (recorded in metrics and checkpoints).
+    """
+
+    method: str = "able"
+    arch: str = "tiny_cnn"
+    epochs: int = 2
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    lr_min: float = 1e-5
+    tau: float = 0.1
+    base_tau: float = 0.07
+    loss_weight: float = 1.0
+    records_m: float = 0.9
+    mixup: bool = False
+    mixup_alpha: float = 4.0
+    faithful_bug: bool = False
+    seed: int = 0
+    num_classes: int = 10
+    method_params: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer.")
+        if self.mixup and "mixup" not in methods.parse(self.method)[1]:
+            self.method = f"{self.method}+mixup"   # +mixup comes last in every name
+        methods.check(self.method)
+        self.mixup = "mixup" in methods.parse(self.method)[1]
+        self.method_params = methods.resolve_params(self.method, self, self.method_params)
+        methods.build(self)  # every piece checks its settings now, before any training
+
+
+def cosine_lr(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate of ``epoch`` (0-based, within a stage): cosine from lr to lr_min over
+    ``cfg.epochs``."""
+    return cfg.lr_min + (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * epoch / cfg.epochs)) / 2
+
+
+class Trainer:
+    """Network, optimizer, confidences and method state of one method on one training set.
+
+    ``train_x``: uint8 images (N×H×W×3), or float feature vectors (N×D) of a backbone — then
+    every forward pass starts after the backbone (for methods whose ``inputs`` are
+    ``"features"``). ``sample_weight`` (N, optional): per-image loss weights handed to the
+    method. ``init_weights`` (optional): a network state dict every fresh network starts
+    from instead of a random initialisation (e.g. the backbone whose features ``train_x``
+    holds). ``graph``: run the steps as CUDA graphs (``cuda_graph.CapturedSteps``); on a
+    CPU device it falls back to the eager step (the same computation) with a note.
+    """
+
+    def __init__(self, cfg: TrainConfig, train_x, candidates, labels, device: str = "auto",
+                 compile: bool = False, data_key: str = "", sample_weight=None,
+                 graph: bool = False, init_weights: dict | None = None):
+        self.cfg, self.dev, self.data_key, self.compile = cfg, pick_device(device), data_key, compile
+        if graph and compile:
+            raise ValueError("GRAPH=True and COMPILE=True cannot be combined: choose one "
+                             "(the CUDA graph records the eager step).")
+        if len(train_x) < cfg.batch_size:
+            raise ValueError(f"BATCH_SIZE={cfg.batch_size} exceeds the {len(train_x)} training "
+                             "images (batches drop the remainder).")
+        if self.dev.type == "cpu":
+            torch.set_flush_denormal(True)  # augmentations produce denormals: 10× slower
+        self.method = methods.build(cfg)
+        self.stages = self.method.stages()
+        self.init_weights = init_weights
+        self.x = torch.as_tensor(np.asarray(train_x), device=self.dev)
+        self.features_in = self.x.dim() == 2
+        if self.features_in:
+            self.x = self.x.float()                                    # N×D features
+        else:
+            self.x = self.x.permute(0, 3, 1, 2).contiguous()           # uint8 N×3×32×32
+        self._build_model(cfg.seed)
+        self.cand = torch.as_tensor(np.asarray(candidates), device=self.dev).bool()
+        self.labels = torch.as_tensor(np.asarray(labels), device=self.dev).long()
+        self.weight = (None if sample_weight is None else
+                       torch.as_tensor(np.asarray(sample_weight), device=self.dev).float())
+        self.conf = uniform_confidence(self.cand)
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.gen = torch.Generator(device=self.dev)   # re-seeded every epoch
+        self.sums: dict[str, torch.Tensor] = {}        # the epoch's loss terms, on the device
+        self.method.init_state(self)
+        self.preparation = self.method.prepare(self)  # e.g. SSP's pre-training (cached)
+        self.graph = graph and self.dev.type == "cuda"
+        if graph and not self.graph:
+            print(f"GRAPH=True: CUDA graphs need a CUDA device; training on {self.dev.type} "
+                  "runs the eager step (the same computation).")
+        self._captured = cuda_graph.CapturedSteps(self) if self.graph else None
+
+    def _build_model(self, seed: int) -> None:
+        """A freshly initialised network (seeded), its optimizer and forward functions."""
+        cfg = self.cfg
+        torch.manual_seed(seed)
+        self.net = PLLNet(cfg.arch, cfg.num_classes).to(self.dev)
+        if self.init_weights is not None:
+            self.net.load_state_dict(self.init_weights)
+        for part in self.method.base.frozen:
+            self.net.get_submodule(part).requires_grad_(False)
+        if self.dev.type == "cuda":
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.extra = torch.nn.ModuleDict(self.method.modules(self.net)).to(self.dev)
+        net = self.net
+        encode = (lambda x: x) if self.features_in else net.backbone  # features: done already
+
+        def features(x):
+            feats = encode(x)
+            return feats, net.classifier(feats)
+        nets = {"logits": net.classifier if self.features_in else net, "features": features,
+                "embed": lambda x: net.heads(encode(x))}
+        wrap = torch.compile if self.compile else (lambda fn: fn)
+        self._nets = {k: wrap(fn) for k, fn in nets.items()}
+        self.opt = self._optimizer()
+
+    def _optimizer(self) -> torch.optim.SGD:
+        """SGD with momentum and weight decay. On CUDA the fused kernel with the learning rate
+        as a device tensor: the same update in a few kernels, and a captured step reads each
+        epoch's rate from that tensor."""
+        cfg, cuda = self.cfg, self.dev.type == "cuda"
+        lr = torch.tensor(cfg.lr, dtype=torch.float32, device=self.dev) if cuda else cfg.lr
+        return torch.optim.SGD(self._parameters(), lr=lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, fused=cuda or None)
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)          # in place: no host-to-device wait
+            else:
+                group["lr"] = lr
+
+    def _parameters(self) -> list[torch.nn.Parameter]:
+        """Everything the optimizer trains: the network (but its frozen parts), then the
+        method's modules."""
+        return [p for p in [*self.net.parameters(), *self.extra.parameters()] if p.requires_grad]
+
+    def _train_mode(self) -> None:
+        """The network in training mode, its frozen parts in evaluation mode."""
+        self.net.train()
+        for part in self.method.base.frozen:
+            self.net.get_submodule(part).eval()
+
+    # -- stages ---------------------------------------------------------------------------
+    @property
+    def total_epochs(self) -> int:
+        return sum(s.epochs for s in self.stages)
+
+    def _stage_at(self, epoch: int) -> tuple[int, int]:
+        """(index of the stage that ``epoch`` belongs to, its first epoch)."""
+        start = 0
+        for i, stage in enumerate(self.stages):
+            if epoch < start + stage.epochs or i == len(self.stages) - 1:
+                return i, start
+            start += stage.epochs
+        raise AssertionError("no stages")
+
+    @property
+    def stage(self):
+        return self.stages[self._stage_at(self.epoch)[0]]
+
+    def _start_stage(self, i: int) -> None:
+        stage = self.stages[i]
+        if i > 0 and stage.fresh_model:
+            self._build_model(self.cfg.seed + 1_000_003 * i)
+        if i > 0 and stage.fresh_confidence:
+            self.conf.copy_(uniform_confidence(self.cand))
+        self.method.start_stage(self, stage)
+
+    # -- one step -------------------------------------------------------------------------
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.features_in:
+            return x
+        x = standardize(x)
+        return x.contiguous(memory_format=torch.channels_last) if self.dev.type == "cuda" else x
+
+    def _forward(self, fn, x: torch.Tensor):
+        """Network call under bf16 autocast on CUDA; outputs back in fp32 so that the
+        losses, weights and confidence updates are computed in full precision."""
+        # no weight-cast cache: it must not outlive a CUDA-graph capture, and each pass uses
+        # every weight once
+        with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.dev.type == "cuda",
+                            cache_enabled=False):
+            out = fn(self._norm(x))
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+
+    def forward(self, inputs: dict[str, torch.Tensor], need: str = "logits") -> methods.Outputs:
+        """One pass over the concatenated image batches ``inputs``; outputs split by name."""
+        names = list(inputs)
+        x = torch.cat([inputs[n] for n in names]) if len(names) > 1 else inputs[names[0]]
+        res = self._forward(self._nets[need], x)
+        res = (None, res, None) if need == "logits" else (*res, None)[:3]
+        sizes = [len(inputs[n]) for n in names]
+
+        def split(t):
+            return {} if t is None else dict(zip(names, t.split(sizes)))
+        feats, logits, proj = res
+        return methods.Outputs(split(logits), split(feats), split(proj))
+
+    def batch_inputs(self, idx: torch.Tensor) -> torch.Tensor:
+        """The inputs of the samples ``idx`` as a step sees them: float images in [0, 1]
+        (N×3×H×W), or the feature vectors."""
+        return self.x[idx] if self.features_in else to_unit(self.x[idx])
+
+    def log_prior(self) -> torch.Tensor | None:
+        """The method's test-time log-prior (RECORDS), or None."""
+        return self.method.test_log_prior(self)
+
+    def clock(self, step_in_epoch: int) -> tuple[int, int]:
+        """(epoch within the current stage, step within the stage) of a step of this epoch."""
+        _, start = self._stage_at(self.epoch)
+        epoch = self.epoch - start
+        return epoch, epoch * (len(self.x) // self.cfg.batch_size) + step_in_epoch
+
+    def step(self, idx: torch.Tensor, gen: torch.Generator, step_in_epoch: int = 0) -> dict:
+        """One eager optimisation step on the images ``idx``; returns the loss terms."""
+        epoch, step = self.clock(step_in_epoch)
+        return self.compute_step(idx, gen, epoch, step, self.method.schedule(epoch, step))
+
+    def run_step(self, idx: torch.Tensor, gen: torch.Generator, step_in_epoch: int = 0) -> dict:
+        """:meth:`step`, or its CUDA-graph replay when the trainer runs graphs."""
+        run = self._captured.run if self._captured else self.step
+        return run(idx, gen, step_in_epoch)
+
+    def compute_step(self, idx: torch.Tensor, gen: torch.Generator, epoch: int, step: int,
+                     schedule: dict) -> dict:
+        """Everything one step does, all of it on the device (what a CUDA graph records):
+        views, forward, the method's losses, backward, optimizer step, confidence update,
+        and the loss terms added to the epoch's sums (``self.sums``)."""
+        batch = methods.Batch(
+            idx=idx, x=self.batch_inputs(idx), cand=self.cand[idx], conf=self.conf[idx],
+            conf_table=self.conf, labels=self.labels[idx],
+            weight=None if self.weight is None else self.weight[idx], gen=gen, epoch=epoch,
+            step=step, stage=self.stage.name, net=self.net, forward=self.forward,
+            schedule=schedule)
+        loss, terms, new = self.method.step(batch)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if new is not None:
+            self.conf[idx] = new
+        terms = {k: v.detach() for k, v in terms.items()}
+        for k, v in terms.items():
+            if k not in self.sums:
+                self.sums[k] = torch.zeros((), device=self.dev)
+            self.sums[k].add_(v)
+        return terms
+
+    # -- epochs ---------------------------------------------------------------------------
+    def epoch_generator(self, epoch: int) -> torch.Generator:
+        """The trainer's generator seeded for ``epoch`` (one object for the whole run: the
+        CUDA graphs stay registered with it)."""
+        return self.gen.manual_seed(self.cfg.seed * 1_000_003 + epoch)
+
+    def train_epoch(self, progress: bool = True) -> dict:
+        """One pass over the data in random order (drop_last); returns the epoch's log row."""
+        cfg, n = self.cfg, len(self.x)
+        i, start = self._stage_at(self.epoch)
+        if self.epoch == start:
+            self._start_stage(i)
+        lr = cosine_lr(cfg, self.epoch - start)
+        self._set_lr(lr)
+        self.method.start_epoch(self)
+        gen = self.epoch_generator(self.epoch)
+        order = torch.randperm(n, device=self.dev, generator=gen)
+        steps = n // cfg.batch_size
+        terms: dict[str, torch.Tensor] = {}
+        self._train_mode()
+        t0 = time.time()
+        bar = tqdm(range(steps), desc=f"{cfg.method} epoch {self.epoch + 1}/{self.total_epochs}",
+                   unit="step", leave=False, disable=not progress)
+        for s in bar:
+            terms.update(self.run_step(order[s * cfg.batch_size:(s + 1) * cfg.batch_size], gen, s))
+        self.method.end_epoch(self)
+        means = self._read_epoch(list(terms), steps)   # waits for the device: the epoch's end
+        seconds = time.time() - t0
+        row = {"epoch": self.epoch + 1, "lr": lr, "train_s": seconds,
+               "images_per_s": steps * cfg.batch_size / max(seconds, 1e-9)}
+        if len(self.stages) > 1:
+            row["stage"] = self.stages[i].name
+        row.update(means)
+        self.epoch += 1
+        return row
+
+    def _read_epoch(self, names: list[str], steps: int) -> dict:
+        """Mean of each loss term ``names`` over the epoch's ``steps`` and the pseudo-label
+        accuracy (None without confidences): one read from the device; the sums restart."""
+        values = [self.sums[k] for k in names]
+        if self.method.disambiguates:
+            values.append((self.conf.argmax(1) == self.labels).float().mean())
+        read = torch.stack(values).tolist() if values else []
+        for total in self.sums.values():
+            total.zero_()
+        out = {k: v / steps for k, v in zip(names, read)}
+        out["pseudo_label_acc"] = read[-1] if self.method.disambiguates else None
+        return out
+
+    # -- state ----------------------------------------------------------------------------
+    def save_state(self, path: Path) -> None:
+        """Model (+ the method's modules), optimizer momentum, confidences, method state,
+        RNG, epoch and history."""
+        tensors = {f"model.{k}": v for k, v in self.net.state_dict().items()}
+        tensors.update({f"modules.{k}": v for k, v in self.extra.state_dict().items()})
+        for i, p in enumerate(self._parameters()):
+            buf = self.opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                tensors[f"optim.{i}"] = buf
+        tensors.update({f"method.{k}": v for k, v in self.method.state().items()})
+        tensors.update(conf=self.conf, rng_cpu=torch.get_rng_state())
+        if self.dev.type == "cuda":
+            tensors["rng_cuda"] = torch.cuda.get_rng_state()
+        meta = {"config": json.dumps(asdict(self.cfg)), "epoch": str(self.epoch),
+                "history": json.dumps(self.history), "data": self.data_key}
+        config.write_atomic(path, lambda t: save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, t, meta))
+
+    def load_state(self, path: Path) -> bool:
+        """Resume from ``path`` when it exists and was made with the same settings."""
+        if not path.exists():
+            return False
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        saved, current = json.loads(meta["config"]), json.loads(json.dumps(asdict(self.cfg)))
+        if saved != current:
+            diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            print(f"{path.name}: saved with other settings ({diff}); starting from scratch.")
+            return False
+        if meta.get("data") != self.data_key:
+            print(f"{path.name}: saved for other training or test data; starting from scratch.")
+            return False
+        t = load_file(str(path), device=str(self.dev))
+        self.net.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+        self.extra.load_state_dict({k[8:]: v for k, v in t.items() if k.startswith("modules.")})
+        params = self._parameters()
+        for k, v in t.items():
+            if k.startswith("optim."):
+                self.opt.state[params[int(k[6:])]]["momentum_buffer"] = v.clone()
+        self.method.load_state({k[7:]: v.clone() for k, v in t.items() if k.startswith("method.")})
+        self.conf = t["conf"].clone()
+        torch.set_rng_state(t["rng_cpu"].cpu())
+        if "rng_cuda" in t and self.dev.type == "cuda":
+            torch.cuda.set_rng_state(t["rng_cuda"].cpu())
+        self.epoch, self.history = int(meta["epoch"]), json.loads(meta["history"])
+        return True
+
+
+
+# -- a whole run --------------------------------------------------------------------------
+def train(cfg: TrainConfig, data: dict, out_dir, device: str = "auto", compile: bool = False,
+          checkpoint_every: int = 1, stop_after: int | None = None, progress: bool = True,
+          graph: bool = False, on_fresh_start=None) -> dict:
+    """Train (resuming from ``out_dir/checkpoints/<method>-state.safetensors``) and evaluate.
+
+    ``stop_after``: stop once this many epochs are done in total, counting every stage (to
+    split a run across commands). ``data`` may carry ``sample_weight`` (per-image loss
+    weights) and ``init_weights`` (the network's starting weights). ``graph``: CUDA-graph
+    steps (see :class:`Trainer`). ``on_fresh_start()`` is called when no saved state is
+    resumed, before the first epoch (stage 04 drops the stale results of an earlier run
+    there). Writes ``logs/<method>.jsonl`` every epoch. Returns a dict with the trainer,
+    history, final evaluation (and the test-time-adjusted one when the method has a
+    test-time log-prior, e.g. RECORDS), and timing.
+    """
+    out = Path(out_dir)
+    state_path = out / "checkpoints" / f"{cfg.method}-state.safetensors"
+    trainer = Trainer(cfg, data["train_x"], data["candidates"], data["labels"], device, compile,
+                      data_key=data_fingerprint(data), sample_weight=data.get("sample_weight"),
+                      graph=graph, init_weights=data.get("init_weights"))
+    resumed = trainer.load_state(state_path)
+    if not resumed and on_fresh_start is not None:
+        on_fresh_start()
+    test_x = torch.as_tensor(np.asarray(data["test_x"]), device=trainer.dev)
+    test_y = np.asarray(data["test_y"])
+
+    def evaluate():  # (raw, test-time adjusted or None): one pass, one read
+        return evaluation.evaluate(trainer.net, test_x, test_y, data["class_counts"],
+                                   trainer.log_prior())
+    total = trainer.total_epochs
+    last = min(total, stop_after or total)
+    commit = config.git_commit()
+    bar = tqdm(range(trainer.epoch, last), desc=cfg.method, unit="epoch", disable=not progress,
+               initial=trainer.epoch, total=total)
+    for _ in bar:
+        t0 = time.time()
+        row = trainer.train_epoch(progress)
+        raw, adjusted = evaluate()
+        row["test_acc"] = raw["overall"]
+        if adjusted is not None:
+            row["test_acc_adjusted"] = adjusted["overall"]
+        row["seconds"] = time.time() - t0
+        row["commit"] = commit
+        trainer.history.append(row)
+        bar.set_postfix(test_acc=f"{row['test_acc']:.3f}", loss=f"{row.get('loss_cls', 0):.3f}")
+        write_log(out / "logs" / f"{cfg.method}.jsonl", trainer.history)
+        if trainer.epoch % checkpoint_every == 0 or trainer.epoch == last:
+            trainer.save_state(state_path)
+    final, adjusted = evaluate()
+    hist = trainer.history
+    train_s = sum(h["train_s"] for h in hist)
+    return dict(trainer=trainer, history=hist, final=final, adjusted=adjusted,
+                log_prior=trainer.log_prior(),
+                done=trainer.epoch >= total, resumed=resumed,
+                wall_s=sum(h["seconds"] for h in hist),
+                images_per_s=(sum(h["images_per_s"] * h["train_s"] for h in hist) / train_s
+                              if train_s else None))
+
+
+def data_fingerprint(data: dict) -> str:
+    """Hash of the training images (or features), candidates, labels (+ sample weights and
+    starting weights) and test labels."""
+    h = hashlib.sha1()
+    arrays = [(key, data.get(key)) for key in ("train_x", "candidates", "labels", "test_y",
+                                               "sample_weight")]
+    arrays += [(f"init.{k}", v.detach().cpu().numpy())
+               for k, v in sorted((data.get("init_weights") or {}).items())]
+    for key, arr in arrays:
+        if arr is None:
+            continue
+        arr = np.ascontiguousarray(arr)
+        h.update(f"{key}{arr.shape}{arr.dtype}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def write_log(path: Path, history: list[dict]) -> None:
+    config.write_atomic(path, lambda t: t.write_text("".join(json.dumps(h) + "\n" for h in history)))
+
+

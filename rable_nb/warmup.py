@@ -1,0 +1,71 @@
+"""The warm-up: ABLE trained for ``WARMUP_EPOCHS`` on the long-tailed images and their
+candidate sets, through the training engine, cached per data set and settings.
+
+Its disambiguated confidences restricted to the candidate sets give the PLL-honest
+pseudo-labels that condition the generators (notebook 03, ``rable_nb/conditioning.py``) and
+label the ``+unlabeled`` images (notebook 04, ``rable_nb/unlabeled.py``); its network is the
+``SYNTH_FILTER`` judge and the ``feature`` backend's backbone. The hidden labels are never
+given to it (it receives −1 in their place). An interrupted warm-up resumes from its own
+checkpoint in the cache folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import torch
+
+from . import config, dataset, engine
+from .networks import BACKBONES, load_model, pick_device, save_model
+
+WARMUP_TEST_PER_CLASS = 100  # the warm-up logs its test accuracy on this many per class
+# The warm-up's settings (profile defaults in config.PROFILE_DEFAULTS): shared by notebook 03
+# (generator conditioning) and notebook 04 (pseudo-labels of ``+unlabeled`` images).
+WARMUP_RULES = {"WARMUP_ARCH": config.one_of(sorted(BACKBONES)),
+                "WARMUP_EPOCHS": config.integer(1), "WARMUP_BATCH": config.integer(1),
+                "WARMUP_LR": config.number(0, low_open=True)}
+
+
+def _key(train_x: np.ndarray, candidates: np.ndarray, settings: dict) -> str:
+    """Cache key of a warm-up: its images, candidate sets and settings (never the labels)."""
+    h = hashlib.sha1(json.dumps(settings, sort_keys=True).encode())
+    for arr in (train_x, candidates):
+        arr = np.ascontiguousarray(arr)
+        h.update(f"{arr.shape}{arr.dtype}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()[:16]
+
+
+def warmup(train_x, candidates, cifar, arch: str, epochs: int, batch_size: int, lr: float,
+           seed: int = 0, device: str = "auto"):
+    """(pseudo-labels, warm-up network, info) of ABLE trained for ``epochs`` (cached).
+
+    The training run resumes from its own checkpoint in the cache folder when interrupted.
+    """
+    settings = dict(method="able", arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
+                    seed=seed)
+    folder = config.cache_dir() / f"warmup-{_key(train_x, candidates, settings)}"
+    done = folder / "warmup.json"
+    if done.exists():
+        with np.load(folder / "pseudo.npz") as z:
+            pseudo = z["labels"]
+        net, _, _ = load_model(folder / "warmup.safetensors", pick_device(device))
+        return pseudo, net, json.loads(done.read_text())
+    test = dataset.balanced_subset(cifar.test_y, WARMUP_TEST_PER_CLASS, seed)
+    data = dict(train_x=train_x, candidates=candidates,
+                labels=np.full(len(candidates), -1),  # hidden: never given to the warm-up
+                test_x=cifar.test_x[test], test_y=cifar.test_y[test],
+                class_counts=np.ones(cifar.num_classes, np.int64))
+    cfg = engine.TrainConfig(method="able", arch=arch, epochs=epochs, batch_size=batch_size,
+                               lr=lr, seed=seed, num_classes=cifar.num_classes)
+    result = engine.train(cfg, data, folder, device, checkpoint_every=1)
+    trainer = result["trainer"]
+    cand = torch.as_tensor(np.asarray(candidates), device=trainer.conf.device)
+    pseudo = (trainer.conf * cand).argmax(1).cpu().numpy()
+    info = dict(settings, test_accuracy=result["final"]["overall"], wall_s=result["wall_s"],
+                cache=folder.name)
+    config.write_atomic(folder / "pseudo.npz", lambda t: np.savez(t, labels=pseudo))
+    save_model(trainer.net, folder / "warmup.safetensors", meta={"warmup": settings})
+    config.write_json(done, info)  # written last: marks a complete cache entry
+    return pseudo, trainer.net.eval(), info
