@@ -1,12 +1,9 @@
-"""Root pytest configuration: smoke profile, offline hubs, a temporary run directory.
-
-It applies to the unit tests and to the notebooks collected by nbval (which cannot
-inject parameters: the notebooks read these variables instead).
-"""
+"""Root pytest configuration: smoke profile, offline hubs, a temporary run directory (the
+notebooks read these variables too, so one opened by hand runs in smoke)."""
 import os
 import tempfile
 
 os.environ.setdefault("RABLE_PROFILE", "smoke")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
-os.environ.setdefault("RABLE_RUN_DIR", tempfile.mkdtemp(prefix="rable-nbval-"))
+os.environ.setdefault("RABLE_RUN_DIR", tempfile.mkdtemp(prefix="rable-tests-"))

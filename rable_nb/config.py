@@ -4,8 +4,8 @@ A notebook's first cell holds literal parameters (``None`` = "use the profile's
 default"); its second cell calls :func:`resolve` with the name of its *stage* (the
 package module that owns its parameters, see ``NOTEBOOK_STAGES``), which applies the
 profile and the stage's defaults, reads ``RABLE_PROFILE`` / ``NB_SMOKE`` /
-``RABLE_RUN_DIR`` from the environment (nbval cannot inject parameters) and validates
-everything once. The runner calls the same :func:`resolve` for every selected notebook
+``RABLE_RUN_DIR`` from the environment (a notebook opened by hand gets no parameters) and
+validates everything once. The runner calls the same :func:`resolve` for every selected notebook
 before the first one starts, so a bad value stops a run before anything is written.
 
 A stage module provides ``validate(P)`` (one rule per parameter, see :func:`check`) and,
@@ -97,7 +97,7 @@ def cache_dir() -> Path:
 
 
 def env_profile() -> str | None:
-    """Profile requested through the environment (nbval runs cannot inject parameters)."""
+    """Profile requested through the environment (a notebook opened by hand gets none)."""
     if os.environ.get("RABLE_PROFILE"):
         return os.environ["RABLE_PROFILE"]
     if os.environ.get("NB_SMOKE", "").strip() not in ("", "0", "false", "False"):
@@ -180,7 +180,7 @@ def validate(params: dict) -> None:
 
 # -- stages ---------------------------------------------------------------------------------
 # Notebook (two-digit prefix) -> the rable_nb module that owns its parameters.
-NOTEBOOK_STAGES = {"00": "cost", "01": "dataset", "02": "captioning", "03": "generators",
+NOTEBOOK_STAGES = {"00": "cost", "01": "dataset", "02": "captioning", "03": "rebalance",
                    "04": "training", "05": "predictions", "06": "embedding", "07": "demo",
                    "08": "sweep", "09": "study"}
 

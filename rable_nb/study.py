@@ -31,8 +31,6 @@ SMOKE_GRID = "examples/sweep-study-smoke.yaml"
 # Where notebook 09 looks when SWEEP_DIR is not given (the README's commands write there)
 DEFAULT_SWEEP_DIRS = {"quick": "runs/sweep-study-quick", "paper": "runs/sweep-study-paper"}
 NUM_CLASSES = len(CLASSES)
-PARTS = {"records": "re-weighting (RECORDS)", "unlabeled": "real unlabeled",
-         "la": "logit adjustment", "mixup": "mixup"}
 
 
 def validate(P: dict) -> None:
@@ -51,16 +49,17 @@ def approach(method: str, generator=None, gen_labels=None) -> str:
     ``'self-supervision (SSP) + re-weighting (RECORDS)'``; ``generator``/``gen_labels``
     describe a ``rable`` top-up (an oracle-conditioned one is marked as the ablation)."""
     base, mods = methods.parse(method)
+    said = methods.BASES[base].approach    # each piece names its part (methods/base.py)
     parts = []
-    if base == "ssp":
-        parts.append("self-supervision (SSP)")
-    elif base == "rable":
+    if said == "generated":
         made = (runfiles.describe({"generator": generator, "cond_labels": gen_labels})
                 if isinstance(generator, str) else "unknown generator")
         parts.append(f"generated ({made})")
-    elif base != "able":
+    elif said is None:
         parts.append(f"{base} (another learner)")
-    parts += [PARTS[m] for m in mods]
+    elif said:
+        parts.append(said)
+    parts += [methods.MODIFIERS[m].approach or m for m in mods]
     return " + ".join(parts) or "none (ABLE)"
 
 

@@ -99,13 +99,13 @@ def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int =
         x, cand = np.concatenate([x, u["x"]]), np.concatenate([cand, u["candidates"]])
         y = np.concatenate([y, u["hidden"]])
         fields = {"n_unlabeled": u["info"]["n"], "unlabeled": u["info"]}
-    if methods.inputs(method) == "features":
-        net, _ = generators.feature.load_backbone(run_dir, device)
-        x, init = generators.feature.encode(net, x), net.state_dict()
-    if "synthetic" in methods.data_sources(method):
-        problem = synthetic_problem(method, run_dir)
-        if problem:
-            raise ValueError(f"{method!r} cannot run: {problem}")
+    synthetic = "synthetic" in methods.data_sources(method)
+    problem = synthetic and synthetic_problem(method, run_dir)
+    if problem:
+        raise ValueError(f"{method!r} cannot run: {problem}")
+    if methods.inputs(method) == "features":  # the features of the run's feature backend
+        x, init = generators.backend_of(run_dir).training_inputs(run_dir, x, device)
+    if synthetic:
         sx, sy, rows = runfiles.load_synthetic(run_dir)
         sc = synthetic_candidates(sy, ds["params"], synthetic_labels, cifar, sx, device)
         x, cand, y = np.concatenate([x, sx]), np.concatenate([cand, sc]), np.concatenate([y, sy])

@@ -108,8 +108,3 @@ def test_faithful_bug_uses_batch_positions(start, differs):
         results.append(tr.step(idx, tr.epoch_generator(0))["loss_cont"].item())
     assert (results[0] != results[1]) is differs
 
-
-def test_old_import_path_still_works():
-    from rable_nb import able as old
-    assert old.contrastive_loss is able.contrastive_loss
-    assert old.soft_cross_entropy is losses.soft_cross_entropy

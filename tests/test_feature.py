@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import audit, conditioning, dataset, engine, generators, jsonl, methods, training
+from rable_nb import audit, conditioning, dataset, engine, generators, jsonl, methods, rebalance, training
 from rable_nb.generators import feature
 from rable_nb.methods import Outputs
 from rable_nb.networks import PLLNet
@@ -22,7 +22,7 @@ LABELS = np.repeat(np.arange(3), COUNTS)
 TARGET, PLANNED = 8, {1: 2, 2: 5}
 FAST = dict(SEED=0, DEVICE="cpu", TARGET_PER_CLASS=TARGET, FEATURE_HIDDEN=16, FEATURE_DEPTH=1,
             FEATURE_STEPS=4, FEATURE_BATCH=8, FEATURE_CHECKPOINT_EVERY=2, FEATURE_SAMPLE_STEPS=3)
-PARAMS = {**generators.PROFILE_DEFAULTS["smoke"], **FAST, "GENERATOR": "feature"}
+PARAMS = {**rebalance.PROFILE_DEFAULTS["smoke"], **FAST, "GENERATOR": "feature"}
 
 
 class Stop(Exception):
@@ -38,7 +38,7 @@ def features(n=len(LABELS), dim=6, seed=0):
 def fit_and_top_up(run_dir, on_image=None, **params):
     gen = generators.get("feature")
     assert gen.fit(features(), LABELS, COUNTS, {**PARAMS, **params}, run_dir)["done"]
-    settings = generators.topup_settings(gen, {**PARAMS, **params},
+    settings = rebalance.topup_settings(gen, {**PARAMS, **params},
                                          {"gen_labels": "oracle", "sha1": "test"})
     return generators.top_up(run_dir, gen, generators.topup_plan(COUNTS, TARGET), CLASSES,
                              settings, batch_size=3, on_image=on_image)
@@ -132,12 +132,12 @@ def test_pseudo_conditioned_features_never_read_the_hidden_labels(small_long_tai
         gen = generators.get("feature")
         cond, net, info = conditioning.cond_labels("pseudo", {**ds, "labels": labels}, x, cifar,
                                                    P, "cpu", need_net=True)
-        fit_x = generators.fit_inputs(gen, x, net, run, info["warmup"])
+        fit_x = gen.fit_inputs(x, net, run, info["warmup"])
         assert fit_x.shape == (len(x), net.backbone.feat_dim)
         gen.fit(fit_x, cond, np.bincount(cond, minlength=10), P, run)
         plan = generators.topup_plan(np.bincount(cond, minlength=10), 12)
         generators.top_up(run, gen, plan, cifar.classes,
-                          generators.topup_settings(gen, P, info))
+                          rebalance.topup_settings(gen, P, info))
         outputs.append(generators.load_synthetic(run))
     (xa, ya, ra), (xb, yb, rb) = outputs
     assert len(ra) > 0 and (ya == yb).all() and (xa == xb).all()
@@ -146,8 +146,8 @@ def test_pseudo_conditioned_features_never_read_the_hidden_labels(small_long_tai
     labels, net, info = conditioning.cond_labels("oracle", ds, x, cifar, P, "cpu", need_net=True)
     assert (labels == ds["labels"]).all() and net is not None and "warmup" in info
     with pytest.raises(ValueError, match="backbone"):
-        generators.fit_inputs(generators.get("feature"), x, None, tmp_path)
-    assert generators.fit_inputs(generators.get("copy"), x, None, tmp_path) is x
+        generators.get("feature").fit_inputs(x, None, tmp_path)
+    assert generators.get("copy").fit_inputs(x, None, tmp_path) is x
 
 
 def test_copied_training_features_are_fully_memorised(small_long_tail):

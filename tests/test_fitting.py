@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from rable_nb import generators
+from rable_nb import generators, rebalance
 
 COUNTS = [6, 4, 2]
 LABELS = np.repeat(np.arange(3), COUNTS)
@@ -30,7 +30,7 @@ def data(name: str, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("name", ["pixel", "feature", "gan"])
 def test_a_fit_of_other_data_is_neither_resumed_nor_loaded(tmp_path, capsys, name):
-    P = {**generators.PROFILE_DEFAULTS["smoke"], **FAST}
+    P = {**rebalance.PROFILE_DEFAULTS["smoke"], **FAST}
     x, other = data(name, 0), data(name, 1)
     first = generators.get(name).fit(x, LABELS, COUNTS, {**P, "GEN_STOP_AFTER": 3}, tmp_path)
     assert not first["done"] and first["steps"] == 3  # gan: inside its GAN phase

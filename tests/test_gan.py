@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import audit, data, dataset, generators
+from rable_nb import audit, data, dataset, generators, rebalance
 from rable_nb.generators import gan
 
 COUNTS = [12, 7, 3]
@@ -136,13 +136,13 @@ def test_greyscale_28x28_through_every_image_backend_and_the_audit(grey_folder, 
     x, y = grey.train_x[idx], grey.train_y[idx]
     counts = np.bincount(y, minlength=10)
     plan = generators.topup_plan(counts, 12)
-    P = {**generators.PROFILE_DEFAULTS["smoke"], **FAST, "PIXEL_CHANNELS": [8, 16],
+    P = {**rebalance.PROFILE_DEFAULTS["smoke"], **FAST, "PIXEL_CHANNELS": [8, 16],
          "PIXEL_STEPS": 2, "PIXEL_BATCH": 4, "PIXEL_SAMPLE_STEPS": 2, "PIXEL_CHECKPOINT_EVERY": 2}
     for name in ("gan", "pixel", "copy"):
         run = tmp_path / name
         gen = generators.get(name)
         assert gen.fit(x, y, counts, P, run)["done"]
-        settings = generators.topup_settings(gen, P, {"gen_labels": "oracle", "sha1": "t"})
+        settings = rebalance.topup_settings(gen, P, {"gen_labels": "oracle", "sha1": "t"})
         generators.top_up(run, gen, plan, grey.classes, settings)
         sx, sy, _ = generators.load_synthetic(run)
         assert sx.shape == (sum(plan.values()), 28, 28, 1) and sx.dtype == np.uint8, name

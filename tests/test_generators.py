@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from rable_nb import cli, dataset, generators, jsonl
+from rable_nb import cli, config, dataset, generators, jsonl, rebalance
 from rable_nb.generators import pixel, sd, topup
 from rable_nb.tiny_models import ModelNotFoundError
 
@@ -53,10 +53,10 @@ def make_run(run_dir):
 def fitted(name, run_dir, **params):
     """(generator, settings): backend ``name`` fitted on the run's images, oracle labels."""
     x = make_run(run_dir)
-    P = {**generators.PROFILE_DEFAULTS["smoke"], **FAST, "GENERATOR": name, **params}
+    P = {**rebalance.PROFILE_DEFAULTS["smoke"], **FAST, "GENERATOR": name, **params}
     gen = generators.get(name)
     assert gen.fit(x, LABELS, COUNTS, P, run_dir)["done"]
-    return gen, generators.topup_settings(gen, P, {"gen_labels": "oracle", "sha1": "test"})
+    return gen, rebalance.topup_settings(gen, P, {"gen_labels": "oracle", "sha1": "test"})
 
 
 def fit_and_top_up(run_dir, name, on_image=None, **params):
@@ -162,14 +162,14 @@ def test_validate_rejects_bad_parameters():
                       ("GAN_CHANNELS", []), ("GAN_AE", "vae"), ("GAN_BATCH", 1),
                       ("GAN_STEPS", -1), ("GAN_GP", True), ("COMPARE_RUNS", "runs/x")]:
         with pytest.raises(ValueError, match=name):
-            generators.validate({name: bad})
+            rebalance.validate({name: bad})
     with pytest.raises(ValueError, match="PIXEL_ATTENTION"):
         generators.validate({"PIXEL_CHANNELS": [8, 16], "PIXEL_ATTENTION": [2]})
 
 
 def test_pixel_fit_split_by_a_step_budget_equals_an_uninterrupted_fit(tmp_path):
     x = make_run(tmp_path)
-    P = {**generators.PROFILE_DEFAULTS["smoke"], **FAST}
+    P = {**rebalance.PROFILE_DEFAULTS["smoke"], **FAST}
     whole = generators.get("pixel")
     assert whole.fit(x, LABELS, COUNTS, P, tmp_path / "a")["done"]
     part = generators.get("pixel")
@@ -301,3 +301,44 @@ def test_notebooks_03_04_rebalance_audit_and_record_the_generator(
     assert m["params"]["GENERATOR"] == generator and m["params"]["GEN_LABELS"] == gen_labels
     assert m["params"]["synthetic"]["cond_sha1"] == settings["cond_sha1"]
     assert m["n_synthetic"] == len(manifest(tmp_path)) > 0
+
+
+class Shade(generators.Generator):
+    """A backend written as a user would add one: grey images of one shade per class."""
+
+    name = "shade"
+    PARAMS = ("SHADE_LEVEL",)
+    PROFILE_DEFAULTS = {"smoke": {"SHADE_LEVEL": 128}, "quick": {"SHADE_LEVEL": 64},
+                        "paper": {"SHADE_LEVEL": 32}}
+
+    @staticmethod
+    def validate(params):
+        config.check(params, {"SHADE_LEVEL": (lambda v: config.is_int(v) and 0 <= v <= 255,
+                                              "an integer from 0 to 255")})
+
+    def fit(self, images, cond_labels, class_counts, params, run_dir):
+        self.level, self.shape = params["SHADE_LEVEL"], np.asarray(images).shape[1:]
+        return dict(done=True)
+
+    def generate(self, label, seeds):
+        return (np.full((len(seeds), *self.shape), self.level + label, np.uint8),
+                [{} for _ in seeds])
+
+
+def test_a_new_generator_is_one_class_and_one_registry_line(small_long_tail, tmp_path,
+                                                             monkeypatch):
+    monkeypatch.setitem(generators.GENERATORS, "shade", Shade)
+    given = dict(PROFILE="smoke", RUN_DIR=str(tmp_path), GENERATOR="shade", GEN_LABELS="oracle",
+                 TARGET_PER_CLASS=12, DEVICE="cpu", SEED=0)
+    with pytest.raises(ValueError, match="SHADE_LEVEL=300 is invalid"):  # its rule is checked
+        config.resolve("rebalance", create=False, **given, SHADE_LEVEL=300)
+    P = config.resolve("rebalance", **given)
+    assert P["SHADE_LEVEL"] == 128                                       # its default applies
+    cifar, ds, _ = small_long_tail
+    result = rebalance.run(P, cifar, ds)                                 # the whole stage
+    assert result["complete"] and result["audit"] is not None
+    x, y, rows = generators.load_synthetic(tmp_path)
+    assert Counter(y.tolist()) == {c: n for c, n in result["plan"].items() if n}
+    assert all((x[y == c] == 128 + c).all() for c in set(y.tolist()))
+    assert {r["generator"] for r in rows} == {"shade"}
+    assert json.loads((tmp_path / "synthetic" / "settings.json").read_text())["SHADE_LEVEL"] == 128

@@ -1,4 +1,5 @@
-"""Notebook hygiene and the smoke execution of notebooks 00 and 01 through papermill."""
+"""Notebook hygiene and the smoke execution of notebooks 00, 01, 08 and 09 through papermill
+(every other notebook runs in the test of its stage)."""
 import ast
 import json
 
@@ -79,3 +80,16 @@ def test_documentation_is_self_contained():
     readme = (root / "README.md").read_text()
     for doc in ("docs/architecture.md", "docs/algorithms.md", "docs/protocols.md"):
         assert f"]({doc})" in readme and (root / doc).is_file()
+
+
+@pytest.mark.notebook
+def test_08_09_run_their_smoke_sweeps_and_draw_their_figures(run_notebooks, tmp_path):
+    import pandas as pd
+
+    out = run_notebooks("08,09", tmp_path)
+    for fig in ("fig-sweep.png", "fig-study.png"):
+        assert (out / fig).stat().st_size > 10_000
+    sweeps = sorted(out.glob("sweep-*/results.csv"))
+    assert len(sweeps) == 2                                  # 08's and 09's own smoke sweeps
+    for path in sweeps:
+        assert (pd.read_csv(path)["status"] == "done").all()

@@ -7,7 +7,7 @@ import matplotlib
 import numpy as np
 import pytest
 
-from rable_nb import captioning, data, dataset, evaluation, generators
+from rable_nb import captioning, data, dataset, evaluation, generators, rebalance
 
 matplotlib.use("Agg")
 CLASSES = list(data.CLASSES)
@@ -151,7 +151,7 @@ def test_training_figures_are_saved_by_the_package(tmp_path):
 def test_figure_5_1_names_the_target_and_labels_the_synthetic_counts():
     real = np.array([390, 85, 86, 98, 50, 12, 1, 14, 2, 2])
     synth = np.array(list(generators.topup_plan(real, 16).values()))
-    fig = generators.rebalanced_figure(real, synth, CLASSES, title="pixel, pseudo labels",
+    fig = rebalance.rebalanced_figure(real, synth, CLASSES, title="pixel, pseudo labels",
                                        target=16)
     before, after = fig.axes
     assert "topped up to 16" in after.get_title() and "pseudo label" in before.get_title()
@@ -163,7 +163,7 @@ def test_figure_5_1_names_the_target_and_labels_the_synthetic_counts():
     assert legend == ["target 16 per class", "real (740)", "synthetic (49)"]
     assert fig._suptitle.get_text() == "Rebalanced training set — pixel, pseudo labels"
     full = np.array(dataset.long_tail_counts(5000, 10, 0.01))
-    fig = generators.rebalanced_figure(full, 5000 - full, CLASSES, cond_labels="oracle")
+    fig = rebalance.rebalanced_figure(full, 5000 - full, CLASSES, cond_labels="oracle")
     assert fig.axes[0].get_yscale() == "linear" and "ORACLE" in fig.axes[0].get_title()
     assert fig.axes[1].get_ylim()[1] >= 1.25 * 5000  # headroom: labels clear of the top spine
 

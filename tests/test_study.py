@@ -1,6 +1,6 @@
 """The rebalancing study (notebook 09): grids that list their points, the counts a sweep
 reads from metrics files, approaches, binomial intervals and the study's table and figure.
-Notebook 09 itself runs in the smoke profile through nbval (a real one-point sweep)."""
+Notebook 09 itself runs in the smoke profile in tests/test_notebooks.py (a real one-point sweep)."""
 import json
 
 import numpy as np
@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from rable_nb import config, study, sweep
+from rable_nb import config, methods, study, sweep
 
 
 def _grid(tmp_path, **spec):
@@ -96,6 +96,17 @@ def test_approaches_are_named_by_their_parts():
     assert study.approach("rable", "pixel", "pseudo") == "generated (pixel, pseudo labels)"
     assert "ORACLE" in study.approach("rable", "copy", "oracle")
     assert study.approach("corr+records") == "corr (another learner) + re-weighting (RECORDS)"
+    assert study.approach("rable-feature", "feature", "pseudo") == \
+        "generated (feature, pseudo labels)"
+    assert study.approach("proden+la+mixup") == "proden (another learner) + logit adjustment + mixup"
+
+
+def test_a_new_piece_names_its_own_approach(monkeypatch):
+    class Sharpen(methods.Modifier):
+        name, approach = "sharpen", "sharpened confidences"
+    monkeypatch.setitem(methods.MODIFIERS, "sharpen", Sharpen)
+    monkeypatch.setitem(methods.PIECES, "sharpen", Sharpen)
+    assert study.approach("able+sharpen") == "sharpened confidences"
 
 
 def test_binomial_intervals_are_wilson_intervals():

@@ -14,10 +14,14 @@ or the hidden truth, see ``rable_nb.conditioning``) and then draws samples of a 
 Samples are uint8 H×W×C images of the data's size and channels (CIFAR-10: 32×32×3;
 greyscale: C = 1; written as PNG) or 1-D feature vectors (written as ``.npy``): ``space``
 says which (``'image'`` or ``'feature'``). A feature-space backend is fitted on the features
-of the run's backbone (``generators.fit_inputs``), and its samples serve methods that train
-on features (``rable-feature``). ``PARAMS`` names the notebook parameters that change a
-backend's output: they are recorded in ``synthetic/settings.json``, and a top-up is never
-extended under other values.
+of the run's backbone (its ``fit_inputs`` hook), and its samples serve methods that train
+on features (``rable-feature``), whose inputs come from its ``training_inputs`` hook.
+``PARAMS`` names the notebook parameters that change a backend's output: they are recorded
+in ``synthetic/settings.json``, and a top-up is never extended under other values.
+
+A backend describes itself, so adding one is one file plus one registry line: its notebook
+parameters' defaults per profile (``PROFILE_DEFAULTS``) and their rules (``validate``),
+which the registry merges for notebook 03.
 """
 from __future__ import annotations
 
@@ -39,6 +43,23 @@ class Generator:
     space = "image"  # what a sample is: "image" or "feature" (a backbone's feature vector)
     suffix = ".png"  # file type of one sample in synthetic/<class>/
     batch = 64  # samples per ``generate`` call of a top-up (a backend's fit may set it)
+    PROFILE_DEFAULTS: dict[str, dict] = {}  # profile -> defaults of this backend's parameters
+
+    @staticmethod
+    def validate(params: dict) -> None:
+        """``ValueError`` naming a bad value of this backend's parameters (none by default)."""
+
+    def fit_inputs(self, images, backbone, run_dir, info: dict | None = None):
+        """What :meth:`fit` takes: the images themselves (a feature-space backend: their
+        features under ``backbone``, the warm-up network)."""
+        return images
+
+    @staticmethod
+    def training_inputs(run_dir, images, device: str = "auto"):
+        """(inputs, starting weights or None) of a method that trains on this backend's
+        samples' space: the images themselves (a feature-space backend: their features
+        under the run's backbone, and that backbone's weights)."""
+        return images, None
 
     def fit(self, images_or_features, cond_labels, class_counts, params: dict, run_dir) -> dict:
         raise NotImplementedError

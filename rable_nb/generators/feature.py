@@ -196,6 +196,9 @@ class FeatureTrainer(StepFit):
 class Feature(TrainedGenerator):
     """Class-conditional diffusion over backbone features (see the module docstring)."""
 
+    PROFILE_DEFAULTS = PROFILE_DEFAULTS
+    validate = staticmethod(validate)
+
     name, prefix, space = "feature", "FEATURE", "feature"
     suffix, batch = ".npy", 1024
     FIT_PARAMS = ("FEATURE_HIDDEN", "FEATURE_DEPTH", "FEATURE_STEPS", "FEATURE_BATCH",
@@ -209,11 +212,28 @@ class Feature(TrainedGenerator):
         if f.ndim != 2:
             raise ValueError(f"the feature backend fits feature vectors (N×D), not an array of "
                              f"shape {f.shape}: pass the backbone's features "
-                             "(generators.fit_inputs).")
+                             "(its fit_inputs hook).")
         t = torch.as_tensor(f, device=self.dev)
         self.mean, self.std = t.mean(0), t.std(0).clamp_min(1e-3)
         self.low, self.high = t.min(0).values, t.max(0).values
         self.dim = f.shape[1]
+
+    def fit_inputs(self, images, backbone, run_dir, info: dict | None = None):
+        """The features of ``images`` under ``backbone`` (the warm-up network), which is saved
+        to ``generator/backbone.safetensors`` (with ``info``) for the head fine-tuning and
+        the audit."""
+        if backbone is None:
+            raise ValueError(f"GENERATOR={self.name!r} works on the features of a backbone: "
+                             "pass the warm-up network (conditioning.cond_labels(..., "
+                             "need_net=True)).")
+        save_backbone(backbone, run_dir, info)
+        return encode(backbone, images)
+
+    @staticmethod
+    def training_inputs(run_dir, images, device: str = "auto"):
+        """The run's backbone features of ``images`` and the backbone's weights."""
+        net, _ = load_backbone(run_dir, device)
+        return encode(net, images), net.state_dict()
 
     def build_model(self):
         return Denoiser(self.dim, self.num_classes, self.p["FEATURE_HIDDEN"],
@@ -255,32 +275,6 @@ def denoise(model, z: torch.Tensor, label: int, sampler: str, steps: int, genera
     return x
 
 
-# --- figure ------------------------------------------------------------------------------
-def pca_figure(real, real_y, syn, syn_y, classes, title: str = "", per_class: int = 200,
-               seed: int = 0):
-    """Real and synthetic features of the topped-up classes in the first two principal
-    components of the real features (``per_class`` points of each, seeded)."""
-    import matplotlib.pyplot as plt
-    from sklearn.decomposition import PCA
-
-    rng = np.random.default_rng(seed)
-    pca = PCA(2, random_state=seed).fit(real)
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    for i, c in enumerate(np.unique(syn_y)):
-        colour = plt.cm.tab10(i % 10)
-        for points, labels, marker, alpha in ((real, real_y, "o", 0.35), (syn, syn_y, "x", 0.8)):
-            rows = np.flatnonzero(labels == c)
-            rows = rng.choice(rows, min(per_class, len(rows)), replace=False)
-            xy = pca.transform(points[rows])
-            ax.scatter(xy[:, 0], xy[:, 1], s=10, marker=marker, color=colour, alpha=alpha,
-                       label=f"{classes[c]} {'real' if marker == 'o' else 'synthetic'}")
-    ax.set(xlabel="PC 1", ylabel="PC 2",
-           title=title or "backbone features: real (o) and synthetic (x)")
-    ax.legend(fontsize=6, ncol=2, markerscale=1.5)
-    fig.tight_layout()
-    return fig
-
-
 # --- benchmark -------------------------------------------------------------------------
 def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dict:
     """Training features/s (a full step) and sampling features/s (the profile's sampler and
@@ -312,4 +306,4 @@ def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dic
 
 
 __all__ = ["Feature", "PROFILE_DEFAULTS", "SAMPLERS", "bench", "encode", "load_backbone",
-           "pca_figure", "save_backbone", "validate"]
+           "save_backbone", "validate"]

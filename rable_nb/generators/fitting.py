@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from .. import config
 from ..networks import pick_device
-from ..profiling import three_figures
+from ..profiling import three_figures, timed
 from .base import Generator
 
 
@@ -357,38 +357,19 @@ class TrainedGenerator(Generator):
         return f"generator/{self.weights_path.name}@{digest}"
 
 
-def loss_figure(log: list[dict], title: str = ""):
-    """Every logged loss against the training step (log scale where all are positive)."""
-    import matplotlib.pyplot as plt
-
-    keys = list(dict.fromkeys(k for r in log for k in r if k not in ("step", "images_per_s")))
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    for k in keys:  # a fit in phases logs other losses in each phase
-        rows = [r for r in log if k in r]
-        ax.plot([r["step"] for r in rows], [r[k] for r in rows], ".-", label=k)
-    if all(r[k] > 0 for r in log for k in keys if k in r):
-        ax.set_yscale("log")
-    ax.set(xlabel="training step", ylabel="loss", title=title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
 # --- benchmark -------------------------------------------------------------------------
 def time_fit_and_sample(trainer: StepTrainer, sample, steps: int) -> tuple[float, float]:
     """(seconds for ``steps`` training steps, seconds for one ``sample()`` call) after a
     warm-up step and a warm-up call, the networks in evaluation mode for sampling; best of
     two sampling calls on a CPU."""
-    from .sd import timed
-
     dev = trainer.dev
     trainer.step()
-    train_s = timed(lambda: [trainer.step() for _ in range(steps)], dev)
+    train_s = timed(lambda _: [trainer.step() for _ in range(steps)], 1, dev, 0)
     for net in trainer.networks.values():
         net.eval()
     with torch.inference_mode():
         sample()
-        sample_s = timed(sample, dev, repeats=1 if dev.type == "cuda" else 2)
+        sample_s = timed(lambda _: sample(), 1, dev, 0, 1 if dev.type == "cuda" else 2)
     return train_s, sample_s
 
 

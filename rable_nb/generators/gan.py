@@ -65,7 +65,7 @@ from torch import nn
 
 from .. import config
 from ..networks import pick_device
-from ..profiling import three_figures
+from ..profiling import three_figures, timed
 from .fitting import (StepTrainer, TrainedGenerator, bench_report, crop_to, pad_to_multiple,
                       padded_size, prefixed, time_fit_and_sample, to_signed, to_uint8,
                       unprefixed)
@@ -350,6 +350,9 @@ class GanTrainer(StepTrainer):
 class Gan(TrainedGenerator):
     """BAGAN-style class-conditional GAN with a gradient penalty (module docstring)."""
 
+    PROFILE_DEFAULTS = PROFILE_DEFAULTS
+    validate = staticmethod(validate)
+
     name, prefix = "gan", "GAN"
     FIT_PARAMS = ("GAN_CHANNELS", "GAN_LATENT", "GAN_AE", "GAN_AE_STEPS", "GAN_STEPS",
                   "GAN_BATCH", "GAN_LR", "GAN_GP", "GAN_CRITIC", "SEED")
@@ -394,8 +397,6 @@ def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dic
     second), their mix over the profile's fit (``train_images_per_s``) and sampling img/s
     of the profile's networks on random 32×32×3 data; projects the profile's fit time and
     the report's 37,594-image top-up."""
-    from .sd import timed
-
     prof = PROFILE_DEFAULTS[profile]
     dev = pick_device(device)
     rng = np.random.default_rng(0)
@@ -406,7 +407,7 @@ def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dic
         tr = GanTrainer(images, rng.integers(0, 10, len(images)), 10, p, device=str(dev))
         steps = 20 if dev.type == "cuda" else 2
         tr.step()  # the autoencoder phase's one step (a warm-up), then the Gaussians
-        ae_s = timed(lambda: [tr.ae_step(tr.rng()) for _ in range(steps)], dev)  # noqa: B023
+        ae_s = timed(lambda _: [tr.ae_step(tr.rng()) for _ in range(steps)], 1, dev, 0)  # noqa: B023
         gen = Gan()
         gen.dev, gen.dec, gen.means, gen.chol, gen.present = (dev, tr.dec, tr.means, tr.chol,
                                                               tr.present)

@@ -69,9 +69,10 @@ PROFILE_DEFAULTS = {
                   PIXEL_STEPS=20000, PIXEL_BATCH=256, PIXEL_LR=4e-4,
                   PIXEL_CHECKPOINT_EVERY=1000, PIXEL_SAMPLE_STEPS=20),
 }
-for _p in PROFILE_DEFAULTS.values():
-    _p.update(PIXEL_EMA=0.9999, PIXEL_CFG_DROP=0.1, PIXEL_GUIDANCE=2.0, PIXEL_SAMPLER="euler",
-              PIXEL_BALANCE=1.0)
+_SAMPLE_BATCH = {"smoke": 16, "quick": 256, "paper": 2048}  # images per sampling call
+for _name, _p in PROFILE_DEFAULTS.items():
+    _p.update(PIXEL_SAMPLE_BATCH=_SAMPLE_BATCH[_name], PIXEL_EMA=0.9999,
+              PIXEL_CFG_DROP=0.1, PIXEL_GUIDANCE=2.0, PIXEL_SAMPLER="euler", PIXEL_BALANCE=1.0)
 
 
 def validate(params: dict) -> None:
@@ -92,7 +93,7 @@ def validate(params: dict) -> None:
         "PIXEL_CFG_DROP": config.number(0, 1, high_open=True),
         "PIXEL_GUIDANCE": config.number(0),
         "PIXEL_SAMPLER": config.one_of(sorted(SAMPLERS)),
-        "PIXEL_SAMPLE_STEPS": config.integer(1),
+        "PIXEL_SAMPLE_STEPS": config.integer(1), "PIXEL_SAMPLE_BATCH": config.integer(1),
         "PIXEL_CHECKPOINT_EVERY": config.integer(1),
         "PIXEL_BALANCE": config.number(0, 1),
     })
@@ -171,6 +172,9 @@ class PixelTrainer(StepFit):
 
 class Pixel(TrainedGenerator):
     """Class-conditional pixel-space flow matching (see the module docstring)."""
+
+    PROFILE_DEFAULTS = PROFILE_DEFAULTS
+    validate = staticmethod(validate)
 
     name, prefix = "pixel", "PIXEL"
     FIT_PARAMS = ("PIXEL_CHANNELS", "PIXEL_LAYERS", "PIXEL_ATTENTION", "PIXEL_STEPS",

@@ -14,7 +14,6 @@ No Stable Diffusion weights exist on this project's machines; ``SD_MODEL_ID='tin
 """
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 
 import numpy as np
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 from .. import captioning, config, dataset
 from ..data import CLASSES
 from ..networks import pick_device
-from ..profiling import three_figures
+from ..profiling import three_figures, timed
 from ..tiny_models import TINY, build_tiny_sd, load_pretrained, resolve_model_id
 from .base import Generator
 from .topup import REPORT_TOPUP
@@ -127,6 +126,9 @@ def captions_by_class(run_dir, cond_labels) -> dict[int, list[str]]:
 class SD(Generator):
     """Stable Diffusion with caption prompts (see the module docstring)."""
 
+    PROFILE_DEFAULTS = PROFILE_DEFAULTS
+    validate = staticmethod(validate)
+
     name = "sd"
     PARAMS = ("SD_MODEL_ID", "SD_SIZE", "SD_STEPS", "SD_GUIDANCE", "SD_SCHEDULER",
               "SD_PROMPT_TEMPLATE", "SD_NEGATIVE_PROMPT", "SD_FILTER")
@@ -209,21 +211,6 @@ def sd21_base_random(device, dtype):
     return configure(pipe.to(device, dtype))
 
 
-def timed(fn, dev, repeats: int = 1) -> float:
-    """Best wall time of ``repeats`` calls (CUDA synchronised)."""
-    import torch
-    times = []
-    for _ in range(repeats):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def _unet_loop(pipe, batch: int, size: int, steps: int, guidance: float) -> None:
     """Bare denoising: the scheduler loop of UNet calls (CFG doubles the batch)."""
     import torch
@@ -267,8 +254,9 @@ def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dic
     _unet_loop(pipe, 1, size, 1, guidance)
     rows = []
     for b in tqdm(batch_sizes, desc="bench synth", unit="batch size"):
-        full = timed(lambda: pipe(["a photo of a horse in a field"] * b, **run), dev, repeats)
-        bare = timed(lambda: _unet_loop(pipe, b, size, steps, guidance), dev, repeats)
+        full = timed(lambda _: pipe(["a photo of a horse in a field"] * b, **run), 1, dev, 0,
+                     repeats)
+        bare = timed(lambda _: _unet_loop(pipe, b, size, steps, guidance), 1, dev, 0, repeats)
         rows.append(dict(batch_size=b, pipeline_images_per_s=three_figures(b / full),
                          unet_images_per_s=three_figures(b / bare),
                          pipeline_s=three_figures(full), unet_s=three_figures(bare),

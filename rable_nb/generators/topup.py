@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .. import captioning, jsonl
 from ..config import write_atomic
 from ..dataset import long_tail_counts
-from ..runfiles import MANIFEST, SETTINGS, SYNTH_DIR, load_synthetic, read_settings
+from ..runfiles import MANIFEST, SETTINGS, SYNTH_DIR
 from .base import slot_seed
 
 # The report's top-up: n_max − n_c summed over CIFAR-10-LT at IF 0.01 (= 37,594).
@@ -119,7 +119,7 @@ def top_up(run_dir, generator, plan: dict, classes, settings: dict, seed: int = 
            on_image=None) -> dict:
     """Draw the missing samples of ``plan`` ({class: count}) into ``run_dir/synthetic``.
 
-    ``generator`` is fitted already; ``settings`` (see ``generators.topup_settings``) must
+    ``generator`` is fitted already; ``settings`` (see ``rebalance.topup_settings``) must
     hold ``cond_labels``. ``on_image(row)`` is called after each manifest line (progress
     hooks, tests). ``batch_size`` defaults to the backend's. Returns counts, timing and,
     with a filter, the rejections per class.
@@ -166,90 +166,3 @@ def top_up(run_dir, generator, plan: dict, classes, settings: dict, seed: int = 
     stats["seconds"] = round(time.time() - start, 2)
     stats["images_per_s"] = round(stats["generated"] / max(stats["seconds"], 1e-9), 3)
     return stats
-
-
-# --- figures ---------------------------------------------------------------------------
-def rebalanced_figure(real_counts, synth_counts, classes, title: str = "",
-                      target: int | None = None, cond_labels: str = "pseudo"):
-    """The report's Figure 5.1: images per class before and after the top-up.
-
-    Before: real images per conditioning label (``cond_labels``: pseudo-labels, or the
-    hidden truth for 'oracle'). After: real (blue) + synthetic (orange) images per class,
-    each bar labelled with its total and, in orange, the synthetic count. ``target``
-    (default n_max) is drawn as a dashed line and named in the panel title: classes below it
-    reach it exactly, classes above it keep all their real images, so the "after" panel is
-    flat only up to the target. A log axis is used when the largest class exceeds 5× the
-    target (small classes stay visible). ``title``: the run's top-up (generator, labels).
-    """
-    import matplotlib.pyplot as plt
-
-    real, synth = np.asarray(real_counts), np.asarray(synth_counts)
-    target = captioning.target_count(real, target)
-    total = real + synth
-    x = np.arange(len(classes))
-    log = total.max() > 5 * target
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True, layout="constrained")
-    which = "true class (ORACLE)" if cond_labels == "oracle" else f"{cond_labels} label"
-    panels = ((f"before: real images per {which}", np.zeros_like(synth)),
-              (f"after: every class below {target} topped up to {target}", synth))
-    for ax, (name, add) in zip(axes, panels):
-        ax.bar(x, real, color="tab:blue", label=f"real ({int(real.sum()):,})")
-        if add.any():
-            ax.bar(x, add, bottom=real, color="tab:orange",
-                   label=f"synthetic ({int(add.sum()):,})")
-        for i in x:
-            n = real[i] + add[i]
-            ax.annotate(f"{int(n)}", (i, max(n, 0.8)), xytext=(0, 2), textcoords="offset points",
-                        ha="center", va="bottom", fontsize=7)
-            if add[i]:
-                ax.annotate(f"+{int(add[i])}", (i, n), xytext=(0, 11), textcoords="offset points",
-                            ha="center", va="bottom", fontsize=7, color="#b35900")
-        ax.axhline(target, color="0.25", ls="--", lw=1, label=f"target {target} per class")
-        ax.set_xticks(x, classes, rotation=45, ha="right")
-        ax.set_title(name, fontsize=10)
-    if log:
-        axes[0].set_yscale("log")
-        axes[0].set_ylim(0.7, total.max() * 6)  # headroom for the two labels above a bar
-    else:
-        axes[0].set_ylim(0, total.max() * 1.25)
-    axes[0].set_ylabel("training images" + (" (log scale)" if log else ""))
-    fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncol=3,
-               fontsize=8, frameon=False)
-    fig.suptitle("Rebalanced training set" + (f" — {title}" if title else ""))
-    return fig
-
-
-def side_by_side(real_x, real_y, syn_x, syn_y, classes, n: int = 4, seed: int = 0,
-                 others: dict | None = None):
-    """Images and titles: per class with synthetic images, n real, n synthetic, then n of
-    each entry of ``others`` ({name: (samples, labels)}, e.g. other backends' top-ups)."""
-    rng = np.random.default_rng(seed)
-    sources = [("real", real_x, real_y), ("synth", syn_x, syn_y),
-               *((name, x, y) for name, (x, y) in (others or {}).items())]
-    images, titles = [], []
-    for c in np.unique(syn_y):
-        for kind, x, y in sources:
-            pick = np.flatnonzero(y == c)
-            pick = rng.choice(pick, size=min(n, len(pick)), replace=False)
-            images += [x[i] for i in pick] + [np.full_like(real_x[0], 255)] * (n - len(pick))
-            titles += [f"{classes[c][:5]} {kind}"] * len(pick) + [""] * (n - len(pick))
-    return np.stack(images), titles
-
-
-def other_samples(run_dirs, image_shape) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{generator name: (samples, labels)} of other runs' top-ups (the run directory's name
-    added where a generator repeats), to show
-    beside this one (``COMPARE_RUNS``; relative paths from the project root). A run without
-    samples, or with samples of another shape, is left out with a note."""
-    from ..config import project_path
-
-    out = {}
-    for run in map(project_path, run_dirs or []):
-        x, y, _ = load_synthetic(run)
-        if not len(y) or x.shape[1:] != tuple(image_shape):
-            why = f"samples of shape {x.shape[1:]}" if len(y) else "no synthetic samples"
-            print(f"COMPARE_RUNS: {run} left out ({why}).")
-            continue
-        name = read_settings(run).get("generator")
-        out[name if name not in out else f"{name} ({run.name})"] = (x, y)
-    return out

@@ -59,6 +59,7 @@ def contrastive_loss(z: torch.Tensor, weights: torch.Tensor, tau: float = 0.1,
 
 class Able(Base):
     name = "able"
+    approach = ""
     views = ("weak", "strong")
     needs = "embed"
 

@@ -85,6 +85,10 @@ class Piece:
     params: dict = {}
     needs = "logits"          # the richest forward output this piece reads (see OUTPUTS)
     data_sources: tuple[str, ...] = ()  # training data beyond the real long tail
+    # How the rebalancing study (notebook 09) names what this piece adds: '' nothing (ABLE,
+    # the reference), 'generated' (trained on a top-up, which the study describes), or a
+    # label. None: a modifier's name; for a base, '<name> (another learner)'.
+    approach: str | None = None
 
     def __init__(self, cfg, params: dict):
         self.cfg, self.p = cfg, params

@@ -20,6 +20,7 @@ from .base import Modifier
 
 class LogitAdjustment(Modifier):
     name = "la"
+    approach = "logit adjustment"
     params = {"tau": 1.0}
 
     @classmethod

@@ -11,4 +11,5 @@ from .able import Able
 
 class Rable(Able):
     name = "rable"
+    approach = "generated"
     data_sources = ("synthetic",)

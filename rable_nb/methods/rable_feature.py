@@ -32,6 +32,7 @@ CHUNK = 4096  # samples per forward pass when the confidences are initialised
 
 class RableFeature(Proden):
     name = "rable-feature"
+    approach = "generated"
     views = ("plain",)
     mixup_views = ("plain",)
     inputs = "features"

@@ -29,6 +29,7 @@ def momentum_mean(feat_mean: torch.Tensor, feats: torch.Tensor, m: float = 0.9) 
 
 class Records(Modifier):
     name = "records"
+    approach = "re-weighting (RECORDS)"
     needs = "features"
 
     @classmethod

@@ -17,6 +17,7 @@ from .base import Modifier
 
 class Unlabeled(Modifier):
     name = "unlabeled"
+    approach = "real unlabeled"
     data_sources = ("unlabeled",)
 
     @classmethod
