@@ -104,8 +104,7 @@ def anchors(markdown):
     return out
 
 
-@pytest.mark.parametrize("name,base,text", [pytest.param(*d, id=d[0]) for d in _docs()
-                                            if d[0].endswith(".md")])
+@pytest.mark.parametrize("name,base,text", [pytest.param(*d, id=d[0]) for d in _docs()])
 def test_every_anchor_a_doc_links_to_is_a_heading_there(name, base, text):
     broken = []
     for m in LINK.finditer(text):
@@ -113,6 +112,8 @@ def test_every_anchor_a_doc_links_to_is_a_heading_there(name, base, text):
         if not anchor or re.match(r"[a-z]+:", target):
             continue
         path = Path(os.path.normpath(base / target)) if target else ROOT / name
+        if path.suffix == ".ipynb":
+            continue
         if path.suffix == ".md" and path.exists() and anchor not in anchors(path.read_text()):
             broken.append(m.group(1))
     assert broken == [], f"{name} links to headings that do not exist"
@@ -133,6 +134,20 @@ def test_the_citation_check_catches_what_it_should_and_nothing_else():
     assert missing(text, ROOT / "docs") == [
         "tests/test_nothere.py", "tests/test_docs.py::test_no_such_test",
         "examples/sweep-{smoke,nothere}.yaml"]
+
+
+# Notebooks whose top cell is still being shortened in other branches (the lead empties this)
+TOP_CELL_PENDING = {"03", "07", "09"}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+def test_a_notebook_opens_with_at_most_20_lines_of_markdown(path):
+    if path.name[:2] in TOP_CELL_PENDING:
+        pytest.skip("top cell being shortened in another branch")
+    cells = json.loads(path.read_text())["cells"]
+    first = "".join(cells[0]["source"]) if cells[0]["cell_type"] == "markdown" else ""
+    n = len(first.splitlines())
+    assert n <= 20, f"{path.name}: top cell has {n} lines; put explanations beside their cells"
 
 
 def test_the_readme_is_at_most_150_lines():
