@@ -1,4 +1,4 @@
-"""Command line: ``python -m rable_nb run|sweep|bench|figures|results`` (see README)."""
+"""Command line: ``python -m rable_nb run|sweep|bench|figures|results`` (see docs/usage.md)."""
 from __future__ import annotations
 
 import argparse

@@ -1,10 +1,9 @@
 """The training step as a CUDA graph (``GRAPH=True``): recorded once, replayed every step.
 
-Why: an eager ABLE step on ResNet-18 (H100, batch 256, commit 32004e9) launched about
-1,300 kernels one by one from Python: 31.5 ms of wall time for 11.6 ms of GPU work. A
-CUDA graph records the kernels of one whole step — both augmentations, forward, losses,
-backward, optimizer step, confidence update, RECORDS' feature mean, the loss sums — and a
-replay launches them all at once.
+A replay launches the kernels of one whole step — both augmentations, forward, losses,
+backward, optimizer step, confidence update, RECORDS' feature mean, the loss sums — at
+once instead of one by one from Python. The measurements behind this choice, and why not
+``torch.compile(mode="reduce-overhead")``, are in docs/decisions.md.
 
 How (the whole-network capture of the PyTorch "CUDA Graphs" notes, torch 2.14):
 
@@ -31,15 +30,8 @@ How (the whole-network capture of the PyTorch "CUDA Graphs" notes, torch 2.14):
   tensor's name, and when tensors moved between epochs (a stage with a fresh network, a
   resumed checkpoint) the graphs are dropped and captured again.
 
-Not chosen: ``torch.compile(mode="reduce-overhead")``, which builds CUDA graphs from
-compiled regions. Dynamo does not trace ``torch.Generator`` arguments (pytorch/pytorch
-issues #93737 and #92633), and every per-image augmentation draws from one, so the step
-would split into many graphs with eager code between them; ``COMPILE=True`` also made the
-eager epoch slower (1.70 s against 1.49 s, H100).
-
-Status: written against the torch 2.14 API and exercised on CPU only through the eager
-step it records; NOT YET RUN ON A GPU (``tests/test_cuda_graph.py`` compares it with the
-eager step when a GPU is present).
+``tests/test_cuda_graph.py`` compares a replayed step with the eager step when a GPU is
+present.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from . import evaluation, methods, runfiles, sweep
 from .data import CLASSES
 
 SMOKE_GRID = "examples/sweep-study-smoke.yaml"
-# Where notebook 09 looks when SWEEP_DIR is not given (the README's commands write there)
+# Where notebook 09 looks when SWEEP_DIR is not given (the commands of docs/usage.md write there)
 DEFAULT_SWEEP_DIRS = {"quick": "runs/sweep-study-quick", "paper": "runs/sweep-study-paper"}
 NUM_CLASSES = len(CLASSES)
 

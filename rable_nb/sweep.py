@@ -53,7 +53,7 @@ METRICS = ("last", "best", "many", "medium", "few")
 COUNTS = ("n_test", "n_synthetic", "n_unlabeled")  # images behind a method's accuracies
 MARKS = ("generator", "gen_labels")  # how a method's synthetic images were made (rable)
 SMOKE_GRID = "examples/sweep-smoke.yaml"
-# Where notebook 08 looks when SWEEP_DIR is not given (the README's sweep commands write there)
+# Where notebook 08 looks when SWEEP_DIR is not given (docs/usage.md's sweeps write there)
 DEFAULT_SWEEP_DIRS = {"quick": "runs/sweep-quick", "paper": "runs/sweep-paper"}
 
 

@@ -1,4 +1,4 @@
-"""CIFAR-10 sources, caching, resolution order and error messages (README, "Data")."""
+"""CIFAR-10 sources, caching, resolution order and error messages (docs/usage.md, "Data")."""
 import tarfile
 import warnings
 
@@ -115,7 +115,7 @@ def test_real_cifar10_copy():
     assert np.bincount(cifar.test_y).tolist() == [1000] * 10
 
 
-# -- issue 17: a decode cache that notices change; class lists agree across splits ---------
+# -- a decode cache that notices change; class lists agree across splits -------------------
 def _edit_image(path, colour):
     from PIL import Image
     Image.new("RGB", (32, 32), colour).save(path)

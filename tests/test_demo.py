@@ -56,7 +56,7 @@ def test_upload_is_preprocessed_like_evaluation(app):
     assert app.uploader.value == ()  # reset, so the same file can come again
 
 
-# -- issue 16: what is shown stays consistent with the model, the image and the ticks ---------
+# -- what is shown stays consistent with the model, the image and the ticks -----------------
 def _shown(app):
     return ([n.value for n in app.bar_names], [b.value for b in app.bars],
             [v.value for v in app.bar_values], app.message.value)
@@ -224,7 +224,7 @@ def test_the_feedback_record_says_whether_the_adjustment_was_on(app, tmp_path):
     assert entry["adjusted"] is True and entry["model"] == "able+records"
 
 
-# -- issue 17: 16-bit greyscale is scaled; only the listed raster formats are opened ---------
+# -- 16-bit greyscale is scaled; only the listed raster formats are opened -----------------
 def test_16_bit_greyscale_is_scaled_not_clipped():
     buf = io.BytesIO()
     Image.fromarray(np.full((40, 40), 32896, np.uint16)).save(buf, format="PNG")  # mid-grey

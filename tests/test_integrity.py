@@ -1,4 +1,4 @@
-"""Data integrity (issue 17): one data source per run directory, one writer per directory,
+"""Data integrity: one data source per run directory, one writer per directory,
 only current results, every parameter validated before anything runs, and a kernel that
 stops with the runner."""
 import json

@@ -1,4 +1,4 @@
-"""Label-free rebalancing (issue 12): SSP's rotation pre-training and the real unlabeled
+"""Label-free rebalancing: SSP's rotation pre-training and the real unlabeled
 images of ``+unlabeled`` — rotation labels and loss, the cached and resumable pre-training,
 the unlabeled pool, hidden labels never read, and a smoke run of both methods."""
 import json

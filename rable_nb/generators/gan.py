@@ -80,12 +80,12 @@ PROFILE_DEFAULTS = {
     "smoke": dict(GAN_CHANNELS=[8, 16], GAN_LATENT=8, GAN_AE_STEPS=40, GAN_STEPS=20,
                   GAN_BATCH=16, GAN_CHECKPOINT_EVERY=10),
     # quick: 0.62M parameters; one CPU core: 1.1k autoencoder and 0.37k GAN img/s
-    # (README), so 2k + 2k steps of 64 take ~8 min and the 37,594-image top-up ~7 s.
+    # (docs/decisions.md), so 2k + 2k steps of 64 take ~8 min and the 37,594-image top-up ~7 s.
     "quick": dict(GAN_CHANNELS=[32, 64, 128], GAN_LATENT=64, GAN_AE_STEPS=2000,
                   GAN_STEPS=2000, GAN_BATCH=64, GAN_CHECKPOINT_EVERY=500),
     # paper: 7.45M parameters at 32×32 (DCGAN-sized), 6k autoencoder steps (124 epochs of
     # CIFAR-10-LT) + 20k GAN steps (413 epochs) of 256 images: <= 20 min on one H100 by the
-    # projection in the README (unmeasured: `bench gen --generator gan --profile paper`).
+    # projection in docs/decisions.md (unmeasured: `bench gen --generator gan --profile paper`).
     "paper": dict(GAN_CHANNELS=[128, 256, 512], GAN_LATENT=128, GAN_AE_STEPS=6000,
                   GAN_STEPS=20000, GAN_BATCH=256, GAN_CHECKPOINT_EVERY=1000),
 }

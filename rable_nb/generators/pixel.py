@@ -32,7 +32,7 @@ long-tailed training images (no pretrained weights anywhere).
 Why flow matching rather than ε-diffusion: with the same 1.07 M-parameter UNet, data (200
 CIFAR-10 images per class), 600 steps of batch 32 and 2 × 10 network evaluations per sample
 on a CPU, flow matching (Euler) reached FD-judge 2.02 and judge accuracy 0.49, ε-diffusion
-(cosine schedule, DPM-Solver++) 5.46 and 0.21 (README, "Generative rebalancing").
+(cosine schedule, DPM-Solver++) 5.46 and 0.21 (docs/decisions.md).
 Reference code read, not copied: torchcfm ``examples/images/cifar10/train_cifar10.py``
 (training step, lr 2e-4 with warm-up, clipping, EMA 0.9999) and diffusers
 ``src/diffusers/models/unets/unet_2d.py`` (class embedding).
@@ -58,7 +58,7 @@ PROFILE_DEFAULTS = {
                   PIXEL_BATCH=16, PIXEL_LR=1e-3, PIXEL_CHECKPOINT_EVERY=10,
                   PIXEL_SAMPLE_STEPS=4),
     # quick: a 1.07M-parameter UNet for a CPU: ~60 training img/s and ~10 samples/s on one
-    # core (README), so 1000 steps of 64 take ~18 min; top up with TARGET_PER_CLASS ~1000.
+    # core (docs/decisions.md): so 1000 steps of 64 take ~18 min, top-up TARGET_PER_CLASS ~1000.
     "quick": dict(PIXEL_CHANNELS=[32, 64, 64], PIXEL_LAYERS=1, PIXEL_ATTENTION=[],
                   PIXEL_STEPS=1000, PIXEL_BATCH=64, PIXEL_LR=4e-4, PIXEL_CHECKPOINT_EVERY=100,
                   PIXEL_SAMPLE_STEPS=8),
