@@ -103,7 +103,7 @@ def test_a_rejected_upload_after_a_good_image_clears_it_and_disables_saving(app,
     assert app.current and not app.save_button.disabled
     _upload(app, b"not an image", "notes.txt")
     assert app.current is None and app.save_button.disabled
-    assert app.preview.value == b"" and app.top5 == []
+    assert app.preview.value == demo.PLACEHOLDER and app.top5 == []  # no broken image
     assert [b.value for b in app.bars] == [0] * 5 and not any(c.value for c in app.checks)
     assert "Upload rejected" in app.message.value
     app._on_save()  # even called directly, nothing is saved for the rejected upload
