@@ -1,5 +1,4 @@
-"""Command line: ``python -m rable_nb run|sweep|bench|figures|results|demo|report``
-(see README)."""
+"""Command line: ``python -m rable_nb run|sweep|bench|figures|results`` (see README)."""
 from __future__ import annotations
 
 import argparse
