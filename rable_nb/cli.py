@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     results = sub.add_parser("results", help="regenerate results/README.md from its metrics files")
     results.add_argument("--root", help="results folder (default results/)")
+
+    demo = sub.add_parser("demo", help="serve notebook 07's app as a web page (Voilà)")
+    demo.add_argument("--run", help="run directory (default: the newest one with a trained model)")
+    demo.add_argument("--port", type=int, help="port (default: a free one)")
+
+    report = sub.add_parser("report", help="a run's executed notebooks as one HTML page")
+    report.add_argument("--run", required=True, help="run directory, e.g. runs/smoke")
+    report.add_argument("--out", help="HTML file (default <run>/report.html)")
     return parser
 
 
@@ -78,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "figures":
         from .figures import main_figures
         return main_figures(args)
+    if args.command == "demo":
+        from .webapp import main_demo
+        return main_demo(args)
+    if args.command == "report":
+        from .report import main_report
+        return main_report(args)
     if args.profile not in config.PROFILES:
         print(f"error: unknown profile {args.profile!r}; choose one of {config.PROFILES}",
               file=sys.stderr)

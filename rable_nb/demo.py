@@ -20,6 +20,10 @@ to ``feedback.jsonl`` (``sha256``, ``image`` — the 32×32 PNG under ``feedback
 ``candidates``, ``source``, ``model``, ``adjusted`` — whether the test-time adjustment was
 applied —, ``top5``); :func:`load_feedback` turns the file into images and an N×C
 candidate matrix, the format of ``dataset.npz``.
+
+Which run: notebook 07 uses ``RUN_DIR`` (or ``RABLE_RUN_DIR``) when given, else the newest
+run under ``runs/`` with a trained model (:func:`find_run`); it never creates a run
+directory. ``python -m rable_nb demo`` serves the notebook as a web page (``webapp``).
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ import functools
 import hashlib
 import html
 import io
+import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -39,6 +45,11 @@ from . import config, jsonl, predictions
 from .predictions import predict_proba
 
 MAX_BYTES = 10 * 1024 * 1024
+# The upload travels to the kernel in one WebSocket message; the server must accept more
+# than the largest allowed MAX_UPLOAD_MB (100), or a big file is dropped before the demo can
+# say why (Tornado's default is 10 MiB). ``webapp`` sets it for Voilà, and
+# jupyter-config/rable_nb.json (installed by scripts/setup.sh) for JupyterLab.
+SERVER_MESSAGE_LIMIT = 128 * 2**20
 MAX_PIXELS = 40_000_000  # 40 megapixels: any camera photo; Pillow itself warns at 89 MP
 FEEDBACK_FILE = "feedback.jsonl"
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # Pillow format names the demo opens
@@ -50,6 +61,74 @@ def validate(P: dict) -> None:
     """Check notebook 07's parameters (``ValueError`` with a clear message)."""
     predictions.validate(P)
     config.check(P, {"MAX_UPLOAD_MB": config.number(0, 100, low_open=True)})
+
+
+class NoTrainedModel(FileNotFoundError):
+    """No run directory with a trained model; the message names the ones looked at."""
+
+
+def find_run(run_dir=None, root=None) -> Path:
+    """``run_dir`` when it holds a trained model (``predictions.find_models``), else the
+    newest run directory under ``root`` (default ``runs/``) that does (its newest
+    checkpoint decides); :class:`NoTrainedModel` names what was looked at."""
+    root = Path(root) if root else config.PROJECT_ROOT / "runs"
+    if run_dir:
+        run_dir = config.project_path(run_dir)
+        if _model_time(run_dir) is not None:
+            return run_dir
+        others = [p for p in _runs(root) if p != run_dir and _model_time(p) is not None]
+        train = f"python -m rable_nb run --only 01,04 --out {short_path(run_dir)}"
+        where = (f"runs with one: {', '.join(short_path(p) for p in others)}" if others else
+                 f"train one: {train}")
+        raise NoTrainedModel(f"{short_path(run_dir)} has no trained model (notebook 04's "
+                             f"checkpoints with current metrics); {where}.")
+    runs = _runs(root)
+    trained = [(t, p) for p in runs if (t := _model_time(p)) is not None]
+    if not trained:
+        looked = (", ".join(short_path(p) for p in runs)
+                  or f"{short_path(root)} (no run directories)")
+        raise NoTrainedModel(f"No trained model: looked at {looked}; train one with "
+                             "python -m rable_nb run --only 01,04 (writes runs/smoke).")
+    return max(trained)[1]
+
+
+def _runs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def _model_time(run_dir: Path) -> float | None:
+    """Modification time of the run's newest current model, or None when it has none."""
+    try:
+        return max(p.stat().st_mtime for p in predictions.find_models(run_dir).values())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def short_path(path: Path) -> str:
+    path = Path(path)
+    return str(path.relative_to(config.PROJECT_ROOT) if path.is_relative_to(config.PROJECT_ROOT)
+               else path)
+
+
+def profile_defaults(params: dict) -> dict:
+    """``RUN_DIR`` defaults to the newest run with a trained model (not runs/interactive)."""
+    if params.get("RUN_DIR") or os.environ.get("RABLE_RUN_DIR"):
+        return {}
+    return {params["PROFILE"]: {"RUN_DIR": str(find_run())}}
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def feedback_summary(run_dir) -> str:
+    """One line on what ``feedback.jsonl`` holds (lines, distinct images)."""
+    entries = jsonl.read(Path(run_dir) / FEEDBACK_FILE)
+    if not entries:
+        return "No feedback saved in this run yet."
+    images = len({e["sha256"] for e in entries})
+    return (f"Feedback in this run: {plural(len(entries), 'saved label set')} for "
+            f"{plural(images, 'image')} (the latest set of an image counts).")
 
 
 class RejectedImage(ValueError):
@@ -151,7 +230,8 @@ def load_feedback(run_dir, num_classes: int = 10) -> dict:
 
 
 def _never_raise(callback):
-    """Widget callbacks report errors in the message line instead of raising."""
+    """Widget callbacks report errors in the message line instead of raising; the user sees
+    the reason, the kernel log the traceback."""
     @functools.wraps(callback)
     def wrapper(self, *args, **kwargs):
         try:
@@ -159,8 +239,32 @@ def _never_raise(callback):
         except RejectedImage as err:
             self.show_message(f"Upload rejected: {err}", error=True)
         except Exception as err:  # noqa: BLE001 - a demo must keep running
-            self.show_message(f"Error: {type(err).__name__}: {err}", error=True)
+            logging.getLogger(__name__).exception("demo callback failed")
+            self.show_message(f"Error: {err}", error=True)
     return wrapper
+
+
+PREVIEW_PX = 128  # the 32×32 image enlarged 4×
+# FileUpload always appends its file count ("upload image (0)", 0 after each reset); the
+# label is drawn by CSS instead, and fixed widths keep the layout still in JupyterLab and
+# Voilà alike (no cut labels, no jump when the preview or the bars change).
+STYLE = """<style>
+.rable-upload { font-size: 0 !important; }
+.rable-upload i { font-size: var(--jp-widgets-font-size, 13px); }
+.rable-upload::after { content: "upload image"; font-size: var(--jp-widgets-font-size, 13px);
+                       margin-left: 4px; }
+.rable-app .widget-label { overflow: visible; }
+</style>"""
+
+
+def _placeholder(side: int = PREVIEW_PX) -> bytes:
+    """A light-grey square the size of the preview: no broken-image icon, no jump."""
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (238, 238, 238)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+PLACEHOLDER = _placeholder()
 
 
 class DemoApp:
@@ -168,7 +272,8 @@ class DemoApp:
 
     ``models``: ``predictions.load_models`` output; ``test_x``/``test_y``: uint8 test images
     and labels for the "random test image" button. ``adjust``: start with the test-time
-    logit adjustment on (where the selected model has a prior).
+    logit adjustment on (where the selected model has a prior). Widgets carry ``rable-*``
+    CSS classes, which the browser test uses to find them.
     """
 
     ADJUST_HELP = "subtract the model's log class prior from its logits (RECORDS)"
@@ -181,26 +286,45 @@ class DemoApp:
         self.rng = np.random.default_rng(seed)
         self.current: dict | None = None
         self.top5: list[tuple[str, float]] = []
+        px = f"{PREVIEW_PX}px"
 
-        self.uploader = widgets.FileUpload(accept=EXTENSIONS, multiple=False,
-                                           description="upload image")
-        self.random_button = widgets.Button(description="random test image", icon="random")
-        self.model = widgets.Dropdown(options=list(models), description="model")
+        self.uploader = widgets.FileUpload(accept=EXTENSIONS, multiple=False, icon="upload",
+                                           description="upload image",
+                                           layout=widgets.Layout(width="150px"))
+        self.random_button = widgets.Button(description="random test image", icon="random",
+                                            layout=widgets.Layout(width="170px"))
+        self.model = widgets.Dropdown(options=list(models), description="model",
+                                      layout=widgets.Layout(width="260px"))
         self.adjust = widgets.Checkbox(value=adjust, description="test-time logit adjustment",
-                                       indent=False, tooltip=self.ADJUST_HELP)
+                                       indent=False, tooltip=self.ADJUST_HELP,
+                                       layout=widgets.Layout(width="210px"))
         self.adjust_note = widgets.HTML()
-        self.message = widgets.HTML()
-        self.preview = widgets.Image(format="png", width=128, height=128)
-        self.caption = widgets.HTML()
+        self.message = widgets.HTML(layout=widgets.Layout(min_height="24px"))
+        self.preview = widgets.Image(value=PLACEHOLDER, format="png", width=PREVIEW_PX,
+                                     height=PREVIEW_PX,
+                                     layout=widgets.Layout(width=px, height=px, min_width=px,
+                                                           min_height=px))
+        self.caption = widgets.HTML(layout=widgets.Layout(width="190px", min_height="40px"))
         self.bar_names = [widgets.Label(layout=widgets.Layout(width="90px")) for _ in range(5)]
         self.bars = [widgets.FloatProgress(min=0, max=1, layout=widgets.Layout(width="240px"))
                      for _ in range(5)]
-        self.bar_values = [widgets.Label() for _ in range(5)]
+        self.bar_values = [widgets.Label(layout=widgets.Layout(width="60px")) for _ in range(5)]
         self.checks = [widgets.Checkbox(description=c, indent=False,
                                         layout=widgets.Layout(width="110px")) for c in classes]
         self.save_button = widgets.Button(description="save feedback", button_style="success",
-                                          disabled=True)
+                                          disabled=True, icon="save",
+                                          layout=widgets.Layout(width="150px"))
+        self.summary = widgets.HTML()
+        for widget, name in [(self.uploader, "upload"), (self.random_button, "random"),
+                             (self.model, "model"), (self.adjust, "adjust"),
+                             (self.message, "message"), (self.preview, "preview"),
+                             (self.save_button, "save"), (self.summary, "summary"),
+                             *[(n, "bar-name") for n in self.bar_names],
+                             *[(v, "bar-value") for v in self.bar_values],
+                             *[(c, "check") for c in self.checks]]:
+            widget.add_class(f"rable-{name}")
         self._update_adjust()
+        self._update_summary()
 
         self.uploader.observe(self._on_upload, "value")
         self.random_button.on_click(self._on_random)
@@ -208,6 +332,7 @@ class DemoApp:
         self.adjust.observe(self._on_model, "value")
         self.save_button.on_click(self._on_save)
 
+        formats = ", ".join(EXTENSIONS.replace(".", "").split(",")[:6])
         bars = widgets.VBox([widgets.HBox([n, b, v]) for n, b, v in
                              zip(self.bar_names, self.bars, self.bar_values)])
         feedback = widgets.VBox([
@@ -215,14 +340,21 @@ class DemoApp:
                          "saved as a partial label."),
             widgets.GridBox(self.checks, layout=widgets.Layout(
                 grid_template_columns="repeat(5, 115px)")),
-            self.save_button])
+            widgets.HBox([self.save_button, self.summary])])
         self.widget = widgets.VBox([
+            widgets.HTML(STYLE),
             widgets.HBox([self.uploader, self.random_button, self.model]),
+            widgets.HTML(f'<span style="color:#555">Models of the run <b>'
+                         f"{html.escape(short_path(self.run_dir))}</b>. Images ({formats}, …) "
+                         f"up to {max_bytes / 2**20:.0f} MB; they are cropped to a square and "
+                         "shrunk to 32×32, as the model sees them.</span>"),
             widgets.HBox([self.adjust, self.adjust_note]),
             self.message,
-            widgets.HBox([widgets.VBox([self.preview, self.caption]),
+            widgets.HBox([widgets.VBox([self.preview, self.caption],
+                                       layout=widgets.Layout(width="200px", min_width="200px")),
                           widgets.VBox([widgets.HTML("<b>top-5 softmax</b>"), bars])]),
             feedback])
+        self.widget.add_class("rable-app")
 
     # -- display ----------------------------------------------------------------------
     def show_message(self, text: str, error: bool = False) -> None:
@@ -242,6 +374,10 @@ class DemoApp:
             f'<span style="color:#555">({self.ADJUST_HELP})</span>' if has_prior else
             f'<span style="color:#555">(not available for <b>{html.escape(self.model.value)}'
             "</b>: it has no logit prior; only <code>+records</code> models carry one)</span>")
+
+    def _update_summary(self) -> None:
+        text = html.escape(feedback_summary(self.run_dir))
+        self.summary.value = f'<span style="color:#555">{text}</span>'
 
     def _clear_ticks(self) -> None:
         for box in self.checks:
@@ -287,6 +423,7 @@ class DemoApp:
                                 source=cur["source"], true_label=cur.get("true_label"),
                                 model=self.model.value, adjusted=self.adjusted, top5=self.top5)
         self._clear_ticks()
+        self._update_summary()
         self.show_message(f"Saved {{{', '.join(entry['candidates'])}}} for {cur['source']} "
                           f"to {self.run_dir / FEEDBACK_FILE}.")
 
@@ -304,7 +441,7 @@ class DemoApp:
     def clear(self) -> None:
         """No current image: empty preview, bars and ticks; saving disabled."""
         self.current, self.top5 = None, []
-        self.preview.value, self.caption.value = b"", ""
+        self.preview.value, self.caption.value = PLACEHOLDER, ""
         for n, b, v in zip(self.bar_names, self.bars, self.bar_values):
             n.value, b.value, v.value = "", 0.0, ""
         self._clear_ticks()

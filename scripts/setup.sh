@@ -18,3 +18,6 @@ if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.installed 2>/dev/null)" != "$wan
   fi
   echo "$want" > .venv/.installed
 fi
+# JupyterLab from .venv: a WebSocket message may exceed Tornado's 10 MiB, so an upload too
+# big for notebook 07 reaches it and gets its message instead of breaking the connection
+install -m 644 -D jupyter-config/jupyter_server_config.json .venv/etc/jupyter/jupyter_server_config.json

@@ -2,7 +2,9 @@
 import hashlib
 import io
 import json
+import os
 
+import nbformat
 import numpy as np
 import pytest
 from PIL import Image
@@ -103,7 +105,7 @@ def test_a_rejected_upload_after_a_good_image_clears_it_and_disables_saving(app,
     assert app.current and not app.save_button.disabled
     _upload(app, b"not an image", "notes.txt")
     assert app.current is None and app.save_button.disabled
-    assert app.preview.value == b"" and app.top5 == []
+    assert app.preview.value == demo.PLACEHOLDER and app.top5 == []  # no broken image
     assert [b.value for b in app.bars] == [0] * 5 and not any(c.value for c in app.checks)
     assert "Upload rejected" in app.message.value
     app._on_save()  # even called directly, nothing is saved for the rejected upload
@@ -242,3 +244,58 @@ def test_postscript_is_refused_without_running_ghostscript(monkeypatch):
            b"0 0 moveto 32 32 lineto stroke\nshowpage\n%%EOF\n")
     with pytest.raises(demo.RejectedImage, match=r"not an image format the demo accepts \(PNG"):
         demo.read_image(eps)
+
+
+# -- issue 24: which run the demo opens; the server lets a too-big upload reach the demo ----
+def _fake_run(root, name, mtime, trained=True):
+    run = root / name
+    (run / "checkpoints").mkdir(parents=True)
+    if trained:
+        (run / "checkpoints" / "able.safetensors").write_bytes(b"x")
+        (run / "metrics-able.json").write_text(json.dumps(
+            {"method": "able", "params": {"METHODS": ["able"]}, "accuracy": {"last": 0.1}}))
+        os.utime(run / "checkpoints" / "able.safetensors", (mtime, mtime))
+    return run
+
+
+def test_the_newest_trained_run_is_found_and_a_missing_one_named(tmp_path):
+    _fake_run(tmp_path, "old", 1_000)
+    new = _fake_run(tmp_path, "quick", 2_000)
+    _fake_run(tmp_path, "sweep-x", 3_000, trained=False)  # newer, but nothing trained in it
+    assert demo.find_run(root=tmp_path) == new
+    assert demo.find_run(tmp_path / "old", root=tmp_path) == tmp_path / "old"
+    with pytest.raises(demo.NoTrainedModel, match=r"sweep-x has no trained model.*runs with "
+                       r"one: .*old, .*quick"):
+        demo.find_run(tmp_path / "sweep-x", root=tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(demo.NoTrainedModel, match="No trained model: looked at .*empty"):
+        demo.find_run(root=empty)
+
+
+def test_demo_refuses_in_one_line_and_notebook_07_creates_no_run_dir(tmp_path, monkeypatch,
+                                                                      capsys):
+    from rable_nb import cli, config
+    monkeypatch.setattr(config, "PROJECT_ROOT", tmp_path)
+    (tmp_path / "runs" / "smoke").mkdir(parents=True)
+    assert cli.main(["demo"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "No trained model: looked at runs/smoke" in err
+    assert cli.main(["demo", "--run", str(tmp_path / "nope")]) == 1
+    assert "nope has no trained model" in capsys.readouterr().err
+    monkeypatch.delenv("RABLE_RUN_DIR", raising=False)  # notebook 07 without a RUN_DIR
+    with pytest.raises(demo.NoTrainedModel):
+        config.resolve("demo", create=False, PROFILE="smoke")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["smoke"]  # no interactive
+
+
+def test_servers_accept_a_message_bigger_than_the_largest_upload():
+    from rable_nb import config, webapp
+    lab = json.loads((config.PROJECT_ROOT / "jupyter-config" / "jupyter_server_config.json")
+                     .read_text())["ServerApp"]["tornado_settings"]["websocket_max_message_size"]
+    assert lab == demo.SERVER_MESSAGE_LIMIT > 100 * 2**20 + 2**20  # MAX_UPLOAD_MB <= 100
+    with pytest.raises(ValueError, match="MAX_UPLOAD_MB"):
+        demo.validate({"MAX_UPLOAD_MB": 101})
+    nb = webapp.without_notebook_only_cells(None, nbformat.read(
+        webapp.NOTEBOOK, as_version=4), None)
+    assert nb.cells and not any("app.random_button.click()" in c.source for c in nb.cells)

@@ -1,0 +1,174 @@
+"""The demo (``python -m rable_nb demo``, Voilà) and the ``report`` page in a real browser:
+headless Chromium driven by Playwright. Debian's ``chromium`` is used (Playwright's own
+browser download is not reachable); .ci/run installs it. A failing step leaves a screenshot
+under the test's temporary directory and names it."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rable_nb import cli, data, predictions
+
+CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
+pytestmark = [pytest.mark.notebook, pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="no Chromium at /usr/bin/chromium (.ci/run installs "
+    "Debian's chromium; locally: apt-get install -y chromium)")]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+@contextlib.contextmanager
+def screenshot_on_failure(page, path: Path):
+    try:
+        yield
+    except BaseException as err:
+        page.screenshot(path=str(path), full_page=True)
+        raise AssertionError(f"{err}\n(screenshot of the page: {path})") from err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def demo_server(trained_run, cifar_dir, tmp_path):
+    """``python -m rable_nb demo`` on a copy of the tiny trained run: (url, run dir)."""
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    port = _free_port()
+    env = {**os.environ, "RABLE_DATA": str(cifar_dir), "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "demo.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "rable_nb", "demo", "--run", str(run),
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail(f"the demo server did not start: {(tmp_path / 'demo.log').read_text()}")
+        yield f"http://127.0.0.1:{port}/", run
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _upload(page, name: str, blob: bytes) -> None:
+    with page.expect_file_chooser() as chooser:  # FileUpload's <input> is never in the DOM
+        page.click(".rable-upload")
+    chooser.value.set_files(files=[{"name": name, "mimeType": "image/png", "buffer": blob}])
+
+
+def _message(page, text: str) -> str:
+    page.wait_for_function("t => document.querySelector('.rable-message').textContent"
+                           ".includes(t)", arg=text, timeout=30_000)
+    return page.inner_text(".rable-message")
+
+
+def _bars(page) -> list[tuple[str, str]]:
+    return list(zip(page.locator(".rable-bar-name").all_inner_texts(),
+                    page.locator(".rable-bar-value").all_inner_texts()))
+
+
+def _top5(model, image) -> list[tuple[str, str]]:
+    probs = predictions.predict_proba(model, image[None])[0]
+    return [(data.CLASSES[c], f"{probs[c]:.1%}") for c in np.argsort(-probs)[:5]]
+
+
+def test_demo_in_a_browser(browser, demo_server, trained_run, cifar_dir, tmp_path):
+    url, run = demo_server
+    cifar = data.load_cifar10(cifar_dir)
+    models = predictions.load_models(trained_run, device="cpu")
+    image = cifar.test_x[7]
+    blob = _png(image)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    with screenshot_on_failure(page, tmp_path / "demo-failure.png"):
+        page.goto(url)
+        page.wait_for_selector(".rable-upload", timeout=60_000)  # the kernel ran the notebook
+        assert "error when executing" not in page.content()
+        assert page.locator(".rable-upload").bounding_box()["y"] < 600  # above the fold
+        assert page.locator(".rable-save").is_disabled()
+
+        _upload(page, "cifar.png", blob)
+        assert "upload: cifar.png: able predicts" in _message(page, "upload: cifar.png")
+        assert _bars(page) == _top5(models["able"], image)
+
+        page.check(".rable-check input >> nth=3")
+        page.check(".rable-check input >> nth=5")
+        page.click(".rable-save")
+        _message(page, "Saved")
+        lines = (run / "feedback.jsonl").read_text().splitlines()
+        entry = json.loads(lines[0])
+        assert len(lines) == 1 and entry["candidate_ids"] == [3, 5]
+        assert entry["sha256"] == hashlib.sha256(blob).hexdigest()
+        assert entry["source"] == "upload: cifar.png" and entry["model"] == "able"
+        assert "1 saved label set for 1 image" in page.inner_text(".rable-summary")
+
+        _upload(page, "notes.png", b"not an image at all")
+        assert "Upload rejected: this is not an image format" in _message(page, "rejected")
+        assert page.locator(".rable-save").is_disabled()
+        assert "Error" not in page.inner_text(".rable-message")
+
+        _upload(page, "huge.png", b"\0" * (12 * 2**20))  # over the 10 MB of MAX_UPLOAD_MB
+        assert "the file has 12.0 MB; the limit is 10 MB" in _message(page, "12.0 MB")
+        _upload(page, "again.png", blob)  # the connection survived: the next upload works
+        _message(page, "upload: again.png")
+
+        page.select_option(".rable-model select", "able+records")
+        _message(page, "able+records predicts")
+        assert _bars(page) == _top5(models["able+records"], image)
+        page.screenshot(path=str(tmp_path / "demo.png"))
+
+
+def test_report_opens_offline_with_its_figures(browser, run_notebooks, tmp_path, capsys,
+                                               monkeypatch):
+    monkeypatch.delenv("MPLBACKEND")  # the kernel's inline backend: figures in the outputs
+    run = run_notebooks("00", tmp_path / "run")
+    assert cli.main(["report", "--run", str(run)]) == 0
+    assert "report.html" in capsys.readouterr().out
+    context = browser.new_context(offline=True)  # everything must be inside the file
+    page = context.new_page()
+    failed = []
+    page.on("requestfailed", lambda r: failed.append(r.url))
+    with screenshot_on_failure(page, tmp_path / "report-failure.png"):
+        page.goto((run / "report.html").as_uri())
+        page.wait_for_load_state("load")
+        sizes = page.evaluate("[...document.images].map(i => i.complete ? i.naturalWidth : 0)")
+        assert sizes and all(w > 100 for w in sizes), sizes  # the figures decoded
+        assert "Profile smoke" in page.inner_text("body")
+        links = page.locator("a[href^='#nb-']")
+        assert links.count() >= 2
+        target = links.first.get_attribute("href")[1:]
+        assert page.locator(f"[id='{target}']").count() == 1  # the contents lead somewhere
+        assert page.locator("math").count() > 0  # formulas drawn from MathML, no MathJax
+        assert not failed
+    context.close()
