@@ -225,6 +225,14 @@ def difference_notes(metrics: dict[str, dict], labels: dict[str, str] | None = N
     return lines
 
 
+def preparation_s(metrics: dict) -> float | None:
+    """Seconds the method's pieces spent before the first epoch (``preparation``: what each
+    piece's ``prepare`` recorded, e.g. SSP's pre-training), None when none prepared."""
+    times = [p.get("wall_s") for p in (metrics.get("preparation") or {}).values()]
+    times = [t for t in times if t is not None]
+    return sum(times) if times else None
+
+
 def results_table(metrics: dict[str, dict], labels: dict[str, str] | None = None):
     """Notebook 04's table: per method (and, for RECORDS, its test-time-adjusted accuracy)
     last-epoch accuracy with its 95 % interval first, then many / medium / few, best (the
@@ -249,7 +257,7 @@ def results_table(metrics: dict[str, dict], labels: dict[str, str] | None = None
                          "train images": m.get("n_train"), "synthetic": m.get("n_synthetic"),
                          "unlabeled": m.get("n_unlabeled", 0), "test images": n,
                          "wall s": m.get("wall_s"),
-                         "pre-training s": m.get("preparation", {}).get("ssp", {}).get("wall_s"),
+                         "pre-training s": preparation_s(m),
                          "images/s": m.get("images_per_s")})
     if not rows:
         return pd.DataFrame()

@@ -134,8 +134,9 @@ def conditioning_table(result: dict, ds: dict, classes):
 
 def samples_figure(result: dict, P: dict, cifar, ds: dict):
     """Synthetic samples beside real ones of the same class (and beside ``COMPARE_RUNS``'
-    samples); for feature vectors, both in the first two principal components. Saved as
-    ``fig-samples.png`` for images. None when there are no samples."""
+    samples, whose generators it names); for feature vectors, both in the first two
+    principal components. Saved as ``fig-samples.png`` for images. None when there are no
+    samples."""
     run_dir = Path(P["RUN_DIR"])
     syn_x, syn_y, _ = load_synthetic(run_dir)
     if not len(syn_y):
@@ -146,6 +147,8 @@ def samples_figure(result: dict, P: dict, cifar, ds: dict):
                           title=title)
     real_x = cifar.train_x[ds["indices"]]
     others = other_samples(P["COMPARE_RUNS"], real_x.shape[1:])
+    if others:
+        print(f"samples beside those of: {', '.join(others)} (COMPARE_RUNS)")
     n = 3 if others else 4
     grid, titles = side_by_side(real_x, result["cond"], syn_x, syn_y, cifar.classes, n=n,
                                 seed=P["SEED"], others=others)

@@ -180,7 +180,7 @@ def details(tab: pd.DataFrame) -> pd.DataFrame:
         unl = m.get("unlabeled", {})
         rows.append({"approach": r.approach, "method": r.method, "added": r.added,
                      "wall s": m.get("wall_s"), "ssp epochs": ssp.get("epochs"),
-                     "ssp s": ssp.get("wall_s"), "rotation acc": ssp.get("rotation_acc_last"),
+                     "pre-training s": evaluation.preparation_s(m), "rotation acc": ssp.get("rotation_acc_last"),
                      "pseudo-label acc": unl.get("accuracy", {}).get("overall"),
                      "pseudo-label acc (confident)": unl.get("accuracy", {}).get(
                          "confident_overall"),

@@ -205,10 +205,13 @@ def config_from_params(method: str, P: dict, num_classes: int = 10) -> TrainConf
 
 
 def method_params(P: dict) -> dict:
-    """``METHOD_PARAMS`` with the named shortcuts applied (``SSP_EPOCHS``)."""
+    """``METHOD_PARAMS`` with the notebook shortcuts the pieces declare applied
+    (``SSP_EPOCHS`` sets ``METHOD_PARAMS['ssp']['epochs']``)."""
     out = dict(P.get("METHOD_PARAMS") or {})
-    if P.get("SSP_EPOCHS") is not None:
-        out["ssp"] = {**out.get("ssp", {}), "epochs": P["SSP_EPOCHS"]}
+    for name, piece in methods.PIECES.items():
+        for shortcut, param in piece.shortcuts.items():
+            if P.get(shortcut) is not None:
+                out[name] = {**out.get(name, {}), param: P[shortcut]}
     return out
 
 

@@ -89,3 +89,14 @@ def trained_run(cifar_dir, tmp_path_factory) -> Path:
     # the resumable training state notebook 04 keeps beside the model is not a model
     (run / "checkpoints" / "able-state.safetensors").write_bytes(b"not a model")
     return run
+
+
+# Fixtures that execute notebooks: a test using one starts kernels, so it is a `notebook`
+# test (left out of `scripts/test.sh --fast`) whether or not it says so itself.
+KERNEL_FIXTURES = {"run_notebooks", "smoke_dataset_run"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if KERNEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.notebook)

@@ -136,6 +136,7 @@ def test_the_study_table_and_figure(tmp_path):
     assert len(fig.axes[1].containers) == 3                     # copy, pixel, unlabeled lines
     info = study.details(tab).set_index("method")
     assert info.loc["ssp+records", "ssp epochs"] == 2
+    assert info.loc["ssp+records", "pre-training s"] == 3.0          # every piece's, summed
     assert info.loc["able+unlabeled", "pseudo-label acc"] == 0.7
     varied = res.assign(Q=[0.3, 0.5, 0.3])
     with pytest.raises(ValueError, match=r"\['Q'\] vary"):

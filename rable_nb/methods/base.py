@@ -89,6 +89,9 @@ class Piece:
     # the reference), 'generated' (trained on a top-up, which the study describes), or a
     # label. None: a modifier's name; for a base, '<name> (another learner)'.
     approach: str | None = None
+    # Notebook parameters that set one of ``params`` ({'SSP_EPOCHS': 'epochs'}): a shortcut
+    # for METHOD_PARAMS {name: {param: value}}, applied by stage 04.
+    shortcuts: dict[str, str] = {}
 
     def __init__(self, cfg, params: dict):
         self.cfg, self.p = cfg, params

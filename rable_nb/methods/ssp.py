@@ -183,6 +183,7 @@ def pretrain(images: torch.Tensor, arch: str, epochs: int, batch_size: int, lr: 
 
 class Ssp(Able):
     name = "ssp"
+    shortcuts = {"SSP_EPOCHS": "epochs"}
     approach = "self-supervision (SSP)"
     params = {"epochs": None, "lr": 0.1, "weight_decay": 2e-4, "batch_size": None}
 
