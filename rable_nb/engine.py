@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from . import config, cuda_graph, evaluation, methods
 from .methods._losses import uniform_confidence
-from .networks import PLLNet, pick_device, standardize, to_unit
+from .networks import PLLNet, batch_statistics_of, pick_device, standardize, to_unit
 
 
 @dataclass
@@ -160,6 +160,7 @@ class Trainer:
                 "embed": lambda x: net.heads(encode(x))}
         wrap = torch.compile if self.compile else (lambda fn: fn)
         self._nets = {k: wrap(fn) for k, fn in nets.items()}
+        self._eager_nets = nets     # passes with masked BatchNorm rows (see forward)
         self.opt = self._optimizer()
 
     def _optimizer(self) -> torch.optim.SGD:
@@ -232,11 +233,16 @@ class Trainer:
             out = fn(self._norm(x))
         return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
-    def forward(self, inputs: dict[str, torch.Tensor], need: str = "logits") -> methods.Outputs:
-        """One pass over the concatenated image batches ``inputs``; outputs split by name."""
+    def forward(self, inputs: dict[str, torch.Tensor], need: str = "logits",
+                rows: torch.Tensor | None = None) -> methods.Outputs:
+        """One pass over the concatenated image batches ``inputs``; outputs split by name.
+        ``rows`` (bool, over the concatenated rows): only these enter BatchNorm's batch
+        statistics (``networks.batch_statistics_of``; such a pass runs uncompiled)."""
         names = list(inputs)
         x = torch.cat([inputs[n] for n in names]) if len(names) > 1 else inputs[names[0]]
-        res = self._forward(self._nets[need], x)
+        fn = self._nets[need] if rows is None else self._eager_nets[need]
+        with batch_statistics_of(self.net, rows):
+            res = self._forward(fn, x)
         res = (None, res, None) if need == "logits" else (*res, None)[:3]
         sizes = [len(inputs[n]) for n in names]
 

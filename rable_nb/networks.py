@@ -4,6 +4,7 @@ Every backbone maps a normalised N×3×32×32 batch to N×feat_dim features.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 
@@ -153,6 +154,66 @@ def batched_features(backbone: nn.Module, classifier: nn.Module, x_uint8,
         dev = next(backbone.parameters()).device
         return torch.zeros(0, backbone.feat_dim, device=dev), torch.zeros(0, device=dev)
     return torch.cat([f for f, _ in out]), torch.cat([c for _, c in out])
+
+
+@contextlib.contextmanager
+def batch_statistics_of(net: nn.Module, rows: torch.Tensor | None):
+    """Within this context every BatchNorm layer of ``net`` that uses batch statistics
+    (training mode) takes them from the batch rows where ``rows`` (a bool mask over the
+    batch) is True, and only those: its running mean and variance are updated with them,
+    and every row is normalised with them. ``rows=None``: no change.
+
+    A forward pass of B rows under it gives the selected rows the outputs, running
+    statistics and (with the other rows out of the loss) gradients of a pass over the
+    selected rows alone, in networks whose other layers treat rows independently (every
+    backbone here): an exact stand-in for indexing the selected rows that keeps the shapes
+    static (CUDA graphs) and reads nothing back to the host. At least one row must be
+    selected. The statistics are computed in fp32 as in ``nn.BatchNorm2d``, summed in
+    another order (agreement to float rounding, not bit for bit).
+    """
+    if rows is None:
+        yield
+        return
+    layers = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in layers:
+        m.forward = functools.partial(_masked_batch_norm, m, rows)
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m.forward             # back to the class's forward
+
+
+def _masked_batch_norm(m: nn.modules.batchnorm._BatchNorm, rows: torch.Tensor,
+                       x: torch.Tensor) -> torch.Tensor:
+    """``m(x)`` with the batch statistics of the rows ``rows`` (see
+    :func:`batch_statistics_of`)."""
+    if not (m.training or m.running_mean is None):        # running statistics: unchanged
+        return type(m).forward(m, x)
+    m._check_input_dim(x)
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))   # bf16 inputs: fp32 statistics
+    w = rows.to(xf.dtype).reshape(-1, *[1] * (x.dim() - 1))
+    count = w.sum().clamp_min(1) * x[0, 0].numel()        # values per channel
+    mean = (xf * w).sum(dims) / count
+    centred = xf - mean.reshape(shape)
+    var = (centred.square() * w).sum(dims) / count        # biased: what normalises
+    out = centred * torch.rsqrt(var + m.eps).reshape(shape)
+    if m.affine:
+        out = out * m.weight.reshape(shape) + m.bias.reshape(shape)
+    if m.training and m.track_running_stats:
+        # in place through .data, as the native kernel writes them: earlier native passes
+        # of this step saved the running statistics for their backward (which does not
+        # read them in training mode) and would refuse a bumped version counter
+        with torch.no_grad():
+            m.num_batches_tracked.data.add_(1)
+            factor = (m.momentum if m.momentum is not None
+                      else 1.0 / m.num_batches_tracked.float())
+            unbiased = var * count / (count - 1).clamp_min(1)
+            m.running_mean.data.mul_(1 - factor).add_(factor * mean)
+            m.running_var.data.mul_(1 - factor).add_(factor * unbiased)
+    return out.to(x.dtype)
 
 
 def pick_device(device: str = "auto") -> torch.device:

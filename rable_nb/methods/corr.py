@@ -91,4 +91,6 @@ class Corr(Base):
         return sum(self.target_terms(logits, targets, weight))
 
     def mixup_active(self, batch):
-        return self.updating(batch)   # the reference adds the mixup term with the update
+        # the reference adds the mixup loss with the update; the mixed views go through
+        # the network from epoch 0 on (see methods/mixup.py)
+        return self.updating(batch)

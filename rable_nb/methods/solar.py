@@ -19,7 +19,9 @@ Every step (weak and strong view, each through its own forward pass as in the re
   smallest loss −Σ q_i log p_i, plus every image with Σ_j q_ij p_ij > τ = 0.99.
 - From epoch 1: L = η·(L_sink + L_cons [+ L_mix]) + (1−η)·L_rn, with L_sink = CE(p^w, q)
   and L_cons = CE(p^s, q) over the selected images, L_rn = −Σ S log p^w over the others,
-  L_mix the ``+mixup`` term (selected images only); epoch 0: L = L_rn over all images.
+  L_mix the ``+mixup`` term (selected images only: their mixes alone form its pass's
+  BatchNorm statistics, as in the reference, which forwards only them; see
+  ``methods/mixup.py``); epoch 0: L = L_rn over all images.
   η = 0.9 and ρ = 0.2 → 0.6 ramp up linearly over the warm-up epochs.
 - S_i ← normalise(Y_i ⊙ p_i) after the step.
 
