@@ -35,8 +35,12 @@ The published SoLar number (CIFAR-10-LT, ρ = 100, q = 0.3: 75.38, RECORDS-LTPLL
 includes the mixup term: it is ``solar+mixup`` here; ``solar`` leaves L_mix out.
 
 Differences from the reference, for a synchronisation-free step: the Sinkhorn loop runs a
-fixed 50 iterations (the reference stops on a criterion that in practice never fires
-before 50) and guards its divisions instead of re-running on NaN; the per-class selection
+fixed 50 iterations (the reference stops on a criterion, ``err < 0.1`` with err the sum of
+its scalings, that cannot fire: in effect 50 too) and guards its divisions instead of
+re-running on NaN — the guards act only where the reference's numbers leave the normal
+fp32 range (a denominator below 1.2e−38, a kernel row below 1e−30, which is then divided
+by its largest cost first); elsewhere the iterations are the reference's, on its
+kernel cost^λ (tested: equal to its fp32 loop to 1e−6); the per-class selection
 is vectorised (ties broken by batch position); the mixup partner of a selected image is
 drawn among the selected images of the whole batch forward (see ``mixup.pairing``).
 
@@ -59,7 +63,13 @@ from ..networks import batched_logits
 from ._losses import class_counts, updated_confidence, weighted_mean
 from .base import Base, Stage
 
-TINY = 1e-30  # guards the Sinkhorn divisions (a class or an image without mass)
+# guards the Sinkhorn divisions against exact zeros (a class or an image without mass):
+# the smallest normal fp32 number, so that the scalings, which drift over many decades
+# with a long-tailed prior, are not cut short (a guard of 1e-30 was: up to 0.74 per entry)
+TINY = torch.finfo(torch.float32).tiny
+# A kernel row whose largest entry falls below this is divided by it first (fp32 normal
+# numbers end at 1.2e-38: cost^λ would lose its digits or flush to zero)
+KERNEL_FLOOR = 1e-30
 
 
 def sinkhorn(cost: torch.Tensor, prior: torch.Tensor, lamd: float = 3.0, iters: int = 50
@@ -68,12 +78,22 @@ def sinkhorn(cost: torch.Tensor, prior: torch.Tensor, lamd: float = 3.0, iters: 
     1/N each) and the classes (mass ``prior``) with kernel cost^λ (zeros stay zero).
 
     ``cost`` N×K non-negative (masked probabilities), ``prior`` K summing to 1. Rows of the
-    result sum to 1; its column sums approach N·prior.
+    result sum to 1; its column sums approach N·prior. The iterations are the reference's
+    (equal to its fp32 loop wherever its numbers stay normal fp32 numbers); the guards act
+    only outside that range (see ``TINY``, ``KERNEL_FLOOR``).
     """
     cost = cost.float()
-    # Scaling a row of the kernel leaves the plan unchanged (the row's scaling factor
-    # absorbs it); dividing by the row maximum first keeps cost^λ from underflowing.
-    kernel = (cost / cost.amax(1, keepdim=True).clamp_min(TINY)).pow(lamd)
+    # The reference's kernel: cost^λ as it is. 50 iterations stop short of convergence,
+    # so rescaling a row — which leaves the converged plan unchanged, the row's factor
+    # absorbing it — would start elsewhere and end elsewhere (dividing every row by its
+    # maximum did: up to 0.74 per entry at batch 64 with a long-tailed prior). Only a row
+    # whose kernel would leave the normal fp32 range (largest entry < KERNEL_FLOOR) is
+    # divided by its largest cost first: another start for that row, where the
+    # reference computes with subnormal numbers or divides by zero and re-runs on a
+    # relaxed cost when it sees the NaN.
+    kernel = cost.pow(lamd)
+    rescaled = (cost / cost.amax(1, keepdim=True).clamp_min(TINY)).pow(lamd)
+    kernel = torch.where(kernel.amax(1, keepdim=True) < KERNEL_FLOOR, rescaled, kernel)
     n = len(kernel)
     c = torch.full((n,), 1.0 / n, device=kernel.device)
     prior = prior.float()
