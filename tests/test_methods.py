@@ -165,6 +165,31 @@ def test_corr_loss_and_update_per_sample():
     assert first_epoch[0].step(first_epoch[1])[2] is None     # updates start at epoch 1
 
 
+def test_plain_corr_update_normalises_twice_where_the_reference_normalises_once():
+    """A documented difference: the reference's plain CORR computes
+    sqrt(Y p^w p^s) / (Σ + 1e-9), its RECORDS variant (and every variant here) normalises
+    before the square root too. Equal on ordinary rows; on rows whose candidates have tiny
+    probability the reference's rows sum to less than 1; the argmax never changes."""
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    cand = torch.rand(n, 10, generator=g) < 0.3
+    cand[:, 0] = False
+    cand[torch.arange(n), torch.randint(1, 10, (n,), generator=g)] = True
+    for boost, differs in ((0.0, False), (15.0, True)):   # boost: a non-candidate's logit
+        lw, ls = torch.randn(n, 10, generator=g), torch.randn(n, 10, generator=g)
+        lw[:, 0] += boost
+        ls[:, 0] += boost
+        ours = corr.corr_confidence(lw, ls, cand)
+        p = F.softmax(lw, 1) * F.softmax(ls, 1) * cand
+        twice = p / (p.sum(1, keepdim=True) + 1e-9)
+        assert torch.allclose(ours, twice.sqrt() / (twice.sqrt().sum(1, keepdim=True) + 1e-9))
+        assert torch.allclose(ours.sum(1), torch.ones(n), atol=1e-5)
+        once = p.sqrt() / (p.sqrt().sum(1, keepdim=True) + 1e-9)      # CORR_loss
+        assert ((ours - once).abs().max() > 1e-3) == differs
+        assert torch.equal(ours.argmax(1), once.argmax(1))
+    assert "normalises twice" in corr.__doc__                        # on record
+
+
 def test_supervised_loss_is_cross_entropy_on_true_labels():
     method, batch, net, _ = make("supervised")
     loss, _, new = method.step(batch)
