@@ -19,6 +19,30 @@ from .config import write_atomic
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 EVAL_BATCH = {"cpu": 1000, "cuda": 4096}   # default batch of batched_logits per device type
+# Arithmetic of the network's forward passes (PRECISION): bf16 autocast on CUDA (fp32
+# outputs), or fp32 everywhere, as the official LT-PLL code runs. CPU passes are fp32.
+PRECISIONS = ("bf16", "fp32")
+
+
+def autocast_dtype(device_type: str, precision: str = "bf16") -> torch.dtype | None:
+    """The autocast dtype of forward passes on ``device_type`` at ``precision`` (None:
+    no autocast, fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"PRECISION={precision!r} is invalid: choose one of {PRECISIONS}.")
+    return torch.bfloat16 if device_type == "cuda" and precision == "bf16" else None
+
+
+def used_precision(device_type: str, precision: str = "bf16") -> str:
+    """What the passes actually run in: ``'bf16'`` or ``'fp32'`` (always on CPU)."""
+    return "fp32" if autocast_dtype(device_type, precision) is None else "bf16"
+
+
+def autocast(device_type: str, precision: str = "bf16", **kwargs):
+    """The autocast context of forward passes at ``precision`` (disabled for fp32 and on
+    CPU); ``kwargs`` go to ``torch.autocast``."""
+    dtype = autocast_dtype(device_type, precision)
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None,
+                          **kwargs)
 
 
 def cifar_resnet18() -> nn.Module:
@@ -100,10 +124,11 @@ def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
     return standardize(to_unit(x_uint8))
 
 
-def _eval_batches(modules, x_uint8, batch: int | None, fn) -> list:
+def _eval_batches(modules, x_uint8, batch: int | None, fn, precision: str = "bf16") -> list:
     """``fn(x)`` for every batch ``x`` of uint8 images, normalised, with ``modules`` in
-    evaluation mode (restored afterwards). On CUDA: bf16 autocast, channels_last, batches of
-    ``EVAL_BATCH["cuda"]``, the images copied to the GPU once; on CPU: fp32."""
+    evaluation mode (restored afterwards). On CUDA: autocast at ``precision`` (bf16 by
+    default), channels_last, batches of ``EVAL_BATCH["cuda"]``, the images copied to the
+    GPU once; on CPU: fp32."""
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()
@@ -116,7 +141,7 @@ def _eval_batches(modules, x_uint8, batch: int | None, fn) -> list:
         x = normalize(images[i:i + batch])
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+        with autocast(dev.type, precision):
             out.append(fn(x))
     for m, mode in zip(modules, was_training):
         m.train(mode)
@@ -125,11 +150,11 @@ def _eval_batches(modules, x_uint8, batch: int | None, fn) -> list:
 
 @torch.inference_mode()
 def batched_logits(net: nn.Module, x_uint8, log_prior: torch.Tensor | None = None,
-                   batch: int | None = None) -> torch.Tensor:
+                   batch: int | None = None, precision: str = "bf16") -> torch.Tensor:
     """Float logits (on the net's device) of uint8 images in evaluation mode, minus
     ``log_prior`` when given (test-time adjustment).
 
-    On CUDA: bf16 autocast, channels_last, batches of ``EVAL_BATCH["cuda"]``; the images
+    On CUDA: autocast at ``precision`` (see ``PRECISIONS``; bf16 by default), channels_last, batches of ``EVAL_BATCH["cuda"]``; the images
     go to the GPU in one copy and nothing comes back per batch, so the caller's transfer
     of the result is the only wait. On CPU: fp32, batches of ``EVAL_BATCH["cpu"]``.
     Returns an inference tensor (no autograd).
@@ -137,7 +162,8 @@ def batched_logits(net: nn.Module, x_uint8, log_prior: torch.Tensor | None = Non
     dev = next(net.parameters()).device
     prior = log_prior.to(dev) if log_prior is not None else None
     out = _eval_batches([net], x_uint8, batch,
-                        lambda x: net(x).float() - prior if prior is not None else net(x).float())
+                        lambda x: net(x).float() - prior if prior is not None else net(x).float(),
+                        precision)
     return torch.cat(out) if out else torch.zeros(0, device=dev)
 
 

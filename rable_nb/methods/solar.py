@@ -210,7 +210,8 @@ class Solar(Base):
 
     def end_epoch(self, trainer):
         """r̂ ← γ·(frequencies of argmax p ⊙ Y over the training set) + (1 − γ)·r̂."""
-        logits = trainer.method.train_logits(batched_logits(trainer.net, trainer.x))
+        logits = trainer.method.train_logits(
+            batched_logits(trainer.net, trainer.x, precision=self.cfg.precision))
         guess = (F.softmax(logits, 1) * trainer.cand.float()).argmax(1)
         freq = class_counts(guess, self.cfg.num_classes) / len(guess)
         gamma = self.p["gamma_estimate" if trainer.stage.name == "estimate" else "gamma_train"]
