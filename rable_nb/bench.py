@@ -12,7 +12,7 @@ import torch
 
 from . import augment, cuda_graph, dataset, evaluation, profiling
 from .engine import TrainConfig, Trainer
-from .networks import device_name, pick_device, to_unit
+from .networks import PRECISIONS, autocast, device_name, pick_device, to_unit, used_precision
 from .training import LT_RHO100_IMAGES, PROFILE_DEFAULTS
 
 BENCH_STEPS = {"smoke": 3, "quick": 10, "paper": 30}
@@ -27,24 +27,33 @@ PROTOCOL_L_EPOCHS = 800
 
 
 def train(profile: str = "smoke", device: str = "auto", batch_sizes=None,
-          paths=("eager",)) -> dict:
-    """Speed of a full ABLE step per batch size and step path (``paths``: ``"eager"``,
-    ``"cuda_graph"``); random uint8 images stand in for data.
+          paths=("eager",), precisions=None) -> dict:
+    """Speed of a full ABLE step per batch size, step path (``paths``: ``"eager"``,
+    ``"cuda_graph"``) and precision (``precisions``: ``"bf16"`` autocast, ``"fp32"`` as the
+    official code; see ``networks.PRECISIONS``; None: the device's default, bf16 on CUDA
+    and fp32 on CPU); random uint8 images stand in for data.
 
     Per row: images/s of the step and of a bare forward+backward of the same network; the
     share of the step's wall time the device is busy (``profiling.busy_share``; on CPU a
     proxy) with kernels and launches per step (CUDA); ATen ops the host dispatches and
     reads back to the host per step; the evaluation of 10,000 test images; the projected
     epoch on CIFAR-10-LT rho = 100 (12,406 images, drop_last, + evaluation) and 800 of them
-    (protocol L). A CUDA-graph row on a CPU device says why it was skipped.
+    (protocol L). A CUDA-graph row on a CPU device says why it was skipped, and so does a
+    bf16 row there (CPU passes are fp32: the fp32 row measures them). With both precisions
+    measured, ``fp32_over_bf16`` is the first path's step time in fp32 over bf16 (the
+    speed cost of ``PRECISION='fp32'``).
     """
     unknown = [p for p in paths if p not in BENCH_PATHS]
     if unknown or not paths:
         raise ValueError(f"paths={list(paths)!r} is invalid: choose from {list(BENCH_PATHS)}.")
+    dev = pick_device(device)
+    precisions = tuple(precisions or (used_precision(dev.type),))
+    if any(p not in PRECISIONS for p in precisions):
+        raise ValueError(f"precisions={list(precisions)!r} is invalid: choose from "
+                         f"{list(PRECISIONS)}.")
     arch = PROFILE_DEFAULTS[profile]["ARCH"]
     batch_sizes = batch_sizes or [PROFILE_DEFAULTS[profile]["BATCH_SIZE"]]
     steps = BENCH_STEPS[profile]
-    dev = pick_device(device)
     rng = np.random.default_rng(0)
     test_x = torch.as_tensor(rng.integers(0, 256, (BENCH_TEST_IMAGES, 32, 32, 3),
                                           dtype=np.uint8), device=dev)
@@ -55,20 +64,32 @@ def train(profile: str = "smoke", device: str = "auto", batch_sizes=None,
         labels = rng.integers(0, 10, n)
         cand = dataset.uniform_candidates(labels, 10, 0.3, 0)
         for path in paths:
-            if BENCH_PATHS[path] and dev.type != "cuda":
-                rows.append({"batch_size": bs, "path": path,
-                             "skipped": f"CUDA graphs need a CUDA device (device: {dev.type})"})
-                continue
-            tr = Trainer(TrainConfig(method="able", arch=arch, batch_size=bs), x, cand, labels,
-                         device, graph=BENCH_PATHS[path])
-            rows.append({"batch_size": bs, "path": path, **_measure(tr, steps, test_x)})
+            for precision in precisions:
+                row = {"batch_size": bs, "path": path, "precision": precision}
+                if BENCH_PATHS[path] and dev.type != "cuda":
+                    rows.append({**row, "skipped": "CUDA graphs need a CUDA device "
+                                                   f"(device: {dev.type})"})
+                    continue
+                if used_precision(dev.type, precision) != precision:
+                    rows.append({**row, "skipped": f"{precision} autocast is CUDA only: on "
+                                                   f"{dev.type} every pass is fp32"})
+                    continue
+                cfg = TrainConfig(method="able", arch=arch, batch_size=bs, precision=precision)
+                tr = Trainer(cfg, x, cand, labels, device, graph=BENCH_PATHS[path])
+                rows.append({**row, **_measure(tr, steps, test_x)})
     measured = [r for r in rows if "skipped" not in r]
     out = {"what": "train", "profile": profile, "arch": arch, "device": device_name(dev),
-           "steps": steps, "paths": list(paths), "results": rows, **(measured or rows)[0]}
-    first = {r["path"]: r for r in measured if r["batch_size"] == batch_sizes[0]}
-    if len(first) == 2:
-        out["graph_over_eager"] = (first["cuda_graph"]["able_images_per_s"]
-                                   / first["eager"]["able_images_per_s"])
+           "steps": steps, "paths": list(paths), "precisions": list(precisions),
+           "results": rows, **(measured or rows)[0]}
+    first = {(r["path"], r["precision"]): r for r in measured if r["batch_size"] == batch_sizes[0]}
+    for precision in precisions:
+        if ("eager", precision) in first and ("cuda_graph", precision) in first:
+            out.setdefault("graph_over_eager", (
+                first["cuda_graph", precision]["able_images_per_s"]
+                / first["eager", precision]["able_images_per_s"]))
+    if (paths[0], "bf16") in first and (paths[0], "fp32") in first:
+        out["fp32_over_bf16"] = (first[paths[0], "fp32"]["step_ms"]
+                                 / first[paths[0], "bf16"]["step_ms"])
     return out
 
 
@@ -86,15 +107,15 @@ def _measure(tr: Trainer, steps: int, test_x: torch.Tensor) -> dict:
     views = tr._norm(to_unit(tr.x[:bs]))
 
     def bare(_):
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with autocast(dev.type, tr.cfg.precision):
             loss = tr.net(views).float().logsumexp(1).mean()
         tr.opt.zero_grad(set_to_none=True)
         loss.backward()
         tr.opt.step()
     bare_s = profiling.timed(bare, steps, dev)
-    evaluation.predict(tr.net, test_x[:bs])                 # warm-up
+    evaluation.predict(tr.net, test_x[:bs], precision=tr.cfg.precision)   # warm-up
     t0 = time.perf_counter()
-    evaluation.predict(tr.net, test_x).cpu()
+    evaluation.predict(tr.net, test_x, precision=tr.cfg.precision).cpu()
     eval_s = time.perf_counter() - t0
     train_s = LT_RHO100_IMAGES // bs * step_s
     return {"able_images_per_s": bs / step_s, "bare_images_per_s": bs / bare_s,

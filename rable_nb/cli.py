@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train: time the CUDA-graph step (CUDA only)")
     paths.add_argument("--both", dest="paths", action="store_const",
                        const=("eager", "cuda_graph"), help="train: time both, in one run")
+    bench.add_argument("--precision", nargs="+", choices=("bf16", "fp32"),
+                       help="train: forward-pass precision(s) to time, a row each (default: bf16 "
+                            "on CUDA, fp32 on CPU; 'bf16 fp32' gives fp32_over_bf16, the speed "
+                            "cost of PRECISION=fp32)")
 
     figures = sub.add_parser("figures", help="copy a run's report figures into figures/")
     figures.add_argument("--run", required=True, help="run directory, e.g. runs/paper")
@@ -96,15 +100,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown profile {args.profile!r}; choose one of {config.PROFILES}",
               file=sys.stderr)
         return 1
-    if args.paths is not None and args.what != "train":
-        print("error: --eager/--graph/--both apply to 'bench train' only", file=sys.stderr)
+    if (args.paths is not None or args.precision is not None) and args.what != "train":
+        print("error: --eager/--graph/--both/--precision apply to 'bench train' only",
+              file=sys.stderr)
         return 1
     from . import bench
     if args.what == "augment":  # the views alone: independent of the profile
         result = bench.augment_views(device=args.device, batch_sizes=args.batch_size)
     elif args.what == "train":
         result = bench.train(profile=args.profile, device=args.device,
-                             batch_sizes=args.batch_size, paths=args.paths or ("eager",))
+                             batch_sizes=args.batch_size, paths=args.paths or ("eager",),
+                             precisions=args.precision)
     else:
         name = "sd" if args.what == "synth" else args.generator
         try:

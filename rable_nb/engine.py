@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from . import config, cuda_graph, evaluation, methods
 from .methods._losses import uniform_confidence
-from .networks import PLLNet, pick_device, standardize, to_unit
+from .networks import (PLLNet, autocast, autocast_dtype, batch_statistics_of, pick_device,
+                       standardize, to_unit, used_precision)
 
 
 @dataclass
@@ -48,6 +49,8 @@ class TrainConfig:
     ``mixup=True`` is the older spelling of ``+mixup`` and is folded into the name.
     ``method_params`` {piece: {param: value}} overrides a method's hyper-parameters; after
     construction it holds every resolved value (recorded in metrics and checkpoints).
+    ``precision`` (``networks.PRECISIONS``): forward passes in bf16 autocast on CUDA (the
+    default) or in fp32 as the official code; on CPU they are fp32 either way.
     """
 
     method: str = "able"
@@ -68,11 +71,13 @@ class TrainConfig:
     seed: int = 0
     num_classes: int = 10
     method_params: dict = field(default_factory=dict)
+    precision: str = "bf16"
 
     def __post_init__(self):
         for name in ("epochs", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer.")
+        autocast_dtype("cuda", self.precision)   # ValueError unless one of PRECISIONS
         if self.mixup and "mixup" not in methods.parse(self.method)[1]:
             self.method = f"{self.method}+mixup"   # +mixup comes last in every name
         methods.check(self.method)
@@ -160,6 +165,7 @@ class Trainer:
                 "embed": lambda x: net.heads(encode(x))}
         wrap = torch.compile if self.compile else (lambda fn: fn)
         self._nets = {k: wrap(fn) for k, fn in nets.items()}
+        self._eager_nets = nets     # passes with masked BatchNorm rows (see forward)
         self.opt = self._optimizer()
 
     def _optimizer(self) -> torch.optim.SGD:
@@ -222,21 +228,31 @@ class Trainer:
         x = standardize(x)
         return x.contiguous(memory_format=torch.channels_last) if self.dev.type == "cuda" else x
 
+    @property
+    def precision(self) -> str:
+        """What the forward passes run in: ``'bf16'`` (autocast, CUDA) or ``'fp32'``."""
+        return used_precision(self.dev.type, self.cfg.precision)
+
     def _forward(self, fn, x: torch.Tensor):
-        """Network call under bf16 autocast on CUDA; outputs back in fp32 so that the
-        losses, weights and confidence updates are computed in full precision."""
+        """Network call under autocast at ``cfg.precision`` (bf16 on CUDA by default; fp32
+        on CPU); outputs back in fp32 so that the losses, weights and confidence updates are
+        computed in full precision."""
         # no weight-cast cache: it must not outlive a CUDA-graph capture, and each pass uses
         # every weight once
-        with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.dev.type == "cuda",
-                            cache_enabled=False):
+        with autocast(self.dev.type, self.cfg.precision, cache_enabled=False):
             out = fn(self._norm(x))
         return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
-    def forward(self, inputs: dict[str, torch.Tensor], need: str = "logits") -> methods.Outputs:
-        """One pass over the concatenated image batches ``inputs``; outputs split by name."""
+    def forward(self, inputs: dict[str, torch.Tensor], need: str = "logits",
+                rows: torch.Tensor | None = None) -> methods.Outputs:
+        """One pass over the concatenated image batches ``inputs``; outputs split by name.
+        ``rows`` (bool, over the concatenated rows): only these enter BatchNorm's batch
+        statistics (``networks.batch_statistics_of``; such a pass runs uncompiled)."""
         names = list(inputs)
         x = torch.cat([inputs[n] for n in names]) if len(names) > 1 else inputs[names[0]]
-        res = self._forward(self._nets[need], x)
+        fn = self._nets[need] if rows is None else self._eager_nets[need]
+        with batch_statistics_of(self.net, rows):
+            res = self._forward(fn, x)
         res = (None, res, None) if need == "logits" else (*res, None)[:3]
         sizes = [len(inputs[n]) for n in names]
 
@@ -421,7 +437,7 @@ def train(cfg: TrainConfig, data: dict, out_dir, device: str = "auto", compile: 
 
     def evaluate():  # (raw, test-time adjusted or None): one pass, one read
         return evaluation.evaluate(trainer.net, test_x, test_y, data["class_counts"],
-                                   trainer.log_prior())
+                                   trainer.log_prior(), cfg.precision)
     total = trainer.total_epochs
     last = min(total, stop_after or total)
     commit = config.git_commit()

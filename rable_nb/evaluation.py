@@ -38,19 +38,20 @@ def class_groups(class_counts) -> dict[str, list[int]]:
 
 @torch.inference_mode()
 def predict(net: torch.nn.Module, x_uint8: torch.Tensor, log_prior: torch.Tensor | None = None,
-            batch: int | None = None) -> torch.Tensor:
+            batch: int | None = None, precision: str = "bf16") -> torch.Tensor:
     """Predicted classes of uint8 images (on the net's device); subtracts ``log_prior``
-    from the logits when given (test-time adjustment). ``batch``: see
+    from the logits when given (test-time adjustment). ``batch``, ``precision``: see
     :func:`networks.batched_logits`."""
-    return batched_logits(net, x_uint8, log_prior, batch).argmax(1)
+    return batched_logits(net, x_uint8, log_prior, batch, precision).argmax(1)
 
 
 def evaluate(net: torch.nn.Module, x_uint8, truth, class_counts,
-             log_prior: torch.Tensor | None = None) -> tuple[dict, dict | None]:
+             log_prior: torch.Tensor | None = None, precision: str = "bf16"
+             ) -> tuple[dict, dict | None]:
     """:func:`summarize` of the raw predictions and, with ``log_prior``, of the test-time
-    adjusted ones (logits − log-prior), from one pass over the images and one read of the
-    predictions back to the host."""
-    logits = batched_logits(net, x_uint8)
+    adjusted ones (logits − log-prior), from one pass over the images (at ``precision``:
+    ``networks.PRECISIONS``) and one read of the predictions back to the host."""
+    logits = batched_logits(net, x_uint8, precision=precision)
     pred = logits.argmax(1)
     if log_prior is not None:
         pred = torch.stack([pred, (logits - log_prior.to(logits.device)).argmax(1)])

@@ -4,6 +4,7 @@ Every backbone maps a normalised N×3×32×32 batch to N×feat_dim features.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 
@@ -18,6 +19,30 @@ from .config import write_atomic
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 EVAL_BATCH = {"cpu": 1000, "cuda": 4096}   # default batch of batched_logits per device type
+# Arithmetic of the network's forward passes (PRECISION): bf16 autocast on CUDA (fp32
+# outputs), or fp32 everywhere, as the official LT-PLL code runs. CPU passes are fp32.
+PRECISIONS = ("bf16", "fp32")
+
+
+def autocast_dtype(device_type: str, precision: str = "bf16") -> torch.dtype | None:
+    """The autocast dtype of forward passes on ``device_type`` at ``precision`` (None:
+    no autocast, fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"PRECISION={precision!r} is invalid: choose one of {PRECISIONS}.")
+    return torch.bfloat16 if device_type == "cuda" and precision == "bf16" else None
+
+
+def used_precision(device_type: str, precision: str = "bf16") -> str:
+    """What the passes actually run in: ``'bf16'`` or ``'fp32'`` (always on CPU)."""
+    return "fp32" if autocast_dtype(device_type, precision) is None else "bf16"
+
+
+def autocast(device_type: str, precision: str = "bf16", **kwargs):
+    """The autocast context of forward passes at ``precision`` (disabled for fp32 and on
+    CPU); ``kwargs`` go to ``torch.autocast``."""
+    dtype = autocast_dtype(device_type, precision)
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None,
+                          **kwargs)
 
 
 def cifar_resnet18() -> nn.Module:
@@ -99,10 +124,11 @@ def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
     return standardize(to_unit(x_uint8))
 
 
-def _eval_batches(modules, x_uint8, batch: int | None, fn) -> list:
+def _eval_batches(modules, x_uint8, batch: int | None, fn, precision: str = "bf16") -> list:
     """``fn(x)`` for every batch ``x`` of uint8 images, normalised, with ``modules`` in
-    evaluation mode (restored afterwards). On CUDA: bf16 autocast, channels_last, batches of
-    ``EVAL_BATCH["cuda"]``, the images copied to the GPU once; on CPU: fp32."""
+    evaluation mode (restored afterwards). On CUDA: autocast at ``precision`` (bf16 by
+    default), channels_last, batches of ``EVAL_BATCH["cuda"]``, the images copied to the
+    GPU once; on CPU: fp32."""
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()
@@ -115,7 +141,7 @@ def _eval_batches(modules, x_uint8, batch: int | None, fn) -> list:
         x = normalize(images[i:i + batch])
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+        with autocast(dev.type, precision):
             out.append(fn(x))
     for m, mode in zip(modules, was_training):
         m.train(mode)
@@ -124,11 +150,11 @@ def _eval_batches(modules, x_uint8, batch: int | None, fn) -> list:
 
 @torch.inference_mode()
 def batched_logits(net: nn.Module, x_uint8, log_prior: torch.Tensor | None = None,
-                   batch: int | None = None) -> torch.Tensor:
+                   batch: int | None = None, precision: str = "bf16") -> torch.Tensor:
     """Float logits (on the net's device) of uint8 images in evaluation mode, minus
     ``log_prior`` when given (test-time adjustment).
 
-    On CUDA: bf16 autocast, channels_last, batches of ``EVAL_BATCH["cuda"]``; the images
+    On CUDA: autocast at ``precision`` (see ``PRECISIONS``; bf16 by default), channels_last, batches of ``EVAL_BATCH["cuda"]``; the images
     go to the GPU in one copy and nothing comes back per batch, so the caller's transfer
     of the result is the only wait. On CPU: fp32, batches of ``EVAL_BATCH["cpu"]``.
     Returns an inference tensor (no autograd).
@@ -136,7 +162,8 @@ def batched_logits(net: nn.Module, x_uint8, log_prior: torch.Tensor | None = Non
     dev = next(net.parameters()).device
     prior = log_prior.to(dev) if log_prior is not None else None
     out = _eval_batches([net], x_uint8, batch,
-                        lambda x: net(x).float() - prior if prior is not None else net(x).float())
+                        lambda x: net(x).float() - prior if prior is not None else net(x).float(),
+                        precision)
     return torch.cat(out) if out else torch.zeros(0, device=dev)
 
 
@@ -153,6 +180,66 @@ def batched_features(backbone: nn.Module, classifier: nn.Module, x_uint8,
         dev = next(backbone.parameters()).device
         return torch.zeros(0, backbone.feat_dim, device=dev), torch.zeros(0, device=dev)
     return torch.cat([f for f, _ in out]), torch.cat([c for _, c in out])
+
+
+@contextlib.contextmanager
+def batch_statistics_of(net: nn.Module, rows: torch.Tensor | None):
+    """Within this context every BatchNorm layer of ``net`` that uses batch statistics
+    (training mode) takes them from the batch rows where ``rows`` (a bool mask over the
+    batch) is True, and only those: its running mean and variance are updated with them,
+    and every row is normalised with them. ``rows=None``: no change.
+
+    A forward pass of B rows under it gives the selected rows the outputs, running
+    statistics and (with the other rows out of the loss) gradients of a pass over the
+    selected rows alone, in networks whose other layers treat rows independently (every
+    backbone here): an exact stand-in for indexing the selected rows that keeps the shapes
+    static (CUDA graphs) and reads nothing back to the host. At least one row must be
+    selected. The statistics are computed in fp32 as in ``nn.BatchNorm2d``, summed in
+    another order (agreement to float rounding, not bit for bit).
+    """
+    if rows is None:
+        yield
+        return
+    layers = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in layers:
+        m.forward = functools.partial(_masked_batch_norm, m, rows)
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m.forward             # back to the class's forward
+
+
+def _masked_batch_norm(m: nn.modules.batchnorm._BatchNorm, rows: torch.Tensor,
+                       x: torch.Tensor) -> torch.Tensor:
+    """``m(x)`` with the batch statistics of the rows ``rows`` (see
+    :func:`batch_statistics_of`)."""
+    if not (m.training or m.running_mean is None):        # running statistics: unchanged
+        return type(m).forward(m, x)
+    m._check_input_dim(x)
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))   # bf16 inputs: fp32 statistics
+    w = rows.to(xf.dtype).reshape(-1, *[1] * (x.dim() - 1))
+    count = w.sum().clamp_min(1) * x[0, 0].numel()        # values per channel
+    mean = (xf * w).sum(dims) / count
+    centred = xf - mean.reshape(shape)
+    var = (centred.square() * w).sum(dims) / count        # biased: what normalises
+    out = centred * torch.rsqrt(var + m.eps).reshape(shape)
+    if m.affine:
+        out = out * m.weight.reshape(shape) + m.bias.reshape(shape)
+    if m.training and m.track_running_stats:
+        # in place through .data, as the native kernel writes them: earlier native passes
+        # of this step saved the running statistics for their backward (which does not
+        # read them in training mode) and would refuse a bumped version counter
+        with torch.no_grad():
+            m.num_batches_tracked.data.add_(1)
+            factor = (m.momentum if m.momentum is not None
+                      else 1.0 / m.num_batches_tracked.float())
+            unbiased = var * count / (count - 1).clamp_min(1)
+            m.running_mean.data.mul_(1 - factor).add_(factor * mean)
+            m.running_var.data.mul_(1 - factor).add_(factor * unbiased)
+    return out.to(x.dtype)
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import config, dataset, engine, evaluation, generators, methods, runfiles, unlabeled
 from .engine import TrainConfig
-from .networks import BACKBONES, device_name, save_model
+from .networks import BACKBONES, PRECISIONS, device_name, save_model
 from .warmup import WARMUP_RULES
 
 METHODS = tuple(methods.names())  # every valid method name (see rable_nb/methods)
@@ -184,6 +184,8 @@ def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int 
         **(fields or {}), **({"preparation": trainer.preparation} if trainer.preparation else {}),
         "confusion": result["final"]["confusion"],
         "device": device_name(trainer.dev), "cuda_graph": trainer.graph,
+        # what the forward passes ran in (PRECISION): 'bf16' autocast on CUDA, else 'fp32'
+        "precision": trainer.precision,
         "wall_s": result["wall_s"], "images_per_s": result["images_per_s"],
         # the commit(s) that trained the model (a resumed run can span several)
         "commit": ",".join(dict.fromkeys(h.get("commit", "unknown") for h in result["history"])),
@@ -197,11 +199,12 @@ def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int 
 
 def config_from_params(method: str, P: dict, num_classes: int = 10) -> TrainConfig:
     """TrainConfig from resolved notebook parameters (upper-case names). ``SSP_EPOCHS``,
-    when given, sets ``METHOD_PARAMS['ssp']['epochs']``."""
+    when given, sets ``METHOD_PARAMS['ssp']['epochs']``; ``PRECISION`` (None: 'bf16')."""
     return TrainConfig(method=method, arch=P["ARCH"], epochs=P["EPOCHS"],
                        batch_size=P["BATCH_SIZE"], lr=float(P.get("LR") or 0.01), seed=P["SEED"],
                        faithful_bug=bool(P.get("FAITHFUL_BUG", False)),
-                       method_params=method_params(P), num_classes=num_classes)
+                       method_params=method_params(P), num_classes=num_classes,
+                       precision=P.get("PRECISION") or "bf16")
 
 
 def method_params(P: dict) -> dict:
@@ -255,6 +258,7 @@ def validate(P: dict) -> None:
         "N_TEST_PER_CLASS": config.integer(1),
         "FAITHFUL_BUG": config.BOOLEAN, "COMPILE": config.BOOLEAN, "GRAPH": config.BOOLEAN,
         "ALLOW_SKIP": config.BOOLEAN, "SYNTH_WEIGHT": config.number(0),
+        "PRECISION": config.one_of(PRECISIONS),
     })
     n = dataset.num_images(P.get("dataset") or {})
     if n is not None and config.is_int(P.get("BATCH_SIZE")) and P["BATCH_SIZE"] > n:

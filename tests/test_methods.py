@@ -1,5 +1,6 @@
 """Methods registry and the loss of every method against a direct per-sample computation
 on random data; Sinkhorn marginals; mixup, logit adjustment and RECORDS plumbing."""
+import copy
 import math
 from types import SimpleNamespace
 
@@ -8,34 +9,42 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rable_nb import engine, methods, training
+from rable_nb import engine, methods, networks, training
 from rable_nb.methods import corr, mixup, solar
 
 B, C, D = 12, 5, 6
 
 
 class StubNet(torch.nn.Module):
-    """A linear 'network' on raw pixels: features = x·W, logits = classifier(features)."""
+    """A linear 'network' on raw pixels: features = x·W (then BatchNorm with ``bn``),
+    logits = classifier(features). ``forward`` is the trainer's (``rows``: see
+    ``networks.batch_statistics_of``)."""
 
-    def __init__(self, seed=0):
+    def __init__(self, seed=0, bn=False):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.w = torch.randn(3 * 4 * 4, D, generator=g) / 8
+        self.norm = torch.nn.BatchNorm1d(D) if bn else None
         self.classifier = torch.nn.Linear(D, C)
         self.backbone = SimpleNamespace(feat_dim=D)
         torch.nn.init.normal_(self.classifier.weight, generator=g)
         torch.nn.init.normal_(self.classifier.bias, generator=g)
 
-    def forward(self, inputs, need="logits"):
+    def features(self, images):
+        feats = images.flatten(1) @ self.w
+        return feats if self.norm is None else self.norm(feats)
+
+    def forward(self, inputs, need="logits", rows=None):
         names = list(inputs)
-        feats = torch.cat([inputs[n] for n in names]).flatten(1) @ self.w
+        with networks.batch_statistics_of(self, rows):
+            feats = self.features(torch.cat([inputs[n] for n in names]))
         logits = self.classifier(feats)
         sizes = [len(inputs[n]) for n in names]
         proj = F.normalize(feats, dim=1)
         return methods.Outputs(*(dict(zip(names, t.split(sizes))) for t in (logits, feats, proj)))
 
 
-def make(name, epoch=3, weight=None, seed=0, **cfg):
+def make(name, epoch=3, weight=None, seed=0, bn=False, **cfg):
     """(method, batch, net) on random data: B images of 3×4×4 pixels, C classes."""
     g = torch.Generator().manual_seed(seed)
     cand = torch.rand(B, C, generator=g) < 0.4
@@ -45,7 +54,7 @@ def make(name, epoch=3, weight=None, seed=0, **cfg):
     conf = conf / conf.sum(1, keepdim=True)
     tcfg = engine.TrainConfig(method=name, num_classes=C, batch_size=B, epochs=800, **cfg)
     method = methods.build(tcfg)
-    net = StubNet(seed)
+    net = StubNet(seed, bn)
     trainer = SimpleNamespace(dev=torch.device("cpu"), net=net, conf=conf, cand=cand,
                               labels=labels, method=method)
     method.init_state(trainer)
@@ -60,7 +69,7 @@ def make(name, epoch=3, weight=None, seed=0, **cfg):
 
 
 def logits_of(net, images):
-    return net.classifier(images.flatten(1) @ net.w)
+    return net.classifier(net.features(images))
 
 
 # -- registry ------------------------------------------------------------------------------
@@ -156,6 +165,31 @@ def test_corr_loss_and_update_per_sample():
     assert first_epoch[0].step(first_epoch[1])[2] is None     # updates start at epoch 1
 
 
+def test_plain_corr_update_normalises_twice_where_the_reference_normalises_once():
+    """A documented difference: the reference's plain CORR computes
+    sqrt(Y p^w p^s) / (Σ + 1e-9), its RECORDS variant (and every variant here) normalises
+    before the square root too. Equal on ordinary rows; on rows whose candidates have tiny
+    probability the reference's rows sum to less than 1; the argmax never changes."""
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    cand = torch.rand(n, 10, generator=g) < 0.3
+    cand[:, 0] = False
+    cand[torch.arange(n), torch.randint(1, 10, (n,), generator=g)] = True
+    for boost, differs in ((0.0, False), (15.0, True)):   # boost: a non-candidate's logit
+        lw, ls = torch.randn(n, 10, generator=g), torch.randn(n, 10, generator=g)
+        lw[:, 0] += boost
+        ls[:, 0] += boost
+        ours = corr.corr_confidence(lw, ls, cand)
+        p = F.softmax(lw, 1) * F.softmax(ls, 1) * cand
+        twice = p / (p.sum(1, keepdim=True) + 1e-9)
+        assert torch.allclose(ours, twice.sqrt() / (twice.sqrt().sum(1, keepdim=True) + 1e-9))
+        assert torch.allclose(ours.sum(1), torch.ones(n), atol=1e-5)
+        once = p.sqrt() / (p.sqrt().sum(1, keepdim=True) + 1e-9)      # CORR_loss
+        assert ((ours - once).abs().max() > 1e-3) == differs
+        assert torch.equal(ours.argmax(1), once.argmax(1))
+    assert "normalises twice" in corr.__doc__                        # on record
+
+
 def test_supervised_loss_is_cross_entropy_on_true_labels():
     method, batch, net, _ = make("supervised")
     loss, _, new = method.step(batch)
@@ -228,9 +262,48 @@ def test_sinkhorn_marginals_and_zeros():
     assert torch.allclose(short.sum(1), torch.ones(n), atol=1e-5)
     reference = official_sinkhorn(probs * mask, prior)
     assert torch.allclose(short.double(), reference, atol=1e-4)
-    scaled = solar.sinkhorn(probs * mask * torch.rand(n, 1, generator=g), prior)
-    assert torch.allclose(scaled, short, atol=1e-5)           # row scaling does not matter
+    tiny = probs * mask
+    tiny[:5] *= 1e-12                     # kernel rows below fp32's normal range (cost³ < 1e-30)
+    guarded = solar.sinkhorn(tiny, prior)
+    assert torch.isfinite(guarded).all() and torch.allclose(guarded.sum(1), torch.ones(n), atol=1e-5)
+    converged = solar.sinkhorn(tiny, prior, iters=2000)
+    assert torch.equal(guarded[:5].argmax(1), converged[:5].argmax(1))
 
+
+def official_sinkhorn_fp32(cost, prior, lamd=3.0, iters=50):
+    """The reference loop as it runs (fp32, raw kernel) and whether every denominator
+    stayed a normal fp32 number (else the reference computes with subnormals or NaN)."""
+    ps = cost.float().T ** lamd
+    n = ps.shape[1]
+    c = torch.full((n, 1), 1.0 / n)
+    normal = True
+    for _ in range(iters):
+        d = ps @ c
+        r = prior.float()[:, None] / d
+        e = (r.T @ ps).T
+        c = (1.0 / n) / e
+        normal &= bool(d.min() >= torch.finfo(torch.float32).tiny) and bool(
+            e.min() >= torch.finfo(torch.float32).tiny)
+    return (ps * c.squeeze() * r).T * n, normal
+
+
+def test_sinkhorn_iterates_on_the_reference_kernel_with_a_long_tailed_prior():
+    """The reference's 50 iterations stop short of convergence, so the starting point
+    matters: the kernel is cost^λ unscaled, as in the reference, and the result its
+    (with a prior from 0.49 to 0.003, a per-row rescaled kernel was up to 0.8 off)."""
+    g = torch.Generator().manual_seed(0)
+    prior = torch.tensor([0.5, 0.25, 0.12, 0.06, 0.03, 0.015, 0.01, 0.008, 0.004, 0.003])
+    prior = prior / prior.sum()
+    worst, compared = 0.0, 0
+    for n in (64, 256) * 5:
+        probs = torch.softmax(torch.randn(n, 10, generator=g), 1)
+        mask = torch.rand(n, 10, generator=g) < 0.3
+        mask[torch.arange(n), torch.randint(0, 10, (n,), generator=g)] = True
+        reference, normal = official_sinkhorn_fp32(probs * mask, prior)
+        if normal and torch.isfinite(reference).all():   # where the guards do not act
+            compared += 1
+            worst = max(worst, (solar.sinkhorn(probs * mask, prior) - reference).abs().max().item())
+    assert compared >= 5 and worst < 1e-5, (compared, worst)
 
 
 @pytest.mark.filterwarnings("ignore:Sinkhorn did not converge")  # 50 iterations on purpose
@@ -296,6 +369,89 @@ def test_corr_mixup_term_mixes_both_views(fixed_mix):
     assert loss.item() == pytest.approx(sum(corr_by_hand(lw, ls, batch.conf)) + mix, rel=1e-5)
     early = make("corr+mixup", epoch=0)
     assert "loss_mix" not in early[0].step(early[1])[1]       # starts with the update
+
+
+def test_corr_mixup_forwards_the_mixed_images_in_epoch_0_too(fixed_mix):
+    """As RECORDS-LTPLL (train.py 320-331, utils_loss.py 237-246): the mixed images join the
+    pass whenever mixup is on; before the update starts they get no loss but still enter
+    BatchNorm's statistics, so epoch 0's losses are those of the 4B-image pass."""
+    lam, perm = fixed_mix
+    method, batch, net, _ = make("corr+records+mixup", epoch=0, bn=True)
+    official = copy.deepcopy(net)
+    loss, terms, new = method.step(batch)
+    assert "loss_mix" not in terms and new is None
+    w, s = batch.view("weak"), batch.view("strong")
+    logits = logits_of(official, torch.cat([w, s, lam * w + (1 - lam) * w[perm],
+                                            lam * s + (1 - lam) * s[perm]])).detach()
+    expected = sum(corr_by_hand(logits[:B], logits[B:2 * B], batch.conf))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert torch.allclose(net.norm.running_mean, official.norm.running_mean, atol=1e-7)
+    assert torch.allclose(net.norm.running_var, official.norm.running_var, atol=1e-7)
+
+
+def test_solar_mixup_pass_has_the_batch_statistics_of_the_selected_images(fixed_mix):
+    """SoLar forwards only the selected images' mixes (SoLar train.py 321-328). The pass
+    keeps B rows (static shapes) and masks the others out of the loss and out of
+    BatchNorm: L_mix and the running statistics equal those of the indexed pass."""
+    lam, perm = fixed_mix
+    method, batch, net, _ = make("solar+mixup", epoch=25, bn=True)
+    official = copy.deepcopy(net)
+    _, terms, _ = method.step(batch)
+    pseudo, chosen, _ = method.base._mix
+    assert 0 < chosen.sum() < B                               # a real selection
+    w = batch.view("weak")
+    for view in ("weak", "strong"):                           # the two passes before it
+        logits_of(official, batch.view(view))
+    mixed = (lam * w + (1 - lam) * w[perm])[chosen]           # what the official forwards
+    targets = (lam * pseudo + (1 - lam) * pseudo[perm])[chosen]
+    expected = -(targets * torch.log_softmax(logits_of(official, mixed), 1)).sum(1).mean()
+    assert terms["loss_mix"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.allclose(net.norm.running_mean, official.norm.running_mean, atol=1e-6)
+    assert torch.allclose(net.norm.running_var, official.norm.running_var, atol=1e-6)
+    assert torch.equal(net.norm.num_batches_tracked, official.norm.num_batches_tracked)
+
+
+@pytest.mark.parametrize("arch", ["tiny_cnn", "resnet18"])
+def test_batch_statistics_of_selected_rows_equal_a_pass_over_those_rows(arch):
+    """In float64 (float32 gradients of a deep ReLU network differ between any two
+    summation orders): outputs of the selected rows, running statistics and gradients
+    (the other rows out of the loss) equal a pass over the selected rows alone."""
+    torch.manual_seed(0)
+    net = networks.PLLNet(arch, 10).double().train()
+    official = copy.deepcopy(net)
+    x = torch.randn(10, 3, 32, 32, dtype=torch.float64)
+    rows = torch.tensor([1, 0, 0, 1, 1, 0, 1, 1, 0, 1]).bool()
+    y = torch.arange(10)
+    with networks.batch_statistics_of(net, rows):
+        logits = net(x)
+    per_image = F.cross_entropy(logits, y, reduction="none")
+    ((per_image * rows).sum() / rows.sum()).backward()
+    ref = official(x[rows])
+    F.cross_entropy(ref, y[rows]).backward()
+    assert torch.allclose(logits[rows], ref, rtol=1e-9, atol=1e-12)
+    for (name, a), b in zip(net.state_dict().items(), official.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), name
+    for a, b in zip(net.parameters(), official.parameters()):
+        if b.grad is not None:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-7, atol=1e-12)
+    assert not any("forward" in vars(m) for m in net.modules())   # plain modules again
+
+
+def test_the_trainer_forward_limits_batch_statistics_to_rows():
+    rng = np.random.default_rng(0)
+    n = 10
+    x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(n) % 10
+    tr = engine.Trainer(engine.TrainConfig(batch_size=n, epochs=1), x, np.eye(10, dtype=bool)[y],
+                        y, "cpu")
+    tr._train_mode()
+    official = copy.deepcopy(tr.net)
+    images = tr.batch_inputs(torch.arange(n))
+    rows = torch.tensor([1, 0, 0, 1, 1, 0, 1, 1, 0, 1]).bool()
+    logits = tr.forward({"mix": images}, "logits", rows=rows).logits["mix"]
+    assert torch.allclose(logits[rows], official(networks.standardize(images[rows])), atol=1e-5)
+    for (name, a), b in zip(tr.net.state_dict().items(), official.state_dict().values()):
+        assert torch.allclose(a.double(), b.double(), atol=1e-6), name
 
 
 def test_solar_mixup_term_uses_selected_pseudo_labels_scaled_by_eta(fixed_mix):

@@ -76,6 +76,7 @@ def test_finish_writes_metrics_and_loadable_checkpoint(tmp_path):
     result = engine.train(cfg, data, tmp_path, "cpu", progress=False)
     metrics = training.finish(result, tmp_path, {"PROFILE": "smoke", "EPOCHS": 1}, "custom")
     saved = json.loads((tmp_path / "metrics-able+records.json").read_text())
+    assert cfg.precision == "bf16" and saved["precision"] == "fp32"   # what ran: CPU = fp32
     assert set(evaluation.METRICS_FIELDS) <= set(saved) and saved == json.loads(json.dumps(metrics))
     assert set(evaluation.ACCURACY_FIELDS) <= set(saved["accuracy"])
     assert set(evaluation.ACCURACY_FIELDS) <= set(saved["accuracy_adjusted"])
@@ -84,6 +85,61 @@ def test_finish_writes_metrics_and_loadable_checkpoint(tmp_path):
     assert meta["method"] == "able+records" and extra["logit_prior"].shape == (10,)
     x = torch.as_tensor(data["test_x"])
     assert torch.equal(evaluation.predict(net, x), evaluation.predict(result["trainer"].net, x))
+
+
+def test_precision_setting_builds_the_autocast_of_every_forward_pass():
+    """PRECISION: bf16 autocast on CUDA (default) or fp32 (the official code's arithmetic);
+    CPU passes are fp32 whatever the setting."""
+    assert networks.autocast_dtype("cuda", "bf16") is torch.bfloat16
+    assert networks.autocast_dtype("cuda", "fp32") is None
+    assert networks.autocast_dtype("cpu", "bf16") is None
+    assert [networks.used_precision(d, p) for d, p in
+            (("cuda", "bf16"), ("cuda", "fp32"), ("cpu", "bf16"))] == ["bf16", "fp32", "fp32"]
+    with pytest.raises(ValueError, match="PRECISION='fp16' is invalid"):
+        engine.TrainConfig(precision="fp16")
+    with pytest.raises(ValueError, match="PRECISION='fp16' is invalid"):
+        training.validate({"PRECISION": "fp16"})
+    training.validate({"PRECISION": "fp32"})
+    P = {"ARCH": "tiny_cnn", "EPOCHS": 1, "BATCH_SIZE": 8, "SEED": 0}
+    assert training.config_from_params("able", P).precision == "bf16"
+    assert training.config_from_params("able", {**P, "PRECISION": "fp32"}).precision == "fp32"
+
+
+def test_the_precision_reaches_training_and_evaluation_passes(monkeypatch):
+    """The same code path as on CUDA, run on CPU by letting 'bf16' autocast there: the
+    training forward and the evaluation passes follow cfg.precision."""
+    monkeypatch.setattr(networks, "autocast_dtype",
+                        lambda device_type, precision="bf16":
+                        torch.bfloat16 if precision == "bf16" else None)
+    data = tiny_data(32)
+    x = torch.as_tensor(data["test_x"][:8])
+    outs = {}
+    for precision in ("bf16", "fp32"):
+        cfg = engine.TrainConfig(batch_size=8, epochs=1, precision=precision)
+        tr = engine.Trainer(cfg, data["train_x"], data["candidates"], data["labels"], "cpu")
+        assert tr.precision == precision
+        images = tr.batch_inputs(torch.arange(8))
+        tr.net.eval()
+        outs[precision] = (tr.forward({"weak": images}).logits["weak"],
+                           networks.batched_logits(tr.net, x, precision=precision),
+                           tr.net(networks.standardize(images)), tr.net)
+    bf16, fp32 = outs["bf16"], outs["fp32"]
+    assert torch.equal(fp32[0], fp32[2]) and bf16[0].dtype == torch.float32
+    assert not torch.allclose(bf16[0], fp32[0], atol=1e-4)            # bf16 arithmetic
+    assert torch.equal(networks.batched_logits(fp32[3], x, precision="fp32"), fp32[1])
+    assert not torch.allclose(networks.batched_logits(fp32[3], x, precision="bf16"), fp32[1],
+                              atol=1e-4)
+
+
+def test_bench_train_rows_per_precision():
+    out = bench.train(device="cpu", batch_sizes=[16], precisions=("fp32", "bf16"))
+    fp32, bf16 = out["results"]
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert fp32["able_images_per_s"] > 0 and "CUDA only" in bf16["skipped"]
+    assert "fp32_over_bf16" not in out                     # measured on a GPU only
+    assert bench.train(device="cpu", batch_sizes=[16])["precisions"] == ["fp32"]
+    with pytest.raises(ValueError, match="precisions="):
+        bench.train(device="cpu", precisions=("fp16",))
 
 
 def test_summary_groups_and_confusion():
@@ -178,6 +234,7 @@ def test_bench_train_cli_prints_json(capsys):
     assert result["run_800_epochs_min"] == pytest.approx(800 * result["epoch_s_with_eval"] / 60)
     assert cli.main(["bench", "augment", "--graph"]) == 1
     assert "apply to 'bench train' only" in capsys.readouterr().err
+    assert cli.main(["bench", "augment", "--precision", "fp32"]) == 1
     with pytest.raises(ValueError, match="paths=.*choose from"):
         bench.train(device="cpu", paths=("graph",))
 

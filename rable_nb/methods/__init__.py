@@ -72,6 +72,9 @@ trained under a guard against host reads; replays simulated against eager traini
   branch on a tensor value, no op that checks its input on the host (``F.one_hot`` and
   ``torch.bincount`` do: use ``_losses.one_hot`` / ``class_counts``);
 - random numbers drawn on the device from ``batch.gen``;
+- a subset of the batch is a mask, never an index: a forward pass over some images only
+  keeps all rows and names the others out of BatchNorm (``batch.forward(inputs, need,
+  rows=mask)``, exact) and out of the loss (zero weights);
 - branch only on host values (``batch.epoch``, ``batch.step``, ``batch.stage``) and declare
   each such branch, and any shape that depends on them, in ``variant(epoch, step)``: a
   replay reruns the code path that was recorded;

@@ -56,9 +56,10 @@ class Batch:
     number from it, on the device); ``epoch`` the epoch within the current stage and
     ``step`` the step within the stage (host integers: branch on them only as the pieces'
     ``variant`` declares); ``schedule`` the pieces' scheduled numbers of this step (read
-    with ``Piece.value``); ``net`` the network; ``forward(inputs, need)`` runs the network
-    on a dict of image batches in one pass (``need`` one of ``OUTPUTS``) and returns
-    :class:`Outputs`.
+    with ``Piece.value``); ``net`` the network; ``forward(inputs, need, rows=None)`` runs the
+    network on a dict of image batches in one pass (``need`` one of ``OUTPUTS``) and returns
+    :class:`Outputs`; ``rows`` (bool over the concatenated rows) limits BatchNorm's batch
+    statistics to those rows (``networks.batch_statistics_of``).
     """
 
     def __init__(self, *, idx, x, cand, conf, conf_table, labels, weight, gen, epoch, step,

@@ -22,8 +22,15 @@ when RECORDS supplies a prior, else softmax(f)):
 
 Differences from the reference: the update always masks with the original candidate set
 Y (the reference's plain CORR masks with S > 0, which differs only where a confidence has
-underflowed to exactly 0); the original CORR paper's ramp-up weight on the consistency
-term and its extra augmentations are not used — the LT-PLL code does not use them either.
+underflowed to exactly 0); plain CORR's update normalises twice, as the reference's
+RECORDS variant does (``CORR_loss_RECORDS``, matched exactly), where the reference's
+plain ``CORR_loss`` normalises once, sqrt(Y ⊙ p^w ⊙ p^s) / (Σ + 1e−9) — the same
+distribution up to the 1e−9 terms, so they differ only on rows whose candidates all have
+tiny probability, never in the argmax: where Σ sqrt(p^w p^s) over the candidates nears
+1e−9 the reference's row sums fall below 1 (towards 0), these stay distributions
+(≤ 5.8e−2 per entry on the issue's random batches, ~2e−2 at row sums of 0.98; tested); the
+original CORR paper's ramp-up weight on the consistency term and its extra augmentations
+are not used — the LT-PLL code does not use them either.
 """
 from __future__ import annotations
 
@@ -91,4 +98,6 @@ class Corr(Base):
         return sum(self.target_terms(logits, targets, weight))
 
     def mixup_active(self, batch):
-        return self.updating(batch)   # the reference adds the mixup term with the update
+        # the reference adds the mixup loss with the update; the mixed views go through
+        # the network from epoch 0 on (see methods/mixup.py)
+        return self.updating(batch)

@@ -11,8 +11,25 @@ others: weak). The targets t, an optional per-image mask and a scale come from t
 (confidences by default; true labels for ``supervised``; Sinkhorn pseudo-labels of the
 selected images, scaled by η, for SoLar). When the targets do not depend on this step's
 outputs the mixed images join the main forward pass (as the RECORDS code does);
-otherwise (SoLar) they take a second pass. The base decides when mixup starts (CORR and
-SoLar: once confidences are updated, epoch ≥ 1).
+otherwise (SoLar) they take a second pass. The base decides when the mixup *loss* starts
+(CORR and SoLar: once confidences are updated, epoch ≥ 1, ``Base.mixup_active``).
+
+When the mixed images join the main pass, they join it in every step, also before their
+loss starts — as in the RECORDS code, which forwards them whenever mixup is on (train.py
+lines 320-331) and gates only their loss (utils/utils_loss.py lines 237-246). They carry
+no loss then, but they enter BatchNorm's batch statistics (and its running statistics),
+so CORR + RECORDS + mixup's epoch 0 is the official one, not CORR + RECORDS'.
+
+A second pass (SoLar's) forwards the mixes of the base's masked images only — SoLar
+forwards those of the selected images alone (train.py lines 321-328). Indexing them would
+give the pass a shape that changes every step and read the count back to the host, so
+the CUDA graph could not capture it; instead the pass keeps all B rows and the others are
+masked out of the loss and, by ``networks.batch_statistics_of``, out of BatchNorm's batch
+and running statistics, which the selected rows alone determine. Every other layer treats
+rows independently, so outputs, running statistics and gradients are those of the
+indexed pass (equal in float64; in float32 to rounding), at the cost of B rather than
+k ≤ B rows of compute. (A masked base whose mixes joined the main pass would have them in
+BatchNorm's statistics; no base does.)
 
 λ is drawn on the device from the epoch's generator (Gamma(α) as a sum of α
 exponentials, so α must be a whole number): no host synchronisation.
@@ -58,7 +75,8 @@ class Mixup(Modifier):
         self.alpha = int(alpha)
 
     def _mix(self, method, batch, out):
-        """Mixed views {view_mix: images}, mixed targets and the per-image loss weight."""
+        """Mixed views {view_mix: images}, (mixed targets, per-image loss weight, scale)
+        and the base's per-image mask (or None)."""
         base = method.base
         targets, mask, scale = base.mixup_targets(batch, out)
         dev = batch.x.device
@@ -73,22 +91,24 @@ class Mixup(Modifier):
         if mask is not None:
             weight = mask.float() if weight is None else weight * mask.float()
         mixed_targets = lam * targets + (1 - lam) * targets[perm]
-        return images, (mixed_targets, weight, scale)
+        return images, (mixed_targets, weight, scale), mask
 
     def extra_inputs(self, method, batch):
+        """The mixed images, in every step (also before their loss starts; see the module
+        docstring), unless the base's targets need this step's outputs."""
         self._pending = None
-        if method.base.mixup_after_forward or not method.base.mixup_active(batch):
+        if method.base.mixup_after_forward:
             return {}
-        images, self._pending = self._mix(method, batch, None)
+        images, self._pending, _ = self._mix(method, batch, None)
         return images
 
     def extra_loss(self, method, batch, out):
         base = method.base
         if not base.mixup_active(batch):
             return None
-        if base.mixup_after_forward:
-            images, (targets, weight, scale) = self._mix(method, batch, out)
-            out = method.adjust(batch.forward(images, "logits"))
+        if base.mixup_after_forward:   # a pass of its own: only masked rows in BatchNorm
+            images, (targets, weight, scale), mask = self._mix(method, batch, out)
+            out = method.adjust(batch.forward(images, "logits", rows=mask))
         else:
             targets, weight, scale = self._pending
         logits = {v: out.logits[f"{v}_mix"] for v in base.mixup_views}

@@ -19,7 +19,9 @@ Every step (weak and strong view, each through its own forward pass as in the re
   smallest loss −Σ q_i log p_i, plus every image with Σ_j q_ij p_ij > τ = 0.99.
 - From epoch 1: L = η·(L_sink + L_cons [+ L_mix]) + (1−η)·L_rn, with L_sink = CE(p^w, q)
   and L_cons = CE(p^s, q) over the selected images, L_rn = −Σ S log p^w over the others,
-  L_mix the ``+mixup`` term (selected images only); epoch 0: L = L_rn over all images.
+  L_mix the ``+mixup`` term (selected images only: their mixes alone form its pass's
+  BatchNorm statistics, as in the reference, which forwards only them; see
+  ``methods/mixup.py``); epoch 0: L = L_rn over all images.
   η = 0.9 and ρ = 0.2 → 0.6 ramp up linearly over the warm-up epochs.
 - S_i ← normalise(Y_i ⊙ p_i) after the step.
 
@@ -33,8 +35,12 @@ The published SoLar number (CIFAR-10-LT, ρ = 100, q = 0.3: 75.38, RECORDS-LTPLL
 includes the mixup term: it is ``solar+mixup`` here; ``solar`` leaves L_mix out.
 
 Differences from the reference, for a synchronisation-free step: the Sinkhorn loop runs a
-fixed 50 iterations (the reference stops on a criterion that in practice never fires
-before 50) and guards its divisions instead of re-running on NaN; the per-class selection
+fixed 50 iterations (the reference stops on a criterion, ``err < 0.1`` with err the sum of
+its scalings, that cannot fire: in effect 50 too) and guards its divisions instead of
+re-running on NaN — the guards act only where the reference's numbers leave the normal
+fp32 range (a denominator below 1.2e−38, a kernel row below 1e−30, which is then divided
+by its largest cost first); elsewhere the iterations are the reference's, on its
+kernel cost^λ (tested: equal to its fp32 loop to 1e−6); the per-class selection
 is vectorised (ties broken by batch position); the mixup partner of a selected image is
 drawn among the selected images of the whole batch forward (see ``mixup.pairing``).
 
@@ -51,7 +57,13 @@ from ..networks import batched_logits
 from ._losses import class_counts, updated_confidence, weighted_mean
 from .base import Base, Stage
 
-TINY = 1e-30  # guards the Sinkhorn divisions (a class or an image without mass)
+# guards the Sinkhorn divisions against exact zeros (a class or an image without mass):
+# the smallest normal fp32 number, so that the scalings, which drift over many decades
+# with a long-tailed prior, are not cut short (a guard of 1e-30 was: up to 0.74 per entry)
+TINY = torch.finfo(torch.float32).tiny
+# A kernel row whose largest entry falls below this is divided by it first (fp32 normal
+# numbers end at 1.2e-38: cost^λ would lose its digits or flush to zero)
+KERNEL_FLOOR = 1e-30
 
 
 def sinkhorn(cost: torch.Tensor, prior: torch.Tensor, lamd: float = 3.0, iters: int = 50
@@ -60,12 +72,22 @@ def sinkhorn(cost: torch.Tensor, prior: torch.Tensor, lamd: float = 3.0, iters: 
     1/N each) and the classes (mass ``prior``) with kernel cost^λ (zeros stay zero).
 
     ``cost`` N×K non-negative (masked probabilities), ``prior`` K summing to 1. Rows of the
-    result sum to 1; its column sums approach N·prior.
+    result sum to 1; its column sums approach N·prior. The iterations are the reference's
+    (equal to its fp32 loop wherever its numbers stay normal fp32 numbers); the guards act
+    only outside that range (see ``TINY``, ``KERNEL_FLOOR``).
     """
     cost = cost.float()
-    # Scaling a row of the kernel leaves the plan unchanged (the row's scaling factor
-    # absorbs it); dividing by the row maximum first keeps cost^λ from underflowing.
-    kernel = (cost / cost.amax(1, keepdim=True).clamp_min(TINY)).pow(lamd)
+    # The reference's kernel: cost^λ as it is. 50 iterations stop short of convergence,
+    # so rescaling a row — which leaves the converged plan unchanged, the row's factor
+    # absorbing it — would start elsewhere and end elsewhere (dividing every row by its
+    # maximum did: up to 0.74 per entry at batch 64 with a long-tailed prior). Only a row
+    # whose kernel would leave the normal fp32 range (largest entry < KERNEL_FLOOR) is
+    # divided by its largest cost first: another start for that row, where the
+    # reference computes with subnormal numbers or divides by zero and re-runs on a
+    # relaxed cost when it sees the NaN.
+    kernel = cost.pow(lamd)
+    rescaled = (cost / cost.amax(1, keepdim=True).clamp_min(TINY)).pow(lamd)
+    kernel = torch.where(kernel.amax(1, keepdim=True) < KERNEL_FLOOR, rescaled, kernel)
     n = len(kernel)
     c = torch.full((n,), 1.0 / n, device=kernel.device)
     prior = prior.float()
@@ -182,7 +204,8 @@ class Solar(Base):
 
     def end_epoch(self, trainer):
         """r̂ ← γ·(frequencies of argmax p ⊙ Y over the training set) + (1 − γ)·r̂."""
-        logits = trainer.method.train_logits(batched_logits(trainer.net, trainer.x))
+        logits = trainer.method.train_logits(
+            batched_logits(trainer.net, trainer.x, precision=self.cfg.precision))
         guess = (F.softmax(logits, 1) * trainer.cand.float()).argmax(1)
         freq = class_counts(guess, self.cfg.num_classes) / len(guess)
         gamma = self.p["gamma_estimate" if trainer.stage.name == "estimate" else "gamma_train"]
