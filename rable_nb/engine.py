@@ -43,12 +43,13 @@ from .networks import (PLLNet, autocast, autocast_dtype, batch_statistics_of, pi
 
 @dataclass
 class TrainConfig:
-    """Every setting that changes the numbers of a run (compared on resume).
+    """Every setting that changes the numbers of a run (compared on resume): the loop's
+    settings here, the method's own in ``method_params``.
 
     ``method`` is a name of ``methods.names()`` (e.g. ``'corr+records+mixup'``);
-    ``mixup=True`` is the older spelling of ``+mixup`` and is folded into the name.
-    ``method_params`` {piece: {param: value}} overrides a method's hyper-parameters; after
-    construction it holds every resolved value (recorded in metrics and checkpoints).
+    ``method_params`` {piece: {param: value}} overrides a method's hyper-parameters (each
+    piece's ``params``, e.g. ABLE's ``tau``); after construction it holds every resolved
+    value (recorded in metrics and checkpoints).
     ``precision`` (``networks.PRECISIONS``): forward passes in bf16 autocast on CUDA (the
     default) or in fp32 as the official code; on CPU they are fp32 either way.
     """
@@ -61,13 +62,6 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-3
     lr_min: float = 1e-5
-    tau: float = 0.1
-    base_tau: float = 0.07
-    loss_weight: float = 1.0
-    records_m: float = 0.9
-    mixup: bool = False
-    mixup_alpha: float = 4.0
-    faithful_bug: bool = False
     seed: int = 0
     num_classes: int = 10
     method_params: dict = field(default_factory=dict)
@@ -78,10 +72,7 @@ class TrainConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer.")
         autocast_dtype("cuda", self.precision)   # ValueError unless one of PRECISIONS
-        if self.mixup and "mixup" not in methods.parse(self.method)[1]:
-            self.method = f"{self.method}+mixup"   # +mixup comes last in every name
         methods.check(self.method)
-        self.mixup = "mixup" in methods.parse(self.method)[1]
         self.method_params = methods.resolve_params(self.method, self, self.method_params)
         methods.build(self)  # every piece checks its settings now, before any training
 

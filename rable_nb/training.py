@@ -198,11 +198,11 @@ def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int 
 
 
 def config_from_params(method: str, P: dict, num_classes: int = 10) -> TrainConfig:
-    """TrainConfig from resolved notebook parameters (upper-case names). ``SSP_EPOCHS``,
-    when given, sets ``METHOD_PARAMS['ssp']['epochs']``; ``PRECISION`` (None: 'bf16')."""
+    """TrainConfig from resolved notebook parameters (upper-case names): the pieces'
+    notebook shortcuts (``SSP_EPOCHS``, ``FAITHFUL_BUG``) go into ``METHOD_PARAMS``;
+    ``PRECISION`` (None: 'bf16')."""
     return TrainConfig(method=method, arch=P["ARCH"], epochs=P["EPOCHS"],
                        batch_size=P["BATCH_SIZE"], lr=float(P.get("LR") or 0.01), seed=P["SEED"],
-                       faithful_bug=bool(P.get("FAITHFUL_BUG", False)),
                        method_params=method_params(P), num_classes=num_classes,
                        precision=P.get("PRECISION") or "bf16")
 

@@ -92,8 +92,9 @@ def _trainer(faithful_bug):
     y = rng.integers(0, 10, 64)
     cand = rng.random((64, 10)) < 0.5
     cand[np.arange(64), y] = True
-    tr = engine.Trainer(engine.TrainConfig(method="able", batch_size=16,
-                                               faithful_bug=faithful_bug), x, cand, y, "cpu")
+    cfg = engine.TrainConfig(method="able", batch_size=16,
+                             method_params={"able": {"faithful_bug": faithful_bug}})
+    tr = engine.Trainer(cfg, x, cand, y, "cpu")
     scores = torch.rand(64, 10, generator=torch.Generator().manual_seed(1))
     tr.conf = losses.updated_confidence(scores, tr.cand)
     return tr

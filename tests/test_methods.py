@@ -103,7 +103,7 @@ def test_method_params_defaults_overrides_and_errors():
     cfg = engine.TrainConfig(method="solar+mixup", epochs=800)
     assert cfg.method_params["solar"]["est_epochs"] == 100      # the paper's 100 of 800
     assert cfg.method_params["solar"]["warmup_epochs"] == 50
-    assert cfg.method_params["mixup"] == {"weight": 1.0}
+    assert cfg.method_params["mixup"] == {"weight": 1.0, "alpha": 4.0}
     short = engine.TrainConfig(method="solar", epochs=16,
                                  method_params={"solar": {"lamd": 5.0}, "corr": {"upd_start": 2}})
     assert short.method_params == {"solar": {**solar.Solar.params, "lamd": 5.0,
@@ -114,9 +114,12 @@ def test_method_params_defaults_overrides_and_errors():
         engine.TrainConfig(method="corr", method_params={"cor": {}})
     with pytest.raises(ValueError, match="METHOD_PARAMS"):
         training.validate({"METHODS": ["corr"], "METHOD_PARAMS": [1]})
-    assert engine.TrainConfig(method="proden", mixup=True).method == "proden+mixup"
-    with pytest.raises(ValueError, match="mixup_alpha"):
-        engine.TrainConfig(method="proden+mixup", mixup_alpha=0.4)
+    with pytest.raises(ValueError, match=r"\['mixup'\]\['alpha'\]=0.4 is invalid"):
+        engine.TrainConfig(method="proden+mixup", method_params={"mixup": {"alpha": 0.4}})
+    able = engine.TrainConfig(method="rable+records", method_params={"rable": {"tau": 0.2}})
+    assert able.method_params["rable"]["tau"] == 0.2 and able.method_params["records"] == {"m": 0.9}
+    P = {"METHOD_PARAMS": {"ssp": {"lr": 0.05}}, "SSP_EPOCHS": 7, "FAITHFUL_BUG": True}
+    assert training.method_params(P)["ssp"] == {"lr": 0.05, "epochs": 7, "faithful_bug": True}
 
 
 # -- bases against per-sample loops ---------------------------------------------------------

@@ -90,8 +90,9 @@ trained under a guard against host reads; replays simulated against eager traini
 Epoch hooks run outside the step and may read values back to the host, once per epoch.
 
 Adding a method = one new file here + one line in ``BASES`` or ``MODIFIERS``.
-Settings of the original methods stay ``TrainConfig`` fields (``tau``, ``base_tau``,
-``loss_weight``, ``faithful_bug`` for ABLE; ``records_m``; ``mixup_alpha``).
+Every setting of a method is a parameter of its piece (``params``; ABLE's ``tau``,
+``base_tau``, ``loss_weight``, ``faithful_bug``; RECORDS' ``m``; mixup's ``alpha``), set with
+``METHOD_PARAMS`` {piece: {param: value}}; ``TrainConfig`` holds the loop's settings only.
 """
 from __future__ import annotations
 

@@ -62,18 +62,22 @@ class Able(Base):
     approach = ""
     views = ("weak", "strong")
     needs = "embed"
+    # tau: contrastive temperature; base_tau: the SupCon scale τ/τ_base of the official code;
+    # loss_weight: λ; faithful_bug: read the contrastive weights by batch position (above)
+    params = {"tau": 0.1, "base_tau": 0.07, "loss_weight": 1.0, "faithful_bug": False}
+    shortcuts = {"FAITHFUL_BUG": "faithful_bug"}
 
     def losses(self, batch, out, log_prior):
-        cfg = self.cfg
+        p = self.p
         logits_w = out.logits["weak"]
         z = torch.cat([out.proj["weak"], out.proj["strong"]])
         disamb = logits_w.detach().float()
         if log_prior is not None:
             disamb = disamb - log_prior
         probs = F.softmax(disamb, dim=1)
-        contrast_conf = batch.conf_table[:len(batch.idx)] if cfg.faithful_bug else batch.conf
+        contrast_conf = batch.conf_table[:len(batch.idx)] if p["faithful_bug"] else batch.conf
         l_cls = soft_cross_entropy(logits_w, batch.conf, batch.weight)
         l_cont = contrastive_loss(z, ambiguity_weights(batch.cand, contrast_conf, probs),
-                                  cfg.tau, cfg.base_tau, batch.weight)
-        return (l_cls + cfg.loss_weight * l_cont, {"loss_cls": l_cls, "loss_cont": l_cont},
+                                  p["tau"], p["base_tau"], batch.weight)
+        return (l_cls + p["loss_weight"] * l_cont, {"loss_cls": l_cls, "loss_cont": l_cont},
                 updated_confidence(probs, batch.cand))

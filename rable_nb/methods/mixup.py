@@ -64,14 +64,15 @@ def pairing(n: int, mask: torch.Tensor | None, generator: torch.Generator, devic
 
 class Mixup(Modifier):
     name = "mixup"
-    params = {"weight": 1.0}
+    params = {"weight": 1.0, "alpha": 4.0}   # loss weight; λ ~ Beta(alpha, alpha)
 
     def __init__(self, cfg, params):
         super().__init__(cfg, params)
-        alpha = cfg.mixup_alpha
+        alpha = params["alpha"]
         if not (float(alpha).is_integer() and alpha >= 1):
-            raise ValueError(f"mixup_alpha={alpha!r} is invalid: it must be a whole number "
-                             "≥ 1 (λ is drawn on the device as a ratio of Gamma sums).")
+            raise ValueError(f"method_params['mixup']['alpha']={alpha!r} is invalid: it must "
+                             "be a whole number ≥ 1 (λ is drawn on the device as a ratio of "
+                             "Gamma sums).")
         self.alpha = int(alpha)
 
     def _mix(self, method, batch, out):

@@ -31,6 +31,7 @@ class Records(Modifier):
     name = "records"
     approach = "re-weighting (RECORDS)"
     needs = "features"
+    params = {"m": 0.9}   # momentum of the feature mean F
 
     @classmethod
     def incompatible(cls, base, others):
@@ -47,7 +48,7 @@ class Records(Modifier):
     def observe(self, method, batch, out):
         """Update F with this step's features, then take the prior from the updated F."""
         feats = torch.stack([out.feats[v] for v in method.base.views]).mean(0)
-        self.feat_mean.copy_(momentum_mean(self.feat_mean, feats, self.cfg.records_m))
+        self.feat_mean.copy_(momentum_mean(self.feat_mean, feats, self.p["m"]))
         self._prior = classifier_log_prior(batch.net.classifier, self.feat_mean)
 
     def disambiguation_log_prior(self, batch):

@@ -183,9 +183,11 @@ def pretrain(images: torch.Tensor, arch: str, epochs: int, batch_size: int, lr: 
 
 class Ssp(Able):
     name = "ssp"
-    shortcuts = {"SSP_EPOCHS": "epochs"}
+    shortcuts = {**Able.shortcuts, "SSP_EPOCHS": "epochs"}
     approach = "self-supervision (SSP)"
-    params = {"epochs": None, "lr": 0.1, "weight_decay": 2e-4, "batch_size": None}
+    # ABLE's own, then the rotation pre-training's (epochs/batch size: those of the run)
+    params = {**Able.params, "epochs": None, "lr": 0.1, "weight_decay": 2e-4,
+              "batch_size": None}
 
     @classmethod
     def default_params(cls, cfg):
