@@ -1,4 +1,4 @@
-"""Command line: ``python -m rable_nb run|sweep|bench|figures|results`` (see README)."""
+"""Command line: ``python -m rable_nb run|sweep|bench|figures|results|campaign`` (see README)."""
 from __future__ import annotations
 
 import argparse
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     results = sub.add_parser("results", help="regenerate results/README.md from its metrics files")
     results.add_argument("--root", help="results folder (default results/)")
+
+    from .campaign import add_parser as add_campaign   # torch-free until it runs
+    add_campaign(sub)
     return parser
 
 
@@ -75,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "results":
         from .results import main_results
         return main_results(args)
+    if args.command == "campaign":
+        from .campaign import main_campaign
+        return main_campaign(args)
     if args.command == "figures":
         from .figures import main_figures
         return main_figures(args)
