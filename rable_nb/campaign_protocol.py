@@ -35,16 +35,20 @@ def _spawn():
 
 # -- started with the campaign: the data's decode and the methods' processes --------------
 def start_background(camp: Campaign) -> None:
-    """Generate (tiny) the data and start decoding it into the cache, and start one process
-    per method, which imports what it needs and waits for the stage: both overlap the
-    earlier stages."""
+    """Generate (tiny) the data and start decoding it into the cache; on a GPU machine also
+    start the methods' processes, which import what they need and wait for the stage (both
+    overlap the earlier stages; a 2-core rehearsal starts its processes in the stage)."""
     if camp.tiny:
         from . import data
         camp.data_dir = data.write_fake_cifar(camp.work / "cifar", **TINY_DATA)
-    ctx = _spawn()
-    camp.prefetch = ctx.Process(target=_decode, args=(str(camp.data_dir),), daemon=True)
+    camp.prefetch = _spawn().Process(target=_decode, args=(str(camp.data_dir),), daemon=True)
     camp.prefetch.start()
-    camp.workers = {}
+    if not camp.tiny:
+        start_workers(camp)
+
+
+def start_workers(camp: Campaign) -> None:
+    ctx = _spawn()
     for method in camp.methods:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_worker, args=(method, child), daemon=True)
@@ -112,6 +116,8 @@ def protocol_l(camp: Campaign, deadline: float) -> dict:
                                                     "RATE", "N_MAX")} | {"source": cifar.source})
     graph, why = use_graph(camp)
     P["GRAPH"] = graph
+    if not camp.workers:
+        start_workers(camp)
     threads = max(1, (os.cpu_count() or 1) // len(camp.methods))
     for _, conn in camp.workers.values():
         conn.send({"P": P, "data_dir": str(camp.data_dir), "threads": threads,

@@ -115,7 +115,8 @@ def cuda_tests(camp: Campaign, deadline: float) -> dict:
         return {"status": "skipped", "reason": missing}
     files = cuda_test_files()
     report = camp.work / "cuda-tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
+    # the interpreter's own flags (-S, -I) too, as multiprocessing passes them on
+    cmd = [sys.executable, *subprocess._args_from_interpreter_flags(), "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
            f"--junitxml={report}", *[str(f.relative_to(config.PROJECT_ROOT)) for f in files]]
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join([str(config.PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -130,7 +131,7 @@ def cuda_tests(camp: Campaign, deadline: float) -> dict:
     counts = {s: sum(1 for t in tests.values() if t["outcome"] == s)
               for s in ("passed", "failed", "skipped")}
     status = "ok" if done.returncode in (0, 5) and not counts["failed"] else "failed"
-    return {"status": status, "command": " ".join(cmd[1:-len(files)] + ["<files>"]),
+    return {"status": status, "command": " ".join(cmd[1:len(cmd) - len(files)] + ["<files>"]),
             "files": [f.name for f in files], "returncode": done.returncode, **counts,
             "tests": tests, "output_tail": done.stdout[-1500:] + done.stderr[-1500:],
             "headline": f"{counts['passed']} passed, {counts['failed']} failed, "
