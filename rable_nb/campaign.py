@@ -19,25 +19,23 @@ the time left is skipped and says so, and so is an item whose packages are missi
 (``require``). The stages call the package directly: no papermill, no notebook kernels.
 ``--tiny`` runs the same stages on a CPU at tiny sizes (generated data) in about a minute:
 ``tests/test_campaign.py`` runs it, so the command is proven before any GPU is lent.
-The stages themselves are in ``rable_nb/campaign_stages.py``.
+The stages and the state they share (``Campaign``) are in ``rable_nb/campaign_stages.py``,
+protocol L's in ``rable_nb/campaign_protocol.py``.
 """
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import os
 import re
 import shutil
 import sys
 import tempfile
 import time
-import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import config
+from . import campaign_protocol, campaign_stages, config
+from .campaign_stages import SUMMARY, Campaign, error_record
 
-SUMMARY = "campaign.json"
 BUNDLE_LIMIT = 1_000_000            # bytes: the whole bundle, checked when it is written
 # stage -> (share of the total budget, fewest seconds worth starting it; None: what is left)
 BUDGETS = {"environment": (0.02, 1), "cuda_tests": (0.15, 15), "speed": (0.13, 15),
@@ -50,59 +48,14 @@ TINY_MINUTES = 3.0                  # --tiny's default budget (it needs about on
 DEFAULT_METHODS = ("able+la", "able+records", "corr+records+mixup")
 
 
+STAGES = [("environment", campaign_stages.environment),
+          ("cuda_tests", campaign_stages.cuda_tests), ("speed", campaign_stages.speed),
+          ("device_checks", campaign_stages.device_checks),
+          ("protocol_l", campaign_protocol.protocol_l)]
+
+
 class CampaignError(ValueError):
     """Bad input to the command: one clear line, nothing written."""
-
-
-def require(*modules: str) -> str | None:
-    """Why an item needing ``modules`` cannot run here (None when all are importable)."""
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if not missing:
-        return None
-    return (f"needs {', '.join(missing)} (not installed here; docs/gpu-lease.md lists the "
-            "wheels a bare torch image needs)")
-
-
-def error_record(err: BaseException) -> dict:
-    """Type, message and the last lines of the traceback of an exception."""
-    tail = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-    return {"type": type(err).__name__, "message": str(err)[:2000],
-            "traceback": tail[-3000:]}
-
-
-@dataclass
-class Campaign:
-    """What every stage reads: settings, folders, the clock, and earlier stages' records."""
-
-    out: Path                       # the bundle (committed): small files only
-    work: Path                      # scratch: run directories, checkpoints, decoded data
-    device: str
-    tiny: bool
-    minutes: float
-    methods: list[str]
-    data_dir: Path | None = None
-    start: float = field(default_factory=time.time)
-    summary: dict = field(default_factory=dict)
-    prefetch: object = None         # the background decode of the data (a process)
-    workers: dict = field(default_factory=dict)   # protocol L: method -> (process, pipe)
-
-    @property
-    def total_s(self) -> float:
-        return 60 * self.minutes
-
-    @property
-    def deadline(self) -> float:
-        return self.start + self.total_s
-
-    def left(self) -> float:
-        return self.deadline - time.time()
-
-    def stage(self, name: str) -> dict:
-        """An earlier stage's record ({} when it did not run)."""
-        return self.summary.get("stages", {}).get(name, {})
-
-    def write(self) -> None:
-        config.write_json(self.out / SUMMARY, self.summary)
 
 
 def stage_budget(camp: Campaign, name: str) -> tuple[float, float]:
@@ -268,7 +221,6 @@ def main_campaign(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     camp.start = start
-    from . import campaign_stages
     os.environ["RABLE_CACHE"] = str(camp.work / "cache")  # nothing leaks into .cache/
     camp.summary = {"options": {k: v for k, v in vars(args).items() if k != "command"},
                     "tiny": camp.tiny, "device": camp.device, "minutes": camp.minutes,
@@ -278,9 +230,10 @@ def main_campaign(args) -> int:
     print(f"campaign: {camp.minutes:g} min on {camp.device}{' (tiny)' if camp.tiny else ''}"
           f" -> {camp.out}", flush=True)
     try:
-        summary = run_stages(camp, campaign_stages.stages(camp))
+        campaign_protocol.start_background(camp)   # the data's decode, protocol L's processes
+        summary = run_stages(camp, STAGES)
     finally:
-        campaign_stages.stop_background(camp)
+        campaign_protocol.stop_background(camp)
         if not args.work:
             shutil.rmtree(camp.work, ignore_errors=True)
     try:

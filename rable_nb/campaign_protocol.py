@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from . import config
-from .campaign import Campaign, error_record
+from .campaign_stages import Campaign, error_record
 
 PROBE_EPOCHS = {False: 2, True: 1}  # timed before the epoch count is chosen (the last counts)
 MARGIN = 0.88                       # share of the time left that the schedule may fill

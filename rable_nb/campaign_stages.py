@@ -1,24 +1,28 @@
-"""The stages of ``python -m rable_nb campaign`` (``rable_nb/campaign.py``): each is
-``fn(camp, deadline) -> record``; an item that would start after ``deadline`` is skipped and
-says so. Protocol L's side-by-side runs are in ``rable_nb/campaign_protocol.py``.
+"""The stages of ``python -m rable_nb campaign`` (``rable_nb/campaign.py`` runs them) and the
+state they share (``Campaign``): each is ``fn(camp, deadline) -> record``; an item that would
+start after ``deadline`` is skipped and says so, and so is one whose packages are missing.
+Protocol L's side-by-side runs are in ``rable_nb/campaign_protocol.py``.
 """
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import math
 import os
 import platform
 import subprocess
 import sys
 import time
+import traceback
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import config
-from .campaign import Campaign, error_record, require
 
+SUMMARY = "campaign.json"              # the bundle's record of every stage
 # distributions the campaign's stages import (environment: their versions, or None)
 PACKAGES = ("torch", "torchvision", "numpy", "pillow", "safetensors", "tqdm", "scipy",
             "diffusers", "torchcfm", "pot", "torchdiffeq", "scikit-learn", "transformers",
@@ -32,17 +36,56 @@ GEN_NEEDS = {"pixel": ("diffusers", "torchcfm", "ot", "torchdiffeq"), "feature":
 CHECK_PARAMS = {"solar": {"queue_batches": 2, "est_epochs": 1}, "ssp": {"epochs": 1}}
 
 
-def stages(camp: Campaign) -> list:
-    """[(name, fn)] in order; starts the CIFAR-10 decode in the background for protocol L."""
-    from . import campaign_protocol
-    campaign_protocol.start_background(camp)
-    return [("environment", environment), ("cuda_tests", cuda_tests), ("speed", speed),
-            ("device_checks", device_checks), ("protocol_l", campaign_protocol.protocol_l)]
+def require(*modules: str) -> str | None:
+    """Why an item needing ``modules`` cannot run here (None when all are importable)."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return (f"needs {', '.join(missing)} (not installed here; docs/gpu-lease.md lists the "
+            "wheels a bare torch image needs)")
 
 
-def stop_background(camp: Campaign) -> None:
-    from . import campaign_protocol
-    campaign_protocol.stop_background(camp)
+def error_record(err: BaseException) -> dict:
+    """Type, message and the last lines of the traceback of an exception."""
+    tail = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    return {"type": type(err).__name__, "message": str(err)[:2000],
+            "traceback": tail[-3000:]}
+
+
+
+@dataclass
+class Campaign:
+    """What every stage reads: settings, folders, the clock, and earlier stages' records."""
+
+    out: Path                       # the bundle (committed): small files only
+    work: Path                      # scratch: run directories, checkpoints, decoded data
+    device: str
+    tiny: bool
+    minutes: float
+    methods: list[str]
+    data_dir: Path | None = None
+    start: float = field(default_factory=time.time)
+    summary: dict = field(default_factory=dict)
+    prefetch: object = None         # the background decode of the data (a process)
+    workers: dict = field(default_factory=dict)   # protocol L: method -> (process, pipe)
+
+    @property
+    def total_s(self) -> float:
+        return 60 * self.minutes
+
+    @property
+    def deadline(self) -> float:
+        return self.start + self.total_s
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def stage(self, name: str) -> dict:
+        """An earlier stage's record ({} when it did not run)."""
+        return self.summary.get("stages", {}).get(name, {})
+
+    def write(self) -> None:
+        config.write_json(self.out / SUMMARY, self.summary)
 
 
 def items(deadline: float, work) -> tuple[dict, str]:

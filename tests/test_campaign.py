@@ -34,7 +34,7 @@ def test_bad_input_is_one_clear_line_and_leaves_no_folder(tmp_path, capsys):
 
 
 def _camp(tmp_path, minutes=2.0, tiny=False):
-    return campaign.Campaign(out=tmp_path / "b", work=tmp_path / "w", device="cpu", tiny=tiny,
+    return campaign_stages.Campaign(out=tmp_path / "b", work=tmp_path / "w", device="cpu", tiny=tiny,
                              minutes=minutes, methods=["able"])
 
 
