@@ -29,8 +29,11 @@ TINY_SETTINGS = dict(ARCH="tiny_cnn", BATCH_SIZE=16, N_MAX=24, N_TEST_PER_CLASS=
                      IMBALANCE_FACTOR=0.1)
 
 
-def _spawn():
-    return multiprocessing.get_context("spawn")     # CUDA is initialised in this process
+def _context(camp: Campaign):
+    """Spawned processes on a GPU machine (this process holds a CUDA context, which a fork
+    must not inherit); forked ones on a CPU, which start without importing torch again."""
+    forkable = camp.device == "cpu" and "fork" in multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if forkable else "spawn")
 
 
 # -- started with the campaign: the data's decode and the methods' processes --------------
@@ -41,14 +44,15 @@ def start_background(camp: Campaign) -> None:
     if camp.tiny:
         from . import data
         camp.data_dir = data.write_fake_cifar(camp.work / "cifar", **TINY_DATA)
-    camp.prefetch = _spawn().Process(target=_decode, args=(str(camp.data_dir),), daemon=True)
+    camp.prefetch = _context(camp).Process(target=_decode, args=(str(camp.data_dir),),
+                                           daemon=True)
     camp.prefetch.start()
     if not camp.tiny:
         start_workers(camp)
 
 
 def start_workers(camp: Campaign) -> None:
-    ctx = _spawn()
+    ctx = _context(camp)
     for method in camp.methods:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_worker, args=(method, child), daemon=True)

@@ -159,10 +159,11 @@ def cuda_tests(camp: Campaign, deadline: float) -> dict:
     files = cuda_test_files()
     report = camp.work / "cuda-tests.xml"
     # the interpreter's own flags (-S, -I) too, as multiprocessing passes them on
-    cmd = [sys.executable, *subprocess._args_from_interpreter_flags(), "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
-           f"--junitxml={report}", *[str(f.relative_to(config.PROJECT_ROOT)) for f in files]]
-    env = {**os.environ,
-           "PYTHONPATH": os.pathsep.join([str(config.PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, *subprocess._args_from_interpreter_flags(), "-m", "pytest",
+           "-m", "cuda", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+           *[str(f.relative_to(config.PROJECT_ROOT)) for f in files]]
+    path = os.pathsep.join([str(config.PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
     try:
         done = subprocess.run(cmd, cwd=config.PROJECT_ROOT, env=env, capture_output=True,
                               text=True, timeout=max(deadline - time.time(), 1))

@@ -201,8 +201,9 @@ def render(entries: list[dict]) -> str:
         members = [m for m in entries if m["group"] == group]
         note = campaign_note(members)
         parts += [f"\n## {heading(group)}\n", note, "\nLast-epoch test accuracy (%):\n\n",
-                  protocol_table(members, published=bool(note)), "\nDetails (protocol check: the settings notebook "
-                  "04 recognised, `custom` when they differ from the protocol's):\n\n",
+                  protocol_table(members, published=bool(note)),
+                  "\nDetails (protocol check: the settings notebook 04 recognised, `custom` "
+                  "when they differ from the protocol's):\n\n",
                   detail_table(members)]
     return "".join(parts)
 

@@ -34,8 +34,8 @@ def test_bad_input_is_one_clear_line_and_leaves_no_folder(tmp_path, capsys):
 
 
 def _camp(tmp_path, minutes=2.0, tiny=False):
-    return campaign_stages.Campaign(out=tmp_path / "b", work=tmp_path / "w", device="cpu", tiny=tiny,
-                             minutes=minutes, methods=["able"])
+    return campaign_stages.Campaign(out=tmp_path / "b", work=tmp_path / "w", device="cpu",
+                                    tiny=tiny, minutes=minutes, methods=["able"])
 
 
 def test_each_stage_is_recorded_as_it_ends_errors_and_skips_included(tmp_path, capsys):
@@ -76,7 +76,8 @@ def test_items_skip_missing_packages_and_spent_budgets_and_record_crashes():
     def crash():
         raise ValueError("bf16 not supported")
     records, status = campaign_stages.items(time.time() + 60, [
-        ("a", ("no_such_module_rable",), lambda: {}), ("b", (), crash), ("c", (), lambda: {"x": 1})])
+        ("a", ("no_such_module_rable",), lambda: {}), ("b", (), crash),
+        ("c", (), lambda: {"x": 1})])
     assert records["a"]["status"] == "skipped" and "no_such_module_rable" in records["a"]["reason"]
     assert records["b"]["status"] == "failed" and records["b"]["error"]["type"] == "ValueError"
     assert records["c"]["status"] == "ok" and records["c"]["x"] == 1 and status == "failed"
@@ -168,8 +169,8 @@ def test_tiny_campaign_runs_every_stage_on_a_cpu(tmp_path):
     stages = summary["stages"]
     assert list(stages) == list(campaign.BUDGETS)
     assert {k: v["status"] for k, v in stages.items()} == dict.fromkeys(stages, "ok")
-    stage_lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
-    assert [line.split()[2] for line in stage_lines] == list(stages)   # one line per stage
+    stage_lines = re.findall(r"^\[ *\d+ s\] (\w+) ", done.stdout, re.M)
+    assert stage_lines == list(stages)                                # one line per stage
     assert stages["environment"]["packages"]["torch"]
     tests = stages["cuda_tests"]
     assert tests["skipped"] >= 7 and tests["failed"] == 0             # no CUDA here
