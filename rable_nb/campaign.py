@@ -41,7 +41,7 @@ BUNDLE_LIMIT = 1_000_000            # bytes: the whole bundle, checked when it i
 BUDGETS = {"environment": (0.02, 1), "cuda_tests": (0.15, 15), "speed": (0.13, 15),
            "device_checks": (0.17, 15), "protocol_l": (None, 45)}
 TINY_LEAST = 1                      # --tiny: any stage with a second left is worth starting
-TINY_MINUTES = 3.0                  # --tiny's default budget (it needs about one minute)
+TINY_MINUTES = 5.0                  # --tiny's default budget (ample: it needs 0.5-2 min)
 # protocol L: the quick table's strongest method on real data only (able+la: 35.87 % in
 # results/quick-cpu; supervised uses true labels, rable* need a generator) + the two the
 # issue names

@@ -120,6 +120,9 @@ def protocol_l(camp: Campaign, deadline: float) -> dict:
                                                     "RATE", "N_MAX")} | {"source": cifar.source})
     graph, why = use_graph(camp)
     P["GRAPH"] = graph
+    if camp.device == "cuda":
+        import torch
+        torch.cuda.empty_cache()        # what the earlier stages cached goes to the workers
     if not camp.workers:
         start_workers(camp)
     threads = max(1, (os.cpu_count() or 1) // len(camp.methods))

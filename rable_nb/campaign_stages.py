@@ -258,16 +258,16 @@ def train_check(method: str, device: str, graph: bool, arch: str = "tiny_cnn", n
             **({"captures": tr._captured.captures} if tr.graph else {})}
 
 
-def compare_paths(eager: dict, graph: dict, rel: float = 0.05) -> dict:
-    """Largest relative gap between the eager and graph runs' loss terms (bf16 rounding
-    keeps it small: tests/test_cuda_graph.py); ``AssertionError`` above ``rel``."""
-    gaps = [abs(a - b) / max(abs(a), 1e-3) for k in eager["losses"]
-            for a, b in zip(eager["losses"][k], graph["losses"].get(k, []))]
-    gap = max(gaps, default=0.0)
-    if gap > rel:
-        raise AssertionError(f"graph and eager losses differ by {gap:.3f} (> {rel}): "
-                             f"eager {eager['losses']}, graph {graph['losses']}")
-    return {"max_relative_gap": round(gap, 5)}
+def compare_paths(eager: dict, graph: dict, rel: float = 0.02, abs_: float = 2e-3) -> dict:
+    """Largest gap between the eager and graph runs' per-epoch loss terms; the two draw the
+    same random numbers, so bf16 rounding alone separates them (the tolerance of
+    tests/test_cuda_graph.py): ``AssertionError`` past ``rel`` × |eager| + ``abs_``."""
+    pairs = [(k, a, b) for k in eager["losses"]
+             for a, b in zip(eager["losses"][k], graph["losses"].get(k, []))]
+    off = [(k, a, b) for k, a, b in pairs if abs(a - b) > rel * abs(a) + abs_]
+    if off:
+        raise AssertionError(f"graph and eager losses differ: {off[:4]} (term, eager, graph)")
+    return {"max_abs_gap": max((abs(a - b) for _, a, b in pairs), default=0.0)}
 
 
 def method_work(camp: Campaign, name: str, **kw):

@@ -160,8 +160,8 @@ def test_tiny_campaign_runs_every_stage_on_a_cpu(tmp_path):
     out = tmp_path / "gpu-bundle"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(config.PROJECT_ROOT)}
     t0 = time.time()
-    done = subprocess.run([sys.executable, "-m", "rable_nb", "campaign", "--tiny", "--minutes",
-                           "5", "--out", str(out)], cwd=config.PROJECT_ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "rable_nb", "campaign", "--tiny",
+                           "--out", str(out)], cwd=config.PROJECT_ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     seconds = time.time() - t0
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
@@ -193,3 +193,24 @@ def test_tiny_campaign_runs_every_stage_on_a_cpu(tmp_path):
     assert results.write_readme(tmp_path)[1] == 3                       # renders with the gap
     assert f"{L['epochs']} of 800 epochs" in (tmp_path / "README.md").read_text()
     print(f"tiny campaign: {seconds:.0f} s wall, {summary['seconds']:.0f} s inside")
+
+
+def test_graph_and_eager_are_compared_within_bf16_tolerance_and_graphs_need_proof(tmp_path):
+    eager = {"losses": {"loss_cls": [2.30, 1.90], "loss_mix": [0.0, 0.0004]}}
+    near = {"losses": {"loss_cls": [2.31, 1.89], "loss_mix": [0.0, 0.0011]}}
+    assert campaign_stages.compare_paths(eager, near)["max_abs_gap"] == pytest.approx(0.01)
+    with pytest.raises(AssertionError, match="loss_cls"):
+        campaign_stages.compare_paths(eager, {"losses": {"loss_cls": [2.30, 2.10]}})
+    camp = _camp(tmp_path)
+    camp.methods = ["able", "corr"]
+    assert campaign_protocol.use_graph(camp) == (False, "eager: no CUDA device")
+    camp.device = "cuda"
+    ok = {"status": "ok"}
+    camp.summary = {"stages": {"device_checks": {"items": {"method:able": ok}},
+                               "speed": {"items": {"train": {"graph_over_eager": 1.4}}}}}
+    graph, why = campaign_protocol.use_graph(camp)
+    assert not graph and "['corr']" in why                     # corr's graph path unchecked
+    camp.summary["stages"]["device_checks"]["items"]["method:corr"] = ok
+    assert campaign_protocol.use_graph(camp)[0]
+    camp.summary["stages"]["speed"]["items"]["train"]["graph_over_eager"] = 1.01
+    assert campaign_protocol.use_graph(camp) == (False, "eager: graph_over_eager = 1.01")
