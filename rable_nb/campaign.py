@@ -155,13 +155,20 @@ def _slug(text: str) -> str:
 
 
 def default_out(device: str, tiny: bool) -> Path:
-    """results/gpu-<date>-<device name> (tiny: runs/campaign-tiny-<date>)."""
+    """results/gpu-<date>-<device name> (tiny: runs/campaign-tiny-<date>), with -2, -3, ...
+    when a bundle of that name exists already (a lease must never stop on its name)."""
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     if tiny:
-        return config.PROJECT_ROOT / "runs" / f"campaign-tiny-{date}"
-    import torch
-    name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-    return config.PROJECT_ROOT / "results" / f"gpu-{date}-{_slug(name.replace('NVIDIA', ''))}"
+        base = config.PROJECT_ROOT / "runs" / f"campaign-tiny-{date}"
+    else:
+        import torch
+        name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+        base = config.PROJECT_ROOT / "results" / f"gpu-{date}-{_slug(name.replace('NVIDIA', ''))}"
+    out, k = base, 1
+    while out.exists():
+        k += 1
+        out = base.with_name(f"{base.name}-{k}")
+    return out
 
 
 def parse_methods(text: str | None) -> list[str]:

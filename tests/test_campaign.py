@@ -33,6 +33,14 @@ def test_bad_input_is_one_clear_line_and_leaves_no_folder(tmp_path, capsys):
     assert "exists and is not empty" in capsys.readouterr().err
 
 
+def test_a_default_bundle_name_never_collides_with_an_earlier_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "PROJECT_ROOT", tmp_path)
+    first = campaign.default_out("cpu", tiny=False)
+    assert first.parent == tmp_path / "results" and first.name.startswith("gpu-")
+    first.mkdir(parents=True)
+    assert campaign.default_out("cpu", tiny=False) == first.with_name(first.name + "-2")
+
+
 def _camp(tmp_path, minutes=2.0, tiny=False):
     return campaign_stages.Campaign(out=tmp_path / "b", work=tmp_path / "w", device="cpu",
                                     tiny=tiny, minutes=minutes, methods=["able"])
