@@ -78,12 +78,16 @@ def run_stages(camp: Campaign, stages) -> dict:
             record = {"status": "skipped", "reason": f"budget: it needs at least {least:.0f} s "
                       f"and {max(camp.left(), 0):.0f} s of the campaign are left"}
         else:
+            camp.summary["stages"][name] = {"status": "running", "budget_s": round(budget, 1),
+                                            "started_s": round(t0 - camp.start, 1)}
+            camp.write()                      # a kill inside the stage leaves this behind
             try:
                 record = dict(fn(camp, t0 + budget) or {})
                 record.setdefault("status", "ok")
             except Exception as err:          # recorded; the next stage still runs
                 record = {"status": "error", "error": error_record(err)}
-        record.update(budget_s=round(budget, 1), seconds=round(time.time() - t0, 1))
+        record.update(budget_s=round(budget, 1), started_s=round(t0 - camp.start, 1),
+                      seconds=round(time.time() - t0, 1))
         camp.summary["stages"][name] = record
         camp.write()
         print(f"[{time.time() - camp.start:6.0f} s] {name:<14} {record['status']:<8} "

@@ -185,6 +185,7 @@ def _conduct(camp, workers, P, deadline, run, info) -> dict:
     out.update(epoch_s=round(epoch_s, 3), seconds_left=round(left, 1), epochs=epochs,
                epoch_rule=f"E = min({cap}, floor(({MARGIN} × {left:.0f} s − {END_S} s) / "
                           f"{epoch_s:.2f} s) − {extra})")
+    camp.note("protocol_l", **{k: out[k] for k in ("epoch_s", "epochs", "epoch_rule")})
     for m, (_, conn) in workers.items():
         conn.send(epochs if m in timed else 0)
     if epochs < 1:

@@ -87,6 +87,11 @@ class Campaign:
     def write(self) -> None:
         config.write_json(self.out / SUMMARY, self.summary)
 
+    def note(self, stage: str, **fields) -> None:
+        """Add ``fields`` to a running stage's record, on disk at once (what a kill leaves)."""
+        self.summary["stages"][stage].update(fields)
+        self.write()
+
 
 def items(deadline: float, work) -> tuple[dict, str]:
     """Run ``work`` [(key, needs (module names), fn() -> dict)] until ``deadline``; every

@@ -65,7 +65,10 @@ def test_each_stage_is_recorded_as_it_ends_errors_and_skips_included(tmp_path, c
 
     summary = campaign.run_stages(camp, [("environment", env), ("cuda_tests", broken),
                                          ("speed", slow), ("protocol_l", env)])
-    assert list(seen[0]) == ["environment"] and list(seen[1]) == ["environment", "cuda_tests"]
+    assert list(seen[0]) == ["environment", "cuda_tests"]       # the running stage too
+    assert seen[0]["cuda_tests"]["status"] == "running"
+    assert seen[0]["environment"]["status"] == "ok"
+    assert seen[1]["cuda_tests"]["status"] == "error" and seen[1]["speed"]["status"] == "running"
     stages = summary["stages"]
     assert stages["environment"]["status"] == "ok"
     err = stages["cuda_tests"]["error"]
