@@ -6,9 +6,8 @@
 # Usage: scripts/gpu-wheels.sh [CIFAR-10 folder with train.tar.gz/test.tar.gz]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-# requirements.txt's pins of what the lease image lacks (docs/gpu-lease.md: the image's
-# package list in /work/.library/device/KINDS.md has pytest, scikit-learn, scipy, requests,
-# huggingface-hub, transformers; not these three).
+# requirements.txt's pins of what the lease image lacks (docs/gpu-lease.md: the image has
+# pytest, scikit-learn, scipy, requests, huggingface-hub, transformers; not these three).
 WHEELS=(
   diffusers==0.42.1                   # pixel (UNet), feature (embeddings, schedulers), sd
   torchcfm==1.0.7 pot==0.9.7.post1    # pixel's flow matching (torchcfm imports POT: 33 MB)
