@@ -225,3 +225,17 @@ def test_graph_and_eager_are_compared_within_bf16_tolerance_and_graphs_need_proo
     assert campaign_protocol.use_graph(camp)[0]
     camp.summary["stages"]["speed"]["items"]["train"]["graph_over_eager"] = 1.01
     assert campaign_protocol.use_graph(camp) == (False, "eager: graph_over_eager = 1.01")
+
+
+def test_a_gpu_campaigns_protocol_l_settings_are_protocol_ls_but_for_the_epochs(tmp_path):
+    from rable_nb import training
+    camp = _camp(tmp_path)
+    camp.device, camp.data_dir, camp.methods = "cuda", tmp_path, list(campaign.DEFAULT_METHODS)
+    P = campaign_protocol.settings(camp, tmp_path / "run")
+    assert (P["ARCH"], P["BATCH_SIZE"], P["EPOCHS"], P["LR"]) == ("resnet18", 256, 800, 0.01)
+    ds_params = {k: P[k] for k in ("SEED", "IMBALANCE_FACTOR", "PARTIAL", "Q", "RATE", "N_MAX")}
+    assert training.protocol_name(P, ds_params) == "L"
+    assert training.protocol_name({**P, "EPOCHS": 40}, ds_params) == "custom"  # hence L-short
+    assert P["N_TEST_PER_CLASS"] == 1000 and P["CHECKPOINT_EVERY"] > 800
+    assert campaign_protocol.extra_epochs("corr+records+mixup", P, 40) == 0
+    assert campaign_protocol.extra_epochs("solar", P, 40) > 0          # its estimation stage
