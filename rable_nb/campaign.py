@@ -232,6 +232,9 @@ def main_campaign(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     camp.start = start
+    if camp.tiny:       # tiny tensors on a shared CPU: more threads only add overhead
+        import torch
+        torch.set_num_threads(1)
     os.environ["RABLE_CACHE"] = str(camp.work / "cache")  # nothing leaks into .cache/
     camp.summary = {"options": {k: v for k, v in vars(args).items() if k != "command"},
                     "tiny": camp.tiny, "device": camp.device, "minutes": camp.minutes,
