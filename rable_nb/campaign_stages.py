@@ -23,11 +23,12 @@ import numpy as np
 from . import config
 
 SUMMARY = "campaign.json"              # the bundle's record of every stage
-# distributions the campaign's stages import (environment: their versions, or None)
+# distributions the campaign's stages import (environment: their versions; `missing`: those
+# not installed), and some it does not need, recorded for the notebooks' sake
 PACKAGES = ("torch", "torchvision", "numpy", "pillow", "safetensors", "tqdm", "scipy",
             "diffusers", "torchcfm", "pot", "torchdiffeq", "scikit-learn", "transformers",
-            "tokenizers", "huggingface-hub", "pytest", "pyyaml", "matplotlib", "pandas",
-            "papermill")
+            "tokenizers", "huggingface-hub", "requests", "pytest")
+NOT_NEEDED = ("pyyaml", "matplotlib", "pandas", "papermill")
 CUDA_MARK = "pytest.mark.cuda"          # how a test file marks its CUDA-only tests
 GEN_NEEDS = {"pixel": ("diffusers", "torchcfm", "ot", "torchdiffeq"), "feature": ("diffusers",),
              "gan": ("sklearn",), "copy": (), "sd": ("diffusers", "transformers", "tokenizers")}
@@ -129,7 +130,7 @@ def summary_line(records: dict) -> str:
 def environment(camp: Campaign, deadline: float) -> dict:
     import torch
     versions = {}
-    for name in PACKAGES:
+    for name in PACKAGES + NOT_NEEDED:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -138,7 +139,7 @@ def environment(camp: Campaign, deadline: float) -> dict:
            "cpus": os.cpu_count(), "torch": torch.__version__,
            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
            "commit": config.git_commit(), "packages": versions,
-           "missing": sorted(k for k, v in versions.items() if v is None)}
+           "missing": sorted(k for k in PACKAGES if versions[k] is None)}
     if camp.device == "cuda":
         props = torch.cuda.get_device_properties(0)
         out["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
