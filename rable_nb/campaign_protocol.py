@@ -196,11 +196,14 @@ def _conduct(camp, workers, P, deadline, run, info) -> dict:
     bundle = camp.out / f"L-rho{1 / P['IMBALANCE_FACTOR']:g}-q{P['Q']:g}"
     for m, r in {**{m: probes[m] for m in probes if m not in timed}, **results}.items():
         out["methods"][m] = r if "error" in r else {"status": "ok", **r}
-        if "error" in r:
-            continue
+        log = run / "logs" / f"{m}.jsonl"
         (bundle / "logs").mkdir(parents=True, exist_ok=True)
+        if "error" in r:                # the epochs it did finish, to see how far it got
+            if log.exists():
+                shutil.copy(log, bundle / "logs" / f"{m}.unfinished.jsonl")
+            continue
         shutil.copy(run / f"metrics-{m}.json", bundle / f"metrics-{m}.json")
-        shutil.copy(run / "logs" / f"{m}.jsonl", bundle / "logs" / f"{m}.jsonl")
+        shutil.copy(log, bundle / "logs" / f"{m}.jsonl")
     if bundle.exists():
         shutil.copy(run / "dataset.json", bundle / "dataset.json")
     done = [m for m, r in out["methods"].items() if r.get("status") == "ok"]

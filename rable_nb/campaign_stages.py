@@ -10,6 +10,7 @@ import importlib.util
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -166,26 +167,34 @@ def cuda_tests(camp: Campaign, deadline: float) -> dict:
     report = camp.work / "cuda-tests.xml"
     # the interpreter's own flags (-S, -I) too, as multiprocessing passes them on
     cmd = [sys.executable, *subprocess._args_from_interpreter_flags(), "-m", "pytest",
-           "-m", "cuda", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+           "-m", "cuda", "-v", "--tb=short", "-p", "no:cacheprovider", f"--junitxml={report}",
            *[str(f.relative_to(config.PROJECT_ROOT)) for f in files]]
     path = os.pathsep.join([str(config.PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path}
     try:
         done = subprocess.run(cmd, cwd=config.PROJECT_ROOT, env=env, capture_output=True,
                               text=True, timeout=max(deadline - time.time(), 1))
-    except subprocess.TimeoutExpired as err:
-        tail = (err.stdout or b"")[-2000:]
+    except subprocess.TimeoutExpired as err:     # the tests that finished, from -v's lines
+        text = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else (
+            err.stdout or "")
         return {"status": "failed", "reason": "timed out at the stage's budget",
-                "output_tail": tail.decode(errors="replace") if isinstance(tail, bytes) else tail}
-    tests = junit_outcomes(report) if report.exists() else {}
+                "tests": verbose_outcomes(text), "output_tail": text[-2000:]}
+    tests = junit_outcomes(report) if report.exists() else verbose_outcomes(done.stdout)
     counts = {s: sum(1 for t in tests.values() if t["outcome"] == s)
               for s in ("passed", "failed", "skipped")}
-    status = "ok" if done.returncode in (0, 5) and not counts["failed"] else "failed"
+    # 0: all passed or skipped; 5 (none selected) means the cuda marker selects nothing
+    status = "ok" if done.returncode == 0 and not counts["failed"] else "failed"
     return {"status": status, "command": " ".join(cmd[1:len(cmd) - len(files)] + ["<files>"]),
             "files": [f.name for f in files], "returncode": done.returncode, **counts,
             "tests": tests, "output_tail": done.stdout[-1500:] + done.stderr[-1500:],
             "headline": f"{counts['passed']} passed, {counts['failed']} failed, "
                         f"{counts['skipped']} skipped"}
+
+
+def verbose_outcomes(text: str) -> dict:
+    """{test id: {outcome}} from the lines of ``pytest -v`` (what a time-out leaves)."""
+    found = re.findall(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR)", text, re.M)
+    return {name: {"outcome": {"ERROR": "failed"}.get(o, o.lower())} for name, o in found}
 
 
 def junit_outcomes(path: Path) -> dict:

@@ -122,6 +122,11 @@ def test_every_cuda_only_test_is_marked_and_collected(tmp_path):
                    '<testcase classname="t" name="bad"><failure message="assert 1 == 2">'
                    'trace</failure></testcase><testcase classname="t" name="s">'
                    '<skipped message="needs a CUDA GPU"/></testcase></testsuite></testsuites>')
+    lines = ("tests/test_a.py::test_x[able] PASSED   [ 50%]\n"
+             "tests/test_a.py::test_y FAILED   [100%]\nnoise PASSED\n")
+    assert campaign_stages.verbose_outcomes(lines) == {
+        "tests/test_a.py::test_x[able]": {"outcome": "passed"},
+        "tests/test_a.py::test_y": {"outcome": "failed"}}
     got = campaign_stages.junit_outcomes(xml)
     assert got["t::ok"] == {"outcome": "passed"}
     assert got["t::bad"]["outcome"] == "failed" and "assert 1 == 2" in got["t::bad"]["message"]
