@@ -1,4 +1,5 @@
-"""Command line: ``python -m rable_nb run|sweep|bench|figures|results`` (see docs/usage.md)."""
+"""Command line: ``python -m rable_nb run|sweep|bench|figures|results|demo|report|campaign``
+(see docs/usage.md)."""
 from __future__ import annotations
 
 import argparse
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="a run's executed notebooks as one HTML page")
     report.add_argument("--run", required=True, help="run directory, e.g. runs/smoke")
     report.add_argument("--out", help="HTML file (default <run>/report.html)")
+
+    from .campaign import add_parser as add_campaign   # torch-free until it runs
+    add_campaign(sub)
     return parser
 
 
@@ -87,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "results":
         from .results import main_results
         return main_results(args)
+    if args.command == "campaign":
+        from .campaign import main_campaign
+        return main_campaign(args)
     if args.command == "figures":
         from .figures import main_figures
         return main_figures(args)

@@ -45,7 +45,9 @@ PROFILE_DEFAULTS: dict[str, dict] = {
 
 
 def git_commit(root: Path = PROJECT_ROOT) -> str:
-    """Current commit of the project (``-dirty`` when tracked files changed), or 'unknown'."""
+    """Current commit of the project (``-dirty`` when tracked files changed); where git
+    cannot tell (a copy of the tree without ``.git``, e.g. on a GPU lease) ``RABLE_COMMIT``,
+    else 'unknown'."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                              text=True, check=True).stdout.strip()
@@ -53,7 +55,7 @@ def git_commit(root: Path = PROJECT_ROOT) -> str:
                                cwd=root, capture_output=True, text=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("RABLE_COMMIT") or "unknown"
 
 
 def write_atomic(path: str | os.PathLike, write) -> Path:

@@ -9,6 +9,10 @@ Every ``<root>/**/metrics-<method>.json`` (written by notebook 04; committed as
   method (for a top-up, with its size, generator and conditioning labels), columns = the
   data setting (ρ = 1 / IMBALANCE_FACTOR with q for uniform candidate sets, or rate r for
   instance-dependent ones), cells = last-epoch test accuracy, each linking its file;
+- runs of a GPU campaign (``python -m rable_nb campaign``: protocol L cut to the epochs a
+  lease allows, a ``campaign`` block in each file) are never shown as the 800-epoch protocol:
+  their section states the gap ("40 of 800 epochs"), their epochs read "40 of 800", and a
+  last column gives the published 800-epoch numbers (docs/protocols.md) beside them;
 - a detail table: last, best (the maximum over epochs of the test accuracy — the test set
   picks the epoch, so it is optimistic), many / medium / few, the test-time-adjusted last
   accuracy where the method has one, and per run the profile, network, device, epochs, wall
@@ -41,6 +45,14 @@ LEGEND = (
     "with test-time logit adjustment, for methods that have one (RECORDS). ρ = 1 / "
     "IMBALANCE_FACTOR; q: probability of each wrong label (uniform candidate sets); r: rate "
     "of instance-dependent candidate sets.\n")
+
+
+# Published CIFAR-10-LT numbers at rho = 100, q = 0.3, 800 epochs (docs/protocols.md):
+# method -> (%, the accuracy to compare them with)
+PUBLISHED = {"corr": (66.38, "accuracy"), "corr+records": (77.66, "accuracy_adjusted"),
+             "corr+records+mixup": (79.79, "accuracy_adjusted"),
+             "solar+mixup": (75.38, "accuracy")}
+PUBLISHED_SETTING = "ρ=100, q=0.3"
 
 
 def load(root) -> list[dict]:
@@ -97,6 +109,9 @@ def _link(text: str, m: dict) -> str:
 
 
 def _epochs(m: dict) -> str:
+    short = m.get("campaign") or {}
+    if short.get("protocol_epochs"):     # a campaign's shortened protocol: the gap, always
+        return f"{short['epochs']} of {short['protocol_epochs']}"
     planned = m["params"].get("train", {}).get("epochs")
     done = m.get("epochs_done", planned)
     return f"{done}" if planned in (None, done) else f"{done} of {planned}"
@@ -126,8 +141,9 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
 
-def protocol_table(entries: list[dict]) -> str:
-    """Method × setting, cells = last-epoch accuracy linking the metrics file(s)."""
+def protocol_table(entries: list[dict], published: bool = False) -> str:
+    """Method × setting, cells = last-epoch accuracy linking the metrics file(s);
+    ``published``: a last column with the published 800-epoch number of the method."""
     columns = sorted({setting(m) for m in entries}, key=_sort_key)
     methods = sorted({method_label(m) for m in entries})
     rows = []
@@ -137,8 +153,27 @@ def protocol_table(entries: list[dict]) -> str:
             cell = [_link(_pct(m["accuracy"]["last"]), m) for m in entries
                     if method_label(m) == method and setting(m) == col]
             row.append(" · ".join(cell) or "–")
+        if published:
+            value = PUBLISHED.get(method)
+            row.append(f"{value[0]:.2f} ({value[1].replace('accuracy_', '')})".replace(
+                " (accuracy)", "") if value else "–")
         rows.append(row)
-    return _table(["method"] + columns, rows)
+    extra = [f"published, 800 epochs ({PUBLISHED_SETTING})"] if published else []
+    return _table(["method"] + columns + extra, rows)
+
+
+def campaign_note(entries: list[dict]) -> str:
+    """What a section of campaign runs is: the epoch gap, stated; '' for other sections."""
+    short = [m["campaign"] for m in entries if (m.get("campaign") or {}).get("protocol_epochs")]
+    if not short:
+        return ""
+    gaps = sorted({f"{c['epochs']} of {c['protocol_epochs']}" for c in short})
+    return (f"\n**Shortened protocol L: {' / '.join(gaps)} epochs** — runs of a GPU campaign "
+            "(`python -m rable_nb campaign`), all methods side by side with the same epoch "
+            "count and the whole cosine schedule compressed into it. These are not the "
+            "800-epoch protocol (the protocol check says `L-short` where every other setting "
+            "is protocol L's); the published 800-epoch numbers are beside them for scale "
+            "(`adjusted`: compare with the adjusted accuracy).\n")
 
 
 def detail_table(entries: list[dict]) -> str:
@@ -164,9 +199,11 @@ def render(entries: list[dict]) -> str:
     parts = [HEADER, LEGEND]
     for group in sorted({m["group"] for m in entries}):
         members = [m for m in entries if m["group"] == group]
-        parts += [f"\n## {heading(group)}\n\nLast-epoch test accuracy (%):\n\n",
-                  protocol_table(members), "\nDetails (protocol check: the settings notebook "
-                  "04 recognised, `custom` when they differ from the protocol's):\n\n",
+        note = campaign_note(members)
+        parts += [f"\n## {heading(group)}\n", note, "\nLast-epoch test accuracy (%):\n\n",
+                  protocol_table(members, published=bool(note)),
+                  "\nDetails (protocol check: the settings notebook 04 recognised, `custom` "
+                  "when they differ from the protocol's):\n\n",
                   detail_table(members)]
     return "".join(parts)
 

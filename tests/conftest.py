@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rable_nb import data, runner
+from rable_nb import data
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +35,8 @@ def small_long_tail(cifar_dir):
 @pytest.fixture(scope="session")
 def run_notebooks(cifar_dir):
     """Callable: execute notebooks (``only='01,04'``) in smoke into ``out``; returns the dir."""
+    from rable_nb import runner  # papermill & co: not on a bare torch image (campaign's tests)
+
     def _run(only: str, out: Path, **params) -> Path:
         params.setdefault("DATA_DIR", str(cifar_dir))
         selected = runner.select(only, runner.list_notebooks())

@@ -166,6 +166,7 @@ def test_batched_logits_equal_one_forward_and_stay_off_autograd(monkeypatch):
         assert not out.requires_grad and net.training
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", ["weak_view", "strong_view"])
 def test_views_capture_in_a_cuda_graph_and_replay_like_eager(name):

@@ -11,7 +11,8 @@ import torch
 
 from rable_nb import cuda_graph, dataset, engine
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 PARAMS = {"solar": {"queue_batches": 4, "est_epochs": 1}}
 
 

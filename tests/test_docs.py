@@ -24,7 +24,7 @@ README_MAX_LINES = 150
 GENERATED = ("runs/",)                        # prefixes: written by the commands, git-ignored
 NOT_COMMITTED = {"figures/provenance.json"}   # written by `python -m rable_nb figures`
 PENDING = {                                   # announced, written in other branches
-    "docs/gpu-lease.md", "docs/quick-profile.md",
+    "docs/quick-profile.md",
 }
 
 TOP = ("rable_nb", "tests", "scripts", "examples", "docs", "notebooks", "results", "figures")
