@@ -218,8 +218,9 @@ def speed(camp: Campaign, deadline: float) -> dict:
     from . import bench
     profile = "smoke" if camp.tiny else "paper"
     train_bs, gen_bs = ([16], [8]) if camp.tiny else ([256], None)
+    precisions = None if camp.tiny else ("bf16", "fp32")   # the cost of PRECISION='fp32'
     work = [("train", (), lambda: bench.train(profile, camp.device, train_bs,
-                                              ("eager", "cuda_graph")))]
+                                              ("eager", "cuda_graph"), precisions))]
     work += [(f"gen_{name}", GEN_NEEDS[name],
               lambda name=name: bench.generator(name, profile, camp.device, gen_bs))
              for name in bench.BENCHED_GENERATORS]
