@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README_MAX_LINES = 150
 
 # Paths a doc may cite although they are not in the repository (keep this short):
-GENERATED = ("runs/",)                        # prefixes: written by the commands, git-ignored
+GENERATED = ("runs/", "results/gpu-")        # prefixes: written by the commands (runs/: ignored)
 NOT_COMMITTED = {"figures/provenance.json"}   # written by `python -m rable_nb figures`
 PENDING = {                                   # announced, written in other branches
     "docs/quick-profile.md",

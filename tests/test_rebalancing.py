@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rable_nb import data, dataset, engine, methods, training, unlabeled
-from rable_nb.methods import ssp
+from rable_nb.methods import able, ssp
 from rable_nb.networks import standardize, to_unit
 
 
@@ -117,9 +117,9 @@ def test_ssp_trains_able_from_the_pretrained_backbone(cifar, tmp_path, monkeypat
     y = np.arange(len(x)) % 10
     cand = dataset.uniform_candidates(y, 10, 0.3, 0)
     cfg = engine.TrainConfig(method="ssp+records", epochs=1, batch_size=32,
-                               method_params={"ssp": {"epochs": 2}})
-    assert cfg.method_params["ssp"] == {"epochs": 2, "lr": 0.1, "weight_decay": 2e-4,
-                                        "batch_size": 32}
+                             method_params={"ssp": {"epochs": 2}})
+    assert cfg.method_params["ssp"] == {**able.Able.params, "epochs": 2, "lr": 0.1,
+                                        "weight_decay": 2e-4, "batch_size": 32}
     tr = engine.Trainer(cfg, x, cand, y, "cpu")
     weights, info = ssp.pretrain(tr.x, "tiny_cnn", 2, 32, 0.1, 2e-4, cfg.lr_min)
     assert info["cached"]  # the trainer's pre-training filled the cache
