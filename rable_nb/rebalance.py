@@ -94,7 +94,8 @@ def run(P: dict, cifar, ds: dict) -> dict:
     cond_info["accuracy"] = conditioning.accuracy(cond, ds["labels"], cifar.num_classes)
     counts = np.bincount(cond, minlength=cifar.num_classes)
     plan = generators.topup_plan(counts, P["TARGET_PER_CLASS"])
-    settings = topup_settings(gen, P, cond_info)
+    settings = dict(topup_settings(gen, P, cond_info),  # the plan: checked by notebook 04
+                    plan=[int(plan[c]) for c in range(cifar.num_classes)])
     todo = generators.pending(run_dir, plan, cifar.classes, settings, gen.suffix)  # or refuses
     fit_x = gen.fit_inputs(real_x, warm_net, run_dir, cond_info.get("warmup"))
     fit = gen.fit(fit_x, cond, counts, P, run_dir)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import json
 import os
 import re
 import signal
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 from traitlets import Unicode, default
 from traitlets.config import Config
 
-from . import config, data
+from . import artefacts, config, data
 from .locks import DirLock, LockedError
 
 NOTEBOOK_DIR = config.PROJECT_ROOT / "notebooks"
@@ -199,8 +198,7 @@ def _failure_message(nb: Path, out: Path, err: pm.PapermillExecutionError) -> st
 
 def _previous_log(run_dir: Path, profile: str) -> dict:
     """``run.json`` of earlier runs of this profile in ``run_dir`` (else an empty log)."""
-    path = run_dir / "run.json"
-    log = json.loads(path.read_text()) if path.exists() else {}
+    log = artefacts.read_json(run_dir / "run.json", what="run log", resumable=True) or {}
     if log.get("profile") != profile:
         log = {"profile": profile, "notebooks": []}
     return dict(log, commit=config.git_commit())

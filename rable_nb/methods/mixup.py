@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import config
 from .base import Modifier
 
 
@@ -48,6 +49,7 @@ def pairing(n: int, mask: torch.Tensor | None, generator: torch.Generator, devic
 class Mixup(Modifier):
     name = "mixup"
     params = {"weight": 1.0}
+    rules = {"weight": config.number(0)}
 
     def __init__(self, cfg, params):
         super().__init__(cfg, params)
