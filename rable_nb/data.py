@@ -186,6 +186,18 @@ def _read_torchvision(root: Path):
     return out, list(splits[0].classes)
 
 
+def folder_counts(data_dir: str | os.PathLike | None = None) -> dict[str, int] | None:
+    """{class: image files} of an ImageFolder's training split (``train/<class>/``), in the
+    order labels are assigned (by name), counted without decoding; ``None`` for other
+    layouts or a data directory that does not exist (checked where it is loaded)."""
+    root = resolve_data_dir(data_dir)
+    if not root.is_dir() or detect_layout(root) != "folders":
+        return None
+    split = _folder_base(root) / "train"
+    return {d.name: sum(1 for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            for d in sorted(split.iterdir()) if d.is_dir()}
+
+
 def _folder_base(root: Path) -> Path:
     return root if (root / "train").is_dir() else root / "cifar10"
 

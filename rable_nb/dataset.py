@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import artefacts, config
 from .augment import random_crop_flip
-from .data import CLASSES, Cifar
+from .data import CLASSES, Cifar, folder_counts, resolve_data_dir
 from .networks import BACKBONES, batched_logits, build_backbone, normalize, pick_device
 
 
@@ -41,6 +41,29 @@ def validate(P: dict) -> None:
     config.check(P, {"N_MAX": config.integer(1), "CLEAN_ARCH": config.one_of(sorted(BACKBONES)),
                      "CLEAN_EPOCHS": config.integer(1), "CLEAN_PER_CLASS": config.integer(0)})
     num_images(P)  # an empty class is an error
+    check_folder_size(P)
+
+
+def check_folder_size(P: dict) -> None:
+    """An ImageFolder ``DATA_DIR`` must hold the long tail's images of every class (counted
+    without decoding, before notebook 01 starts); other layouts are checked as they load."""
+    if not (config.is_int(P.get("N_MAX")) and config.is_number(P.get("IMBALANCE_FACTOR"))
+            and "DATA_DIR" in P):
+        return
+    counts = folder_counts(P.get("DATA_DIR"))
+    if not counts:
+        return
+    wanted = long_tail_counts(P["N_MAX"], len(counts), P["IMBALANCE_FACTOR"])
+    short = [(name, have, need) for (name, have), need in zip(counts.items(), wanted)
+             if have < need]
+    if short:
+        name, have, need = short[0]
+        raise ValueError(
+            f"N_MAX={P['N_MAX']} is invalid: the ImageFolder at DATA_DIR="
+            f"{str(P.get('DATA_DIR') or resolve_data_dir())!r} has {have} training images of "
+            f"class {name!r}, and the long tail (N_MAX={P['N_MAX']}, IMBALANCE_FACTOR="
+            f"{P['IMBALANCE_FACTOR']}) needs {need}; lower N_MAX (its most frequent class "
+            f"holds {list(counts.values())[0]}) or use a larger folder.")
 
 
 def num_images(P: dict) -> int | None:

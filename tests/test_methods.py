@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rable_nb import engine, methods, training
+from rable_nb import config, engine, methods, training
 from rable_nb.methods import corr, mixup, solar
 
 B, C, D = 12, 5, 6
@@ -387,6 +387,7 @@ class Toy(methods.Base):
     name = "toy"
     needs = "features"
     params = {"aux_weight": 0.5}
+    rules = {"aux_weight": config.number(0)}  # every parameter has a rule
 
     def modules(self, net):
         self.head = torch.nn.Linear(net.backbone.feat_dim, 2)
