@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import audit, captioning, conditioning, config, generators, viz
+from . import audit, captioning, conditioning, config, generators, runfiles, viz
 from .config import project_path
 from .runfiles import load_synthetic, read_settings
 
@@ -55,6 +55,14 @@ def validate(params: dict) -> None:
         "COMPARE_RUNS": (lambda v: isinstance(v, list) and all(config.PATH[0](x) for x in v),
                          "a list of run directories (paths), e.g. ['runs/smoke-copy']"),
     })
+    for run in params.get("COMPARE_RUNS") or []:  # before anything runs, not in a note at the end
+        manifest = project_path(run) / runfiles.SYNTH_DIR / runfiles.MANIFEST
+        if not manifest.is_file():
+            raise ValueError(
+                f"COMPARE_RUNS={params['COMPARE_RUNS']!r} is invalid: {project_path(run)} "
+                + ("has no synthetic samples (no synthetic/manifest.jsonl): run notebook 03 "
+                   "there first" if project_path(run).is_dir() else "does not exist")
+                + "; relative paths are from the directory `run` is called in.")
     generators.validate(params)
 
 

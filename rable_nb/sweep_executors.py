@@ -227,7 +227,8 @@ def _ray_events(jobs: list[dict], cpus_per_point: float, gpus_per_point: float):
                     record = _lost_point(job, f"its Ray task failed: {err}"[:4000])
                 yield "end", job, record
     finally:
-        for ref in pending:
-            ray.cancel(ref, force=True)
+        for ref in pending:  # quietly: the sweep is stopping (Ctrl-C, SIGTERM, SIGHUP)
+            with suppress(Exception):
+                ray.cancel(ref, force=True)
         if own:
             ray.shutdown()

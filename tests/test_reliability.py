@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from rable_nb import (artefacts, config, data, dataset, engine, generators, methods, networks,
-                      predictions,
-                      rebalance, results, runfiles, sweep_executors, training, warmup)
+                      predictions, rebalance, results, runfiles, runner, sweep_executors,
+                      training, warmup)
 from rable_nb.generators import fitting
 from rable_nb.methods import ssp
 
@@ -276,3 +276,47 @@ def test_results_refuse_metrics_without_last_or_in_percent(tmp_path, accuracy, p
         results.write_readme(tmp_path)
     _metrics_file(tmp_path, {"last": 0.375})
     assert "37.50" in (results.write_readme(tmp_path)[0]).read_text()
+
+
+# -- 5. a dead kernel: notebook, cell, cause and --resume ----------------------------------
+@pytest.mark.notebook
+def test_a_dead_kernel_names_notebook_cell_cause_and_resume(tmp_path, capsys):
+    from test_integrity import _notebook
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _notebook(nbs / "00_ok.ipynb", "PROFILE = None\nRUN_DIR = None", "print('fine')")
+    _notebook(nbs / "01_oom.ipynb", "PROFILE = None\nRUN_DIR = None",  # as the OOM killer does
+              "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    out = tmp_path / "out"
+    with pytest.raises(runner.RunError) as err:
+        runner.run("smoke", None, str(out), notebook_dir=nbs)
+    text = str(err.value)
+    for part in ("Notebook 01_oom.ipynb", "the kernel died in cell index 2",
+                 "most often out of memory", "os.kill(os.getpid(), signal.SIGKILL)",
+                 "run again with --resume"):
+        assert part in text
+    assert not (out / ".rable_nb.lock").exists()
+    _notebook(nbs / "01_oom.ipynb", "PROFILE = None\nRUN_DIR = None", "print('recovered')")
+    runner.run("smoke", None, str(out), notebook_dir=nbs, resume=True)
+    assert "skip 00_ok.ipynb" in capsys.readouterr().out
+
+
+# -- 6. smaller: values refused before anything runs ---------------------------------------
+def test_compare_runs_and_the_topup_target_are_checked_before_anything_runs(tmp_path):
+    out = tmp_path / "out"
+    for params, pattern in [({"COMPARE_RUNS": [str(tmp_path / "nope")]}, "nope does not exist"),
+                            ({"COMPARE_RUNS": [str(tmp_path)]}, "has no synthetic samples"),
+                            ({"TARGET_PER_CLASS": 1_000_000}, "a positive integer up to 50000")]:
+        with pytest.raises(runner.RunError, match=f"03_.*{pattern}"):
+            runner.run("smoke", "03", str(out), params)
+    assert not out.exists()
+
+
+def test_an_image_folder_smaller_than_n_max_is_refused_before_notebook_01(tmp_path):
+    folder = data.write_fake_cifar(tmp_path / "small", n_train=30, n_test=2)
+    with pytest.raises(runner.RunError, match=r"01_.*N_MAX=300 is invalid: the ImageFolder .* "
+                                              r"has 30 training images of class 'airplane'"):
+        runner.run("smoke", "01", str(tmp_path / "out"), {"DATA_DIR": str(folder)})
+    (folder / "train" / "truck" / "0000.png").unlink()  # the rarest class: 3 wanted of 29
+    runner.check_parameters({"DATA_DIR": str(folder), "N_MAX": 30, "IMBALANCE_FACTOR": 0.1},
+                            runner.select("01", runner.list_notebooks()))
