@@ -33,7 +33,6 @@ order, as points finish.
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import sys
 from contextlib import closing
@@ -150,10 +149,7 @@ def read_metrics(run_dir) -> dict:
 
 def ambiguity(run_dir) -> float | None:
     """Average ambiguity (wrong labels per candidate set) from a run's ``dataset.json``."""
-    path = Path(run_dir) / "dataset.json"
-    if not path.exists():
-        return None
-    mean = json.loads(path.read_text()).get("mean_candidates")
+    mean = config.read_json(Path(run_dir) / "dataset.json").get("mean_candidates")
     return None if mean is None else mean - 1
 
 
