@@ -6,7 +6,6 @@ through this module, so none of them needs the generator registry or torch to do
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -48,17 +47,14 @@ class ManifestError(ValueError):
     """``synthetic/manifest.jsonl`` does not describe the top-up ``settings.json`` records."""
 
 
-_SLOT = re.compile(r"^(?P<dir>[^/]+)/(?P=dir)_(?P<k>\d{5,})\.\w+$")
-
-
 def check_manifest(run_dir: str | os.PathLike, rows: list[dict], settings: dict,
-                   complete: bool = False) -> None:
+                   complete: bool = False, num_classes: int | None = None) -> None:
     """Refuse (``ManifestError`` naming the manifest and the first problem) rows that are not
-    the top-up's: every row a mapping with a ``file`` of the form ``<class>/<class>_<k>.png``
-    (or ``.npy``) and an integer ``label``, one folder per label, each slot once, the slots
-    of a class numbered 0, 1, … without gaps, the backend and conditioning labels of
-    ``settings.json``, every file present; per class at most the planned samples
-    (``settings['plan']``), and exactly them when ``complete``."""
+    the top-up's: every row a mapping with a ``file`` (a relative path inside
+    ``synthetic/``) and an integer ``label`` (below ``num_classes`` when given), each file
+    once, the backend and conditioning labels of ``settings.json``, every file present; per
+    class at most the planned samples (``settings['plan']``), and exactly them when
+    ``complete``."""
     out = Path(run_dir) / SYNTH_DIR
     where = f"{out / MANIFEST}"
     fix = (f"The top-up is written by notebook 03 only: run it again into this run directory "
@@ -66,35 +62,30 @@ def check_manifest(run_dir: str | os.PathLike, rows: list[dict], settings: dict,
 
     def refuse(problem: str):
         raise ManifestError(f"{where}: {problem}. {fix}")
-    folders, slots = {}, {}
+    files, per_class = set(), Counter()
     for i, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             refuse(f"line {i} is {row!r}, not a mapping with 'file' and 'label'")
         file, label = row.get("file"), row.get("label")
-        match = _SLOT.match(file) if isinstance(file, str) else None
-        if match is None or not isinstance(label, int) or isinstance(label, bool) or label < 0:
-            refuse(f"line {i} ({row!r}) needs 'file': '<class>/<class>_<k:05d>.png' (or .npy) "
-                   "and an integer 'label' >= 0")
-        if folders.setdefault(label, match["dir"]) != match["dir"]:
-            refuse(f"line {i}: label {label} is in folder {match['dir']!r} and "
-                   f"{folders[label]!r}")
-        if file in slots.setdefault(label, {}).values() or int(match["k"]) in slots[label]:
+        inside = (isinstance(file, str) and bool(file) and not Path(file).is_absolute()
+                  and ".." not in Path(file).parts)
+        if not inside or not isinstance(label, int) or isinstance(label, bool) or label < 0:
+            refuse(f"line {i} ({row!r}) needs 'file' (a path inside {out}) and an integer "
+                   "'label' >= 0")
+        if num_classes is not None and label >= num_classes:
+            refuse(f"line {i}: label {label} is not one of the data's {num_classes} classes")
+        if file in files:
             refuse(f"line {i}: {file} appears twice (a duplicated row)")
-        slots[label][int(match["k"])] = file
+        files.add(file)
+        per_class[label] += 1
         for key in ("generator", "cond_labels"):
             if key in row and key in settings and row[key] != settings[key]:
                 refuse(f"line {i}: {key}={row[key]!r}, but settings.json records "
                        f"{settings[key]!r}")
-    if len(set(folders.values())) != len(folders):
-        refuse("two labels share one class folder")
-    for label, ks in slots.items():
-        if sorted(ks) != list(range(len(ks))):
-            missing = sorted(set(range(max(ks) + 1)) - set(ks))
-            refuse(f"class {label} lacks slot(s) {missing[:5]} below its last one {max(ks)}")
     plan = settings.get("plan")
     if isinstance(plan, list):
-        for label in range(max(len(plan), max(slots, default=-1) + 1)):
-            n, want = len(slots.get(label, {})), plan[label] if label < len(plan) else 0
+        for label in range(max(len(plan), max(per_class, default=-1) + 1)):
+            n, want = per_class[label], plan[label] if label < len(plan) else 0
             if n > want or (complete and n != want):
                 refuse(f"class {label} has {n} samples, the top-up plan {want}"
                        + ("" if n > want else " (an unfinished top-up)"))
@@ -103,8 +94,8 @@ def check_manifest(run_dir: str | os.PathLike, rows: list[dict], settings: dict,
             refuse(f"line {i}: {out / row['file']} is missing")
 
 
-def load_synthetic(run_dir: str | os.PathLike, complete: bool = False
-                   ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+def load_synthetic(run_dir: str | os.PathLike, complete: bool = False,
+                   num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """(samples — uint8 images N×H×W×C or features N×D —, labels, manifest rows), the
     manifest first checked against ``settings.json`` (:func:`check_manifest`; ``complete``:
     every planned sample must exist, as training requires). A sample file that cannot be
@@ -113,7 +104,7 @@ def load_synthetic(run_dir: str | os.PathLike, complete: bool = False
     rows = manifest_rows(run_dir)
     if not rows:
         return np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64), []
-    check_manifest(run_dir, rows, read_settings(run_dir), complete)
+    check_manifest(run_dir, rows, read_settings(run_dir), complete, num_classes)
     fix = (f"Delete it and run notebook 03 again into {Path(run_dir)}: the top-up redraws the "
            "missing sample.")
     samples = np.stack([artefacts.load(out / r["file"], load_sample, what="synthetic sample",

@@ -238,14 +238,16 @@ def _manifest(run: Path, edit) -> None:
     (lambda rows: rows + [{}], "line 4 .* needs 'file'"),
     (lambda rows: rows[:1] + rows[2:], "class 0 has 1 samples, the top-up plan 2"),
     (lambda rows: [dict(r, generator="pixel") for r in rows], "generator='pixel'"),
+    (lambda rows: rows + [dict(rows[0], file="../escape.png")], "needs 'file'"),
+    (lambda rows: rows + [dict(rows[0], file="x.png", label=3)], "label 3 is not one of"),
     (lambda rows: rows + [dict(rows[2], file="automobile/automobile_00001.png")],
      "class 1 has 2 samples, the top-up plan 1"),
 ])
 def test_notebook_04_refuses_a_manifest_that_is_not_the_topup(topup, edit, pattern):
-    assert len(runfiles.load_synthetic(topup, complete=True)[1]) == 3
+    assert len(runfiles.load_synthetic(topup, True, 3)[1]) == 3
     _manifest(topup, edit)
     with pytest.raises(runfiles.ManifestError, match=pattern):
-        runfiles.load_synthetic(topup, complete=True)
+        runfiles.load_synthetic(topup, True, 3)
 
 
 def test_a_missing_or_damaged_sample_is_named(topup):
