@@ -24,7 +24,6 @@ import yaml
 from rable_nb import cli, config, sweep, sweep_executors
 
 N_MAX = [150, 200, 250]
-POINTS: list[dict] = []  # the grid's points (the middle one with its broken DATA_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +33,11 @@ def grid(cifar_dir, tmp_path_factory) -> Path:
     broken.mkdir()
     for name in ("train.tar.gz", "test.tar.gz"):
         (broken / name).write_bytes(b"not a gzip file")
-    POINTS[:] = [{"N_MAX": n} for n in N_MAX]
-    POINTS[1]["DATA_DIR"] = str(broken)
+    points = [{"N_MAX": n} for n in N_MAX]
+    points[1]["DATA_DIR"] = str(broken)
     path = folder / "grid.yaml"
     path.write_text(yaml.safe_dump(dict(
-        profile="smoke", notebooks="01", points=POINTS,
+        profile="smoke", notebooks="01", points=points,
         fixed={"DATA_DIR": str(cifar_dir), "PARTIAL": "uniform", "Q": 0.3})))
     return path
 
@@ -64,8 +63,8 @@ def serial(grid, tmp_path_factory) -> pd.DataFrame:
 
 
 def _points(out: Path) -> list[dict]:
-    return [json.loads((out / sweep.point_name(i, p) / sweep_executors.POINT_FILE).read_text())
-            for i, p in enumerate(POINTS)]
+    names = pd.read_csv(out / "results.csv")["run_dir"].map(lambda p: Path(p).name)
+    return [json.loads((out / name / sweep_executors.POINT_FILE).read_text()) for name in names]
 
 
 def _done(run_dir: Path) -> bool:
