@@ -101,7 +101,8 @@ def test_the_cycle_finder_sees_function_level_imports_and_not_plugin_packages(tm
 def test_the_engine_knows_no_stage():
     graph = import_graph()
     assert graph["rable_nb.engine"] <= {"rable_nb.artefacts", "rable_nb.config",
-                                        "rable_nb.cuda_graph", "rable_nb.evaluation", "rable_nb.methods",
+                                        "rable_nb.cuda_graph", "rable_nb.evaluation",
+                                        "rable_nb.methods",
                                         "rable_nb.methods._losses", "rable_nb.networks",
                                         "rable_nb.runfiles", "rable_nb.jsonl"}
     tree = ast.parse((PACKAGE / "runfiles.py").read_text())   # torch-free readers

@@ -253,7 +253,8 @@ def test_notebook_04_refuses_a_manifest_that_is_not_the_topup(topup, edit, patte
 def test_a_missing_or_damaged_sample_is_named(topup):
     sample = topup / "synthetic" / "airplane" / "airplane_00001.png"
     sample.write_bytes(b"\x89PNG broken")
-    with pytest.raises(artefacts.DamagedFileError, match="airplane_00001.png is damaged.*notebook 03"):
+    with pytest.raises(artefacts.DamagedFileError,
+                       match="airplane_00001.png is damaged.*notebook 03"):
         runfiles.load_synthetic(topup)
     sample.unlink()
     with pytest.raises(runfiles.ManifestError, match="airplane_00001.png is missing"):

@@ -63,7 +63,8 @@ def test_bad_grids_fail_before_anything_runs(tmp_path, spec, pattern, capsys):
 
 
 @pytest.mark.parametrize("spec, pattern", [
-    (dict(grid={"Q": [0.1, 3]}), r"grid point 001_Q=3 .*01_dataset_imbalance.ipynb: Q=3 is invalid"),
+    (dict(grid={"Q": [0.1, 3]}),
+     r"grid point 001_Q=3 .*01_dataset_imbalance.ipynb: Q=3 is invalid"),
     (dict(grid={"Q": [0.1]}, points=[{"SEED": -1}]), "SEED=-1 is invalid"),
     (dict(grid={"Q": [0.1]}, fixed={"METHOD_PARAMS": {"solar": {"tau": 5}}}, notebooks="01,04"),
      "solar.tau must be"),
