@@ -257,17 +257,17 @@ def compare(run_dirs):
     space (image or feature: the metrics of the two are measured by different judges and
     are not comparable), judge, samples audited and the per-class metrics averaged over the
     audited classes — the audit table of several backends on the same data."""
-    import json
-
     import pandas as pd
 
+    from . import artefacts
     from .config import project_path
     rows = []
     for run in map(project_path, run_dirs):
         path = run / "synthetic" / "audit.json"
         if not path.exists():
             continue
-        result = json.loads(path.read_text())
+        result = artefacts.read_json(path, what="audit of a compared run",
+                                     fix=f"Run notebook 03 again into {run}.")
         mean = lambda key: np.nanmean([np.nan if r[key] is None else r[key]  # noqa: E731
                                        for r in result["per_class"]])
         rows.append(dict(run=run.name, generator=result["generator"],

@@ -21,6 +21,8 @@ from .tiny_models import TINY, load_pretrained, resolve_model_id
 
 DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
 WHICH = ("all", "below_target")
+# A top-up beyond this many images per class is a typo (1000000 x 10 classes = ten million)
+MAX_TARGET_PER_CLASS = 50_000
 CAPTIONS, SETTINGS = "captions.jsonl", "captions.json"
 
 PROFILE_DEFAULTS = {
@@ -41,8 +43,10 @@ def validate(params: dict) -> None:
         "CAPTION_MODEL_ID": config.PATH, "CAPTION_WHICH": config.one_of(WHICH),
         "CAPTION_PROMPT": config.TEXT, "CAPTION_BATCH": config.integer(1),
         "CAPTION_MAX_TOKENS": config.integer(1), "CAPTION_RESCALE": config.BOOLEAN,
-        "TARGET_PER_CLASS": (config.integer(1)[0],
-                             "a positive integer (None = the most frequent class's count)"),
+        "TARGET_PER_CLASS": (lambda v: config.is_int(v) and 1 <= v <= MAX_TARGET_PER_CLASS,
+                             f"a positive integer up to {MAX_TARGET_PER_CLASS} (ten times "
+                             "CIFAR-10's 5000 images per class; None = the most frequent "
+                             "class's count)"),
     })
 
 

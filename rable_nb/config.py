@@ -79,9 +79,10 @@ def write_json(path: str | os.PathLike, obj) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> dict:
-    """The JSON object in ``path``, or ``{}`` when there is no such file."""
-    path = Path(path)
-    return json.loads(path.read_text()) if path.exists() else {}
+    """The JSON object in ``path``, or ``{}`` when there is no such file; a file that is not
+    a JSON object is an ``artefacts.DamagedFileError`` naming it."""
+    from .artefacts import read_json as read_checked
+    return read_checked(path) or {}
 
 
 def project_path(path: str | os.PathLike) -> Path:

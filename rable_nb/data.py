@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import artefacts
 from .config import PROJECT_ROOT, cache_dir, write_atomic
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -185,6 +186,18 @@ def _read_torchvision(root: Path):
     return out, list(splits[0].classes)
 
 
+def folder_counts(data_dir: str | os.PathLike | None = None) -> dict[str, int] | None:
+    """{class: image files} of an ImageFolder's training split (``train/<class>/``), in the
+    order labels are assigned (by name), counted without decoding; ``None`` for other
+    layouts or a data directory that does not exist (checked where it is loaded)."""
+    root = resolve_data_dir(data_dir)
+    if not root.is_dir() or detect_layout(root) != "folders":
+        return None
+    split = _folder_base(root) / "train"
+    return {d.name: sum(1 for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            for d in sorted(split.iterdir()) if d.is_dir()}
+
+
 def _folder_base(root: Path) -> Path:
     return root if (root / "train").is_dir() else root / "cifar10"
 
@@ -249,6 +262,18 @@ def _write_cache(cache: Path, root: Path, layout: str) -> None:
                                            identity=np.array(json.dumps(identity))))
 
 
+def _read_cache(cache: Path, root: Path, layout: str) -> tuple[Cifar, list[str]] | None:
+    """(data, skipped files) of a decoded-data cache entry; ``None`` when absent or damaged
+    (a damaged entry is moved aside with a notice: ``artefacts.load``)."""
+    def reader(path):
+        with np.load(path) as z:
+            return (Cifar(z["train_x"], z["train_y"], z["test_x"], z["test_y"],
+                          tuple(str(c) for c in z["classes"]), f"{root} ({layout})",
+                          json.loads(str(z["identity"]))),
+                    [str(s) for s in z["skipped"]])
+    return artefacts.load(cache, reader, what="decoded-data cache entry", resumable=True)
+
+
 def load_cifar10(data_dir: str | os.PathLike | None = None) -> Cifar:
     """Load CIFAR-10 (see :func:`resolve_data_dir`), decoding once into the cache."""
     root = resolve_data_dir(data_dir)
@@ -258,16 +283,14 @@ def load_cifar10(data_dir: str | os.PathLike | None = None) -> Cifar:
             "train.tar.gz/test.tar.gz or train/<class>/ and test/<class>/ image folders.")
     layout = detect_layout(root)
     cache = _cache_path(root, layout)
-    if not cache.exists():
+    loaded = _read_cache(cache, root, layout)
+    if loaded is None:  # absent, or damaged (then moved aside): decode again
         _write_cache(cache, root, layout)
         if layout == "torchvision":  # the download created the files the key covers
             os.replace(cache, fresh := _cache_path(root, layout))
             cache = fresh
-    with np.load(cache) as z:
-        cifar = Cifar(z["train_x"], z["train_y"], z["test_x"], z["test_y"],
-                      tuple(str(c) for c in z["classes"]), f"{root} ({layout})",
-                      json.loads(str(z["identity"])))
-        skipped = [str(s) for s in z["skipped"]]
+        loaded = _read_cache(cache, root, layout)
+    cifar, skipped = loaded
     if skipped:
         warnings.warn(f"{root}: skipped {len(skipped)} corrupt image file(s), e.g. "
                       f"{skipped[:3]}", stacklevel=2)

@@ -26,9 +26,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import config
+from . import artefacts, config
 from .augment import random_crop_flip
-from .data import CLASSES, Cifar
+from .data import CLASSES, Cifar, folder_counts, resolve_data_dir
 from .networks import BACKBONES, batched_logits, build_backbone, normalize, pick_device
 
 
@@ -41,6 +41,29 @@ def validate(P: dict) -> None:
     config.check(P, {"N_MAX": config.integer(1), "CLEAN_ARCH": config.one_of(sorted(BACKBONES)),
                      "CLEAN_EPOCHS": config.integer(1), "CLEAN_PER_CLASS": config.integer(0)})
     num_images(P)  # an empty class is an error
+    check_folder_size(P)
+
+
+def check_folder_size(P: dict) -> None:
+    """An ImageFolder ``DATA_DIR`` must hold the long tail's images of every class (counted
+    without decoding, before notebook 01 starts); other layouts are checked as they load."""
+    if not (config.is_int(P.get("N_MAX")) and config.is_number(P.get("IMBALANCE_FACTOR"))
+            and "DATA_DIR" in P):
+        return
+    counts = folder_counts(P.get("DATA_DIR"))
+    if not counts:
+        return
+    wanted = long_tail_counts(P["N_MAX"], len(counts), P["IMBALANCE_FACTOR"])
+    short = [(name, have, need) for (name, have), need in zip(counts.items(), wanted)
+             if have < need]
+    if short:
+        name, have, need = short[0]
+        raise ValueError(
+            f"N_MAX={P['N_MAX']} is invalid: the ImageFolder at DATA_DIR="
+            f"{str(P.get('DATA_DIR') or resolve_data_dir())!r} has {have} training images of "
+            f"class {name!r}, and the long tail (N_MAX={P['N_MAX']}, IMBALANCE_FACTOR="
+            f"{P['IMBALANCE_FACTOR']}) needs {need}; lower N_MAX (its most frequent class "
+            f"holds {list(counts.values())[0]}) or use a larger folder.")
 
 
 def num_images(P: dict) -> int | None:
@@ -181,9 +204,13 @@ def clean_classifier(cifar: Cifar, arch: str, epochs: int, seed: int = 0, device
     torch.manual_seed(seed)
     backbone = build_backbone(arch)
     net = nn.Sequential(backbone, nn.Linear(backbone.feat_dim, cifar.num_classes)).to(dev)
-    if weights.exists() and meta.exists():
-        net.load_state_dict(load_file(weights, device=str(dev)))
-        return net, json.loads(meta.read_text())
+    if weights.exists() and meta.exists():  # a damaged file: moved aside, trained again
+        info = artefacts.read_json(meta, what="clean-classifier cache entry", resumable=True)
+        state = info and artefacts.load(weights, lambda p: load_file(p, device=str(dev)),
+                                        what="clean-classifier cache entry", resumable=True)
+        if state is not None:
+            net.load_state_dict(state)
+            return net, info
     idx = np.arange(len(cifar.train_y))
     if per_class:
         idx = balanced_subset(cifar.train_y, per_class, seed)
@@ -251,10 +278,20 @@ def compare_sources(recorded: dict | None, current: dict, run_dir) -> None:
             "the run was made with, or a new run directory (--out) for the other data.")
 
 
-def _meta(run_dir: Path) -> dict | None:
-    """The parameters stored inside ``dataset.npz`` (None when it predates them)."""
-    with np.load(run_dir / "dataset.npz") as z:
-        return json.loads(str(z["meta"])) if "meta" in z.files else None
+def _rerun_01(run_dir) -> str:
+    return (f"Run notebook 01 again into this run directory (python -m rable_nb run --only 01 "
+            f"--out {run_dir}): it writes a new dataset.")
+
+
+def _meta(run_dir: Path, resumable: bool = False) -> dict | None:
+    """The parameters stored inside ``dataset.npz`` (None when it predates them). A damaged
+    file is a ``DamagedFileError`` naming the fix, or moved aside (``None``) when
+    ``resumable`` (notebook 01 about to write a new one)."""
+    def reader(path):
+        with np.load(path) as z:
+            return json.loads(str(z["meta"])) if "meta" in z.files else None
+    return artefacts.load(run_dir / "dataset.npz", reader, what="the run's dataset",
+                          fix=_rerun_01(run_dir), resumable=resumable)
 
 
 def check_source(run_dir: str | os.PathLike, cifar: Cifar) -> None:
@@ -271,7 +308,9 @@ def save_dataset(run_dir: str | os.PathLike, ds: dict, params: dict) -> None:
     ``dataset.json`` atomically; refuses to replace a dataset made from other data."""
     run_dir = Path(run_dir)
     identity = ds.get("data_identity") or {}
-    old = (_meta(run_dir) or {}) if (run_dir / "dataset.npz").exists() else {}
+    old = (_meta(run_dir, resumable=True) or (artefacts.read_json(
+        run_dir / "dataset.json", what="the run's dataset record", resumable=True) or {})
+        ) if (run_dir / "dataset.npz").exists() else {}
     if old.get("data_identity"):  # a run directory keeps the data it was made from
         compare_sources(old["data_identity"], identity, run_dir)
     arrays = {k: ds[k] for k in ("indices", "labels", "candidates", "class_counts")}
@@ -292,7 +331,10 @@ def load_dataset(run_dir: str | os.PathLike, cifar: Cifar | None = None) -> dict
                                 f"(python -m rable_nb run --only 01 --out {run_dir}).")
     if cifar is not None:
         check_source(run_dir, cifar)
-    with np.load(path) as z:
-        ds = {k: z[k] for k in z.files if k != "meta"}
-    ds["params"] = _meta(Path(run_dir)) or json.loads((Path(run_dir) / "dataset.json").read_text())
+    def arrays(p):
+        with np.load(p) as z:
+            return {k: z[k] for k in z.files if k != "meta"}
+    ds = artefacts.load(path, arrays, what="the run's dataset", fix=_rerun_01(run_dir))
+    ds["params"] = _meta(Path(run_dir)) or artefacts.read_json(
+        Path(run_dir) / "dataset.json", what="the run's dataset record", fix=_rerun_01(run_dir))
     return ds

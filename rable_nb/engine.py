@@ -35,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import config, cuda_graph, evaluation, methods
+from . import artefacts, config, cuda_graph, evaluation, methods
 from .methods._losses import uniform_confidence
 from .networks import (PLLNet, autocast, autocast_dtype, batch_statistics_of, pick_device,
                        standardize, to_unit, used_precision)
@@ -420,7 +420,8 @@ def train(cfg: TrainConfig, data: dict, out_dir, device: str = "auto", compile: 
     trainer = Trainer(cfg, data["train_x"], data["candidates"], data["labels"], device, compile,
                       data_key=data_fingerprint(data), sample_weight=data.get("sample_weight"),
                       graph=graph, init_weights=data.get("init_weights"))
-    resumed = trainer.load_state(state_path)
+    resumed = bool(artefacts.load(state_path, trainer.load_state, what="training state",
+                                  resumable=True))  # damaged: moved aside, retrained
     if not resumed and on_fresh_start is not None:
         on_fresh_start()
     test_x = torch.as_tensor(np.asarray(data["test_x"]), device=trainer.dev)

@@ -11,14 +11,13 @@ learning curves, per-class bars, confusion matrices — are drawn and saved here
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import config, jsonl
+from . import artefacts, config, jsonl
 from .networks import batched_logits
 from .runfiles import ACCURACY_FIELDS, METRICS_FIELDS, method_label  # noqa: F401
 
@@ -126,7 +125,9 @@ def current_metrics(run_dir) -> dict[str, dict]:
     """
     run_dir = Path(run_dir)
     paths = sorted(run_dir.glob("metrics-*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name))
-    found = {p.stem[len("metrics-"):]: json.loads(p.read_text()) for p in paths}
+    found = {p.stem[len("metrics-"):]: artefacts.read_json(
+        p, what="metrics file", fix="Delete it and run notebook 04 again (training resumes "
+        "from its saved state).") for p in paths}
     if not found:
         return {}
     latest = _shared_params(list(found.values())[-1])

@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from .artefacts import read_json
 from .config import write_atomic, write_json
 
 
@@ -54,7 +55,8 @@ def append(path: str | os.PathLike, rows: list[dict]) -> None:
 def check_settings(path: str | os.PathLike, settings: dict, what: str) -> None:
     """Refuse to extend an existing output (``what``) under other recorded settings."""
     path = Path(path)
-    old = json.loads(path.read_text()) if path.exists() else settings
+    old = read_json(path, what=f"the settings of {what}",
+                    fix=f"Delete {what} and {path.name} to start over.") or settings
     diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
     if diff:
         raise ValueError(f"{what} was made with other settings {diff} (old, new): use another "

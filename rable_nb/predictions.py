@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import config, dataset, evaluation
+from . import artefacts, config, dataset, evaluation
 from .networks import batched_logits, load_model, pick_device
 
 CAPTION_PX = 9  # space above each grid row for the predicted label, in image pixels
@@ -62,7 +62,10 @@ def load_models(run_dir, methods=None, device: str = "auto") -> dict[str, dict]:
     dev = pick_device(device)
     models = {}
     for method, path in find_models(run_dir, methods).items():
-        net, meta, extra = load_model(path, dev)
+        net, meta, extra = artefacts.load(
+            path, lambda p: load_model(p, dev), what=f"the final checkpoint of {method!r}",
+            fix=f"Delete it and run notebook 04 again (`python -m rable_nb run --only 04 "
+                f"--out {run_dir}`): training resumes from its saved state.")
         models[method] = dict(net=net, meta=meta, prior=extra.get("logit_prior"))
     return models
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import audit, captioning, conditioning, config, generators, viz
+from . import audit, captioning, conditioning, config, generators, runfiles, viz
 from .config import project_path
 from .runfiles import load_synthetic, read_settings
 
@@ -55,6 +55,14 @@ def validate(params: dict) -> None:
         "COMPARE_RUNS": (lambda v: isinstance(v, list) and all(config.PATH[0](x) for x in v),
                          "a list of run directories (paths), e.g. ['runs/smoke-copy']"),
     })
+    for run in params.get("COMPARE_RUNS") or []:  # before anything runs, not in a note at the end
+        manifest = project_path(run) / runfiles.SYNTH_DIR / runfiles.MANIFEST
+        if not manifest.is_file():
+            raise ValueError(
+                f"COMPARE_RUNS={params['COMPARE_RUNS']!r} is invalid: {project_path(run)} "
+                + ("has no synthetic samples (no synthetic/manifest.jsonl): run notebook 03 "
+                   "there first" if project_path(run).is_dir() else "does not exist")
+                + "; relative paths are from the directory `run` is called in.")
     generators.validate(params)
 
 
@@ -94,7 +102,8 @@ def run(P: dict, cifar, ds: dict) -> dict:
     cond_info["accuracy"] = conditioning.accuracy(cond, ds["labels"], cifar.num_classes)
     counts = np.bincount(cond, minlength=cifar.num_classes)
     plan = generators.topup_plan(counts, P["TARGET_PER_CLASS"])
-    settings = topup_settings(gen, P, cond_info)
+    settings = dict(topup_settings(gen, P, cond_info),  # the plan: checked by notebook 04
+                    plan=[int(plan[c]) for c in range(cifar.num_classes)])
     todo = generators.pending(run_dir, plan, cifar.classes, settings, gen.suffix)  # or refuses
     fit_x = gen.fit_inputs(real_x, warm_net, run_dir, cond_info.get("warmup"))
     fit = gen.fit(fit_x, cond, counts, P, run_dir)

@@ -69,9 +69,36 @@ def load(root) -> list[dict]:
         missing = [k for k in runfiles.METRICS_FIELDS if k not in m] if isinstance(m, dict) else "all"
         if missing:
             raise ValueError(f"{path} is not a metrics file of notebook 04: it lacks {missing}.")
+        problem = accuracy_problem(m)
+        if problem:
+            raise ValueError(f"{path} is not a metrics file of notebook 04: {problem}.")
         entries.append(dict(m, file=rel.as_posix(),
                             group=rel.parts[0] if len(rel.parts) > 1 else "(top level)"))
     return entries
+
+
+def accuracy_problem(m: dict) -> str | None:
+    """Why a metrics file's accuracies cannot be shown, or None: ``accuracy`` must hold
+    ``last``, and every accuracy (``accuracy``, ``accuracy_adjusted``) is a fraction in
+    [0, 1] (the table shows percent: a value already in percent would read 100 times too
+    large), or null."""
+    if not isinstance(m.get("params"), dict):
+        return "its params are not a mapping"
+    for block in ("accuracy", "accuracy_adjusted"):
+        acc = m.get(block)
+        if acc is None and block == "accuracy_adjusted":
+            continue
+        if not isinstance(acc, dict) or "last" not in acc:
+            return f"{block} lacks 'last'"
+        for key in runfiles.ACCURACY_FIELDS:
+            value = acc.get(key)
+            if key == "per_class" or value is None:
+                continue
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and 0 <= value <= 1):
+                return (f"{block}.{key}={value!r} is not a fraction in [0, 1] (accuracies are "
+                        "stored as fractions, e.g. 0.375, not percent)")
+    return None
 
 
 def setting(m: dict) -> str:
@@ -181,8 +208,8 @@ def detail_table(entries: list[dict]) -> str:
     rows = []
     for m in sorted(entries, key=lambda m: (_sort_key(setting(m)), method_label(m), m["file"])):
         acc, adjusted = m["accuracy"], m.get("accuracy_adjusted", {})
-        rows.append([setting(m), method_label(m), _pct(acc["last"]), _pct(acc["best"]),
-                     _pct(acc["many"]), _pct(acc["medium"]), _pct(acc["few"]),
+        rows.append([setting(m), method_label(m), _pct(acc.get("last")), _pct(acc.get("best")),
+                     _pct(acc.get("many")), _pct(acc.get("medium")), _pct(acc.get("few")),
                      _pct(adjusted.get("last")), str(m["params"].get("PROFILE", "?")),
                      str(m["params"].get("train", {}).get("arch", "?")), _epochs(m),
                      str(m["device"]), _duration(m["wall_s"]), f"`{_commit(m)}`", m["protocol"],

@@ -5,7 +5,6 @@ through this module, so none of them needs the generator registry or torch to do
 """
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import jsonl
+from . import artefacts, jsonl
 
 SYNTH_DIR, MANIFEST, SETTINGS = "synthetic", "manifest.jsonl", "settings.json"
 METRICS_FIELDS = ("method", "protocol", "params", "accuracy", "device", "wall_s",
@@ -40,17 +39,76 @@ def manifest_rows(run_dir: str | os.PathLike) -> list[dict]:
 
 def read_settings(run_dir: str | os.PathLike) -> dict:
     """``synthetic/settings.json`` of a run ({} when nothing was generated)."""
-    path = Path(run_dir) / SYNTH_DIR / SETTINGS
-    return json.loads(path.read_text()) if path.exists() else {}
+    return artefacts.read_json(Path(run_dir) / SYNTH_DIR / SETTINGS, what="top-up settings",
+                               fix="Run notebook 03 again into this run directory.") or {}
 
 
-def load_synthetic(run_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """(samples — uint8 images N×H×W×C or features N×D —, labels, manifest rows)."""
+class ManifestError(ValueError):
+    """``synthetic/manifest.jsonl`` does not describe the top-up ``settings.json`` records."""
+
+
+def check_manifest(run_dir: str | os.PathLike, rows: list[dict], settings: dict,
+                   complete: bool = False, num_classes: int | None = None) -> None:
+    """Refuse (``ManifestError`` naming the manifest and the first problem) rows that are not
+    the top-up's: every row a mapping with a ``file`` (a relative path inside
+    ``synthetic/``) and an integer ``label`` (below ``num_classes`` when given), each file
+    once, the backend and conditioning labels of ``settings.json``, every file present; per
+    class at most the planned samples (``settings['plan']``), and exactly them when
+    ``complete``."""
+    out = Path(run_dir) / SYNTH_DIR
+    where = f"{out / MANIFEST}"
+    fix = (f"The top-up is written by notebook 03 only: run it again into this run directory "
+           f"(it repairs the folder), or delete {out} and rerun it.")
+
+    def refuse(problem: str):
+        raise ManifestError(f"{where}: {problem}. {fix}")
+    files, per_class = set(), Counter()
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            refuse(f"line {i} is {row!r}, not a mapping with 'file' and 'label'")
+        file, label = row.get("file"), row.get("label")
+        inside = (isinstance(file, str) and bool(file) and not Path(file).is_absolute()
+                  and ".." not in Path(file).parts)
+        if not inside or not isinstance(label, int) or isinstance(label, bool) or label < 0:
+            refuse(f"line {i} ({row!r}) needs 'file' (a path inside {out}) and an integer "
+                   "'label' >= 0")
+        if num_classes is not None and label >= num_classes:
+            refuse(f"line {i}: label {label} is not one of the data's {num_classes} classes")
+        if file in files:
+            refuse(f"line {i}: {file} appears twice (a duplicated row)")
+        files.add(file)
+        per_class[label] += 1
+        for key in ("generator", "cond_labels"):
+            if key in row and key in settings and row[key] != settings[key]:
+                refuse(f"line {i}: {key}={row[key]!r}, but settings.json records "
+                       f"{settings[key]!r}")
+    plan = settings.get("plan")
+    if isinstance(plan, list):
+        for label in range(max(len(plan), max(per_class, default=-1) + 1)):
+            n, want = per_class[label], plan[label] if label < len(plan) else 0
+            if n > want or (complete and n != want):
+                refuse(f"class {label} has {n} samples, the top-up plan {want}"
+                       + ("" if n > want else " (an unfinished top-up)"))
+    for i, row in enumerate(rows, 1):
+        if not (out / row["file"]).is_file():
+            refuse(f"line {i}: {out / row['file']} is missing")
+
+
+def load_synthetic(run_dir: str | os.PathLike, complete: bool = False,
+                   num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """(samples — uint8 images N×H×W×C or features N×D —, labels, manifest rows), the
+    manifest first checked against ``settings.json`` (:func:`check_manifest`; ``complete``:
+    every planned sample must exist, as training requires). A sample file that cannot be
+    decoded is an ``artefacts.DamagedFileError`` naming it and the fix."""
     out = Path(run_dir) / SYNTH_DIR
     rows = manifest_rows(run_dir)
     if not rows:
         return np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64), []
-    samples = np.stack([load_sample(out / r["file"]) for r in rows])
+    check_manifest(run_dir, rows, read_settings(run_dir), complete, num_classes)
+    fix = (f"Delete it and run notebook 03 again into {Path(run_dir)}: the top-up redraws the "
+           "missing sample.")
+    samples = np.stack([artefacts.load(out / r["file"], load_sample, what="synthetic sample",
+                                       fix=fix) for r in rows])
     return samples, np.array([r["label"] for r in rows], dtype=np.int64), rows
 
 

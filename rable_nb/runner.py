@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import json
 import os
 import re
 import signal
@@ -24,12 +23,13 @@ from pathlib import Path
 import nbformat
 import papermill as pm
 import zmq
+from nbclient.exceptions import DeadKernelError
 from jupyter_client.manager import AsyncKernelManager
 from tqdm.auto import tqdm
 from traitlets import Unicode, default
 from traitlets.config import Config
 
-from . import config, data
+from . import artefacts, config, data
 from .locks import DirLock, LockedError
 
 NOTEBOOK_DIR = config.PROJECT_ROOT / "notebooks"
@@ -69,7 +69,12 @@ class RunError(RuntimeError):
 
 
 class Stopped(KeyboardInterrupt):
-    """The runner received SIGTERM or SIGHUP (SIGINT raises KeyboardInterrupt itself)."""
+    """The runner received SIGTERM or SIGHUP (SIGINT raises KeyboardInterrupt itself);
+    ``signum`` is the signal (the exit code is 128 + signum)."""
+
+    def __init__(self, message: str = "", signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 @contextlib.contextmanager
@@ -82,8 +87,11 @@ def stop_on_signals():
         return
 
     def stop(signum, _frame):
-        raise Stopped(f"stopped by {signal.Signals(signum).name}")
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+        for s in previous:  # once: a second signal must not break the shutdown under way
+            signal.signal(s, signal.SIG_IGN)
+        raise Stopped(f"stopped by {signal.Signals(signum).name}", signum)
+    previous: dict = {}
+    previous.update({s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)})
     try:
         yield
     finally:
@@ -197,10 +205,33 @@ def _failure_message(nb: Path, out: Path, err: pm.PapermillExecutionError) -> st
             f"Executed notebook kept at {out}")
 
 
+def _running_cell(out: Path) -> tuple[int | None, str]:
+    """(index, source) of the cell the kernel was running in the executed notebook ``out``:
+    the last code cell papermill started (it marks the cells after it ``pending``, and
+    the dead one ``completed`` all the same); (None, '') when it cannot tell."""
+    try:
+        cells = nbformat.read(out, as_version=4).cells
+    except (OSError, ValueError):
+        return None, ""
+    started = [i for i, c in enumerate(cells) if c.cell_type == "code"
+               and c.get("metadata", {}).get("papermill", {}).get("start_time")]
+    return (started[-1], cells[started[-1]].source) if started else (None, "")
+
+
+def _dead_kernel_message(nb: Path, out: Path, err: Exception) -> str:
+    index, source = _running_cell(out)
+    where = (f"in cell index {index} of the executed notebook {out}" if index is not None
+             else "before its first cell ran")
+    return (f"Notebook {nb.name}: the kernel died {where} (killed — most often out of "
+            f"memory; see dmesg or the kernel log {out.parent / KERNEL_LOG}).\n"
+            + (f"--- cell source ---\n{source}\n" if source else "")
+            + f"({type(err).__name__}: {str(err)[:300]})\nThe notebooks finished before it "
+            "are kept: run again with --resume to continue from this notebook.")
+
+
 def _previous_log(run_dir: Path, profile: str) -> dict:
     """``run.json`` of earlier runs of this profile in ``run_dir`` (else an empty log)."""
-    path = run_dir / "run.json"
-    log = json.loads(path.read_text()) if path.exists() else {}
+    log = artefacts.read_json(run_dir / "run.json", what="run log", resumable=True) or {}
     if log.get("profile") != profile:
         log = {"profile": profile, "notebooks": []}
     return dict(log, commit=config.git_commit())
@@ -266,6 +297,8 @@ def _execute(notebooks: list[Path], injected: dict, run_dir: Path, profile: str,
                                 **kernel_options(run_dir))
         except pm.PapermillExecutionError as err:
             raise RunError(_failure_message(nb, target, err)) from None
+        except DeadKernelError as err:
+            raise RunError(_dead_kernel_message(nb, target, err)) from None
         _record(run_dir, log, nb.name, recorded, seconds=round(time.time() - start, 1))
 
 
@@ -281,6 +314,6 @@ def main_run(args) -> int:
     except KeyboardInterrupt as err:
         print(f"error: {err or 'interrupted'}; the kernel was shut down. Rerun with --resume "
               "to continue after the last finished notebook.", file=sys.stderr)
-        return 130
+        return 128 + err.signum if isinstance(err, Stopped) else 130
     print(f"done: executed notebooks and artefacts in {run_dir}")
     return 0

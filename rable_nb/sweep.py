@@ -33,7 +33,6 @@ order, as points finish.
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import sys
 from contextlib import closing
@@ -150,10 +149,7 @@ def read_metrics(run_dir) -> dict:
 
 def ambiguity(run_dir) -> float | None:
     """Average ambiguity (wrong labels per candidate set) from a run's ``dataset.json``."""
-    path = Path(run_dir) / "dataset.json"
-    if not path.exists():
-        return None
-    mean = json.loads(path.read_text()).get("mean_candidates")
+    mean = config.read_json(Path(run_dir) / "dataset.json").get("mean_candidates")
     return None if mean is None else mean - 1
 
 
@@ -190,9 +186,39 @@ def run_sweep(spec: dict, out, kernel: str = "python3", extra: dict | None = Non
     """
     check_executor(executor, parallel, cpus_per_point, gpus_per_point)
     out = Path(out).resolve()
-    with DirLock(out, "sweep"):
+    check_points(spec, out, extra, notebook_dir)
+    # SIGTERM/SIGHUP do what Ctrl-C does: stop the workers (and their kernels), keep what
+    # finished, record, exit (main_sweep: 128 + the signal)
+    with runner.stop_on_signals(), DirLock(out, "sweep"):
         return _run_points(spec, out, kernel, extra, notebook_dir, parallel, executor,
                            cpus_per_point, gpus_per_point)
+
+
+def _extra_params(extra: dict | None, spec: dict, notebook_dir: Path) -> dict:
+    """Of ``extra`` (defaults added to every point), what the grid's notebooks take."""
+    if not extra:
+        return {}
+    selected = runner.select(spec.get("notebooks"), runner.list_notebooks(notebook_dir))
+    known = set().union(*(runner.parameter_cell(nb) for nb in selected))
+    return {k: v for k, v in extra.items() if k in known}
+
+
+def check_points(spec: dict, out, extra: dict | None = None,
+                 notebook_dir: Path = runner.NOTEBOOK_DIR) -> None:
+    """Every point's values checked by its notebooks' rules, as ``run`` checks them, before
+    any point runs (``ValueError`` naming the point): a typo in one grid value stops the
+    sweep at once, as an unknown parameter name does."""
+    notebooks = runner.select(spec.get("notebooks"), runner.list_notebooks(notebook_dir))
+    extra = _extra_params(extra, spec, notebook_dir)
+    for i, point in enumerate(points(spec)):
+        run_dir = Path(out).resolve() / point_name(i, point)
+        params = runner.absolute_paths({**extra, **spec["fixed"], **point})
+        try:
+            runner.check_parameters(params, notebooks,
+                                    dict(PROFILE=spec["profile"], RUN_DIR=str(run_dir)))
+        except runner.RunError as err:
+            raise ValueError(f"grid point {run_dir.name} ({point}): {err} Nothing has run; "
+                             "fix the grid file.") from None
 
 
 def _run_points(spec: dict, out: Path, kernel: str, extra: dict | None, notebook_dir: Path,
@@ -206,10 +232,7 @@ def _run_points(spec: dict, out: Path, kernel: str, extra: dict | None, notebook
     rows = [_row(shown[i], r, out / point_name(i, p))
             for i, (p, r) in enumerate(zip(todo, records))]
     write_results(out, rows)
-    if extra:  # only what the grid's notebooks take (e.g. DATA_DIR)
-        selected = runner.select(spec.get("notebooks"), runner.list_notebooks(notebook_dir))
-        known = set().union(*(runner.parameter_cell(nb) for nb in selected))
-        extra = {k: v for k, v in extra.items() if k in known}
+    extra = _extra_params(extra, spec, notebook_dir)  # only what its notebooks take
     jobs = []
     for i, point in enumerate(todo):
         params = {**(extra or {}), **spec["fixed"], **point}
@@ -446,11 +469,11 @@ def main_sweep(args) -> int:
     out = Path(args.out or config.PROJECT_ROOT / "runs" / f"sweep-{Path(args.grid).stem}")
     try:
         results = run_sweep(spec, out, kernel=args.kernel, **executor)
-    except LockedError as err:
+    except (LockedError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM/SIGHUP (runner.Stopped)
+        return 128 + err.signum if isinstance(err, runner.Stopped) else 130
     failed = int((results["status"] != "done").sum())
     print(f"done: {len(results) - failed} of {len(results)} points finished; "
           f"results in {out / 'results.csv'}")

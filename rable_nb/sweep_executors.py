@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import config, runner
+from . import artefacts, config, runner
 
 POINT_FILE = "point.json"
 LOG_FILE = "point.log"  # what a point's notebooks print (papermill's stdout/stderr)
@@ -85,8 +85,10 @@ def run_point(job: dict) -> dict:
 
 
 def _record(run_dir: Path) -> dict:
-    """A point's ``point.json`` record; empty when it has none (never started, or running)."""
-    return config.read_json(run_dir / POINT_FILE)
+    """A point's ``point.json`` record; empty when it has none (never started, or running)
+    or when it is damaged (moved aside with a notice: the point runs again)."""
+    return artefacts.read_json(run_dir / POINT_FILE, what="sweep point record",
+                               resumable=True) or {}
 
 
 def _lost_point(job: dict, why: str) -> dict:
@@ -225,7 +227,8 @@ def _ray_events(jobs: list[dict], cpus_per_point: float, gpus_per_point: float):
                     record = _lost_point(job, f"its Ray task failed: {err}"[:4000])
                 yield "end", job, record
     finally:
-        for ref in pending:
-            ray.cancel(ref, force=True)
+        for ref in pending:  # quietly: the sweep is stopping (Ctrl-C, SIGTERM, SIGHUP)
+            with suppress(Exception):
+                ray.cancel(ref, force=True)
         if own:
             ray.shutdown()

@@ -106,7 +106,7 @@ def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int =
     if methods.inputs(method) == "features":  # the features of the run's feature backend
         x, init = generators.backend_of(run_dir).training_inputs(run_dir, x, device)
     if synthetic:
-        sx, sy, rows = runfiles.load_synthetic(run_dir)
+        sx, sy, rows = runfiles.load_synthetic(run_dir, True, cifar.num_classes)  # checked
         sc = synthetic_candidates(sy, ds["params"], synthetic_labels, cifar, sx, device)
         x, cand, y = np.concatenate([x, sx]), np.concatenate([cand, sc]), np.concatenate([y, sy])
         n_synth = len(sy)

@@ -16,7 +16,7 @@ import json
 import numpy as np
 import torch
 
-from . import config, dataset, engine
+from . import artefacts, config, dataset, engine
 from .networks import BACKBONES, load_model, pick_device, save_model
 
 WARMUP_TEST_PER_CLASS = 100  # the warm-up logs its test accuracy on this many per class
@@ -37,6 +37,25 @@ def _key(train_x: np.ndarray, candidates: np.ndarray, settings: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def _load_entry(folder, done, device: str):
+    """(pseudo-labels, network, info) of a complete cache entry; ``None`` when one of its
+    files is damaged: that file is moved aside (``artefacts.load``) and the marker removed,
+    so the entry is made again (the warm-up resumes from its finished training state)."""
+    def pseudo_labels(p):
+        with np.load(p) as z:
+            return z["labels"]
+    parts = [artefacts.load(folder / "pseudo.npz", pseudo_labels, what="warm-up cache entry",
+                            resumable=True),
+             artefacts.load(folder / "warmup.safetensors",
+                            lambda p: load_model(p, pick_device(device))[0],
+                            what="warm-up cache entry", resumable=True),
+             artefacts.read_json(done, what="warm-up cache entry", resumable=True)]
+    if any(part is None for part in parts):
+        done.unlink(missing_ok=True)
+        return None
+    return tuple(parts)
+
+
 def warmup(train_x, candidates, cifar, arch: str, epochs: int, batch_size: int, lr: float,
            seed: int = 0, device: str = "auto"):
     """(pseudo-labels, warm-up network, info) of ABLE trained for ``epochs`` (cached).
@@ -48,10 +67,9 @@ def warmup(train_x, candidates, cifar, arch: str, epochs: int, batch_size: int, 
     folder = config.cache_dir() / f"warmup-{_key(train_x, candidates, settings)}"
     done = folder / "warmup.json"
     if done.exists():
-        with np.load(folder / "pseudo.npz") as z:
-            pseudo = z["labels"]
-        net, _, _ = load_model(folder / "warmup.safetensors", pick_device(device))
-        return pseudo, net, json.loads(done.read_text())
+        cached = _load_entry(folder, done, device)
+        if cached is not None:
+            return cached
     test = dataset.balanced_subset(cifar.test_y, WARMUP_TEST_PER_CLASS, seed)
     data = dict(train_x=train_x, candidates=candidates,
                 labels=np.full(len(candidates), -1),  # hidden: never given to the warm-up

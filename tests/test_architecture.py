@@ -100,8 +100,9 @@ def test_the_cycle_finder_sees_function_level_imports_and_not_plugin_packages(tm
 
 def test_the_engine_knows_no_stage():
     graph = import_graph()
-    assert graph["rable_nb.engine"] <= {"rable_nb.config", "rable_nb.cuda_graph",
-                                        "rable_nb.evaluation", "rable_nb.methods",
+    assert graph["rable_nb.engine"] <= {"rable_nb.artefacts", "rable_nb.config",
+                                        "rable_nb.cuda_graph", "rable_nb.evaluation",
+                                        "rable_nb.methods",
                                         "rable_nb.methods._losses", "rable_nb.networks",
                                         "rable_nb.runfiles", "rable_nb.jsonl"}
     tree = ast.parse((PACKAGE / "runfiles.py").read_text())   # torch-free readers
@@ -109,7 +110,10 @@ def test_the_engine_knows_no_stage():
                 for a in n.names}
     imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree)
                  if isinstance(n, ast.ImportFrom) and not n.level}
-    assert "torch" not in imported and import_graph()["rable_nb.runfiles"] == {"rable_nb.jsonl"}
+    # artefacts: the damaged-file helper, a leaf like config (no torch either)
+    assert "torch" not in imported and import_graph()["rable_nb.runfiles"] == {
+        "rable_nb.artefacts", "rable_nb.jsonl"}
+    assert import_graph()["rable_nb.artefacts"] == set()
 
 
 @pytest.mark.parametrize("name", sorted(modules()))

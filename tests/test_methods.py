@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rable_nb import engine, methods, networks, training
+from rable_nb import config, engine, methods, networks, training
 from rable_nb.methods import corr, mixup, solar
 
 B, C, D = 12, 5, 6
@@ -114,7 +114,7 @@ def test_method_params_defaults_overrides_and_errors():
         engine.TrainConfig(method="corr", method_params={"cor": {}})
     with pytest.raises(ValueError, match="METHOD_PARAMS"):
         training.validate({"METHODS": ["corr"], "METHOD_PARAMS": [1]})
-    with pytest.raises(ValueError, match=r"\['mixup'\]\['alpha'\]=0.4 is invalid"):
+    with pytest.raises(ValueError, match=r"mixup.alpha must be a whole number >= 1"):
         engine.TrainConfig(method="proden+mixup", method_params={"mixup": {"alpha": 0.4}})
     able = engine.TrainConfig(method="rable+records", method_params={"rable": {"tau": 0.2}})
     assert able.method_params["rable"]["tau"] == 0.2 and able.method_params["records"] == {"m": 0.9}
@@ -546,6 +546,7 @@ class Toy(methods.Base):
     name = "toy"
     needs = "features"
     params = {"aux_weight": 0.5}
+    rules = {"aux_weight": config.number(0)}  # every parameter has a rule
 
     def modules(self, net):
         self.head = torch.nn.Linear(net.backbone.feat_dim, 2)

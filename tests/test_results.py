@@ -8,7 +8,7 @@ from rable_nb import cli, results
 
 def _plant(root, path, method, last, *, factor=0.01, partial="uniform", q=0.3, rate=0.4,
            adjusted=None, epochs=800, done=800):
-    acc = dict(last=last, best=last + 0.02, many=0.9, medium=last, few=last - 0.3,
+    acc = dict(last=last, best=last + 0.02, many=0.9, medium=last, few=max(0.0, last - 0.3),
                per_class=[last] * 10)
     m = dict(method=method, protocol="L", accuracy=acc, device="cuda: NVIDIA H100",
              wall_s=1234.0, images_per_s=9000.0, commit="0123456789abcdef", epochs_done=done,

@@ -1,6 +1,7 @@
 """Parameter sweeps: grid checking, failed points recorded, reruns skip finished points,
 results.csv contents and the notebook-08 figure."""
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -17,26 +18,30 @@ def _grid(tmp_path, **spec):
 
 def test_two_point_sweep_records_the_failure_and_a_rerun_skips_finished_points(
         tmp_path, cifar_dir, capsys):
+    broken = tmp_path / "broken"  # passes every rule, fails in notebook 01
+    broken.mkdir()
+    for name in ("train.tar.gz", "test.tar.gz"):
+        (broken / name).write_bytes(b"not a gzip file")
     grid = _grid(tmp_path, profile="smoke", notebooks="01",
-                 fixed={"DATA_DIR": str(cifar_dir), "Q": 0.2},
-                 grid={"IMBALANCE_FACTOR": [0.1, 5]})  # 5 is not in (0, 1]: fails
+                 fixed={"IMBALANCE_FACTOR": 0.1, "Q": 0.2},
+                 grid={"DATA_DIR": [str(cifar_dir), str(broken)]})
     out = tmp_path / "sweep"
     assert cli.main(["sweep", str(grid), "--out", str(out)]) == 1  # one point failed
     assert "1 of 2 points finished" in capsys.readouterr().out
     res = pd.read_csv(out / "results.csv")
-    assert len(res) == 2 and res["IMBALANCE_FACTOR"].tolist() == [0.1, 5]
+    assert len(res) == 2 and res["DATA_DIR"].tolist() == [str(cifar_dir), str(broken)]
     ok, bad = res.iloc[0], res.iloc[1]
     assert ok["status"] == "done" and bad["status"] == "failed"
-    assert "IMBALANCE_FACTOR=5 is invalid" in bad["error"]
+    assert "not a gzip file" in bad["error"]
     assert 0 < ok["ambiguity"] < 9 * 0.2 + 0.5  # measured from the point's dataset.json
-    done_dir = out / sweep.point_name(0, {"IMBALANCE_FACTOR": 0.1})
+    done_dir = out / sweep.point_name(0, {"DATA_DIR": str(cifar_dir)})
     assert (done_dir / "dataset.npz").exists()
     stamp = (done_dir / "dataset.npz").stat().st_mtime_ns
     point = json.loads((done_dir / sweep_executors.POINT_FILE).read_text())
     assert point["status"] == "done" and point["params"]["Q"] == 0.2
 
     again = sweep.run_sweep(sweep.load_grid(grid), out)
-    assert "skip 000_IMBALANCE_FACTOR=0.1: finished" in capsys.readouterr().out
+    assert f"skip {done_dir.name}: finished" in capsys.readouterr().out
     assert (done_dir / "dataset.npz").stat().st_mtime_ns == stamp  # not run again
     assert again["status"].tolist() == ["done", "failed"] and len(again) == 2
     assert pd.read_csv(out / "results.csv")["status"].tolist() == ["done", "failed"]
@@ -55,6 +60,21 @@ def test_bad_grids_fail_before_anything_runs(tmp_path, spec, pattern, capsys):
         sweep.load_grid(path)
     assert cli.main(["sweep", str(path), "--out", str(tmp_path / "o")]) == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("spec, pattern", [
+    (dict(grid={"Q": [0.1, 3]}),
+     r"grid point 001_Q=3 .*01_dataset_imbalance.ipynb: Q=3 is invalid"),
+    (dict(grid={"Q": [0.1]}, points=[{"SEED": -1}]), "SEED=-1 is invalid"),
+    (dict(grid={"Q": [0.1]}, fixed={"METHOD_PARAMS": {"solar": {"tau": 5}}}, notebooks="01,04"),
+     "solar.tau must be"),
+])
+def test_a_bad_grid_value_stops_the_sweep_before_any_point_runs(tmp_path, spec, pattern, capsys):
+    path = _grid(tmp_path, **{"notebooks": "01", **spec})
+    out = tmp_path / "o"
+    assert cli.main(["sweep", str(path), "--out", str(out)]) == 1
+    assert re.search(pattern, capsys.readouterr().err)
+    assert not out.exists()  # no point ran, nothing was written
 
 
 @pytest.mark.parametrize("notebooks", ["01", 1, [1], ["01"]])

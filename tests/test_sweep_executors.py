@@ -2,8 +2,10 @@
 give the serial sweep's results.csv rows; Ctrl-C stops the workers and their kernels, and a
 rerun finishes the grid without redoing finished points.
 
-The grid: 3 smoke points of notebook 01; the point with N_MAX='lots' fails (the runner's
-up-front check refuses it, naming the notebook) and the others go on."""
+The grid: 3 smoke points of notebook 01; the middle point's DATA_DIR holds archives that are
+not gzip files, so its notebook fails (values that break a rule are refused before the sweep
+starts: tests/test_sweep.py), and the others go on. SIGTERM and SIGHUP stop a sweep as
+Ctrl-C does."""
 import json
 import os
 import signal
@@ -21,14 +23,21 @@ import yaml
 
 from rable_nb import cli, config, sweep, sweep_executors
 
-N_MAX = [150, "lots", 250]
+N_MAX = [150, 200, 250]
 
 
 @pytest.fixture(scope="module")
 def grid(cifar_dir, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("grid") / "grid.yaml"
+    folder = tmp_path_factory.mktemp("grid")
+    broken = folder / "broken"  # archives that are not gzip files: notebook 01 fails
+    broken.mkdir()
+    for name in ("train.tar.gz", "test.tar.gz"):
+        (broken / name).write_bytes(b"not a gzip file")
+    points = [{"N_MAX": n} for n in N_MAX]
+    points[1]["DATA_DIR"] = str(broken)
+    path = folder / "grid.yaml"
     path.write_text(yaml.safe_dump(dict(
-        profile="smoke", notebooks="01", grid={"N_MAX": N_MAX},
+        profile="smoke", notebooks="01", points=points,
         fixed={"DATA_DIR": str(cifar_dir), "PARTIAL": "uniform", "Q": 0.3})))
     return path
 
@@ -47,15 +56,15 @@ def serial(grid, tmp_path_factory) -> pd.DataFrame:
     assert cli.main(["sweep", str(grid), "--out", str(out)]) == 1  # one point failed
     res = _rows(out)
     assert res["status"].tolist() == ["done", "failed", "done"]
-    assert "N_MAX='lots' is invalid" in res.loc[1, "error"]
+    assert "not a gzip file" in res.loc[1, "error"]
     assert "01_dataset_imbalance" in res.loc[1, "error"]
     assert res["ambiguity"].iloc[[0, 2]].between(2.0, 3.4).all()  # about 9q = 2.7
     return res
 
 
 def _points(out: Path) -> list[dict]:
-    return [json.loads((out / sweep.point_name(i, {"N_MAX": n}) / sweep_executors.POINT_FILE).read_text())
-            for i, n in enumerate(N_MAX)]
+    names = pd.read_csv(out / "results.csv")["run_dir"].map(lambda p: Path(p).name)
+    return [json.loads((out / name / sweep_executors.POINT_FILE).read_text()) for name in names]
 
 
 def _done(run_dir: Path) -> bool:
@@ -106,7 +115,7 @@ def test_parallel_sweep_gives_the_serial_rows_and_spreads_points_over_gpus(
     for i, name in enumerate(serial["run_dir"]):
         log = out.resolve() / name / sweep_executors.LOG_FILE
         assert f"start {name}: log {log}" in printed
-        assert ("is invalid" if N_MAX[i] == "lots" else "average ambiguity") in log.read_text()
+        assert ("not a gzip file" if i == 1 else "average ambiguity") in log.read_text()
     assert "2 of 3 points finished" in printed
 
 
@@ -123,8 +132,13 @@ def test_ray_sweep_gives_the_serial_rows(grid, serial, tmp_path):
     assert (out / _rows(out).loc[0, "run_dir"] / sweep_executors.LOG_FILE).exists()
 
 
+# Ctrl-C; what a scheduler or `kill` sends; a closed terminal (each used to leave the workers
+# and their kernels running, so that a rerun collided with them)
+@pytest.mark.parametrize("sig, code", [
+    (signal.SIGINT, 130), pytest.param(signal.SIGTERM, 143, marks=pytest.mark.notebook),
+    pytest.param(signal.SIGHUP, 129, marks=pytest.mark.notebook)])
 def test_interrupted_parallel_sweep_stops_its_kernels_and_resumes(grid, serial, tmp_path,
-                                                                  capsys):
+                                                                  capsys, sig, code):
     out = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "rable_nb", "sweep", str(grid), "--out", str(out),
            "--parallel", "2"]
@@ -148,8 +162,8 @@ def test_interrupted_parallel_sweep_stops_its_kernels_and_resumes(grid, serial, 
             kernel.suspend()
     try:
         assert not any(_done(run) for run in running.values())
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        assert proc.wait(timeout=60) == 130
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == code
     finally:  # thawed, a kernel sees its worker gone and exits (ipykernel's parent poller)
         for kernel in running:
             with suppress(psutil.NoSuchProcess):

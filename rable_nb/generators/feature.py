@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import config
+from .. import artefacts, config
 from ..networks import batched_features, load_model, pick_device, save_model
 from ..profiling import three_figures
 from .fitting import StepFit, TrainedGenerator, bench_report, time_fit_and_sample
@@ -99,7 +99,9 @@ def validate(params: dict) -> None:
 def save_backbone(net, run_dir, info: dict | None = None) -> Path:
     """Copy the backbone network (a ``PLLNet``) to ``generator/backbone.safetensors``."""
     path = Path(run_dir) / "generator" / BACKBONE
-    save_model(net, path, meta={"backbone": info or {}})
+    # no wall time: the same backbone gives the same file
+    save_model(net, path, meta={"backbone": {k: v for k, v in (info or {}).items()
+                                             if k != "wall_s"}})
     return path
 
 
@@ -109,7 +111,10 @@ def load_backbone(run_dir, device: str = "auto"):
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: the backbone of the feature space is "
                                 "saved by notebook 03 with GENERATOR='feature'.")
-    net, meta, _ = load_model(path, pick_device(device))
+    net, meta, _ = artefacts.load(
+        path, lambda p: load_model(p, pick_device(device)), what="the feature backbone",
+        fix=f"Run notebook 03 again (python -m rable_nb run --only 03 --out {Path(run_dir)}): "
+            "it saves the backbone anew.")
     return net, meta
 
 

@@ -40,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .. import config
+from .. import artefacts, config
 from ..networks import pick_device
 from ..profiling import three_figures, timed
 from .base import Generator
@@ -95,10 +95,35 @@ def crop_to(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 # --- safetensors files -----------------------------------------------------------------
+TIMING_KEYS = ("images_per_s", "seconds", "wall_s")  # how fast, not what was fitted
+
+
+def identity_info(info: dict) -> dict:
+    """What the finished weights' metadata records of a fit: ``info`` without wall-clock
+    rates and without how this call got there (``resumed``, ``steps_this_call``), so that
+    identical fits give byte-identical files and the manifest's ``model_id`` (their
+    SHA-256) matches across runs."""
+    out = {k: v for k, v in info.items() if k not in ("resumed", "steps_this_call")}
+    if "log" in out:
+        out["log"] = [{k: v for k, v in row.items() if k not in TIMING_KEYS}
+                      for row in out["log"]]
+    return out
+
+
 def save_tensors(path: Path, tensors: dict, meta: dict) -> None:
     """Atomically write tensors (moved to the CPU) and string metadata."""
     config.write_atomic(path, lambda t: save_file(
         {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, t, meta))
+
+
+def content_digest(path: Path) -> str:
+    """SHA-256 of a safetensors file's content: its header with the keys sorted (safetensors
+    writes the metadata map in no fixed order), then its tensor bytes. Identical fits give
+    identical digests (the manifest's ``model_id``) in every run."""
+    raw = Path(path).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True).encode()
+    return hashlib.sha256(header + raw[8 + n:]).hexdigest()
 
 
 def read_meta(path: Path) -> dict:
@@ -326,7 +351,8 @@ class TrainedGenerator(Generator):
             return dict(done=True, loaded=str(self.weights_path), **self.info)
         tr = self.trainer(images_or_features, cond_labels, params)
         state = folder / f"{self.name}-state.safetensors"
-        resumed = tr.load_state(state, settings)
+        resumed = bool(artefacts.load(state, lambda p: tr.load_state(p, settings),
+                                      what="generator fit state", resumable=True))
         start = tr.step_no
         tr.train(min(tr.total_steps, params.get("GEN_STOP_AFTER") or tr.total_steps),
                  params[f"{self.prefix}_CHECKPOINT_EVERY"], state, settings)
@@ -335,26 +361,30 @@ class TrainedGenerator(Generator):
         if tr.step_no < tr.total_steps:
             return dict(done=False, **self.info)
         tensors = tr.finished()
-        meta = {"settings": json.dumps(settings), "info": json.dumps(self.info)}
+        meta = {"settings": json.dumps(settings), "info": json.dumps(identity_info(self.info))}
         save_tensors(self.weights_path, tensors, meta)
         self.load_weights(tensors)
         return dict(done=True, **self.info)
 
     def _load_finished(self, settings: dict, data_key: str) -> bool:
         """Load the finished fit when it was made with the same settings and data."""
-        if not self.weights_path.exists():
+        def read(path):  # a damaged file: moved aside (notice), and the fit made again
+            meta = read_meta(path)
+            info = json.loads(meta["info"])
+            if json.loads(meta["settings"]) != settings or info.get("data") != data_key:
+                return False
+            tensors = load_file(str(path), device=str(self.dev))
+            return info, tensors
+        found = artefacts.load(self.weights_path, read, what="finished generator weights",
+                               resumable=True)
+        if not found:
             return False
-        meta = read_meta(self.weights_path)
-        info = json.loads(meta["info"])
-        if json.loads(meta["settings"]) != settings or info.get("data") != data_key:
-            return False
-        self.load_weights(load_file(str(self.weights_path), device=str(self.dev)))
-        self.info = info
+        self.info, tensors = found
+        self.load_weights(tensors)
         return True
 
     def model_id(self) -> str:
-        digest = hashlib.sha256(self.weights_path.read_bytes()).hexdigest()[:12]
-        return f"generator/{self.weights_path.name}@{digest}"
+        return f"generator/{self.weights_path.name}@{content_digest(self.weights_path)[:12]}"
 
 
 # --- benchmark -------------------------------------------------------------------------

@@ -196,20 +196,39 @@ def inputs(name: str) -> str:
 
 def resolve_params(name: str, cfg, overrides: dict | None = None) -> dict:
     """{piece: {param: value}} of ``name``: defaults (from ``cfg``) with ``overrides``
-    applied. Overrides for pieces the method lacks are ignored; unknown pieces or
-    parameters raise ValueError."""
+    applied. Overrides for pieces the method lacks are ignored (but checked); unknown
+    pieces or parameters, and values that break their piece's ``rules``, raise ValueError."""
     overrides = overrides or {}
+    if not isinstance(overrides, dict):
+        raise ValueError("method_params must be a dict {piece: {parameter: value}}.")
     for piece, values in overrides.items():
         if piece not in PIECES:
             raise ValueError(f"method_params names unknown piece {piece!r}; "
                              f"choose from {sorted(PIECES)}.")
+        if not isinstance(values, dict):
+            raise ValueError(f"method_params[{piece!r}]={values!r} must be a dict "
+                             "{parameter: value}.")
         known = PIECES[piece].default_params(cfg)
         bad = sorted(set(values) - set(known))
         if bad:
             raise ValueError(f"method_params[{piece!r}] has unknown parameter(s) {bad}; "
                              f"{piece} takes {sorted(known)}.")
+        check_values(piece, values)
     base, mods = parse(name)
     return {p: {**PIECES[p].default_params(cfg), **overrides.get(p, {})} for p in [base, *mods]}
+
+
+def check_values(piece: str, values: dict) -> None:
+    """``ValueError`` naming the first of ``values`` that breaks its rule in ``PIECES[piece]
+    .rules`` (a parameter without a rule is refused: every parameter must have one)."""
+    rules = PIECES[piece].rules
+    for param, value in values.items():
+        if param not in rules:
+            raise ValueError(f"{piece}.{param} has no rule ({PIECES[piece].__name__}"
+                             ".rules): every piece parameter needs one.")
+        ok, allowed = rules[param]
+        if not ok(value):
+            raise ValueError(f"{piece}.{param} must be {allowed}, not {value!r}.")
 
 
 def build(cfg) -> Method:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import config
 from ._losses import one_hot, soft_cross_entropy, updated_confidence, weighted_mean
 from .base import Base
 
@@ -65,6 +66,8 @@ class Able(Base):
     # tau: contrastive temperature; base_tau: the SupCon scale τ/τ_base of the official code;
     # loss_weight: λ; faithful_bug: read the contrastive weights by batch position (above)
     params = {"tau": 0.1, "base_tau": 0.07, "loss_weight": 1.0, "faithful_bug": False}
+    rules = {"tau": config.number(0, low_open=True), "base_tau": config.number(0, low_open=True),
+             "loss_weight": config.number(0), "faithful_bug": config.BOOLEAN}
     shortcuts = {"FAITHFUL_BUG": "faithful_bug"}
 
     def losses(self, batch, out, log_prior):

@@ -84,6 +84,9 @@ class Piece:
     # Hyper-parameters and their defaults; override with TrainConfig.method_params
     # {piece name: {param: value}}. ``default_params`` may derive defaults from cfg.
     params: dict = {}
+    # One rule per hyper-parameter, {param: config rule} (``config.integer(1)``, ...): a
+    # value is checked before anything runs (``methods.resolve_params``); every param needs one.
+    rules: dict = {}
     needs = "logits"          # the richest forward output this piece reads (see OUTPUTS)
     data_sources: tuple[str, ...] = ()  # training data beyond the real long tail
     # How the rebalancing study (notebook 09) names what this piece adds: '' nothing (ABLE,

@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import config
 from ._losses import weighted_mean
 from .base import Base
 
@@ -75,6 +76,7 @@ class Corr(Base):
     views = ("weak", "strong")
     mixup_views = ("weak", "strong")
     params = {"upd_start": 1}
+    rules = {"upd_start": config.integer(0)}  # epoch (0-based) of the first update
 
     def updating(self, batch) -> bool:
         return self.variant(batch.epoch, batch.step)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import config
 from .base import Modifier
 
 
@@ -22,6 +23,7 @@ class LogitAdjustment(Modifier):
     name = "la"
     approach = "logit adjustment"
     params = {"tau": 1.0}
+    rules = {"tau": config.number(0, 3)}  # 1: the Bayes-consistent adjustment
 
     @classmethod
     def incompatible(cls, base, others):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import config
 from .base import Modifier
 
 
@@ -65,15 +66,13 @@ def pairing(n: int, mask: torch.Tensor | None, generator: torch.Generator, devic
 class Mixup(Modifier):
     name = "mixup"
     params = {"weight": 1.0, "alpha": 4.0}   # loss weight; λ ~ Beta(alpha, alpha)
+    rules = {"weight": config.number(0),
+             "alpha": (lambda v: config.is_number(v) and float(v).is_integer() and v >= 1,
+                       "a whole number >= 1 (λ is drawn as a ratio of Gamma sums)")}
 
     def __init__(self, cfg, params):
         super().__init__(cfg, params)
-        alpha = params["alpha"]
-        if not (float(alpha).is_integer() and alpha >= 1):
-            raise ValueError(f"method_params['mixup']['alpha']={alpha!r} is invalid: it must "
-                             "be a whole number ≥ 1 (λ is drawn on the device as a ratio of "
-                             "Gamma sums).")
-        self.alpha = int(alpha)
+        self.alpha = int(params["alpha"])  # a whole number: its rule is checked up front
 
     def _mix(self, method, batch, out):
         """Mixed views {view_mix: images}, (mixed targets, per-image loss weight, scale)

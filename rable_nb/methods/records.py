@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import config
 from ._losses import classifier_log_prior
 from .base import Modifier
 
@@ -32,6 +33,7 @@ class Records(Modifier):
     approach = "re-weighting (RECORDS)"
     needs = "features"
     params = {"m": 0.9}   # momentum of the feature mean F
+    rules = {"m": config.number(0, 1, high_open=True)}
 
     @classmethod
     def incompatible(cls, base, others):

@@ -53,6 +53,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import config
 from ..networks import batched_logits
 from ._losses import class_counts, updated_confidence, weighted_mean
 from .base import Base, Stage
@@ -121,6 +122,12 @@ class Solar(Base):
     params = {"lamd": 3.0, "eta": 0.9, "tau": 0.99, "rho_start": 0.2, "rho_end": 0.6,
               "gamma_estimate": 0.1, "gamma_train": 0.01, "queue_batches": 64,
               "sinkhorn_iters": 50, "est_epochs": None, "warmup_epochs": None}
+    rules = {"lamd": config.number(0, low_open=True), "eta": config.number(0, 1),
+             "tau": config.number(0, 1), "rho_start": config.number(0, 1),
+             "rho_end": config.number(0, 1), "gamma_estimate": config.number(0, 1),
+             "gamma_train": config.number(0, 1), "queue_batches": config.integer(1),
+             "sinkhorn_iters": config.integer(1), "est_epochs": config.integer(1),
+             "warmup_epochs": config.integer(0)}
 
     @classmethod
     def default_params(cls, cfg):

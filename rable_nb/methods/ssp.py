@@ -41,7 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .. import config
+from .. import artefacts, config
 from ..augment import random_crop_flip
 from ..networks import build_backbone, standardize, to_unit
 from .able import Able
@@ -151,13 +151,18 @@ def pretrain(images: torch.Tensor, arch: str, epochs: int, batch_size: int, lr: 
     done, weights = folder / "ssp.json", folder / "backbone.safetensors"
     state = folder / "state.safetensors"    # per-epoch state of an unfinished pre-training
     dev = images.device
-    if done.exists():
-        return load_file(str(weights), device=str(dev)), dict(json.loads(done.read_text()),
-                                                                cached=True)
+    if done.exists():  # a damaged file of the entry is moved aside and the entry made again
+        info = artefacts.read_json(done, what="SSP cache entry", resumable=True)
+        backbone = info and artefacts.load(weights, lambda p: load_file(str(p), device=str(dev)),
+                                           what="SSP cache entry", resumable=True)
+        if backbone is not None:
+            return backbone, dict(info, cached=True)
+        done.unlink(missing_ok=True)
     torch.manual_seed(seed)
     net = _RotationNet(arch).to(dev)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    start, history = _load_state(state, net, opt) if state.exists() else (0, [])
+    start, history = artefacts.load(state, lambda p: _load_state(p, net, opt),
+                                    what="SSP pre-training state", resumable=True) or (0, [])
     gen = torch.Generator(device=dev)
     bar = tqdm(range(start, epochs), desc="ssp pre-training", unit="epoch", initial=start,
                total=epochs, disable=not progress, leave=False)
@@ -188,6 +193,8 @@ class Ssp(Able):
     # ABLE's own, then the rotation pre-training's (epochs/batch size: those of the run)
     params = {**Able.params, "epochs": None, "lr": 0.1, "weight_decay": 2e-4,
               "batch_size": None}
+    rules = {**Able.rules, "epochs": config.integer(1), "lr": config.number(0),
+             "weight_decay": config.number(0), "batch_size": config.integer(1)}
 
     @classmethod
     def default_params(cls, cfg):

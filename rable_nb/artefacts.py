@@ -1,0 +1,88 @@
+"""Reading back what the package wrote: one rule for damaged files.
+
+Every resumable state, cache entry and final artefact is opened through :func:`load`, which
+turns any decoding error of the libraries (a truncated or garbage safetensors, npz, npy,
+JSON or image file) into one outcome:
+
+- ``resumable=True`` (a training or fit state, a cache entry, a sweep's point record: things
+  that can be made again): the file is moved aside to ``<name>.damaged`` with a printed
+  notice naming it, and ``None`` is returned, so the caller recomputes it;
+- otherwise (a final artefact another stage made): :class:`DamagedFileError`, naming the
+  file and what to do (``fix``).
+
+Never a bare library traceback, never a silent wrong result. An absent file is ``None``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import zipfile
+import zlib
+from pathlib import Path
+
+DAMAGED_SUFFIX = ".damaged"
+
+
+class DamagedFileError(RuntimeError):
+    """A file the package wrote cannot be read back; the message names it and the fix."""
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    errors = [zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError, IndexError,
+              TypeError, OSError]  # json/unicode errors are ValueErrors; PIL's are OSErrors
+    try:
+        from safetensors import SafetensorError
+        errors.append(SafetensorError)
+    except ImportError:  # torch-free readers (runfiles, results) need no safetensors
+        pass
+    return tuple(errors)
+
+
+def quarantine(path: str | os.PathLike, why: str = "", what: str = "file") -> Path:
+    """Move a damaged file aside to ``<name>.damaged`` (replacing an older one), print a
+    notice naming it; returns the new path."""
+    path = Path(path)
+    aside = path.with_name(path.name + DAMAGED_SUFFIX)
+    os.replace(path, aside)
+    print(f"warning: {what} {path} is damaged ({why}); moved aside to {aside.name} and "
+          "made again.", file=sys.stderr, flush=True)
+    return aside
+
+
+def load(path: str | os.PathLike, reader, *, what: str = "file", fix: str = "",
+         resumable: bool = False):
+    """``reader(path)``, or ``None`` when ``path`` does not exist.
+
+    A decoding error of ``reader`` moves the file aside and returns ``None`` when
+    ``resumable`` (see the module docstring), else raises :class:`DamagedFileError` naming
+    ``what``, the path, the error and ``fix`` (what to do). Errors that are already
+    :class:`DamagedFileError` pass through.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return reader(path)
+    except DamagedFileError:
+        raise
+    except _decode_errors() as err:
+        why = f"{type(err).__name__}: {err}"[:300]
+        if resumable:
+            quarantine(path, why, what)
+            return None
+        raise DamagedFileError(f"{what} {path} is damaged and cannot be read ({why}). "
+                               f"{fix or 'Delete it and rerun the stage that wrote it.'}"
+                               ) from None
+
+
+def read_json(path: str | os.PathLike, *, what: str = "file", fix: str = "",
+              resumable: bool = False) -> dict | None:
+    """The JSON object in ``path`` (``None`` when absent), through :func:`load`: a file that
+    is not JSON, or not an object, is damaged."""
+    def reader(p: Path):
+        obj = json.loads(p.read_text())
+        if not isinstance(obj, dict):
+            raise ValueError(f"a JSON object was expected, found {type(obj).__name__}")
+        return obj
+    return load(path, reader, what=what, fix=fix, resumable=resumable)
