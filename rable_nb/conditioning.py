@@ -4,9 +4,9 @@ In partial-label learning the true label of a training image is hidden; only its
 set is known. A generator conditioned on true classes would use information the learner
 does not have. ``GEN_LABELS``:
 
-- ``'pseudo'`` (default): train ``WARMUP_METHOD`` (ABLE; quick: ``proden+la``) for ``WARMUP_EPOCHS`` through the package's training
-  engine (``rable_nb/warmup.py``) and take, per image, the argmax of its disambiguated
-  confidences restricted to its candidate set (``Trainer.conf`` ⊙ Y). The hidden labels are
+- ``'pseudo'`` (default): train ``WARMUP_METHOD`` (ABLE; quick: ``proden+la``) for
+  ``WARMUP_EPOCHS`` through the package's training engine (``rable_nb/warmup.py``) and
+  take, per image, the argmax of its disambiguated confidences restricted to its candidate set (``Trainer.conf`` ⊙ Y). The hidden labels are
   never given to the warm-up (it receives −1 in their place), so its output depends only on
   images, candidate sets and settings. The warm-up is cached per data set and settings.
 - ``'oracle'``: the hidden true labels — an ablation; it is recorded as such in

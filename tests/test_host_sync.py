@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import config, cuda_graph, dataset, engine, evaluation, methods, networks, profiling, training
+from rable_nb import (config, cuda_graph, dataset, engine, evaluation, methods, networks,
+                      profiling, training)
 
 PATCHED = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
