@@ -15,7 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="execute notebooks in order with papermill")
-    run.add_argument("--profile", default="smoke", help=f"one of {config.PROFILES}")
+    run.add_argument("--profile", help=f"one of {config.PROFILES}; without it, the main job "
+                     "(the quick profile's recipe on a curated set of notebooks and methods: "
+                     "runner.MAIN_JOB)")
     run.add_argument("--only", help="comma-separated notebook numbers, e.g. 00,01")
     run.add_argument("--out", help="run directory (default runs/<profile>)")
     run.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"),

@@ -4,9 +4,9 @@ In partial-label learning the true label of a training image is hidden; only its
 set is known. A generator conditioned on true classes would use information the learner
 does not have. ``GEN_LABELS``:
 
-- ``'pseudo'`` (default): train ABLE for ``WARMUP_EPOCHS`` through the package's training
-  engine (``rable_nb/warmup.py``) and take, per image, the argmax of its disambiguated
-  confidences restricted to its candidate set (``Trainer.conf`` ⊙ Y). The hidden labels are
+- ``'pseudo'`` (default): train ``WARMUP_METHOD`` (ABLE; quick: ``proden+la``) for
+  ``WARMUP_EPOCHS`` through the package's training engine (``rable_nb/warmup.py``) and
+  take, per image, the argmax of its disambiguated confidences restricted to its candidate set (``Trainer.conf`` ⊙ Y). The hidden labels are
   never given to the warm-up (it receives −1 in their place), so its output depends only on
   images, candidate sets and settings. The warm-up is cached per data set and settings.
 - ``'oracle'``: the hidden true labels — an ablation; it is recorded as such in
@@ -28,7 +28,7 @@ import torch
 
 from . import config
 from .networks import batched_logits
-from .warmup import WARMUP_RULES, warmup
+from .warmup import WARMUP_RULES, from_params
 
 GEN_LABELS = ("pseudo", "oracle")
 
@@ -49,9 +49,7 @@ def cond_labels(kind: str, ds: dict, train_x, cifar, params: dict, device: str =
     validate({"GEN_LABELS": kind})
     net, info = None, {"gen_labels": kind}
     if kind == "pseudo" or params.get("SYNTH_FILTER") or need_net:
-        pseudo, net, wi = warmup(train_x, ds["candidates"], cifar, params["WARMUP_ARCH"],
-                                 params["WARMUP_EPOCHS"], params["WARMUP_BATCH"],
-                                 params["WARMUP_LR"], params.get("SEED") or 0, device)
+        pseudo, net, wi = from_params(train_x, ds["candidates"], cifar, params, device)
         info["warmup"] = wi
     labels = pseudo if kind == "pseudo" else np.asarray(ds["labels"])
     info["sha1"] = hashlib.sha1(np.ascontiguousarray(labels, np.int64).tobytes()).hexdigest()

@@ -25,22 +25,34 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ("smoke", "quick", "paper")
 PARTIAL_KINDS = ("uniform", "instance")
 DEVICES = ("auto", "cpu", "cuda")
+# Training recipes (``RECIPE``): the TrainConfig settings each one switches on
+# (rable_nb/recipe.py; the choices and their measurements: docs/quick-profile.md).
+# 'protocol': the published protocols' settings (the TrainConfig defaults); 'short': the
+# short-budget recipe of the quick profile.
+RECIPES: dict[str, dict] = {
+    "protocol": {},
+    "short": dict(schedule="onecycle", nesterov=True, label_smoothing=0.1, augment="light",
+                  strong_augment="light", channels_last=True),
+}
 
 # Profile defaults, applied to every parameter left at None.
 PROFILE_DEFAULTS: dict[str, dict] = {
     # N_MAX: images of the most frequent class; CLEAN_*: the classifier behind `instance`
     # candidates (CLEAN_PER_CLASS 0 = the whole clean training set); WARMUP_*: the
     # intermediate ABLE model behind pseudo-labels (generator conditioning in notebook 03,
-    # `+unlabeled` images in notebook 04; rable_nb/conditioning.py).
+    # `+unlabeled` images in notebook 04; rable_nb/conditioning.py), trained with WARMUP_METHOD;
+    # RECIPE: the training recipe of notebook 04 and the warm-up (RECIPES).
     "smoke": dict(N_MAX=300, N_TEST_PER_CLASS=20, CLEAN_ARCH="tiny_cnn", CLEAN_EPOCHS=2,
                   CLEAN_PER_CLASS=100, WARMUP_ARCH="tiny_cnn", WARMUP_EPOCHS=2,
-                  WARMUP_BATCH=64, WARMUP_LR=0.01),
+                  WARMUP_BATCH=64, WARMUP_LR=0.01, WARMUP_METHOD="able", RECIPE="protocol"),
     "quick": dict(N_MAX=5000, N_TEST_PER_CLASS=1000, CLEAN_ARCH="small_cnn", CLEAN_EPOCHS=3,
                   CLEAN_PER_CLASS=1000, WARMUP_ARCH="mini_cnn", WARMUP_EPOCHS=10,
-                  WARMUP_BATCH=128, WARMUP_LR=0.05),
+                  WARMUP_BATCH=128, WARMUP_LR=0.05, WARMUP_METHOD="proden+la",
+                  RECIPE="short"),
     "paper": dict(N_MAX=5000, N_TEST_PER_CLASS=1000, CLEAN_ARCH="resnet18", CLEAN_EPOCHS=40,
                   CLEAN_PER_CLASS=0, WARMUP_ARCH="resnet18", WARMUP_EPOCHS=100,
-                  WARMUP_BATCH=256, WARMUP_LR=0.01),
+                  WARMUP_BATCH=256, WARMUP_LR=0.01, WARMUP_METHOD="able",
+                  RECIPE="protocol"),
 }
 
 
@@ -173,6 +185,7 @@ RULES = {
     "DEVICE": one_of(DEVICES),
     "EPOCHS": integer(1),
     "BATCH_SIZE": integer(1),
+    "RECIPE": one_of(RECIPES),
 }
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import artefacts, config, cuda_graph, evaluation, methods
+from . import artefacts, config, cuda_graph, evaluation, methods, recipe
 from .methods._losses import uniform_confidence
 from .networks import (PLLNet, autocast, autocast_dtype, batch_statistics_of, pick_device,
                        standardize, to_unit, used_precision)
@@ -66,6 +65,15 @@ class TrainConfig:
     num_classes: int = 10
     method_params: dict = field(default_factory=dict)
     precision: str = "bf16"
+    # the short-budget recipe (rable_nb/recipe.py; the quick profile switches it on): the
+    # defaults are the published protocols' settings
+    schedule: str = "cosine"        # 'cosine' (per epoch) | 'onecycle' (per step)
+    warmup_frac: float = 0.25       # onecycle: share of the steps spent warming up
+    nesterov: bool = False
+    label_smoothing: float = 0.0
+    augment: str = "protocol"       # the weak view: 'protocol' | 'light' (flip + 4-px shift)
+    strong_augment: str = "protocol"  # the strong view, the same choices
+    channels_last: bool = False     # channels_last on CPU too (always on CUDA)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size"):
@@ -73,14 +81,15 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer.")
         autocast_dtype("cuda", self.precision)   # ValueError unless one of PRECISIONS
         methods.check(self.method)
+        recipe.check(self)
         self.method_params = methods.resolve_params(self.method, self, self.method_params)
         methods.build(self)  # every piece checks its settings now, before any training
 
 
 def cosine_lr(cfg: TrainConfig, epoch: int) -> float:
-    """Learning rate of ``epoch`` (0-based, within a stage): cosine from lr to lr_min over
-    ``cfg.epochs``."""
-    return cfg.lr_min + (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * epoch / cfg.epochs)) / 2
+    """Learning rate of ``epoch`` (0-based, within a stage) under ``cfg.schedule``: cosine
+    from lr to lr_min over ``cfg.epochs`` by default (see ``recipe.lr_at``)."""
+    return recipe.lr_at(cfg, epoch, 0, 1)
 
 
 class Trainer:
@@ -108,6 +117,8 @@ class Trainer:
         if self.dev.type == "cpu":
             torch.set_flush_denormal(True)  # augmentations produce denormals: 10× slower
         self.method = methods.build(cfg)
+        self.views = recipe.views(cfg)
+        self.channels_last = self.dev.type == "cuda" or cfg.channels_last
         self.stages = self.method.stages()
         self.init_weights = init_weights
         self.x = torch.as_tensor(np.asarray(train_x), device=self.dev)
@@ -143,7 +154,7 @@ class Trainer:
             self.net.load_state_dict(self.init_weights)
         for part in self.method.base.frozen:
             self.net.get_submodule(part).requires_grad_(False)
-        if self.dev.type == "cuda":
+        if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.extra = torch.nn.ModuleDict(self.method.modules(self.net)).to(self.dev)
         net = self.net
@@ -166,7 +177,8 @@ class Trainer:
         cfg, cuda = self.cfg, self.dev.type == "cuda"
         lr = torch.tensor(cfg.lr, dtype=torch.float32, device=self.dev) if cuda else cfg.lr
         return torch.optim.SGD(self._parameters(), lr=lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay, fused=cuda or None)
+                               nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                               fused=cuda or None)
 
     def _set_lr(self, lr: float) -> None:
         for group in self.opt.param_groups:
@@ -217,7 +229,7 @@ class Trainer:
         if self.features_in:
             return x
         x = standardize(x)
-        return x.contiguous(memory_format=torch.channels_last) if self.dev.type == "cuda" else x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     @property
     def precision(self) -> str:
@@ -287,7 +299,7 @@ class Trainer:
             conf_table=self.conf, labels=self.labels[idx],
             weight=None if self.weight is None else self.weight[idx], gen=gen, epoch=epoch,
             step=step, stage=self.stage.name, net=self.net, forward=self.forward,
-            schedule=schedule)
+            schedule=schedule, views=self.views)
         loss, terms, new = self.method.step(batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -313,18 +325,21 @@ class Trainer:
         i, start = self._stage_at(self.epoch)
         if self.epoch == start:
             self._start_stage(i)
-        lr = cosine_lr(cfg, self.epoch - start)
+        steps = n // cfg.batch_size
+        lr = recipe.lr_at(cfg, self.epoch - start, 0, steps)
         self._set_lr(lr)
         self.method.start_epoch(self)
         gen = self.epoch_generator(self.epoch)
         order = torch.randperm(n, device=self.dev, generator=gen)
-        steps = n // cfg.batch_size
+        per_step = recipe.per_step(cfg)
         terms: dict[str, torch.Tensor] = {}
         self._train_mode()
         t0 = time.time()
         bar = tqdm(range(steps), desc=f"{cfg.method} epoch {self.epoch + 1}/{self.total_epochs}",
                    unit="step", leave=False, disable=not progress)
         for s in bar:
+            if per_step and s:
+                self._set_lr(recipe.lr_at(cfg, self.epoch - start, s, steps))
             terms.update(self.run_step(order[s * cfg.batch_size:(s + 1) * cfg.batch_size], gen, s))
         self.method.end_epoch(self)
         means = self._read_epoch(list(terms), steps)   # waits for the device: the epoch's end

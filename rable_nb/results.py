@@ -219,6 +219,43 @@ def detail_table(entries: list[dict]) -> str:
                    "wall time", "commit", "protocol check", "run"], rows)
 
 
+def seed_rows(entries: list[dict]) -> list[dict]:
+    """Mean and sample s.d. over seeds (``SEED``) of last / few accuracy and wall time, per
+    setting and method trained with at least two seeds."""
+    groups: dict[tuple, dict] = {}
+    for m in entries:
+        key = (setting(m), method_label(m))
+        groups.setdefault(key, {})[m["params"].get("SEED")] = m
+    rows = []
+    for (col, method), by_seed in sorted(groups.items(), key=lambda kv: (_sort_key(kv[0][0]),
+                                                                         kv[0][1])):
+        if len(by_seed) < 2:
+            continue
+        runs = list(by_seed.values())
+        row = {"setting": col, "method": method, "seeds": sorted(by_seed, key=str)}
+        for name, values in (("last", [r["accuracy"]["last"] for r in runs]),
+                             ("few", [r["accuracy"]["few"] for r in runs]),
+                             ("wall_s", [r["wall_s"] for r in runs])):
+            mean = sum(values) / len(values)
+            sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+            row[name] = {"mean": mean, "sd": sd}
+        rows.append(row)
+    return rows
+
+
+def seed_table(entries: list[dict]) -> str:
+    """:func:`seed_rows` as a markdown table (accuracies in %), or '' without such rows."""
+    rows = seed_rows(entries)
+    if not rows:
+        return ""
+    def pm(stat, scale=100.0):
+        return f"{scale * stat['mean']:.2f} ± {scale * stat['sd']:.2f}"
+    return ("\nMean ± s.d. over seeds (training seed; same data and candidate sets):\n\n"
+            + _table(["setting", "method", "seeds", "last", "few", "wall time (min)"],
+                     [[r["setting"], r["method"], ", ".join(map(str, r["seeds"])),
+                       pm(r["last"]), pm(r["few"]), pm(r["wall_s"], 1 / 60)] for r in rows]))
+
+
 def render(entries: list[dict]) -> str:
     """The README text: legend, then per protocol its table and its detail table."""
     if not entries:
@@ -228,7 +265,7 @@ def render(entries: list[dict]) -> str:
         members = [m for m in entries if m["group"] == group]
         note = campaign_note(members)
         parts += [f"\n## {heading(group)}\n", note, "\nLast-epoch test accuracy (%):\n\n",
-                  protocol_table(members, published=bool(note)),
+                  protocol_table(members, published=bool(note)), seed_table(members),
                   "\nDetails (protocol check: the settings notebook 04 recognised, `custom` "
                   "when they differ from the protocol's):\n\n",
                   detail_table(members)]

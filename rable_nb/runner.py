@@ -33,6 +33,15 @@ from . import artefacts, config, data
 from .locks import DirLock, LockedError
 
 NOTEBOOK_DIR = config.PROJECT_ROOT / "notebooks"
+# The main job (``python -m rable_nb run`` without --profile, what scripts/run.sh runs): the
+# quick profile's short-budget recipe on the real long tail (CIFAR-10-LT, rho = 100, uniform
+# q = 0.3), ABLE against ABLE rebalanced with a copy top-up to 1,000 images per class, then
+# the prediction grids, t-SNE and the demo (~20 min on an idle 2-core CPU; docs/quick-profile.md).
+# Any --only / -p given replaces or joins these; --profile smoke|quick|paper runs that
+# profile's every notebook, as before.
+MAIN_JOB = dict(profile="quick", only="00,01,03,04,05,06,07", out="runs/main",
+                params=dict(PARTIAL="uniform", Q=0.3, GENERATOR="copy", TARGET_PER_CLASS=1000,
+                            METHODS=["able", "rable"]))
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 KERNEL_LOG = "kernel.log"
 
@@ -305,9 +314,13 @@ def _execute(notebooks: list[Path], injected: dict, run_dir: Path, profile: str,
 def main_run(args) -> int:
     """``python -m rable_nb run`` entry point."""
     params = {name: parse_value(value) for name, value in (args.p or [])}
+    profile, only, out = args.profile, args.only, args.out
+    if profile is None:  # the main job
+        profile, only = MAIN_JOB["profile"], only or MAIN_JOB["only"]
+        out = out or str(config.PROJECT_ROOT / MAIN_JOB["out"])
+        params = {**MAIN_JOB["params"], **params}
     try:
-        run_dir = run(args.profile, args.only, args.out, params, args.kernel,
-                      resume=args.resume)
+        run_dir = run(profile, only, out, params, args.kernel, resume=args.resume)
     except RunError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

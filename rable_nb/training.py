@@ -31,8 +31,8 @@ _UNLABELED = dict(UNLABELED=0, RATIO=5, UNLABELED_THRESHOLD=0.0)
 PROFILE_DEFAULTS: dict[str, dict] = {
     "smoke": dict(_UNLABELED, ARCH="tiny_cnn", EPOCHS=2, BATCH_SIZE=64, LR=0.01,
                   CHECKPOINT_EVERY=1, RATIO=1),
-    # quick: a CPU comparison (supervised, proden, able, able+records at 25 epochs: 18.6 min
-    # on an idle 2-core machine); the larger lr makes up for the short cosine schedule.
+    # quick: a CPU comparison at 25 epochs with the short-budget recipe (config.RECIPES
+    # 'short', the profile's RECIPE; measurements in docs/quick-profile.md).
     "quick": dict(_UNLABELED, ARCH="mini_cnn", EPOCHS=25, BATCH_SIZE=128, LR=0.05,
                   CHECKPOINT_EVERY=1),
     "paper": dict(_UNLABELED, ARCH="resnet18", EPOCHS=500, BATCH_SIZE=64, LR=0.01,
@@ -135,8 +135,11 @@ def train(cfg: TrainConfig, data: dict, run_dir, device: str = "auto", compile: 
 
 
 def protocol_name(P: dict, ds_params: dict) -> str:
-    """'R' or 'L' when the data and training settings are that protocol's,
-    else 'custom'."""
+    """'R' or 'L' when the data and training settings are that protocol's, 'short' for the
+    short-budget recipe (the quick profile's own protocol: never compared with published
+    numbers), else 'custom'."""
+    if (P.get("RECIPE") or "protocol") != "protocol":
+        return P["RECIPE"]
     common = (P.get("ARCH") == "resnet18" and ds_params.get("N_MAX") == 5000
               and P.get("LR") == 0.01 and ds_params.get("SEED") == 0)
     if (common and ds_params.get("PARTIAL") == "instance" and ds_params.get("RATE") == 0.4
@@ -204,7 +207,8 @@ def config_from_params(method: str, P: dict, num_classes: int = 10) -> TrainConf
     return TrainConfig(method=method, arch=P["ARCH"], epochs=P["EPOCHS"],
                        batch_size=P["BATCH_SIZE"], lr=float(P.get("LR") or 0.01), seed=P["SEED"],
                        method_params=method_params(P), num_classes=num_classes,
-                       precision=P.get("PRECISION") or "bf16")
+                       precision=P.get("PRECISION") or "bf16",
+                       **config.RECIPES[P.get("RECIPE") or "protocol"])
 
 
 def method_params(P: dict) -> dict:

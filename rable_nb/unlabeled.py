@@ -77,10 +77,8 @@ def pseudo_labelled(ds: dict, cifar, params: dict, device: str = "auto") -> dict
                     int(params.get("UNLABELED") or 0), float(params.get("RATIO") or 5.0),
                     int(params.get("SEED") or 0))
     threshold = float(params.get("UNLABELED_THRESHOLD") or 0.0)
-    _, net, warm = warmup.warmup(
-        cifar.train_x[ds["indices"]], ds["candidates"], cifar, params["WARMUP_ARCH"],
-        params["WARMUP_EPOCHS"], params["WARMUP_BATCH"], params["WARMUP_LR"],
-        int(params.get("SEED") or 0), device)
+    _, net, warm = warmup.from_params(cifar.train_x[ds["indices"]], ds["candidates"], cifar,
+                                      params, device)
     x = cifar.train_x[chosen]
     labels, conf, candidates = pseudo_label(net, x, cifar.num_classes, threshold)
     hidden = cifar.train_y[chosen]

@@ -1,5 +1,7 @@
-"""The warm-up: ABLE trained for ``WARMUP_EPOCHS`` on the long-tailed images and their
-candidate sets, through the training engine, cached per data set and settings.
+"""The warm-up: a PLL method (``WARMUP_METHOD``: ABLE in the smoke and paper profiles,
+``proden+la`` in quick, see docs/quick-profile.md) trained for ``WARMUP_EPOCHS`` with the
+run's ``RECIPE`` on the long-tailed images and their candidate sets, through the training
+engine, cached per data set and settings.
 
 Its disambiguated confidences restricted to the candidate sets give the PLL-honest
 pseudo-labels that condition the generators (notebook 03, ``rable_nb/conditioning.py``) and
@@ -16,15 +18,28 @@ import json
 import numpy as np
 import torch
 
-from . import artefacts, config, dataset, engine
+from . import artefacts, config, dataset, engine, methods
 from .networks import BACKBONES, load_model, pick_device, save_model
 
 WARMUP_TEST_PER_CLASS = 100  # the warm-up logs its test accuracy on this many per class
 # The warm-up's settings (profile defaults in config.PROFILE_DEFAULTS): shared by notebook 03
 # (generator conditioning) and notebook 04 (pseudo-labels of ``+unlabeled`` images).
+# Methods that can warm up: they learn confidences from the real images alone.
+WARMUP_METHODS = tuple(n for n in methods.names()
+                       if methods.BASES[methods.parse(n)[0]].disambiguates
+                       and not methods.data_sources(n) and methods.inputs(n) == "images")
 WARMUP_RULES = {"WARMUP_ARCH": config.one_of(sorted(BACKBONES)),
                 "WARMUP_EPOCHS": config.integer(1), "WARMUP_BATCH": config.integer(1),
-                "WARMUP_LR": config.number(0, low_open=True)}
+                "WARMUP_LR": config.number(0, low_open=True),
+                "WARMUP_METHOD": config.one_of(WARMUP_METHODS)}
+
+
+def from_params(train_x, candidates, cifar, params: dict, device: str = "auto"):
+    """:func:`warmup` with the run's ``WARMUP_*``, ``RECIPE`` and ``SEED`` settings."""
+    return warmup(train_x, candidates, cifar, params["WARMUP_ARCH"], params["WARMUP_EPOCHS"],
+                  params["WARMUP_BATCH"], params["WARMUP_LR"], int(params.get("SEED") or 0),
+                  device, method=params.get("WARMUP_METHOD") or "able",
+                  recipe=params.get("RECIPE") or "protocol")
 
 
 def _key(train_x: np.ndarray, candidates: np.ndarray, settings: dict) -> str:
@@ -57,13 +72,16 @@ def _load_entry(folder, done, device: str):
 
 
 def warmup(train_x, candidates, cifar, arch: str, epochs: int, batch_size: int, lr: float,
-           seed: int = 0, device: str = "auto"):
-    """(pseudo-labels, warm-up network, info) of ABLE trained for ``epochs`` (cached).
+           seed: int = 0, device: str = "auto", method: str = "able", recipe: str = "protocol"):
+    """(pseudo-labels, warm-up network, info) of ``method`` trained for ``epochs`` with the
+    training recipe ``recipe`` (``config.RECIPES``; cached).
 
     The training run resumes from its own checkpoint in the cache folder when interrupted.
     """
-    settings = dict(method="able", arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
+    settings = dict(method=method, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
                     seed=seed)
+    if recipe != "protocol":  # (keeps the cache keys of the protocol warm-ups)
+        settings["recipe"] = recipe
     folder = config.cache_dir() / f"warmup-{_key(train_x, candidates, settings)}"
     done = folder / "warmup.json"
     if done.exists():
@@ -75,8 +93,9 @@ def warmup(train_x, candidates, cifar, arch: str, epochs: int, batch_size: int, 
                 labels=np.full(len(candidates), -1),  # hidden: never given to the warm-up
                 test_x=cifar.test_x[test], test_y=cifar.test_y[test],
                 class_counts=np.ones(cifar.num_classes, np.int64))
-    cfg = engine.TrainConfig(method="able", arch=arch, epochs=epochs, batch_size=batch_size,
-                               lr=lr, seed=seed, num_classes=cifar.num_classes)
+    cfg = engine.TrainConfig(method=method, arch=arch, epochs=epochs, batch_size=batch_size,
+                             lr=lr, seed=seed, num_classes=cifar.num_classes,
+                             **config.RECIPES[recipe])
     result = engine.train(cfg, data, folder, device, checkpoint_every=1)
     trainer = result["trainer"]
     cand = torch.as_tensor(np.asarray(candidates), device=trainer.conf.device)

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import cuda_graph, dataset, engine, evaluation, methods, networks, profiling, training
+from rable_nb import (config, cuda_graph, dataset, engine, evaluation, methods, networks,
+                      profiling, training)
 
 PATCHED = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
@@ -69,10 +70,12 @@ def small_data(n=48, seed=0):
 
 
 @pytest.mark.parametrize("name", methods.names())
-def test_an_epoch_reads_nothing_back_and_keeps_its_tensors_in_place(monkeypatch, name):
+def test_an_epoch_reads_nothing_back_and_keeps_its_tensors_in_place(monkeypatch, name,
+                                                                     recipe="protocol"):
     x, cand, y = small_data()
     cfg = engine.TrainConfig(method=name, epochs=3, batch_size=16,   # 3 steps per epoch
-                               method_params={"solar": {"queue_batches": 2, "est_epochs": 1}})
+                               method_params={"solar": {"queue_batches": 2, "est_epochs": 1}},
+                               **config.RECIPES[recipe])
     tr = engine.Trainer(cfg, x, cand, y, "cpu", sample_weight=np.linspace(0.5, 1, len(y)))
     bound, stage = {}, None
     with epoch_guard(monkeypatch) as guard:
@@ -90,6 +93,14 @@ def test_an_epoch_reads_nothing_back_and_keeps_its_tensors_in_place(monkeypatch,
     assert guard.ops > 0 and all(np.isfinite(r["loss_cls"]) for r in rows)
     if name.startswith(("corr", "solar")) and name.endswith("mixup"):
         assert "loss_mix" in rows[-1]                 # the second variant ran under the guard
+
+
+@pytest.mark.parametrize("name", ["able", "proden+la", "supervised+la", "corr+records+mixup",
+                                  "solar+la", "rable"])
+def test_the_short_recipe_reads_nothing_back(monkeypatch, name):
+    """The quick profile's recipe (per-step learning rate, light views, label smoothing,
+    Nesterov, channels_last) keeps the step free of host reads."""
+    test_an_epoch_reads_nothing_back_and_keeps_its_tensors_in_place(monkeypatch, name, "short")
 
 
 @pytest.mark.parametrize("name", ["corr+records+mixup", "solar+la+mixup", "able+records",

@@ -7,13 +7,15 @@ from rable_nb import cli, results
 
 
 def _plant(root, path, method, last, *, factor=0.01, partial="uniform", q=0.3, rate=0.4,
-           adjusted=None, epochs=800, done=800):
+           adjusted=None, epochs=800, done=800, seed=None, wall=1234.0):
     acc = dict(last=last, best=last + 0.02, many=0.9, medium=last, few=max(0.0, last - 0.3),
                per_class=[last] * 10)
     m = dict(method=method, protocol="L", accuracy=acc, device="cuda: NVIDIA H100",
-             wall_s=1234.0, images_per_s=9000.0, commit="0123456789abcdef", epochs_done=done,
+             wall_s=wall, images_per_s=9000.0, commit="0123456789abcdef", epochs_done=done,
              params=dict(PROFILE="paper", train=dict(epochs=epochs, arch="resnet18"), dataset=dict(
                  IMBALANCE_FACTOR=factor, PARTIAL=partial, Q=q, RATE=rate)))
+    if seed is not None:
+        m["params"]["SEED"] = seed
     if adjusted is not None:
         m["accuracy_adjusted"] = dict(acc, last=adjusted)
     target = root / path / f"metrics-{method}.json"
@@ -92,3 +94,13 @@ def test_cpu_runs_get_their_own_section_and_top_ups_their_generator(tmp_path):
     assert f"| rable [copy, pseudo labels] + 4464 | {cell} |" in text
     m["params"]["SYNTH_WEIGHT"] = 0
     assert results.method_label(m) == "rable [copy, pseudo labels] + 4464 at weight 0 (control)"
+
+
+def test_methods_run_with_several_seeds_get_mean_and_sd(tmp_path):
+    for seed, last in enumerate((0.50, 0.54, 0.58)):
+        _plant(tmp_path, f"quick-cpu/s{seed}", "able", last, seed=seed, wall=60.0 * (seed + 1))
+    _plant(tmp_path, "quick-cpu/s0", "proden", 0.40, seed=0)      # one seed: no row
+    assert cli.main(["results", "--root", str(tmp_path)]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert "| ρ=100, q=0.3 | able | 0, 1, 2 | 54.00 ± 4.00 | 24.00 ± 4.00 | 2.00 ± 1.00 |" in text
+    assert "| proden | 0, 1, 2" not in text and "| proden |" in text

@@ -2,12 +2,13 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from rable_nb import runner
+from rable_nb import cli, runner
 
 
 def _notebook(path, params_src, body_src):
@@ -88,3 +89,17 @@ def test_resume_skips_finished_notebooks_only(nb_dir, tmp_path):
     runner.run("smoke", "00", str(out), {"Q": 0.6}, notebook_dir=nb_dir, resume=True)
     assert json.loads((out / "seen.json").read_text())[1] == 0.6  # new parameters: rerun
     assert len(json.loads((out / "run.json").read_text())["notebooks"]) == 1
+
+
+def test_run_without_a_profile_is_the_main_job_and_smoke_is_one_flag_away(monkeypatch):
+    calls = []
+    monkeypatch.setattr(runner, "run", lambda profile, only, out, params, *a, **k:
+                        calls.append((profile, only, out, params)) or Path(out or "runs"))
+    parser = cli.build_parser()
+    assert runner.main_run(parser.parse_args(["run"])) == 0
+    assert runner.main_run(parser.parse_args(["run", "-p", "METHODS", "['able']"])) == 0
+    assert runner.main_run(parser.parse_args(["run", "--profile", "smoke"])) == 0
+    (p0, only0, out0, params0), (_, _, _, params1), smoke = calls
+    assert (p0, only0) == ("quick", runner.MAIN_JOB["only"]) and out0.endswith("runs/main")
+    assert params0 == runner.MAIN_JOB["params"] and params1["METHODS"] == ["able"]
+    assert smoke == ("smoke", None, None, {})

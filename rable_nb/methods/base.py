@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from .. import augment
+from .. import augment, recipe
 from ._losses import soft_cross_entropy
 
 # Views a method can ask for by name: augmented images (per-image randomness from the
@@ -63,17 +63,19 @@ class Batch:
     """
 
     def __init__(self, *, idx, x, cand, conf, conf_table, labels, weight, gen, epoch, step,
-                 stage: str, net, forward, schedule: dict | None = None):
+                 stage: str, net, forward, schedule: dict | None = None,
+                 views: dict | None = None):
         self.idx, self.x, self.cand, self.conf, self.conf_table = idx, x, cand, conf, conf_table
         self.labels, self.weight, self.gen = labels, weight, gen
         self.epoch, self.step, self.stage, self.net, self.forward = epoch, step, stage, net, forward
         self.schedule = schedule or {}
+        self.views = VIEWS if views is None else views   # name -> view (recipe.views)
         self._views: dict[str, torch.Tensor] = {}
 
     def view(self, name: str) -> torch.Tensor:
         """The augmented view ``name`` of the batch (made on first use, then cached)."""
         if name not in self._views:
-            self._views[name] = VIEWS[name](self.x, generator=self.gen)
+            self._views[name] = self.views[name](self.x, generator=self.gen)
         return self._views[name]
 
 
@@ -284,6 +286,9 @@ class Method:
         log_prior = next((p for m in self.modifiers
                           if (p := m.disambiguation_log_prior(batch)) is not None), None)
         loss, terms, new_conf = self.base.losses(batch, out, log_prior)
+        eps = self.base.cfg.label_smoothing
+        if eps:
+            loss = recipe.smoothed(loss, out.logits[self.base.views[0]], eps, batch.weight)
         for m in self.modifiers:
             extra = m.extra_loss(self, batch, out)
             if extra is not None:
