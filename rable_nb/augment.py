@@ -317,6 +317,12 @@ def strong_view(x: torch.Tensor, generator: torch.Generator | None = None) -> to
     return apply_strong(x, draw_strong(x.shape, x.device, generator))
 
 
+# Views a method can ask for by name: augmented images (per-image randomness from the
+# epoch's generator), or the inputs as they are ("plain": e.g. feature vectors, which have
+# no augmentation). The recipe may swap them (rable_nb/recipe.py).
+VIEWS = {"weak": weak_view, "strong": strong_view, "plain": lambda x, generator=None: x}
+
+
 # --- benchmark ----------------------------------------------------------------------------
 def bench(device: str = "auto", batch_sizes=None, views=None) -> dict:
     """Images/s and dispatched ops of each view (``views``: name → fn(x, generator);

@@ -24,6 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import augment
+
 SCHEDULES = ("cosine", "onecycle")
 AUGMENTS = ("protocol", "light")
 LIGHT_SHIFT = 4  # pixels
@@ -61,22 +63,13 @@ def light_view(x: torch.Tensor, generator: torch.Generator | None = None) -> tor
 
 def views(cfg) -> dict:
     """The views a method asks for by name, under the recipe's ``augment`` /
-    ``strong_augment`` (``base.VIEWS`` when both are ``'protocol'``)."""
-    from .methods.base import VIEWS
-    out = dict(VIEWS)
+    ``strong_augment`` (``augment.VIEWS`` when both are ``'protocol'``)."""
+    out = dict(augment.VIEWS)
     if cfg.augment == "light":
         out["weak"] = light_view
     if cfg.strong_augment == "light":
         out["strong"] = light_view
     return out
-
-
-def smoothed(loss: torch.Tensor, logits: torch.Tensor, eps: float,
-             weight: torch.Tensor | None = None) -> torch.Tensor:
-    """(1−ε)·loss + ε·(−mean_j log softmax(logits)_j), weighted per image like the loss."""
-    from .methods._losses import weighted_mean
-    uniform = -F.log_softmax(logits.float(), dim=1).mean(1)
-    return (1 - eps) * loss + eps * weighted_mean(uniform, weight)
 
 
 def check(cfg) -> None:
@@ -91,5 +84,4 @@ def check(cfg) -> None:
         raise ValueError(f"warmup_frac={cfg.warmup_frac!r} must be in (0, 1).")
 
 
-__all__ = ["AUGMENTS", "SCHEDULES", "check", "light_view", "lr_at", "per_step",
-           "smoothed", "views"]
+__all__ = ["AUGMENTS", "SCHEDULES", "check", "light_view", "lr_at", "per_step", "views"]

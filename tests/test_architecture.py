@@ -104,7 +104,7 @@ def test_the_engine_knows_no_stage():
                                         "rable_nb.cuda_graph", "rable_nb.evaluation",
                                         "rable_nb.methods",
                                         "rable_nb.methods._losses", "rable_nb.networks",
-                                        "rable_nb.runfiles", "rable_nb.jsonl"}
+                                        "rable_nb.runfiles", "rable_nb.jsonl", "rable_nb.recipe"}
     tree = ast.parse((PACKAGE / "runfiles.py").read_text())   # torch-free readers
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
                 for a in n.names}

@@ -131,7 +131,7 @@ def test_ssp_trains_able_from_the_pretrained_backbone(cifar, tmp_path, monkeypat
     assert torch.equal(scratch.net.classifier.weight, tr.net.classifier.weight)  # fresh head
     assert not torch.equal(scratch.net.backbone[0].weight, tr.net.backbone[0].weight)
     assert np.isfinite(tr.train_epoch(progress=False)["loss_cont"])
-    with pytest.raises(ValueError, match=r"method_params\['ssp'\]\['epochs'\]=0 is invalid"):
+    with pytest.raises(ValueError, match=r"ssp.epochs must be a positive integer, not 0"):
         engine.TrainConfig(method="ssp", method_params={"ssp": {"epochs": 0}})
     P = {"METHOD_PARAMS": {"ssp": {"lr": 0.05}}, "SSP_EPOCHS": 7}
     assert training.method_params(P) == {"ssp": {"lr": 0.05, "epochs": 7}}

@@ -56,3 +56,10 @@ def classifier_log_prior(classifier: torch.nn.Module, feat_mean: torch.Tensor) -
         w = classifier.weight.float()
         b = classifier.bias.float() if classifier.bias is not None else 0.0
         return F.log_softmax(feat_mean.float() @ w.T + b, dim=0)
+
+
+def smoothed(loss: torch.Tensor, logits: torch.Tensor, eps: float,
+             weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(1−ε)·loss + ε·(−mean_j log softmax(logits)_j), weighted per image like the loss."""
+    uniform = -F.log_softmax(logits.float(), dim=1).mean(1)
+    return (1 - eps) * loss + eps * weighted_mean(uniform, weight)

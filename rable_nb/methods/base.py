@@ -9,14 +9,11 @@ from typing import Callable
 
 import torch
 
-from .. import augment, recipe
-from ._losses import soft_cross_entropy
+from .. import augment
+from ._losses import smoothed, soft_cross_entropy
 
-# Views a method can ask for by name: augmented images (per-image randomness from the
-# epoch's generator; see rable_nb/augment.py), or the inputs as they are ("plain": e.g.
-# feature vectors, which have no augmentation).
-VIEWS: dict[str, Callable] = {"weak": augment.weak_view, "strong": augment.strong_view,
-                              "plain": lambda x, generator=None: x}
+# Views a method can ask for by name (rable_nb/augment.py; the recipe may swap them).
+VIEWS: dict[str, Callable] = augment.VIEWS
 # What a method trains on: images, or the features of a frozen backbone (see Base.inputs).
 INPUTS = ("images", "features")
 # What a forward pass returns, cheapest first: logits only; + backbone features;
@@ -288,7 +285,7 @@ class Method:
         loss, terms, new_conf = self.base.losses(batch, out, log_prior)
         eps = self.base.cfg.label_smoothing
         if eps:
-            loss = recipe.smoothed(loss, out.logits[self.base.views[0]], eps, batch.weight)
+            loss = smoothed(loss, out.logits[self.base.views[0]], eps, batch.weight)
         for m in self.modifiers:
             extra = m.extra_loss(self, batch, out)
             if extra is not None:
