@@ -195,7 +195,7 @@ def test_every_parameter_of_every_piece_has_a_rule_its_default_passes():
     ({"solar": {"est_epochs": -3}}, "solar.est_epochs must be a positive integer, not -3"),
     ({"solar": {"queue_batches": 0}}, "solar.queue_batches must be a positive integer"),
     ({"solar": {"tau": 5}}, r"solar.tau must be a number in \[0, 1\]"),
-    ({"la": {"tau": -1}}, "la.tau must be"),
+    ({"la": {"zeta": -1}}, "la.zeta must be"),
     ({"mixup": {"weight": "1"}}, "mixup.weight must be"),
     ({"corr": {"upd_start": 1.5}}, "corr.upd_start must be"),
     ({"ssp": {"batch_size": True}}, "ssp.batch_size must be"),

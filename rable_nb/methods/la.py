@@ -8,7 +8,7 @@ class-balanced scores. In partial-label learning the prior is unknown, so π̂ i
 method's estimate, refreshed before every epoch: the mean of the stored confidences
 (PRODEN, ABLE, CORR), SoLar's moving-average prior (its SoLar-LA variant, Wang et al.,
 NeurIPS 2022, Table 6: ζ = 1 best on CIFAR-10-LT), or the true label frequencies for
-``supervised``. ζ = ``tau`` (default 1). Not combined with RECORDS, which rebalances the
+``supervised``. ζ = ``zeta`` (default 1). Not combined with RECORDS, which rebalances the
 same logits after the fact.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ from .base import Modifier
 class LogitAdjustment(Modifier):
     name = "la"
     approach = "logit adjustment"
-    params = {"tau": 1.0}
-    rules = {"tau": config.number(0, 3)}  # 1: the Bayes-consistent adjustment
+    params = {"zeta": 1.0}
+    rules = {"zeta": config.number(0, 3)}  # 1: the Bayes-consistent adjustment
 
     @classmethod
     def incompatible(cls, base, others):
@@ -39,7 +39,7 @@ class LogitAdjustment(Modifier):
 
     def start_epoch(self, trainer):
         prior = trainer.method.base.class_prior(trainer).float().clamp_min(1e-8)
-        self.shift.copy_(self.p["tau"] * (prior / prior.sum()).log())
+        self.shift.copy_(self.p["zeta"] * (prior / prior.sum()).log())
 
     def adjust_logits(self, logits):
         return logits + self.shift
