@@ -32,6 +32,7 @@ def small_folder(tmp_path_factory):
     return data.write_fake_cifar(tmp_path_factory.mktemp("small"), n_train=30, n_test=10, seed=1)
 
 
+@pytest.mark.notebook
 def test_a_later_stage_refuses_other_data_than_notebook_01_used(small_folder, cifar_dir,
                                                                  tmp_path):
     out = tmp_path / "R"  # the reproduction: 01 on a small folder, 04 on the default

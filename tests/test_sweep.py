@@ -16,6 +16,7 @@ def _grid(tmp_path, **spec):
     return path
 
 
+@pytest.mark.notebook
 def test_two_point_sweep_records_the_failure_and_a_rerun_skips_finished_points(
         tmp_path, cifar_dir, capsys):
     broken = tmp_path / "broken"  # passes every rule, fails in notebook 01

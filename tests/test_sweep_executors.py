@@ -100,6 +100,7 @@ def test_workers_get_the_visible_gpus_round_robin(monkeypatch):
     assert sweep_executors.visible_gpus() == ["0", "1", "2"]
 
 
+@pytest.mark.notebook
 def test_parallel_sweep_gives_the_serial_rows_and_spreads_points_over_gpus(
         grid, serial, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # two faked GPUs (notebook 01 uses none)
@@ -119,6 +120,7 @@ def test_parallel_sweep_gives_the_serial_rows_and_spreads_points_over_gpus(
     assert "2 of 3 points finished" in printed
 
 
+@pytest.mark.notebook
 def test_ray_sweep_gives_the_serial_rows(grid, serial, tmp_path):
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20)
@@ -134,9 +136,9 @@ def test_ray_sweep_gives_the_serial_rows(grid, serial, tmp_path):
 
 # Ctrl-C; what a scheduler or `kill` sends; a closed terminal (each used to leave the workers
 # and their kernels running, so that a rerun collided with them)
+@pytest.mark.notebook
 @pytest.mark.parametrize("sig, code", [
-    (signal.SIGINT, 130), pytest.param(signal.SIGTERM, 143, marks=pytest.mark.notebook),
-    pytest.param(signal.SIGHUP, 129, marks=pytest.mark.notebook)])
+    (signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_interrupted_parallel_sweep_stops_its_kernels_and_resumes(grid, serial, tmp_path,
                                                                   capsys, sig, code):
     out = tmp_path / "interrupted"
