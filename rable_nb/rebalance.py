@@ -91,7 +91,7 @@ def run(P: dict, cifar, ds: dict) -> dict:
     ``target``, ``settings``, ``todo`` (samples still to draw before the fit), ``fit_x``
     (what the backend was fitted on: images or features), ``fit`` (its outcome; ``done``
     False when ``GEN_STOP_AFTER`` stopped it: rerun to resume), ``stats`` (the top-up's),
-    ``complete`` (every planned sample exists) and ``audit`` (None until complete). A
+    ``complete`` (every planned sample exists), ``synth_counts`` (samples per class on disk) and ``audit`` (None until complete). A
     complete top-up is checked: every class below the target reaches it exactly.
     """
     run_dir = Path(P["RUN_DIR"])
@@ -117,9 +117,10 @@ def run(P: dict, cifar, ds: dict) -> dict:
     target = captioning.target_count(counts, P["TARGET_PER_CLASS"])
     result = dict(generator=gen, cond=cond, cond_info=cond_info, counts=counts, plan=plan,
                   target=target, settings=settings, todo=todo, fit_x=fit_x, fit=fit, stats=stats,
-                  complete=complete, audit=None)
+                  complete=complete, audit=None,
+                  synth_counts=generators.synthetic_counts(run_dir, cifar.num_classes))
     if complete:
-        synth = generators.synthetic_counts(run_dir, cifar.num_classes)
+        synth = result["synth_counts"]
         short = counts < target
         if not (counts[short] + synth[short] == target).all():
             raise RuntimeError(f"{run_dir / 'synthetic'}: the top-up is incomplete "
@@ -171,8 +172,7 @@ def rebalanced(result: dict, P: dict, classes):
     """The report's Figure 5.1 for a complete top-up, saved as ``fig-rebalanced.png``."""
     run_dir = Path(P["RUN_DIR"])
     made = read_settings(run_dir) or result["settings"]
-    synth = generators.synthetic_counts(run_dir, len(classes))
-    fig = rebalanced_figure(result["counts"], synth, classes,
+    fig = rebalanced_figure(result["counts"], result["synth_counts"], classes,
                             title=f"{generators.describe(made)}; {P['PROFILE']} profile",
                             target=result["target"], cond_labels=made["cond_labels"])
     viz.save(fig, run_dir / "fig-rebalanced.png")

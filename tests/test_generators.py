@@ -342,3 +342,6 @@ def test_a_new_generator_is_one_class_and_one_registry_line(small_long_tail, tmp
     assert all((x[y == c] == 128 + c).all() for c in set(y.tolist()))
     assert {r["generator"] for r in rows} == {"shade"}
     assert json.loads((tmp_path / "synthetic" / "settings.json").read_text())["SHADE_LEVEL"] == 128
+    rebalance.rebalanced(result, P, cifar.classes)                      # the stage's figure
+    assert (tmp_path / "fig-rebalanced.png").stat().st_size > 10_000
+    assert (result["counts"] + result["synth_counts"]).min() >= 12
