@@ -24,7 +24,9 @@ from .runfiles import load_synthetic, read_settings
 # COMPARE_RUNS: other run directories whose synthetic samples notebook 03 shows beside these.
 # The warm-up behind GEN_LABELS='pseudo' (WARMUP_*) is shared with notebook 04: its defaults
 # are in config.PROFILE_DEFAULTS, its rules in warmup.WARMUP_RULES.
-_COMMON = dict(GEN_LABELS="pseudo", SYNTH_FILTER=False, SYNTH_FILTER_ATTEMPTS=10,
+_COMMON = dict(GEN_LABELS="pseudo", LABEL_RULE="confidence", LABEL_TAU=1.0, LABEL_EPS=0.1,
+               LABEL_KEEP=1.0,
+               SYNTH_FILTER=False, SYNTH_FILTER_BAND=[0.05, 0.95], SYNTH_FILTER_ATTEMPTS=10,
                COMPARE_RUNS=[])
 STAGE_DEFAULTS: dict[str, dict] = {
     "smoke": dict(_COMMON, GENERATOR="pixel", AUDIT_PER_CLASS=0,
@@ -50,7 +52,14 @@ def validate(params: dict) -> None:
     conditioning.validate(params)
     config.check(params, {
         "GENERATOR": config.one_of(sorted(generators.GENERATORS)),
-        "SYNTH_FILTER": config.BOOLEAN, "SYNTH_FILTER_ATTEMPTS": config.integer(1),
+        "SYNTH_FILTER": (lambda v: conditioning.filter_mode(v) in conditioning.FILTERS,
+                         f"one of {conditioning.FILTERS} (or False / True: 'none' / 'class')"),
+        "SYNTH_FILTER_BAND": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+                              and all(isinstance(q, (int, float)) for q in v)
+                              and 0 <= v[0] < v[1] <= 1,
+                              "two quantiles [low, high] with 0 <= low < high <= 1, e.g. "
+                              "[0.05, 0.95]"),
+        "SYNTH_FILTER_ATTEMPTS": config.integer(1),
         "GEN_STOP_AFTER": config.integer(1), "AUDIT_PER_CLASS": config.integer(0),
         "COMPARE_RUNS": (lambda v: isinstance(v, list) and all(config.PATH[0](x) for x in v),
                          "a list of run directories (paths), e.g. ['runs/smoke-copy']"),
@@ -71,14 +80,19 @@ def topup_settings(generator, params: dict, cond_info: dict) -> dict:
     seed, target, filter and the conditioning labels (kind, fingerprint, warm-up)."""
     out = dict(generator.settings(params), SEED=params.get("SEED") or 0,
                TARGET_PER_CLASS=params.get("TARGET_PER_CLASS"),
-               SYNTH_FILTER=bool(params.get("SYNTH_FILTER")), cond_labels=cond_info["gen_labels"],
-               cond_sha1=cond_info["sha1"])
-    if params.get("SYNTH_FILTER"):
+               SYNTH_FILTER=conditioning.recorded_filter(params.get("SYNTH_FILTER")),
+               cond_labels=cond_info["gen_labels"], cond_sha1=cond_info["sha1"])
+    mode = conditioning.filter_mode(params.get("SYNTH_FILTER"))
+    if mode != "none":
         out["SYNTH_FILTER_ATTEMPTS"] = params["SYNTH_FILTER_ATTEMPTS"]
+    if mode == "centre":
+        out["SYNTH_FILTER_BAND"] = list(params.get("SYNTH_FILTER_BAND") or (0.05, 0.95))
     if "warmup" in cond_info:  # its settings and result, not its (varying) wall time
         out["warmup"] = {k: v for k, v in cond_info["warmup"].items() if k != "wall_s"}
-    if "accuracy" in cond_info:
-        out["accuracy"] = cond_info["accuracy"]
+    for key in ("rule", "estimated_counts", "assigned_counts", "accuracy",
+                "accuracy_confidence"):
+        if key in cond_info:
+            out[key] = cond_info[key]
     return out
 
 
@@ -100,7 +114,11 @@ def run(P: dict, cifar, ds: dict) -> dict:
     cond, warm_net, cond_info = conditioning.cond_labels(
         P["GEN_LABELS"], ds, real_x, cifar, P, P["DEVICE"], need_net=gen.space == "feature")
     cond_info["accuracy"] = conditioning.accuracy(cond, ds["labels"], cifar.num_classes)
-    counts = np.bincount(cond, minlength=cifar.num_classes)
+    if "confidence_labels" in cond_info:  # today's rule beside the chosen one (report only)
+        cond_info["accuracy_confidence"] = conditioning.accuracy(
+            cond_info.pop("confidence_labels"), ds["labels"], cifar.num_classes)
+    counts = np.asarray(cond_info.get("assigned_counts")  # LABEL_KEEP < 1: cond has −1s
+                        or np.bincount(cond[cond >= 0], minlength=cifar.num_classes))
     plan = generators.topup_plan(counts, P["TARGET_PER_CLASS"])
     settings = dict(topup_settings(gen, P, cond_info),  # the plan: checked by notebook 04
                     plan=[int(plan[c]) for c in range(cifar.num_classes)])
@@ -109,7 +127,8 @@ def run(P: dict, cifar, ds: dict) -> dict:
     fit = gen.fit(fit_x, cond, counts, P, run_dir)
     stats = {}
     if fit["done"]:
-        accept = conditioning.class_filter(warm_net) if P["SYNTH_FILTER"] else None
+        accept = conditioning.sample_filter(P["SYNTH_FILTER"], warm_net, fit_x, cond,
+                                            P.get("SYNTH_FILTER_BAND") or (0.05, 0.95))
         stats = generators.top_up(run_dir, gen, plan, cifar.classes, settings, seed=P["SEED"],
                                   accept=accept, max_attempts=P["SYNTH_FILTER_ATTEMPTS"])
     complete = fit["done"] and generators.pending(run_dir, plan, cifar.classes, settings,
@@ -132,14 +151,37 @@ def run(P: dict, cifar, ds: dict) -> dict:
 
 # -- what notebook 03 shows ----------------------------------------------------------------
 def conditioning_table(result: dict, ds: dict, classes):
-    """Per class: the hidden true count (reported only), the conditioning count, the
-    agreement of the conditioning labels with the truth and the samples to generate."""
+    """Per class: the hidden true count (reported only), the count the warm-up's prior
+    estimates (rules other than 'confidence'), the conditioning count, the precision and
+    recall of the conditioning set against the truth — for the chosen ``LABEL_RULE`` and,
+    beside it, for the 'confidence' rule — and the samples to generate."""
     import pandas as pd
 
-    return pd.DataFrame({"class": classes, "true count (hidden)": ds["class_counts"],
-                         "conditioning count": result["counts"],
-                         "agreement (per true class)": result["cond_info"]["accuracy"]["per_class"],
-                         "to generate": list(result["plan"].values())}).set_index("class").round(3)
+    info = result["cond_info"]
+    cols = {"class": classes, "true count (hidden)": ds["class_counts"]}
+    if "estimated_counts" in info:
+        cols["estimated count (EM prior)"] = info["estimated_counts"]
+    cols["conditioning count"] = result["counts"]
+    if info["accuracy"]["cond_counts"] != list(result["counts"]):
+        cols["fit set (LABEL_KEEP)"] = info["accuracy"]["cond_counts"]
+    rule = info.get("rule", {}).get("LABEL_RULE", info["gen_labels"])
+    for name, acc in ((rule, info["accuracy"]), ("confidence", info.get("accuracy_confidence"))):
+        if acc:
+            if name != rule:
+                cols["count (confidence)"] = acc["cond_counts"]
+            cols[f"precision ({name})"] = acc["precision"]
+            cols[f"recall ({name})"] = acc["per_class"]
+    cols["to generate"] = list(result["plan"].values())
+    return pd.DataFrame(cols).set_index("class").round(3)
+
+
+def purity_summary(acc: dict) -> str:
+    """One line: mean and worst per-class precision and recall, and the worst count ratio."""
+    prec, rec = np.array(acc["precision"]), np.array([r or 0 for r in acc["per_class"]])
+    ratio = np.array(acc["cond_counts"]) / np.maximum(acc["true_counts"], 1)
+    return (f"precision mean {prec.mean():.2f} (worst {prec.min():.2f}), recall mean "
+            f"{rec.mean():.2f} (worst {rec.min():.2f}), conditioning / true count "
+            f"{ratio.min():.2f}–{ratio.max():.2f}")
 
 
 def samples_figure(result: dict, P: dict, cifar, ds: dict):

@@ -118,8 +118,12 @@ def method_label(m: dict) -> str:
     added = m.get("n_synthetic") or 0
     if not added:
         return m["method"]
-    weight = " at weight 0 (control)" if m["params"].get("SYNTH_WEIGHT") == 0 else ""
-    return f"{runfiles.method_label(m['method'], m)} + {added}{weight}"
+    w = m["params"].get("SYNTH_WEIGHT")
+    weight = (" at weight 0 (control)" if w == 0 else
+              f" at weight {w:g}" if w is not None and w != 1 else "")
+    sets = m["params"].get("SYNTHETIC_LABELS")
+    sets = f" with {sets} label sets" if sets and sets != "exact" else ""
+    return f"{runfiles.method_label(m['method'], m)} + {added}{weight}{sets}"
 
 
 def heading(group: str) -> str:

@@ -134,6 +134,11 @@ def describe(settings: dict) -> str:
         return "no synthetic data"
     cond = settings.get("cond_labels")
     tag = "ORACLE labels (ablation)" if cond == "oracle" else f"{cond} labels"
+    rule = (settings.get("rule") or {}).get("LABEL_RULE", "confidence")
+    if cond != "oracle" and rule != "confidence":
+        tag += f" ({rule})"
+    if settings.get("SYNTH_FILTER"):
+        tag += f", {'class' if settings['SYNTH_FILTER'] is True else settings['SYNTH_FILTER']} filter"
     return f"{settings.get('generator')}, {tag}"
 
 

@@ -12,14 +12,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from . import config, dataset, engine, evaluation, generators, methods, runfiles, unlabeled
+from . import (config, dataset, engine, evaluation, generators, methods, runfiles, unlabeled,
+               warmup)
 from .engine import TrainConfig
 from .networks import BACKBONES, PRECISIONS, device_name, save_model
 from .warmup import WARMUP_RULES
 
 METHODS = tuple(methods.names())  # every valid method name (see rable_nb/methods)
-SYNTHETIC_LABELS = ("exact", "partial")
+SYNTHETIC_LABELS = ("exact", "partial", "plausible")
 LT_RHO100_IMAGES = 12406  # CIFAR-10-LT, rho = 100, n_max = 5000
 
 # Stage defaults per profile (config.resolve(stage_defaults=...)); protocol L changes the
@@ -51,15 +53,41 @@ def stage_defaults(protocol: str | None = None) -> dict[str, dict]:
     return out
 
 
+def plausible_candidates(labels, x, run_dir, cifar, params: dict, device: str = "auto"):
+    """PLL-native labels of synthetic samples: the intended class c plus every class the
+    warm-up network (the one behind the conditioning labels; for feature vectors, the run's
+    backbone) gives probability ≥ ``SYNTH_PLAUSIBLE`` — a generated image of c that looks like
+    a dog may be one, and its candidate set says so instead of asserting c."""
+    from .networks import batched_logits
+    if np.ndim(x) == 2:
+        net, _ = generators.feature.load_backbone(run_dir, device)
+        with torch.inference_mode():
+            logits = net.classifier(torch.as_tensor(x, device=next(net.parameters()).device))
+    else:
+        ds = dataset.load_dataset(run_dir, cifar)
+        _, net, _ = warmup.from_params(cifar.train_x[ds["indices"]], ds["candidates"], cifar,
+                                       params, device)
+        logits = batched_logits(net, x)
+    probs = torch.softmax(logits.float(), 1).cpu().numpy()
+    threshold = 0.1 if params.get("SYNTH_PLAUSIBLE") is None else params["SYNTH_PLAUSIBLE"]
+    cand = probs >= threshold
+    cand[np.arange(len(labels)), labels] = True
+    return cand
+
+
 def synthetic_candidates(labels: np.ndarray, ds_params: dict, kind: str, cifar, x: np.ndarray,
-                         device: str = "auto") -> np.ndarray:
-    """Candidate sets of synthetic images: one-hot (``exact``) or drawn by the generator of
-    the real data (``partial``: same PARTIAL/Q/RATE, a different seed)."""
+                         device: str = "auto", run_dir=None, params: dict | None = None
+                         ) -> np.ndarray:
+    """Candidate sets of synthetic images: one-hot (``exact``), drawn by the generator of
+    the real data (``partial``: same PARTIAL/Q/RATE, a different seed) or the intended
+    class plus the warm-up's plausible ones (``plausible``: :func:`plausible_candidates`)."""
     if kind not in SYNTHETIC_LABELS:
         raise ValueError(f"SYNTHETIC_LABELS={kind!r} is invalid: choose one of {SYNTHETIC_LABELS}.")
     c = cifar.num_classes
     if kind == "exact":
         return np.eye(c, dtype=bool)[labels]
+    if kind == "plausible":
+        return plausible_candidates(labels, x, run_dir, cifar, params or {}, device)
     seed = int(ds_params.get("SEED", 0)) + 1
     if ds_params["PARTIAL"] == "uniform":
         return dataset.uniform_candidates(labels, c, float(ds_params["Q"]), seed)
@@ -107,7 +135,8 @@ def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int =
         x, init = generators.backend_of(run_dir).training_inputs(run_dir, x, device)
     if synthetic:
         sx, sy, rows = runfiles.load_synthetic(run_dir, True, cifar.num_classes)  # checked
-        sc = synthetic_candidates(sy, ds["params"], synthetic_labels, cifar, sx, device)
+        sc = synthetic_candidates(sy, ds["params"], synthetic_labels, cifar, sx, device,
+                                  run_dir, {"SEED": seed, **(params or {})})
         x, cand, y = np.concatenate([x, sx]), np.concatenate([cand, sc]), np.concatenate([y, sy])
         n_synth = len(sy)
         if synth_weight != 1:
@@ -262,6 +291,7 @@ def validate(P: dict) -> None:
         "N_TEST_PER_CLASS": config.integer(1),
         "FAITHFUL_BUG": config.BOOLEAN, "COMPILE": config.BOOLEAN, "GRAPH": config.BOOLEAN,
         "ALLOW_SKIP": config.BOOLEAN, "SYNTH_WEIGHT": config.number(0),
+        "SYNTH_PLAUSIBLE": config.number(0, 1, low_open=True),
         "PRECISION": config.one_of(PRECISIONS),
     })
     n = dataset.num_images(P.get("dataset") or {})

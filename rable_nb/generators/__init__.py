@@ -13,6 +13,8 @@ docs/algorithms.md; adding a backend: one file + one line in ``GENERATORS``):
 - ``gan``: GAN rebalancing as in the SCDL-GAN study, a BAGAN-style class-conditional GAN
   with a gradient penalty (autoencoder first, class Gaussians in its code space), trained from scratch;
 - ``copy``: the control — random oversampling of the real images at the same counts;
+- ``feature-copy``: its feature-space twin (cRT: resampled real backbone features), the
+  control of ``feature``;
 - ``feature``: LDMLR-style diffusion over the features of a backbone (the ABLE warm-up);
   its samples are feature vectors, for the head fine-tuning of method ``rable-feature``.
 
@@ -23,12 +25,13 @@ from __future__ import annotations
 
 from ..runfiles import (describe, load_synthetic, manifest_rows, read_settings,
                         synthetic_counts, synthetic_space)
-from . import copy, feature, gan, pixel, sd
+from . import copy, feature, feature_copy, gan, pixel, sd
 from .base import Generator, slot_seed
 from .topup import REPORT_TOPUP, pending, top_up, topup_plan
 
 GENERATORS: dict[str, type[Generator]] = {"sd": sd.SD, "pixel": pixel.Pixel, "gan": gan.Gan,
-                                          "copy": copy.Copy, "feature": feature.Feature}
+                                          "copy": copy.Copy, "feature": feature.Feature,
+                                          "feature-copy": feature_copy.FeatureCopy}
 
 
 

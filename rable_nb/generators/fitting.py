@@ -341,6 +341,10 @@ class TrainedGenerator(Generator):
         self.p = {k: params.get(k) for k in self.PARAMS}
         self.dev = pick_device(params.get("DEVICE") or "auto")
         self.num_classes = len(class_counts)
+        keep = np.asarray(cond_labels) >= 0  # −1: in no conditioning set (LABEL_KEEP < 1)
+        if not keep.all():
+            images_or_features = np.asarray(images_or_features)[keep]
+            cond_labels = np.asarray(cond_labels)[keep]
         self.data_shape = tuple(np.asarray(images_or_features).shape[1:])
         self.prepare(images_or_features, cond_labels, params)
         folder = Path(run_dir) / "generator"
