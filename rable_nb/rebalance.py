@@ -175,12 +175,14 @@ def conditioning_table(result: dict, ds: dict, classes):
     return pd.DataFrame(cols).set_index("class").round(3)
 
 
-def purity_summary(acc: dict) -> str:
-    """One line: mean and worst per-class precision and recall, and the worst count ratio."""
+def purity_summary(acc: dict, counts=None) -> str:
+    """One line: mean and worst per-class precision and recall, and the range of the
+    counts the plan uses (default: the conditioning sets') over the true counts."""
     prec, rec = np.array(acc["precision"]), np.array([r or 0 for r in acc["per_class"]])
-    ratio = np.array(acc["cond_counts"]) / np.maximum(acc["true_counts"], 1)
+    counts = acc["cond_counts"] if counts is None else counts
+    ratio = np.asarray(counts) / np.maximum(acc["true_counts"], 1)
     return (f"precision mean {prec.mean():.2f} (worst {prec.min():.2f}), recall mean "
-            f"{rec.mean():.2f} (worst {rec.min():.2f}), conditioning / true count "
+            f"{rec.mean():.2f} (worst {rec.min():.2f}), planned / true count "
             f"{ratio.min():.2f}–{ratio.max():.2f}")
 
 

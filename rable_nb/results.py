@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from urllib.parse import quote
 
-from . import config, runfiles
+from . import comparison, config, runfiles
 
 RESULTS_DIR = config.PROJECT_ROOT / "results"
 README = "README.md"
@@ -270,6 +270,7 @@ def render(entries: list[dict]) -> str:
         note = campaign_note(members)
         parts += [f"\n## {heading(group)}\n", note, "\nLast-epoch test accuracy (%):\n\n",
                   protocol_table(members, published=bool(note)), seed_table(members),
+                  comparison.table(members),
                   "\nDetails (protocol check: the settings notebook 04 recognised, `custom` "
                   "when they differ from the protocol's):\n\n",
                   detail_table(members)]
