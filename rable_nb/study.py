@@ -186,3 +186,15 @@ def details(tab: pd.DataFrame) -> pd.DataFrame:
                          "confident_overall"),
                      "confident": unl.get("confident")})
     return pd.DataFrame(rows)
+
+
+def committed_tables(group: str = "quick-cpu", root=None) -> str:
+    """Markdown of the committed results of ``group`` (``results/<group>``): the mean ± s.d.
+    over seeds and the paired comparisons against matching controls — read live from the
+    metrics files, so notebook 09 never shows numbers copied by hand."""
+    from . import comparison, results
+    entries = [m for m in results.load(root or results.RESULTS_DIR) if m["group"] == group]
+    if not entries:
+        return f"No committed results in results/{group} yet."
+    return (results.seed_table(entries) or "\n(no method has several seeds yet)\n") + (
+        comparison.table(entries) or "\n(no top-up has its matching control yet)\n")
