@@ -338,6 +338,8 @@ def pca_figure(real, real_y, syn, syn_y, classes, title: str = "", per_class: in
         colour = plt.cm.tab10(i % 10)
         for points, labels, marker, alpha in ((real, real_y, "o", 0.35), (syn, syn_y, "x", 0.8)):
             rows = np.flatnonzero(labels == c)
+            if not len(rows):  # a class no real image is labelled with (yet topped up)
+                continue
             rows = rng.choice(rows, min(per_class, len(rows)), replace=False)
             xy = pca.transform(points[rows])
             ax.scatter(xy[:, 0], xy[:, 1], s=10, marker=marker, color=colour, alpha=alpha,

@@ -262,9 +262,18 @@ def test_notebooks_03_04_with_features_train_rable_feature_and_refuse_rable(
         run_notebooks, smoke_dataset_run, tmp_path):
     for name in ("dataset.npz", "dataset.json"):
         shutil.copy(smoke_dataset_run / name, tmp_path / name)
-    run_notebooks("03,04", tmp_path, GENERATOR="feature", SYNTH_WEIGHT=0.5)  # METHODS: default
+    # METHODS: default; issue 21's options on the way: rule, keep, centre filter, label sets
+    run_notebooks("03,04", tmp_path, GENERATOR="feature", SYNTH_WEIGHT=0.5, LABEL_RULE="sinkhorn",
+                  LABEL_KEEP=0.5, SYNTH_FILTER="centre", SYNTHETIC_LABELS="plausible")
     settings = generators.read_settings(tmp_path)
     assert settings["generator"] == "feature" and settings["cond_labels"] == "pseudo"
+    assert settings["rule"] == {"LABEL_RULE": "sinkhorn", "LABEL_EPS": 0.1, "LABEL_KEEP": 0.5}
+    assert settings["SYNTH_FILTER"] == "centre" and settings["SYNTH_FILTER_BAND"] == [0.05, 0.95]
+    acc = settings["accuracy"]
+    assert sum(acc["cond_counts"]) < sum(settings["assigned_counts"])  # the kept half
+    assert "precision" in acc and "accuracy_confidence" in settings
+    nb03 = (tmp_path / "03_generative_rebalancing.ipynb").read_text()
+    assert "precision (sinkhorn)" in nb03 and "recall (confidence)" in nb03
     result = json.loads((tmp_path / "synthetic" / "audit.json").read_text())
     assert result["space"] == "feature" and result["generator"] == "feature"
     assert sum(r["n_synthetic"] for r in result["per_class"]) == len(manifest(tmp_path))
@@ -273,7 +282,7 @@ def test_notebooks_03_04_with_features_train_rable_feature_and_refuse_rable(
     m = json.loads((tmp_path / "metrics-rable-feature.json").read_text())
     assert m["params"]["GENERATOR"] == "feature" and m["params"]["GEN_LABELS"] == "pseudo"
     assert m["params"]["METHODS"] == ["able", "rable-feature"]
-    assert m["params"]["SYNTH_WEIGHT"] == 0.5
+    assert m["params"]["SYNTH_WEIGHT"] == 0.5 and m["params"]["SYNTHETIC_LABELS"] == "plausible"
     assert m["n_synthetic"] == len(manifest(tmp_path)) > 0
     # the checkpoint is a whole network: the frozen backbone of notebook 03 + the new head
     from rable_nb.networks import load_model
