@@ -32,11 +32,10 @@ def _synthetic(m: dict) -> dict:
 
 def arm(m: dict, synthetic: dict | None = None, weight=None) -> tuple:
     """What a run compares as: (data setting, method, top-up, weight, synthetic label sets)."""
-    from .results import setting
     p = m.get("params") or {}
     syn = _synthetic(m) if synthetic is None else synthetic
     w = p.get("SYNTH_WEIGHT") if weight is None else weight
-    return (setting(m), m["method"], runfiles.describe(syn) if syn else "",
+    return (runfiles.setting(m), m["method"], runfiles.describe(syn) if syn else "",
             1.0 if w is None else float(w), p.get("SYNTHETIC_LABELS") or "exact")
 
 

@@ -149,3 +149,13 @@ def method_label(method: str, metrics: dict) -> str:
     if not synthetic:
         return method
     return f"{method} [{describe(synthetic)}]"
+
+
+def setting(m: dict) -> str:
+    """Column label of a run's data: 'ρ=100, q=0.3' (uniform) or 'ρ=100, r=0.4' (instance)."""
+    ds = m["params"].get("dataset") or m["params"]
+    factor = ds.get("IMBALANCE_FACTOR")
+    rho = f"ρ={1 / factor:.3g}" if factor else "ρ=?"
+    if ds.get("PARTIAL") == "instance":
+        return f"{rho}, r={ds.get('RATE')}"
+    return f"{rho}, q={ds.get('Q')}"
