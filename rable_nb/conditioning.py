@@ -136,11 +136,8 @@ def sample_filter(mode, net, real, cond, band=(0.05, 0.95)):
 
 
 def _features(net, x) -> np.ndarray:
-    from .networks import batched_features
-    if np.ndim(x) == 2:
-        return np.asarray(x, np.float32)
-    feats, _ = batched_features(net.backbone, net.classifier, x)
-    return feats.float().cpu().numpy()
+    from .generators.feature import encode
+    return np.asarray(x, np.float32) if np.ndim(x) == 2 else encode(net, x)
 
 
 def centre_filter(net, real, cond, band=(0.05, 0.95)):
