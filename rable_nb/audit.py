@@ -224,7 +224,8 @@ def run(run_dir, cifar, ds, params: dict, device: str = "auto") -> dict:
                                cifar.classes, per_class, seed, device)
     else:
         judge, judge_info = dataset.clean_classifier(
-            cifar, params["CLEAN_ARCH"], params["CLEAN_EPOCHS"], seed, device,
+            cifar, params.get("AUDIT_JUDGE_ARCH") or params["CLEAN_ARCH"],
+            params.get("AUDIT_JUDGE_EPOCHS") or params["CLEAN_EPOCHS"], seed, device,
             params.get("CLEAN_PER_CLASS") or None)
         result = audit(syn_x, syn_y, train_x, ds["labels"], test_x, test_y, judge,
                        cifar.classes, per_class, seed, device)

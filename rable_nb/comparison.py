@@ -19,11 +19,11 @@ from __future__ import annotations
 import copy as _copy
 import math
 
+from scipy import stats
+
 from . import runfiles
 
 CONTROL_GENERATOR = {"pixel": "copy", "gan": "copy", "sd": "copy", "feature": "feature-copy"}
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262}  # two-sided 95 % Student-t quantiles by degrees of freedom
 
 
 def _synthetic(m: dict) -> dict:
@@ -68,7 +68,7 @@ def _stats(values: list[float]) -> tuple[float, float | None]:
     if n < 2:
         return mean, None
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, T975.get(n - 1, 1.96) * sd / math.sqrt(n)
+    return mean, float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
 
 
 def paired_rows(entries: list[dict]) -> list[dict]:

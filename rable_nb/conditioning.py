@@ -87,11 +87,11 @@ def cond_labels(kind: str, ds: dict, train_x, cifar, params: dict, device: str =
             info["estimated_counts"] = np.round(prior * len(train_x)).astype(int).tolist()
             info["confidence_labels"] = pseudo  # today's rule, shown beside the chosen one
             how = dict(tau=rule_tau(params), prior=prior, eps=rule.get("LABEL_EPS", 0.1))
-            every = labelrules.assign(rule["LABEL_RULE"], logits, ds["candidates"], pseudo, **how)
+            every, score = labelrules.labelled(rule["LABEL_RULE"], logits, ds["candidates"],
+                                               pseudo, **how)
             info["assigned_counts"] = np.bincount(every, minlength=ds["candidates"].shape[1]
                                                   ).tolist()  # the plan counts them all
-            pseudo = labelrules.assign(rule["LABEL_RULE"], logits, ds["candidates"], pseudo,
-                                       keep=rule.get("LABEL_KEEP", 1.0), **how)
+            pseudo = labelrules.keep_confident(every, score, rule.get("LABEL_KEEP", 1.0))
     labels = pseudo if kind == "pseudo" else np.asarray(ds["labels"])
     info["sha1"] = hashlib.sha1(np.ascontiguousarray(labels, np.int64).tobytes()).hexdigest()
     return labels, net, info

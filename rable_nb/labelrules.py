@@ -97,22 +97,29 @@ def scores(rule: str, logits: np.ndarray, cand: np.ndarray, tau: float = 1.0,
     return _normalised(sinkhorn(sharp, prior * len(logits)))
 
 
+def labelled(rule: str, logits: np.ndarray, cand: np.ndarray, confidence_labels=None,
+             tau: float = 1.0, prior: np.ndarray | None = None, eps: float = 0.1) -> tuple:
+    """(one label per image under ``rule``, the rule's score of that label): the labels
+    before ``keep`` thins them, and the ranking ``keep_confident`` thins them by."""
+    if rule not in LABEL_RULES:
+        raise ValueError(f"LABEL_RULE={rule!r} is invalid: expected one of {LABEL_RULES}.")
+    if rule == "confidence" and confidence_labels is None:
+        raise ValueError("the 'confidence' rule needs the warm-up's confidences")
+    score = scores(rule, logits, cand, tau, prior, eps)
+    labels = (np.asarray(confidence_labels, np.int64) if rule == "confidence"
+              else np.where(np.asarray(cand) > 0, score, -1.0).argmax(1))
+    return labels, score[np.arange(len(labels)), labels]
+
+
 def assign(rule: str, logits: np.ndarray, cand: np.ndarray, confidence_labels=None,
            tau: float = 1.0, prior: np.ndarray | None = None, eps: float = 0.1,
            keep: float = 1.0) -> np.ndarray:
     """One conditioning label per image under ``rule`` (see the module docstring); −1 for
     the images that ``keep`` < 1 leaves out of the conditioning sets."""
-    if rule not in LABEL_RULES:
-        raise ValueError(f"LABEL_RULE={rule!r} is invalid: expected one of {LABEL_RULES}.")
-    mask = np.asarray(cand) > 0
-    if rule == "confidence" and confidence_labels is None:
-        raise ValueError("the 'confidence' rule needs the warm-up's confidences")
-    if rule == "confidence" and keep >= 1:
+    if rule == "confidence" and keep >= 1 and confidence_labels is not None:
         return np.asarray(confidence_labels, np.int64)
-    score = scores(rule, logits, cand, tau, prior, eps)
-    labels = (np.asarray(confidence_labels, np.int64) if rule == "confidence"
-              else np.where(mask, score, -1.0).argmax(1))
-    return keep_confident(labels, score[np.arange(len(labels)), labels], keep)
+    return keep_confident(*labelled(rule, logits, cand, confidence_labels, tau, prior, eps),
+                          keep)
 
 
 def keep_confident(labels: np.ndarray, confidence: np.ndarray, keep: float) -> np.ndarray:

@@ -16,18 +16,20 @@ from pathlib import Path
 
 import numpy as np
 
-from . import audit, captioning, conditioning, config, generators, runfiles, viz
+from . import audit, captioning, conditioning, config, dataset, generators, runfiles, viz
 from .config import project_path
 from .runfiles import load_synthetic, read_settings
 
-# AUDIT_PER_CLASS: synthetic (and reference test) images audited per class, 0 = all.
+# AUDIT_PER_CLASS: synthetic (and reference test) images audited per class, 0 = all;
+# AUDIT_JUDGE_ARCH / AUDIT_JUDGE_EPOCHS: the clean classifier that judges images (None: the
+# profile's CLEAN_ARCH / CLEAN_EPOCHS, the classifier behind `instance` candidates).
 # COMPARE_RUNS: other run directories whose synthetic samples notebook 03 shows beside these.
 # The warm-up behind GEN_LABELS='pseudo' (WARMUP_*) is shared with notebook 04: its defaults
 # are in config.PROFILE_DEFAULTS, its rules in warmup.WARMUP_RULES.
 _COMMON = dict(GEN_LABELS="pseudo", LABEL_RULE="confidence", LABEL_TAU=1.0, LABEL_EPS=0.1,
                LABEL_KEEP=1.0,
                SYNTH_FILTER=False, SYNTH_FILTER_BAND=[0.05, 0.95], SYNTH_FILTER_ATTEMPTS=10,
-               COMPARE_RUNS=[])
+               AUDIT_JUDGE_ARCH=None, AUDIT_JUDGE_EPOCHS=None, COMPARE_RUNS=[])
 STAGE_DEFAULTS: dict[str, dict] = {
     "smoke": dict(_COMMON, GENERATOR="pixel", AUDIT_PER_CLASS=0,
                   TARGET_PER_CLASS=captioning.PROFILE_DEFAULTS["smoke"]["TARGET_PER_CLASS"]),
@@ -65,6 +67,8 @@ def validate(params: dict) -> None:
                               "[0.05, 0.95]"),
         "SYNTH_FILTER_ATTEMPTS": config.integer(1),
         "GEN_STOP_AFTER": config.integer(1), "AUDIT_PER_CLASS": config.integer(0),
+        "AUDIT_JUDGE_ARCH": config.one_of(sorted(dataset.BACKBONES)),
+        "AUDIT_JUDGE_EPOCHS": config.integer(1),
         "COMPARE_RUNS": (lambda v: isinstance(v, list) and all(config.PATH[0](x) for x in v),
                          "a list of run directories (paths), e.g. ['runs/smoke-copy']"),
     })

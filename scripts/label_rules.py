@@ -52,9 +52,9 @@ def main(argv=None) -> int:
           f"{est.min():.2f}–{est.max():.2f}")
     rows = []
     for rule, kw in GRID:
-        every = labelrules.assign(rule, logits, cand, conf, prior=prior,
-                                  **{k: v for k, v in kw.items() if k != "keep"})
-        kept = labelrules.assign(rule, logits, cand, conf, prior=prior, **kw)
+        every, score = labelrules.labelled(rule, logits, cand, conf, prior=prior,
+                                           **{k: v for k, v in kw.items() if k != "keep"})
+        kept = labelrules.keep_confident(every, score, kw.get("keep", 1.0))
         pur = labelrules.purity(kept, truth, cifar.num_classes)
         prec, rec = np.array(pur["precision"]), np.array(pur["recall"], float)
         planned = np.bincount(every, minlength=cifar.num_classes) / true
