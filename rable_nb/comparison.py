@@ -9,7 +9,10 @@ the same training seeds (the data, candidate sets and top-up counts are shared):
 - a top-up against the same run with the synthetic samples weighted 0 (the real data
   alone through the same training: the feature comparisons have one);
 - a conditioning-label rule (``LABEL_RULE``/``LABEL_KEEP``) against the warm-up's
-  ``'confidence'`` labels, same backend.
+  ``'confidence'`` labels, same backend;
+- a sample filter (``SYNTH_FILTER`` 'class' / 'centre') against the same top-up unfiltered;
+- candidate sets for synthetic samples (``SYNTHETIC_LABELS`` 'plausible', 'all') against
+  their single labels (``'exact'``).
 
 Per pair: the seeds both have, mean of each, and the mean paired difference (arm − control)
 with its 95 % Student-t interval over seeds (shown from 2 seeds on; a claimed gain needs 3).
@@ -30,13 +33,13 @@ def _synthetic(m: dict) -> dict:
     return (m.get("params") or {}).get("synthetic") or {}
 
 
-def arm(m: dict, synthetic: dict | None = None, weight=None) -> tuple:
+def arm(m: dict, synthetic: dict | None = None, weight=None, sets=None) -> tuple:
     """What a run compares as: (data setting, method, top-up, weight, synthetic label sets)."""
     p = m.get("params") or {}
     syn = _synthetic(m) if synthetic is None else synthetic
     w = p.get("SYNTH_WEIGHT") if weight is None else weight
     return (runfiles.setting(m), m["method"], runfiles.describe(syn) if syn else "",
-            1.0 if w is None else float(w), p.get("SYNTHETIC_LABELS") or "exact")
+            1.0 if w is None else float(w), sets or p.get("SYNTHETIC_LABELS") or "exact")
 
 
 def controls(m: dict) -> list[tuple[str, tuple]]:
@@ -58,6 +61,13 @@ def controls(m: dict) -> list[tuple[str, tuple]]:
         base = _copy.deepcopy(syn)
         base["rule"] = {"LABEL_RULE": "confidence"}
         out.append(("labels → confidence", arm(m, base)))
+    if syn.get("SYNTH_FILTER"):
+        base = {k: v for k, v in syn.items() if k != "SYNTH_FILTER_BAND"}
+        out.append((f"{runfiles.describe(syn).rsplit(', ', 1)[-1]} → none",
+                    arm(m, {**base, "SYNTH_FILTER": False})))
+    if ((m.get("params") or {}).get("SYNTHETIC_LABELS") or "exact") != "exact":
+        out.append((f"{m['params']['SYNTHETIC_LABELS']} label sets → exact",
+                    arm(m, sets="exact")))
     return out
 
 

@@ -152,7 +152,7 @@ PROFILE_MEANING = {
     "smoke": "smoke profile: a tiny network trained for a few epochs on a few hundred images. "
              "The numbers show that the code runs; they say nothing about which method is "
              "better",
-    "quick": "quick profile: a small CNN on the full CIFAR-10-LT for tens of epochs. Methods "
+    "quick": "quick profile: a small CNN on the full CIFAR-10-LT, 10–25 epochs. Methods "
              "can be compared with each other (within the intervals), not with published "
              "numbers",
     "paper": "paper profile: the report's / protocol settings (ResNet-18, full data). "

@@ -109,22 +109,29 @@ def test_methods_run_with_several_seeds_get_mean_and_sd(tmp_path):
 def test_top_ups_are_paired_with_their_matching_controls_by_seed(tmp_path):
     from rable_nb import comparison
 
-    def plant(path, method, last, seed, generator, weight=None, rule=None):
+    def plant(path, method, last, seed, generator, weight=None, rule=None, filt=None,
+              sets=None):
         _plant(tmp_path, f"quick-cpu/{path}-s{seed}", method, last, seed=seed)
         f = tmp_path / f"quick-cpu/{path}-s{seed}/metrics-{method}.json"
         m = json.loads(f.read_text())
-        syn = {"generator": generator, "cond_labels": "pseudo"}
+        syn = {"generator": generator, "cond_labels": "pseudo", "SYNTH_FILTER": False}
         if rule:
             syn["rule"] = rule
+        if filt:
+            syn.update(SYNTH_FILTER=filt, SYNTH_FILTER_BAND=[0.05, 0.95])
         m["params"]["synthetic"], m["n_synthetic"] = syn, 100
         if weight is not None:
             m["params"]["SYNTH_WEIGHT"] = weight
+        if sets:
+            m["params"]["SYNTHETIC_LABELS"] = sets
         f.write_text(json.dumps(m))
     for seed, (gen, ctrl, zero) in enumerate([(0.50, 0.48, 0.40), (0.52, 0.49, 0.41),
                                               (0.51, 0.50, 0.42)]):
         plant("fe", "rable-feature", gen, seed, "feature")
         plant("fc", "rable-feature", ctrl, seed, "feature-copy")
         plant("fz", "rable-feature", zero, seed, "feature", weight=0)
+        plant("ff", "rable-feature", gen + 0.01, seed, "feature", filt="centre")
+        plant("fp", "rable-feature", gen - 0.03, seed, "feature", sets="plausible")
     plant("px", "rable", 0.45, 0, "pixel", rule={"LABEL_RULE": "sinkhorn"})  # no control
     rows = comparison.paired_rows(results.load(tmp_path))
     by = {(r["arm"][2], r["change"]): r for r in rows}
@@ -134,6 +141,10 @@ def test_top_ups_are_paired_with_their_matching_controls_by_seed(tmp_path):
     assert mean == pytest.approx(0.02) and half == pytest.approx(4.30265 * 0.01 / 3 ** 0.5, rel=1e-5)
     assert by[("feature, pseudo labels", "weight → 0")]["last"]["diff"][0] == \
         pytest.approx(0.10)
+    assert by[("feature, pseudo labels, centre filter", "centre filter → none")]["last"][
+        "diff"][0] == pytest.approx(0.01)
+    plausible = [r for r in rows if r["change"] == "plausible label sets → exact"]
+    assert len(plausible) == 1 and plausible[0]["last"]["diff"][0] == pytest.approx(-0.03)
     assert not any(r["arm"][2].startswith("pixel") for r in rows)  # its controls are absent
     text = results.render(results.load(tmp_path))
     assert "| feature → feature-copy | 0, 1, 2 | 51.00 / 49.00 | +2.00 ± 2.48 |" in text
