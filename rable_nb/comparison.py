@@ -33,13 +33,23 @@ def _synthetic(m: dict) -> dict:
     return (m.get("params") or {}).get("synthetic") or {}
 
 
+def _warmup(syn: dict) -> tuple:
+    """The warm-up behind a top-up: its cache key and the fingerprint of its labels (older
+    runs: its test accuracy) — two trainings of one key (other threads) are other arms."""
+    w = syn.get("warmup") or {}
+    return w.get("cache"), w.get("pseudo_sha1") or w.get("test_accuracy")
+
+
 def arm(m: dict, synthetic: dict | None = None, weight=None, sets=None) -> tuple:
-    """What a run compares as: (data setting, method, top-up, weight, synthetic label sets)."""
+    """What a run compares as: (data setting, method, top-up, weight, synthetic label sets,
+    warm-up)."""
     p = m.get("params") or {}
     syn = _synthetic(m) if synthetic is None else synthetic
     w = p.get("SYNTH_WEIGHT") if weight is None else weight
-    return (runfiles.setting(m), m["method"], runfiles.describe(syn) if syn else "",
-            1.0 if w is None else float(w), sets or p.get("SYNTHETIC_LABELS") or "exact")
+    return (runfiles.setting(m), m["method"] + runfiles.budget(m),
+            runfiles.describe(syn) if syn else "",
+            1.0 if w is None else float(w), sets or p.get("SYNTHETIC_LABELS") or "exact",
+            _warmup(syn))
 
 
 def controls(m: dict) -> list[tuple[str, tuple]]:
@@ -114,7 +124,7 @@ def table(entries: list[dict]) -> str:
         return f"{100 * mean:+.2f}" + (f" ± {100 * half:.2f}" if half is not None else "")
 
     def label(key):
-        setting, method, topup, weight, sets = key
+        setting, method, topup, weight, sets, _ = key
         extra = (f", weight {weight:g}" if weight != 1 else "") + (
             f", {sets} label sets" if sets != "exact" else "")
         return f"{method} [{topup}{extra}]"

@@ -101,7 +101,8 @@ def warmup(train_x, candidates, cifar, arch: str, epochs: int, batch_size: int, 
     cand = torch.as_tensor(np.asarray(candidates), device=trainer.conf.device)
     pseudo = (trainer.conf * cand).argmax(1).cpu().numpy()
     info = dict(settings, test_accuracy=result["final"]["overall"], wall_s=result["wall_s"],
-                cache=folder.name)
+                cache=folder.name,  # the labels' fingerprint tells two trainings of one key apart
+                pseudo_sha1=hashlib.sha1(np.ascontiguousarray(pseudo, np.int64)).hexdigest())
     config.write_atomic(folder / "pseudo.npz", lambda t: np.savez(t, labels=pseudo))
     save_model(trainer.net, folder / "warmup.safetensors", meta={"warmup": settings})
     config.write_json(done, info)  # written last: marks a complete cache entry

@@ -133,6 +133,11 @@ def test_top_ups_are_paired_with_their_matching_controls_by_seed(tmp_path):
         plant("ff", "rable-feature", gen + 0.01, seed, "feature", filt="centre")
         plant("fp", "rable-feature", gen - 0.03, seed, "feature", sets="plausible")
     plant("px", "rable", 0.45, 0, "pixel", rule={"LABEL_RULE": "sinkhorn"})  # no control
+    plant("fo", "rable-feature", 0.30, 0, "feature")  # another warm-up: its own arm
+    other = tmp_path / "quick-cpu/fo-s0/metrics-rable-feature.json"
+    m = json.loads(other.read_text())
+    m["params"]["synthetic"]["warmup"] = {"cache": "warmup-x", "pseudo_sha1": "ab"}
+    other.write_text(json.dumps(m))
     rows = comparison.paired_rows(results.load(tmp_path))
     by = {(r["arm"][2], r["change"]): r for r in rows}
     fe = by[("feature, pseudo labels", "feature → feature-copy")]
@@ -148,3 +153,18 @@ def test_top_ups_are_paired_with_their_matching_controls_by_seed(tmp_path):
     assert not any(r["arm"][2].startswith("pixel") for r in rows)  # its controls are absent
     text = results.render(results.load(tmp_path))
     assert "| feature → feature-copy | 0, 1, 2 | 51.00 / 49.00 | +2.00 ± 2.48 |" in text
+
+
+def test_runs_of_another_budget_than_the_profiles_are_rows_of_their_own(tmp_path):
+    from rable_nb import comparison
+    for path, epochs, last in (("q", 25, 0.33), ("main-job", 10, 0.29)):
+        _plant(tmp_path, f"quick-cpu/{path}", "able", last, seed=0)
+        f = tmp_path / f"quick-cpu/{path}/metrics-able.json"
+        m = json.loads(f.read_text())
+        m["params"].update(PROFILE="quick", EPOCHS=epochs)
+        f.write_text(json.dumps(m))
+    entries = results.load(tmp_path)
+    assert sorted(results.method_label(m) for m in entries) == ["able", "able (10 epochs)"]
+    assert len({comparison.arm(m) for m in entries}) == 2  # never paired as one arm's seeds
+    text = results.render(entries)
+    assert "| able | [33.00]" in text and "| able (10 epochs) | [29.00]" in text
