@@ -11,7 +11,7 @@ the same training seeds (the data, candidate sets and top-up counts are shared):
 - a conditioning-label rule (``LABEL_RULE``/``LABEL_KEEP``) against the warm-up's
   ``'confidence'`` labels, same backend;
 - a sample filter (``SYNTH_FILTER`` 'class' / 'centre') against the same top-up unfiltered;
-- candidate sets for synthetic samples (``SYNTHETIC_LABELS`` 'plausible', 'all') against
+- candidate sets for synthetic samples (``SYNTHETIC_LABELS`` 'partial', 'plausible') against
   their single labels (``'exact'``).
 
 Per pair: the seeds both have, mean of each, and the mean paired difference (arm − control)

@@ -36,12 +36,11 @@ NOTEBOOK_DIR = config.PROJECT_ROOT / "notebooks"
 # The main job (``python -m rable_nb run`` without --profile, what scripts/run.sh runs): the
 # quick profile's short-budget recipe on the real long tail (CIFAR-10-LT, rho = 100, uniform
 # q = 0.3), ABLE against ABLE rebalanced with a copy top-up to 1,000 images per class, then
-# the prediction grids, t-SNE and the demo (~20 min on an idle 2-core CPU; docs/quick-profile.md).
+# the prediction grids, t-SNE and the demo. Cut to fit 20 minutes on a 2-core CPU: 10 epochs
+# and a mini_cnn audit judge (idle, at 25 epochs ABLE alone took 10.1 min and the small_cnn
+# judge 6 min; the cut job 15.1 min: docs/quick-profile.md#the-main-job).
 # Any --only / -p given replaces or joins these; --profile smoke|quick|paper runs that
 # profile's every notebook, as before.
-# The main job: the quick recipes, cut to fit 20 minutes on a 2-core CPU (measured on an
-# idle machine at 25 epochs: ABLE 10.1 min, its audit judge small_cnn 6 min): 10 epochs,
-# the audit judged by mini_cnn (docs/quick-profile.md#the-main-job).
 MAIN_JOB = dict(profile="quick", only="00,01,03,04,05,06,07", out="runs/main",
                 params=dict(PARTIAL="uniform", Q=0.3, GENERATOR="copy", TARGET_PER_CLASS=1000,
                             METHODS=["able", "rable"], EPOCHS=10, AUDIT_JUDGE_ARCH="mini_cnn"))
