@@ -33,6 +33,16 @@ def _synthetic(m: dict) -> dict:
     return (m.get("params") or {}).get("synthetic") or {}
 
 
+def budget(m: dict) -> str:
+    """' (10 epochs)' for a run trained for other epochs than its profile's default (e.g. the
+    main job's), else '': tables keep runs of different budgets apart."""
+    from .training import PROFILE_DEFAULTS
+    p = m.get("params") or {}
+    default = (PROFILE_DEFAULTS.get(p.get("PROFILE")) or {}).get("EPOCHS")
+    epochs = p.get("EPOCHS")
+    return f" ({epochs} epochs)" if None not in (epochs, default) and epochs != default else ""
+
+
 def _warmup(syn: dict) -> tuple:
     """The warm-up behind a top-up: its cache key and the fingerprint of its labels (older
     runs: its test accuracy) — two trainings of one key (other threads) are other arms."""
@@ -46,7 +56,7 @@ def arm(m: dict, synthetic: dict | None = None, weight=None, sets=None) -> tuple
     p = m.get("params") or {}
     syn = _synthetic(m) if synthetic is None else synthetic
     w = p.get("SYNTH_WEIGHT") if weight is None else weight
-    return (runfiles.setting(m), m["method"] + runfiles.budget(m),
+    return (runfiles.setting(m), m["method"] + budget(m),
             runfiles.describe(syn) if syn else "",
             1.0 if w is None else float(w), sets or p.get("SYNTHETIC_LABELS") or "exact",
             _warmup(syn))

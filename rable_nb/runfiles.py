@@ -151,16 +151,6 @@ def method_label(method: str, metrics: dict) -> str:
     return f"{method} [{describe(synthetic)}]"
 
 
-def budget(m: dict) -> str:
-    """' (10 epochs)' for a run trained for other epochs than its profile's default (e.g. the
-    main job's), else '': tables keep runs of different budgets apart."""
-    from .training import PROFILE_DEFAULTS
-    p = m.get("params") or {}
-    default = (PROFILE_DEFAULTS.get(p.get("PROFILE")) or {}).get("EPOCHS")
-    epochs = p.get("EPOCHS")
-    return f" ({epochs} epochs)" if None not in (epochs, default) and epochs != default else ""
-
-
 def setting(m: dict) -> str:
     """Column label of a run's data: 'ρ=100, q=0.3' (uniform) or 'ρ=100, r=0.4' (instance)."""
     ds = m["params"].get("dataset") or m["params"]
