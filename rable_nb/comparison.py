@@ -24,7 +24,7 @@ import math
 
 from scipy import stats
 
-from . import runfiles
+from . import config, runfiles
 
 CONTROL_GENERATOR = {"pixel": "copy", "gan": "copy", "sd": "copy", "feature": "feature-copy"}
 
@@ -36,9 +36,10 @@ def _synthetic(m: dict) -> dict:
 def budget(m: dict) -> str:
     """' (10 epochs)' for a run trained for other epochs than its profile's default (e.g. the
     main job's), else '': tables keep runs of different budgets apart."""
-    from .training import PROFILE_DEFAULTS
     p = m.get("params") or {}
-    default = (PROFILE_DEFAULTS.get(p.get("PROFILE")) or {}).get("EPOCHS")
+    protocol = (config.PROTOCOL_SETTINGS.get(p.get("PROTOCOL")) if p.get("PROFILE") == "paper"
+                else None)  # a protocol-L paper run's default is L's 800 epochs
+    default = (protocol or config.TRAINING_DEFAULTS.get(p.get("PROFILE")) or {}).get("EPOCHS")
     epochs = p.get("EPOCHS")
     return f" ({epochs} epochs)" if None not in (epochs, default) and epochs != default else ""
 
@@ -83,7 +84,7 @@ def controls(m: dict) -> list[tuple[str, tuple]]:
         out.append(("labels → confidence", arm(m, base)))
     if syn.get("SYNTH_FILTER"):
         base = {k: v for k, v in syn.items() if k != "SYNTH_FILTER_BAND"}
-        out.append((f"{runfiles.describe(syn).rsplit(', ', 1)[-1]} → none",
+        out.append((f"{runfiles.filter_name(syn)} filter → none",
                     arm(m, {**base, "SYNTH_FILTER": False})))
     if ((m.get("params") or {}).get("SYNTHETIC_LABELS") or "exact") != "exact":
         out.append((f"{m['params']['SYNTHETIC_LABELS']} label sets → exact",

@@ -56,6 +56,26 @@ PROFILE_DEFAULTS: dict[str, dict] = {
 }
 
 
+# Notebook 04's stage defaults per profile (training.PROFILE_DEFAULTS;
+# config.resolve(stage_defaults=...)); protocol L changes the
+# paper profile's epochs and batch size (see stage_defaults).
+# UNLABELED / RATIO / UNLABELED_THRESHOLD: the ``+unlabeled`` images (rable_nb/unlabeled.py):
+# how many (0 = all), at most RATIO per long-tailed image (the reference's 5; smoke: 1, to
+# stay small), confidence needed to train with the pseudo-label (0: always, as the reference).
+_UNLABELED = dict(UNLABELED=0, RATIO=5, UNLABELED_THRESHOLD=0.0)
+TRAINING_DEFAULTS: dict[str, dict] = {
+    "smoke": dict(_UNLABELED, ARCH="tiny_cnn", EPOCHS=2, BATCH_SIZE=64, LR=0.01,
+                  CHECKPOINT_EVERY=1, RATIO=1),
+    # quick: a CPU comparison at 25 epochs with the short-budget recipe (config.RECIPES
+    # 'short', the profile's RECIPE; measurements in docs/quick-profile.md).
+    "quick": dict(_UNLABELED, ARCH="mini_cnn", EPOCHS=25, BATCH_SIZE=128, LR=0.05,
+                  CHECKPOINT_EVERY=1),
+    "paper": dict(_UNLABELED, ARCH="resnet18", EPOCHS=500, BATCH_SIZE=64, LR=0.01,
+                  CHECKPOINT_EVERY=10, PROTOCOL="R"),
+}
+PROTOCOL_SETTINGS = {"R": dict(EPOCHS=500, BATCH_SIZE=64), "L": dict(EPOCHS=800, BATCH_SIZE=256)}
+
+
 def git_commit(root: Path = PROJECT_ROOT) -> str:
     """Current commit of the project (``-dirty`` when tracked files changed); where git
     cannot tell (a copy of the tree without ``.git``, e.g. on a GPU lease) ``RABLE_COMMIT``,

@@ -138,8 +138,13 @@ def describe(settings: dict) -> str:
     if cond != "oracle" and rule != "confidence":
         tag += f" ({rule})"
     if settings.get("SYNTH_FILTER"):
-        tag += f", {'class' if settings['SYNTH_FILTER'] is True else settings['SYNTH_FILTER']} filter"
+        tag += f", {filter_name(settings)} filter"
     return f"{settings.get('generator')}, {tag}"
+
+
+def filter_name(settings: dict) -> str:
+    """The recorded ``SYNTH_FILTER`` of a top-up by name ('class' for the old True)."""
+    return "class" if settings["SYNTH_FILTER"] is True else str(settings["SYNTH_FILTER"])
 
 
 def method_label(method: str, metrics: dict) -> str:

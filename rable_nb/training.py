@@ -24,23 +24,10 @@ METHODS = tuple(methods.names())  # every valid method name (see rable_nb/method
 SYNTHETIC_LABELS = ("exact", "partial", "plausible")
 LT_RHO100_IMAGES = 12406  # CIFAR-10-LT, rho = 100, n_max = 5000
 
-# Stage defaults per profile (config.resolve(stage_defaults=...)); protocol L changes the
-# paper profile's epochs and batch size (see stage_defaults).
-# UNLABELED / RATIO / UNLABELED_THRESHOLD: the ``+unlabeled`` images (rable_nb/unlabeled.py):
-# how many (0 = all), at most RATIO per long-tailed image (the reference's 5; smoke: 1, to
-# stay small), confidence needed to train with the pseudo-label (0: always, as the reference).
-_UNLABELED = dict(UNLABELED=0, RATIO=5, UNLABELED_THRESHOLD=0.0)
-PROFILE_DEFAULTS: dict[str, dict] = {
-    "smoke": dict(_UNLABELED, ARCH="tiny_cnn", EPOCHS=2, BATCH_SIZE=64, LR=0.01,
-                  CHECKPOINT_EVERY=1, RATIO=1),
-    # quick: a CPU comparison at 25 epochs with the short-budget recipe (config.RECIPES
-    # 'short', the profile's RECIPE; measurements in docs/quick-profile.md).
-    "quick": dict(_UNLABELED, ARCH="mini_cnn", EPOCHS=25, BATCH_SIZE=128, LR=0.05,
-                  CHECKPOINT_EVERY=1),
-    "paper": dict(_UNLABELED, ARCH="resnet18", EPOCHS=500, BATCH_SIZE=64, LR=0.01,
-                  CHECKPOINT_EVERY=10, PROTOCOL="R"),
-}
-PROTOCOL_SETTINGS = {"R": dict(EPOCHS=500, BATCH_SIZE=64), "L": dict(EPOCHS=800, BATCH_SIZE=256)}
+# Stage defaults per profile and the protocols' settings: config.TRAINING_DEFAULTS and
+# config.PROTOCOL_SETTINGS (there, so that reading results needs no torch).
+PROFILE_DEFAULTS = config.TRAINING_DEFAULTS
+PROTOCOL_SETTINGS = config.PROTOCOL_SETTINGS
 PROTOCOL_RULE = config.one_of(sorted(PROTOCOL_SETTINGS))
 
 

@@ -168,3 +168,5 @@ def test_runs_of_another_budget_than_the_profiles_are_rows_of_their_own(tmp_path
     assert len({comparison.arm(m) for m in entries}) == 2  # never paired as one arm's seeds
     text = results.render(entries)
     assert "| able | [33.00]" in text and "| able (10 epochs) | [29.00]" in text
+    protocol_l = {"params": {"PROFILE": "paper", "PROTOCOL": "L", "EPOCHS": 800}}
+    assert comparison.budget(protocol_l) == ""  # L's own 800 epochs are no other budget
