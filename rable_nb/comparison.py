@@ -51,14 +51,24 @@ def _warmup(syn: dict) -> tuple:
     return w.get("cache"), w.get("pseudo_sha1") or w.get("test_accuracy")
 
 
+def _topup(syn: dict) -> tuple:
+    """A top-up's identity: its label (generator, labels, filter), its target and the
+    generator's own settings (``PIXEL_GUIDANCE`` 1 and 2 are other arms); a control made by
+    renaming the generator (:func:`controls`) keeps none of the other generator's settings."""
+    if not syn:
+        return ()
+    prefix = f"{str(syn.get('generator')).upper()}_"
+    return (runfiles.describe(syn), syn.get("TARGET_PER_CLASS"),
+            tuple(sorted((k, repr(v)) for k, v in syn.items() if k.startswith(prefix))))
+
+
 def arm(m: dict, synthetic: dict | None = None, weight=None, sets=None) -> tuple:
     """What a run compares as: (data setting, method, top-up, weight, synthetic label sets,
     warm-up)."""
     p = m.get("params") or {}
     syn = _synthetic(m) if synthetic is None else synthetic
     w = p.get("SYNTH_WEIGHT") if weight is None else weight
-    return (runfiles.setting(m), m["method"] + budget(m),
-            runfiles.describe(syn) if syn else "",
+    return (runfiles.setting(m), m["method"] + budget(m), _topup(syn),
             1.0 if w is None else float(w), sets or p.get("SYNTHETIC_LABELS") or "exact",
             _warmup(syn))
 
@@ -138,7 +148,7 @@ def table(entries: list[dict]) -> str:
         setting, method, topup, weight, sets, _ = key
         extra = (f", weight {weight:g}" if weight != 1 else "") + (
             f", {sets} label sets" if sets != "exact" else "")
-        return f"{method} [{topup}{extra}]"
+        return f"{method} [{topup[0] if topup else ''}{extra}]"
     lines = ["| setting | arm | control changes | seeds | last: arm / control | Δ last "
              "(95 % CI) | few: arm / control | Δ few (95 % CI) |", "|---" * 8 + "|"]
     for r in rows:

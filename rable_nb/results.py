@@ -16,7 +16,11 @@ Every ``<root>/**/metrics-<method>.json`` (written by notebook 04; committed as
 - a detail table: last, best (the maximum over epochs of the test accuracy — the test set
   picks the epoch, so it is optimistic), many / medium / few, the test-time-adjusted last
   accuracy where the method has one, and per run the profile, network, device, epochs, wall
-  time and commit.
+  time and commit;
+- an audit table of the committed top-ups (``synthetic-audit.json``, notebook 03's audit,
+  with ``synthetic-settings.json`` beside it): per top-up, how often the judge classifies
+  the samples as their intended class, their Fréchet distance to real images, their
+  diversity and their memorisation (the reasons a generator helps or not).
 """
 from __future__ import annotations
 
@@ -253,8 +257,83 @@ def seed_table(entries: list[dict]) -> str:
                        pm(r["last"]), pm(r["few"]), pm(r["wall_s"], 1 / 60)] for r in rows]))
 
 
-def render(entries: list[dict]) -> str:
-    """The README text: legend, then per protocol its table and its detail table."""
+AUDIT = "synthetic-audit.json"
+
+
+def load_audits(root) -> list[dict]:
+    """Every ``<root>/**/synthetic-audit.json`` with the top-up's settings (the
+    ``synthetic-settings.json`` beside it), ``file``, ``group`` and ``folders``: the seed
+    copies of one top-up carry the same audit and are one entry naming all their folders.
+    ``ValueError`` naming the file when one is not an audit of notebook 03."""
+    root = Path(root)
+    found: dict[tuple, dict] = {}
+    for path in sorted(root.rglob(AUDIT)):
+        rel = path.relative_to(root)
+        text = path.read_text()
+        try:
+            audit = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not (isinstance(audit, dict) and isinstance(audit.get("overall"), dict)
+                and isinstance(audit.get("per_class"), list)):
+            raise ValueError(f"{path} is not an audit of notebook 03: it lacks 'overall' "
+                             "or 'per_class'.")
+        group = rel.parts[0] if len(rel.parts) > 1 else "(top level)"
+        if (group, text) in found:
+            found[group, text]["folders"].append(rel.parent.as_posix())
+            continue
+        beside = path.with_name("synthetic-settings.json")
+        found[group, text] = dict(audit=audit, file=rel.as_posix(), group=group,
+                                  folders=[rel.parent.as_posix()],
+                                  settings=json.loads(beside.read_text()) if beside.exists()
+                                  else {})
+    return list(found.values())
+
+
+def _class_mean(audit: dict, key: str):
+    values = [r[key] for r in audit["per_class"] if isinstance(r.get(key), (int, float))]
+    return sum(values) / len(values) if values else None
+
+
+def audit_table(audits: list[dict]) -> str:
+    """One row per audited top-up (means over its audited classes), or '' without audits."""
+    if not audits:
+        return ""
+    rows = []
+    for a in sorted(audits, key=lambda a: (runfiles.describe(a["settings"]), a["file"])):
+        audit, s = a["audit"], a["settings"]
+        label = runfiles.describe(s) if s else audit.get("generator", "?")
+        sampling = [f"{k.split('_')[0].lower()} guidance {s[k]}" for k in sorted(s)
+                    if k.endswith("_GUIDANCE")]
+        judge = audit.get("judge") or {}
+        judge_name = ("the backbone's classifier" if audit.get("space") == "feature" else
+                      f"{judge.get('arch', '?')} ({_pct(judge.get('test_accuracy'))} on test)")
+        fd, fd_ref = _class_mean(audit, "fd_judge"), _class_mean(audit, "fd_judge_real_train")
+        links = " · ".join(f"[{Path(f).name}]({quote(f + '/' + AUDIT)})" for f in a["folders"])
+        rows.append([
+            ", ".join([label] + sampling) + (f" + {sum(s['plan'])}" if s.get("plan") else ""),
+            audit.get("space", "?"), judge_name,
+            f"{_pct(audit['overall'].get('judge_accuracy'))} "
+            f"({_pct(_class_mean(audit, 'judge_accuracy_real'))})",
+            "–" if fd is None else f"{fd:.2f} ({fd_ref:.2f})",
+            "–" if _class_mean(audit, "diversity") is None
+            else f"{_class_mean(audit, 'diversity'):.2f}",
+            _pct(audit["overall"].get("memorisation")), links])
+    return ("\nAudits of the committed top-ups (notebook 03, `synthetic-audit.json`; means over "
+            "the audited classes). **judged as intended**: the share of samples the judge "
+            "classifies as their class (in brackets: its accuracy on real test images of "
+            "those classes). **FD**: Fréchet distance of the samples to real test images in "
+            "the judge's feature space (in brackets: the same for the real training images; "
+            "not FID). **diversity**: 1 = as diverse as real images. **memorised**: share "
+            "closer to a training image than 95 % of real test images are (copies: 100). "
+            "Image and feature audits use different judges: compare within a space.\n\n"
+            + _table(["top-up", "space", "judge", "judged as intended, % (real)",
+                      "FD (real train)", "diversity", "memorised, %", "runs"], rows))
+
+
+def render(entries: list[dict], audits: list[dict] | None = None) -> str:
+    """The README text: legend, then per protocol its table, its seed and paired tables,
+    its detail table and the audits of its top-ups."""
     if not entries:
         return HEADER + EMPTY
     parts = [HEADER, LEGEND]
@@ -266,7 +345,8 @@ def render(entries: list[dict]) -> str:
                   comparison.table(members),
                   "\nDetails (protocol check: the settings notebook 04 recognised, `custom` "
                   "when they differ from the protocol's):\n\n",
-                  detail_table(members)]
+                  detail_table(members),
+                  audit_table([a for a in audits or () if a["group"] == group])]
     return "".join(parts)
 
 
@@ -276,7 +356,7 @@ def write_readme(root=RESULTS_DIR) -> tuple[Path, int]:
     if not root.is_dir():
         raise ValueError(f"--root {root} is not a folder (expected results/ or a copy of it).")
     entries = load(root)
-    text = render(entries)
+    text = render(entries, load_audits(root))
     return config.write_atomic(root / README, lambda t: t.write_text(text)), len(entries)
 
 

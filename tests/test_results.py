@@ -70,7 +70,7 @@ def test_a_foreign_file_stops_with_its_name_and_leaves_the_readme(tmp_path, caps
 
 def test_the_committed_results_readme_is_up_to_date():
     assert (results.RESULTS_DIR / results.README).read_text() == results.render(
-        results.load(results.RESULTS_DIR))
+        results.load(results.RESULTS_DIR), results.load_audits(results.RESULTS_DIR))
 
 
 @pytest.mark.parametrize("ds, label", [
@@ -110,11 +110,12 @@ def test_top_ups_are_paired_with_their_matching_controls_by_seed(tmp_path):
     from rable_nb import comparison
 
     def plant(path, method, last, seed, generator, weight=None, rule=None, filt=None,
-              sets=None):
+              sets=None, **gen_settings):
         _plant(tmp_path, f"quick-cpu/{path}-s{seed}", method, last, seed=seed)
         f = tmp_path / f"quick-cpu/{path}-s{seed}/metrics-{method}.json"
         m = json.loads(f.read_text())
-        syn = {"generator": generator, "cond_labels": "pseudo", "SYNTH_FILTER": False}
+        syn = {"generator": generator, "cond_labels": "pseudo", "SYNTH_FILTER": False,
+               **gen_settings}
         if rule:
             syn["rule"] = rule
         if filt:
@@ -139,7 +140,7 @@ def test_top_ups_are_paired_with_their_matching_controls_by_seed(tmp_path):
     m["params"]["synthetic"]["warmup"] = {"cache": "warmup-x", "pseudo_sha1": "ab"}
     other.write_text(json.dumps(m))
     rows = comparison.paired_rows(results.load(tmp_path))
-    by = {(r["arm"][2], r["change"]): r for r in rows}
+    by = {(r["arm"][2][0], r["change"]): r for r in rows}
     fe = by[("feature, pseudo labels", "feature → feature-copy")]
     assert fe["seeds"] == [0, 1, 2]
     mean, half = fe["last"]["diff"]
@@ -150,7 +151,16 @@ def test_top_ups_are_paired_with_their_matching_controls_by_seed(tmp_path):
         "diff"][0] == pytest.approx(0.01)
     plausible = [r for r in rows if r["change"] == "plausible label sets → exact"]
     assert len(plausible) == 1 and plausible[0]["last"]["diff"][0] == pytest.approx(-0.03)
-    assert not any(r["arm"][2].startswith("pixel") for r in rows)  # its controls are absent
+    assert not any(r["arm"][2][0].startswith("pixel") for r in rows)  # its controls are absent
+    # a generator's own settings make other arms: guidance 1 is not pooled with guidance 2
+    for seed in (0, 1):
+        plant("pc", "rable", 0.40, seed, "copy")
+        plant("p2", "rable", 0.38, seed, "pixel", PIXEL_GUIDANCE=2.0)
+    plant("p1", "rable", 0.10, 1, "pixel", PIXEL_GUIDANCE=1.0)
+    pixel = [r for r in comparison.paired_rows(results.load(tmp_path))
+             if r["change"] == "pixel → copy"]
+    assert [r["seeds"] for r in pixel] == [[1], [0, 1]]
+    assert pixel[1]["last"]["diff"][0] == pytest.approx(-0.02)
     text = results.render(results.load(tmp_path))
     assert "| feature → feature-copy | 0, 1, 2 | 51.00 / 49.00 | +2.00 ± 2.48 |" in text
 
@@ -170,3 +180,34 @@ def test_runs_of_another_budget_than_the_profiles_are_rows_of_their_own(tmp_path
     assert "| able | [33.00]" in text and "| able (10 epochs) | [29.00]" in text
     protocol_l = {"params": {"PROFILE": "paper", "PROTOCOL": "L", "EPOCHS": 800}}
     assert comparison.budget(protocol_l) == ""  # L's own 800 epochs are no other budget
+
+
+def _plant_audit(root, path, generator, judged, fd, **settings):
+    audit = dict(generator=generator, space="image", overall=dict(judge_accuracy=judged,
+                 memorisation=0.1), judge=dict(arch="mini_cnn", test_accuracy=0.53),
+                 per_class=[dict(label=c, judge_accuracy=judged, judge_accuracy_real=0.6,
+                                 fd_judge=fd + c, fd_judge_real_train=0.1, diversity=0.5)
+                            for c in (8, 9)])
+    folder = root / path
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "synthetic-audit.json").write_text(json.dumps(audit))
+    (folder / "synthetic-settings.json").write_text(json.dumps(dict(
+        generator=generator, cond_labels="pseudo", plan=[0] * 8 + [10, 20], **settings)))
+
+
+def test_audits_of_top_ups_get_a_row_each_naming_their_seed_copies(tmp_path):
+    _plant(tmp_path, "quick-cpu/pixel", "rable", 0.31)
+    _plant_audit(tmp_path, "quick-cpu/pixel", "pixel", 0.7, 2.0, PIXEL_GUIDANCE=2.0)
+    _plant_audit(tmp_path, "quick-cpu/pixel-s1", "pixel", 0.7, 2.0, PIXEL_GUIDANCE=2.0)
+    _plant_audit(tmp_path, "quick-cpu/pixel-g1", "pixel", 0.4, 1.0, PIXEL_GUIDANCE=1.0)
+    audits = results.load_audits(tmp_path)
+    assert sorted(len(a["folders"]) for a in audits) == [1, 2]
+    text = results.render(results.load(tmp_path), audits)
+    assert ("| pixel, pseudo labels, pixel guidance 2.0 + 30 | image | mini_cnn (53.00 on test) "
+            "| 70.00 (60.00) | 10.50 (0.10) | 0.50 | 10.00 | "
+            "[pixel](quick-cpu/pixel/synthetic-audit.json) · "
+            "[pixel-s1](quick-cpu/pixel-s1/synthetic-audit.json) |") in text
+    assert "| pixel, pseudo labels, pixel guidance 1.0 + 30 | image |" in text
+    (tmp_path / "quick-cpu/pixel-g1/synthetic-audit.json").write_text('{"generator": "pixel"}')
+    with pytest.raises(ValueError, match="pixel-g1/synthetic-audit.json is not an audit"):
+        results.write_readme(tmp_path)
