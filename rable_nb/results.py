@@ -66,19 +66,28 @@ def load(root) -> list[dict]:
     entries = []
     for path in sorted(root.rglob("metrics-*.json")):
         rel = path.relative_to(root)
-        try:
-            m = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        m = _read_json(path)
         missing = [k for k in runfiles.METRICS_FIELDS if k not in m] if isinstance(m, dict) else "all"
         if missing:
             raise ValueError(f"{path} is not a metrics file of notebook 04: it lacks {missing}.")
         problem = accuracy_problem(m)
         if problem:
             raise ValueError(f"{path} is not a metrics file of notebook 04: {problem}.")
-        entries.append(dict(m, file=rel.as_posix(),
-                            group=rel.parts[0] if len(rel.parts) > 1 else "(top level)"))
+        entries.append(dict(m, file=rel.as_posix(), group=_group(rel)))
     return entries
+
+
+def _read_json(path: Path):
+    """The parsed file; ``ValueError`` naming it when it is not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+
+
+def _group(rel: Path) -> str:
+    """The results section of a file: its first folder below the root."""
+    return rel.parts[0] if len(rel.parts) > 1 else "(top level)"
 
 
 def accuracy_problem(m: dict) -> str | None:
@@ -269,24 +278,19 @@ def load_audits(root) -> list[dict]:
     found: dict[tuple, dict] = {}
     for path in sorted(root.rglob(AUDIT)):
         rel = path.relative_to(root)
-        text = path.read_text()
-        try:
-            audit = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        audit = _read_json(path)
         if not (isinstance(audit, dict) and isinstance(audit.get("overall"), dict)
                 and isinstance(audit.get("per_class"), list)):
             raise ValueError(f"{path} is not an audit of notebook 03: it lacks 'overall' "
                              "or 'per_class'.")
-        group = rel.parts[0] if len(rel.parts) > 1 else "(top level)"
-        if (group, text) in found:
-            found[group, text]["folders"].append(rel.parent.as_posix())
+        key = (_group(rel), json.dumps(audit, sort_keys=True))  # seed copies: one key
+        if key in found:
+            found[key]["folders"].append(rel.parent.as_posix())
             continue
         beside = path.with_name("synthetic-settings.json")
-        found[group, text] = dict(audit=audit, file=rel.as_posix(), group=group,
+        found[key] = dict(audit=audit, file=rel.as_posix(), group=key[0],
                                   folders=[rel.parent.as_posix()],
-                                  settings=json.loads(beside.read_text()) if beside.exists()
-                                  else {})
+                                  settings=_read_json(beside) if beside.exists() else {})
     return list(found.values())
 
 
@@ -309,6 +313,7 @@ def audit_table(audits: list[dict]) -> str:
         judge_name = ("the backbone's classifier" if audit.get("space") == "feature" else
                       f"{judge.get('arch', '?')} ({_pct(judge.get('test_accuracy'))} on test)")
         fd, fd_ref = _class_mean(audit, "fd_judge"), _class_mean(audit, "fd_judge_real_train")
+        diversity = _class_mean(audit, "diversity")
         links = " · ".join(f"[{Path(f).name}]({quote(f + '/' + AUDIT)})" for f in a["folders"])
         rows.append([
             ", ".join([label] + sampling) + (f" + {sum(s['plan'])}" if s.get("plan") else ""),
@@ -316,8 +321,7 @@ def audit_table(audits: list[dict]) -> str:
             f"{_pct(audit['overall'].get('judge_accuracy'))} "
             f"({_pct(_class_mean(audit, 'judge_accuracy_real'))})",
             "–" if fd is None else f"{fd:.2f} ({fd_ref:.2f})",
-            "–" if _class_mean(audit, "diversity") is None
-            else f"{_class_mean(audit, 'diversity'):.2f}",
+            "–" if diversity is None else f"{diversity:.2f}",
             _pct(audit["overall"].get("memorisation")), links])
     return ("\nAudits of the committed top-ups (notebook 03, `synthetic-audit.json`; means over "
             "the audited classes). **judged as intended**: the share of samples the judge "
