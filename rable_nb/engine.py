@@ -330,7 +330,9 @@ class Trainer:
         self._set_lr(lr)
         self.method.start_epoch(self)
         gen = self.epoch_generator(self.epoch)
-        order = torch.randperm(n, device=self.dev, generator=gen)
+        order = self.method.epoch_order(self, self.epoch - start, gen)   # e.g. +drs
+        if order is None:
+            order = torch.randperm(n, device=self.dev, generator=gen)
         per_step = recipe.per_step(cfg)
         terms: dict[str, torch.Tensor] = {}
         self._train_mode()

@@ -13,7 +13,8 @@ real + synthetic features), ``proden``, ``supervised`` (true labels: the upper b
 Modifiers (one file each, applied in this order): ``unlabeled`` (real unlabeled images,
 pseudo-labelled, join the training data), ``records`` (RECORDS dynamic rebalancing of the
 disambiguation; test-time adjusted accuracy too), ``la`` (train-time logit adjustment with
-the estimated prior), ``mixup``.
+the estimated prior), ``mixup``, ``drs`` (dynamic re-sampling: each epoch's batches drawn
+class-balanced by the learner's current labels).
 
 The interface (``base.py``)
 ---------------------------
@@ -47,7 +48,8 @@ A **base** (subclass :class:`base.Base`) declares
 A **modifier** (subclass :class:`base.Modifier`) may add inputs to the forward pass
 (``extra_inputs``), transform the training logits (``adjust_logits``), read the outputs
 (``observe``), supply the disambiguation log-prior and the test-time log-prior, add a loss
-term (``extra_loss``) and declare combinations it refuses (``incompatible``).
+term (``extra_loss``), choose the epoch's sample order (``epoch_order``, e.g. re-sampled by
+the base's ``class_scores``) and declare combinations it refuses (``incompatible``).
 
 Both may own extra trainable **modules** (``modules(net)``: e.g. a rotation head for
 self-supervised pre-training, a second classifier), trained and checkpointed with the
@@ -102,6 +104,7 @@ import itertools
 from .able import Able
 from .base import Base, Batch, Method, Modifier, Outputs, Stage
 from .corr import Corr
+from .drs import DynamicResampling
 from .la import LogitAdjustment
 from .mixup import Mixup
 from .proden import Proden
@@ -119,6 +122,7 @@ BASES: dict[str, type[Base]] = {
 }
 MODIFIERS: dict[str, type[Modifier]] = {  # the order in which names list them
     "unlabeled": Unlabeled, "records": Records, "la": LogitAdjustment, "mixup": Mixup,
+    "drs": DynamicResampling,
 }
 PIECES = {**BASES, **MODIFIERS}
 

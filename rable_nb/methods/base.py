@@ -207,6 +207,12 @@ class Base(Piece):
         """Estimated class distribution of the training set: mean of the confidences."""
         return trainer.conf.mean(0)
 
+    # -- what +drs needs ------------------------------------------------------------------
+    def class_scores(self, trainer) -> torch.Tensor:
+        """The learner's current class estimate of every training image (N×C, rows sum to
+        1): the confidence table by default."""
+        return trainer.conf
+
 
 class Modifier(Piece):
     """A piece added to a base by name (``corr+records``); hooks default to no-ops."""
@@ -237,6 +243,12 @@ class Modifier(Piece):
 
     def extra_loss(self, method: "Method", batch: Batch, out: Outputs):
         """(loss, {name: term}) added to the base's loss, or None."""
+        return None
+
+    def epoch_order(self, trainer, epoch: int, gen: torch.Generator) -> torch.Tensor | None:
+        """The dataset indices of epoch ``epoch`` (within the stage) in batch order, drawn on
+        the device from ``gen`` (e.g. re-sampled by the current labels: ``+drs``), or None
+        for the trainer's random permutation. Runs outside the step, before the epoch."""
         return None
 
 
@@ -296,6 +308,11 @@ class Method:
     def test_log_prior(self, trainer) -> torch.Tensor | None:
         return next((p for m in self.modifiers
                      if (p := m.test_log_prior(trainer)) is not None), None)
+
+    def epoch_order(self, trainer, epoch: int, gen: torch.Generator) -> torch.Tensor | None:
+        """The first modifier's :meth:`Modifier.epoch_order`, or None."""
+        return next((o for m in self.modifiers
+                     if (o := m.epoch_order(trainer, epoch, gen)) is not None), None)
 
     def variant(self, epoch: int, step: int) -> tuple:
         """Every piece's :meth:`Piece.variant` (steps with equal tuples share a CUDA graph)."""

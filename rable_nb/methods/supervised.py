@@ -25,6 +25,9 @@ class Supervised(Base):
     def mixup_targets(self, batch, out):
         return one_hot(batch.labels, self.cfg.num_classes), None, 1.0
 
+    def class_scores(self, trainer) -> torch.Tensor:
+        return one_hot(trainer.labels, self.cfg.num_classes)
+
     def class_prior(self, trainer) -> torch.Tensor:
         counts = class_counts(trainer.labels, self.cfg.num_classes)
         return counts / counts.sum()
