@@ -12,7 +12,10 @@ the same training seeds (the data, candidate sets and top-up counts are shared):
   ``'confidence'`` labels, same backend;
 - a sample filter (``SYNTH_FILTER`` 'class' / 'centre') against the same top-up unfiltered;
 - candidate sets for synthetic samples (``SYNTHETIC_LABELS`` 'partial', 'plausible') against
-  their single labels (``'exact'``).
+  their single labels (``'exact'``);
+- dynamic re-sampling (``+drs``) against the same method without it (for ``rable``: the
+  dynamic top-up against the static one), and the dynamic top-up (``rable+drs``) against
+  re-sampling alone (``able+drs``, no top-up): the strongest copying controls.
 
 Per pair: the seeds both have, mean of each, and the mean paired difference (arm − control)
 with its 95 % Student-t interval over seeds (shown from 2 seeds on; a claimed gain needs 3).
@@ -62,13 +65,14 @@ def _topup(syn: dict) -> tuple:
             tuple(sorted((k, repr(v)) for k, v in syn.items() if k.startswith(prefix))))
 
 
-def arm(m: dict, synthetic: dict | None = None, weight=None, sets=None) -> tuple:
+def arm(m: dict, synthetic: dict | None = None, weight=None, sets=None,
+        method: str | None = None) -> tuple:
     """What a run compares as: (data setting, method, top-up, weight, synthetic label sets,
     warm-up)."""
     p = m.get("params") or {}
     syn = _synthetic(m) if synthetic is None else synthetic
     w = p.get("SYNTH_WEIGHT") if weight is None else weight
-    return (runfiles.setting(m), m["method"] + budget(m), _topup(syn),
+    return (runfiles.setting(m), (method or m["method"]) + budget(m), _topup(syn),
             1.0 if w is None else float(w), sets or p.get("SYNTHETIC_LABELS") or "exact",
             _warmup(syn))
 
@@ -76,9 +80,15 @@ def arm(m: dict, synthetic: dict | None = None, weight=None, sets=None) -> tuple
 def controls(m: dict) -> list[tuple[str, tuple]]:
     """(what the control changes, its arm) for every matching control of run ``m``."""
     syn = _synthetic(m)
-    if not syn or not m.get("n_synthetic"):
-        return []
+    base, *mods = m["method"].split("+")
     out = []
+    if "drs" in mods:   # dynamic re-sampling against the same method without it
+        out.append(("drs → none", arm(m, method="+".join([base, *(x for x in mods
+                                                                    if x != "drs")]))))
+    if not syn or not m.get("n_synthetic"):
+        return out
+    if "drs" in mods and base == "rable":   # the dynamic top-up against re-sampling alone
+        out.append(("top-up → none (able)", arm(m, {}, method="+".join(["able", *mods]))))
     gen = syn.get("generator")
     if gen in CONTROL_GENERATOR:
         out.append((f"{gen} → {CONTROL_GENERATOR[gen]}",

@@ -102,11 +102,13 @@ class Trainer:
     from instead of a random initialisation (e.g. the backbone whose features ``train_x``
     holds). ``graph``: run the steps as CUDA graphs (``cuda_graph.CapturedSteps``); on a
     CPU device it falls back to the eager step (the same computation) with a note.
+    ``source`` (N, optional): for a sample made from a training image, that image's row
+    (−1 otherwise; read by ``+drs``'s dynamic top-up).
     """
 
     def __init__(self, cfg: TrainConfig, train_x, candidates, labels, device: str = "auto",
                  compile: bool = False, data_key: str = "", sample_weight=None,
-                 graph: bool = False, init_weights: dict | None = None):
+                 graph: bool = False, init_weights: dict | None = None, source=None):
         self.cfg, self.dev, self.data_key, self.compile = cfg, pick_device(device), data_key, compile
         if graph and compile:
             raise ValueError("GRAPH=True and COMPILE=True cannot be combined: choose one "
@@ -132,6 +134,8 @@ class Trainer:
         self.labels = torch.as_tensor(np.asarray(labels), device=self.dev).long()
         self.weight = (None if sample_weight is None else
                        torch.as_tensor(np.asarray(sample_weight), device=self.dev).float())
+        self.source = (None if source is None else
+                       torch.as_tensor(np.asarray(source), device=self.dev).long())
         self.conf = uniform_confidence(self.cand)
         self.epoch = 0
         self.history: list[dict] = []
@@ -436,7 +440,8 @@ def train(cfg: TrainConfig, data: dict, out_dir, device: str = "auto", compile: 
     state_path = out / "checkpoints" / f"{cfg.method}-state.safetensors"
     trainer = Trainer(cfg, data["train_x"], data["candidates"], data["labels"], device, compile,
                       data_key=data_fingerprint(data), sample_weight=data.get("sample_weight"),
-                      graph=graph, init_weights=data.get("init_weights"))
+                      graph=graph, init_weights=data.get("init_weights"),
+                      source=data.get("source"))
     resumed = bool(artefacts.load(state_path, trainer.load_state, what="training state",
                                   resumable=True))  # damaged: moved aside, retrained
     if not resumed and on_fresh_start is not None:
@@ -478,11 +483,11 @@ def train(cfg: TrainConfig, data: dict, out_dir, device: str = "auto", compile: 
 
 
 def data_fingerprint(data: dict) -> str:
-    """Hash of the training images (or features), candidates, labels (+ sample weights and
-    starting weights) and test labels."""
+    """Hash of the training images (or features), candidates, labels (+ sample weights,
+    sources and starting weights) and test labels."""
     h = hashlib.sha1()
     arrays = [(key, data.get(key)) for key in ("train_x", "candidates", "labels", "test_y",
-                                               "sample_weight")]
+                                               "sample_weight", "source")]
     arrays += [(f"init.{k}", v.detach().cpu().numpy())
                for k, v in sorted((data.get("init_weights") or {}).items())]
     for key, arr in arrays:

@@ -102,13 +102,14 @@ def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int =
     run's backbone (``generator/backbone.safetensors``) instead of the images, and
     ``init_weights``, that backbone's network. ``synth_weight`` (``SYNTH_WEIGHT``) is the
     loss weight of every synthetic sample (``sample_weight``: 1 for real ones; left out
-    when it is 1). ``class_counts`` stays the real long tail's (it defines
+    when it is 1). ``source``: each synthetic sample's source row (the manifest's ``source``,
+    −1 for real images and samples made from no one image; None without any). ``class_counts`` stays the real long tail's (it defines
     many/medium/few). The labels of added images are their hidden truth, for the logs'
     pseudo-label accuracy only.
     """
     ds = dataset.load_dataset(run_dir, cifar)
     x, cand, y = cifar.train_x[ds["indices"]], ds["candidates"], ds["labels"]
-    n_synth, fields, weight, init = 0, {"n_unlabeled": 0}, None, None
+    n_synth, fields, weight, init, source = 0, {"n_unlabeled": 0}, None, None, None
     if "unlabeled" in methods.data_sources(method):
         u = unlabeled.pseudo_labelled(ds, cifar, {"SEED": seed, **(params or {})}, device)
         x, cand = np.concatenate([x, u["x"]]), np.concatenate([cand, u["candidates"]])
@@ -126,13 +127,23 @@ def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int =
                                   run_dir, {"SEED": seed, **(params or {})})
         x, cand, y = np.concatenate([x, sx]), np.concatenate([cand, sc]), np.concatenate([y, sy])
         n_synth = len(sy)
+        source = sources(len(y) - n_synth, rows)
         if synth_weight != 1:
             weight = np.concatenate([np.ones(len(y) - n_synth), np.full(n_synth, synth_weight)])
     test = dataset.balanced_subset(cifar.test_y, n_test_per_class, seed)
     return dict(train_x=x, candidates=cand, labels=y, test_x=cifar.test_x[test],
                 test_y=cifar.test_y[test], class_counts=ds["class_counts"],
                 n_synthetic=n_synth, dataset_params=ds["params"], fields=fields,
-                sample_weight=weight, init_weights=init)
+                sample_weight=weight, init_weights=init, source=source)
+
+
+def sources(n_before: int, rows: list[dict]) -> np.ndarray | None:
+    """The source row of every training sample for ``+drs``'s dynamic top-up: −1 for the
+    ``n_before`` images before the synthetic ones, then each manifest row's ``source`` (the
+    real image it was made from, −1 without one); None when no row names a source."""
+    if not any("source" in r for r in rows):
+        return None
+    return np.array([-1] * n_before + [int(r.get("source", -1)) for r in rows], np.int64)
 
 
 def train(cfg: TrainConfig, data: dict, run_dir, device: str = "auto", compile: bool = False,

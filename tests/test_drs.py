@@ -118,3 +118,29 @@ def test_drs_composes_with_every_base():
     for base in methods.BASES:
         assert f"{base}+drs" in names
     assert {"corr+records+mixup+drs", "solar+la+drs", "able+records+drs"} <= set(names)
+
+
+def test_a_copy_drops_out_when_its_source_leaves_its_class():
+    # rows 0-2 real; rows 3-5 copies of rows 0, 1, 2 labelled class 0 at the warm-up
+    conf = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4],
+                         [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    source = torch.tensor([-1, -1, -1, 0, 1, 2])
+    from rable_nb.methods.drs import tied_scores
+    hard = tied_scores(conf, source, "hard")
+    assert torch.equal(hard[3:], torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0]]))
+    assert torch.equal(hard[:3], conf[:3])
+    w = balanced_weights(hard, 1.0)
+    assert w[4] == 0                                  # row 1 moved to class 1: its copy is out
+    assert w[0] == w[3] == pytest.approx(1 / 4)       # class 0: rows 0, 2 and their copies
+    assert w[1] == pytest.approx(1.0)                 # class 1: row 1 alone
+    soft = tied_scores(conf, source, "soft")
+    assert torch.allclose(soft[3:, 0], torch.tensor([0.9, 0.2, 0.6]))
+
+
+def test_stage_04_ties_copies_to_their_sources():
+    """prepare_data hands the trainer each copy's source row from the manifest (−1 for the
+    real images and for samples made from no one image)."""
+    from rable_nb import training
+    rows = [{"label": 0, "source": 3}, {"label": 1}, {"label": 1, "source": 0}]
+    assert training.sources(5, rows).tolist() == [-1] * 5 + [3, -1, 0]
+    assert training.sources(5, [{"label": 0}]) is None

@@ -165,6 +165,31 @@ def test_top_ups_are_paired_with_their_matching_controls_by_seed(tmp_path):
     assert "| feature → feature-copy | 0, 1, 2 | 51.00 / 49.00 | +2.00 ± 2.48 |" in text
 
 
+def test_dynamic_arms_are_paired_with_the_static_and_the_resampling_controls(tmp_path):
+    from rable_nb import comparison
+
+    def plant(path, method, last, seed, topup=False):
+        _plant(tmp_path, f"quick-cpu/{path}-s{seed}", method, last, seed=seed)
+        if topup:
+            f = tmp_path / f"quick-cpu/{path}-s{seed}/metrics-{method}.json"
+            m = json.loads(f.read_text())
+            m["params"]["synthetic"] = {"generator": "copy", "cond_labels": "pseudo"}
+            m["n_synthetic"] = 100
+            f.write_text(json.dumps(m))
+    for seed in (0, 1, 2):
+        plant("p", "proden", 0.40, seed)
+        plant("pd", "proden+drs", 0.50 + 0.01 * seed, seed)
+        plant("ad", "able+drs", 0.45, seed)
+        plant("r", "rable", 0.44, seed, topup=True)
+        plant("rd", "rable+drs", 0.47, seed, topup=True)
+    by = {(r["arm"][1], r["change"]): r for r in comparison.paired_rows(results.load(tmp_path))}
+    assert by[("proden+drs", "drs → none")]["last"]["diff"][0] == pytest.approx(0.11)
+    assert by[("rable+drs", "drs → none")]["last"]["diff"][0] == pytest.approx(0.03)
+    assert by[("rable+drs", "top-up → none (able)")]["last"]["diff"][0] == pytest.approx(0.02)
+    assert ("able+drs", "drs → none") not in by          # no plain able run: no row
+    assert by[("proden+drs", "drs → none")]["seeds"] == [0, 1, 2]
+
+
 def test_runs_of_another_budget_than_the_profiles_are_rows_of_their_own(tmp_path):
     from rable_nb import comparison
     for path, epochs, last in (("q", 25, 0.33), ("main-job", 10, 0.29)):

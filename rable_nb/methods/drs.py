@@ -19,6 +19,14 @@ epoch (within the stage, 0-based) that re-samples; earlier epochs shuffle as usu
 turn the uniform confidences into real estimates: with hard labels, uniform rows all
 point to their lowest candidate index.
 
+**The dynamic top-up.** Where the training set holds samples made from real images (the
+manifest's ``source``: ``copy`` names the image it copied), such a sample is counted in its
+class, and drawn, only while its source image is still in that class by the learner's current
+labels: a copy whose source has moved to another class drops out (weight 0) instead of
+keeping the warm-up's label (``tied_scores``). Samples without a source (class-conditional
+generators) keep their label and share their class's draw with its real images. Without
+``+drs``, ``rable`` trains on the static top-up: the control.
+
 Only the sampler changes: the step, its losses and the confidence update are the base's
 own, so ``+drs`` composes with every base and modifier. The draw runs on the device from
 the epoch's generator (inverse-CDF ``searchsorted``, no read-back), so a resumed run draws
@@ -29,19 +37,33 @@ from __future__ import annotations
 import torch
 
 from .. import config
-from ._losses import class_counts
+from ._losses import one_hot
 from .base import Modifier
 
 
 def balanced_weights(scores: torch.Tensor, power: float, labels: str = "hard") -> torch.Tensor:
     """Per-image sampling weights (N) that balance the classes of ``scores`` (N×C) to the
-    ``power`` (see the module docstring); no host read."""
+    ``power`` (see the module docstring); a row of zeros (a sample that dropped out) gets
+    weight 0 and is not counted. No host read."""
     if labels == "hard":
+        alive = scores.sum(1) > 0
         hard = scores.argmax(1)
-        counts = class_counts(hard, scores.shape[1])
-        return counts.clamp_min(1).pow(-power)[hard]
+        counts = (one_hot(hard, scores.shape[1]) * alive[:, None]).sum(0)
+        return counts.clamp_min(1).pow(-power)[hard] * alive
     counts = scores.sum(0)
     return scores @ counts.clamp_min(1e-8).pow(-power)
+
+
+def tied_scores(scores: torch.Tensor, source: torch.Tensor, labels: str = "hard") -> torch.Tensor:
+    """The dynamic top-up: a sample made from a real image (``source`` ≥ 0, its row) keeps
+    its own class only while that image is still in it — its row becomes its own scores ⊙
+    the source's current class (hard: the source's argmax as one-hot; soft: the source's
+    confidences), zero when the source has moved to another class (the sample drops out).
+    Rows with ``source`` −1 (real images; samples not made from one image) are unchanged."""
+    ref = scores[source.clamp_min(0)]
+    if labels == "hard":
+        ref = one_hot(ref.argmax(1), scores.shape[1])
+    return torch.where((source >= 0)[:, None], scores * ref, scores)
 
 
 def draw(weights: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -63,5 +85,7 @@ class DynamicResampling(Modifier):
         if epoch < self.p["start"]:
             return None
         scores = trainer.method.base.class_scores(trainer).float()
+        if trainer.source is not None:
+            scores = tied_scores(scores, trainer.source, self.p["labels"])
         return draw(balanced_weights(scores, self.p["power"], self.p["labels"]),
                     len(scores), gen)
