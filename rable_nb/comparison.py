@@ -29,7 +29,8 @@ from scipy import stats
 
 from . import config, runfiles
 
-CONTROL_GENERATOR = {"pixel": "copy", "gan": "copy", "sd": "copy", "feature": "feature-copy"}
+CONTROL_GENERATOR = {"pixel": "copy", "gan": "copy", "sd": "copy", "feature": "feature-copy",
+                     "noise": "copy", "remix": "copy"}
 
 
 def _synthetic(m: dict) -> dict:

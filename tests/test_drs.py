@@ -144,3 +144,16 @@ def test_stage_04_ties_copies_to_their_sources():
     rows = [{"label": 0, "source": 3}, {"label": 1}, {"label": 1, "source": 0}]
     assert training.sources(5, rows).tolist() == [-1] * 5 + [3, -1, 0]
     assert training.sources(5, [{"label": 0}]) is None
+
+
+def test_the_dynamic_top_up_draws_without_reading_back(monkeypatch):
+    from test_host_sync import epoch_guard
+    x, cand, y = long_tail()
+    source = np.r_[np.full(len(y) - 6, -1), np.arange(6)]   # the last 6 "copies" of rows 0-5
+    cfg = engine.TrainConfig(method="rable+drs", arch="tiny_cnn", epochs=2, batch_size=12,
+                             num_classes=4, method_params={"drs": {"start": 0}})
+    tr = engine.Trainer(cfg, x, cand, y, "cpu", source=source)
+    with epoch_guard(monkeypatch) as guard:
+        for _ in range(2):
+            tr.train_epoch(progress=False)
+    assert guard.host_reads == [] and guard.ops > 0

@@ -87,7 +87,7 @@ def test_topup_plan_and_slots_are_deterministic():
         generators.get("vae")
 
 
-@pytest.mark.parametrize("name", ["copy", "pixel", "gan", "sd"])
+@pytest.mark.parametrize("name", ["copy", "pixel", "gan", "sd", "noise", "remix"])
 def test_every_backend_tops_up_exactly_and_resumes_without_duplicates(tmp_path, name):
     run = tmp_path / "run"
     with pytest.raises(Stop):  # batches of 3: cat 0, dog [0, 1], frog [0, 1, 2] [3, 4]
@@ -119,6 +119,32 @@ def test_every_backend_tops_up_exactly_and_resumes_without_duplicates(tmp_path, 
         assert (x[order] == fresh[np.argsort([r["file"] for r in manifest(tmp_path / "fresh")])]).all()
         assert all(LABELS[r["source"]] == r["label"] for r in rows)  # copies of their class
     assert (generators.synthetic_counts(run, 3) + COUNTS)[1:].tolist() == [8, 8]
+
+
+def test_noise_and_remix_borrow_from_the_data_and_name_their_source(tmp_path):
+    """OPeN: about NOISE_SHARE of the draws are noise (no source), the rest copies; Remix:
+    a class-c image mixed with a head image at a share below REMIX_TAU (x = 10·row, so the
+    mix is readable from the pixel value)."""
+    gen, _ = fitted("noise", tmp_path / "n", NOISE_SHARE=0.5)
+    x, extras = gen.generate(2, range(400))
+    noise = np.array([e.get("noise", False) for e in extras])
+    assert 0.4 < noise.mean() < 0.6
+    assert all(LABELS[e["source"]] == 2 for e in np.array(extras)[~noise])
+    assert (x[noise].std(axis=(1, 2, 3)) > 0).all()            # noise, not flat copies
+    gen, _ = fitted("remix", tmp_path / "r", REMIX_KAPPA=1.5, REMIX_TAU=0.5)
+    x, extras = gen.generate(2, range(50))
+    for img, e in zip(x, extras):
+        assert LABELS[e["source"]] == 2 and COUNTS[LABELS[e["head"]]] >= 1.5 * COUNTS[2]
+        lam = e["head_share"]
+        assert 0 <= lam < 0.5
+        assert abs(img[0, 0, 0] - ((1 - lam) * 10 * e["source"] + lam * 10 * e["head"])) <= 1
+    gen, _ = fitted("remix", tmp_path / "h", REMIX_KAPPA=10)  # no class 10× as big: copies
+    x, extras = gen.generate(1, range(5))
+    assert all(set(e) == {"source"} for e in extras)
+    with pytest.raises(ValueError, match="REMIX_TAU"):
+        generators.validate({"REMIX_TAU": 2})
+    with pytest.raises(ValueError, match="NOISE_SHARE"):
+        generators.validate({"NOISE_SHARE": -0.1})
 
 
 def test_sd_prompts_come_from_the_captions_of_the_class_and_the_model_loads_lazily(

@@ -15,6 +15,9 @@ docs/algorithms.md; adding a backend: one file + one line in ``GENERATORS``):
 - ``copy``: the control — random oversampling of the real images at the same counts;
 - ``feature-copy``: its feature-space twin (cRT: resampled real backbone features), the
   control of ``feature``;
+- ``noise``: copies with a share of pure-noise images of the class (OPeN);
+- ``remix``: each rare-class image mixed with a head-class image, labelled with the rare
+  class (Remix's label pushing);
 - ``feature``: LDMLR-style diffusion over the features of a backbone (the ABLE warm-up);
   its samples are feature vectors, for the head fine-tuning of method ``rable-feature``.
 
@@ -25,13 +28,14 @@ from __future__ import annotations
 
 from ..runfiles import (describe, load_synthetic, manifest_rows, read_settings,
                         synthetic_counts, synthetic_space)
-from . import copy, feature, feature_copy, gan, pixel, sd
+from . import copy, feature, feature_copy, gan, noise, pixel, remix, sd
 from .base import Generator, slot_seed
 from .topup import REPORT_TOPUP, pending, top_up, topup_plan
 
 GENERATORS: dict[str, type[Generator]] = {"sd": sd.SD, "pixel": pixel.Pixel, "gan": gan.Gan,
                                           "copy": copy.Copy, "feature": feature.Feature,
-                                          "feature-copy": feature_copy.FeatureCopy}
+                                          "feature-copy": feature_copy.FeatureCopy,
+                                          "noise": noise.Noise, "remix": remix.Remix}
 
 
 
