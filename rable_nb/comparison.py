@@ -159,7 +159,8 @@ def table(entries: list[dict]) -> str:
         setting, method, topup, weight, sets, _ = key
         extra = (f", weight {weight:g}" if weight != 1 else "") + (
             f", {sets} label sets" if sets != "exact" else "")
-        return f"{method} [{topup[0] if topup else ''}{extra}]"
+        inner = f"{topup[0] if topup else ''}{extra}".lstrip(", ")
+        return f"{method} [{inner}]" if inner else method
     lines = ["| setting | arm | control changes | seeds | last: arm / control | Δ last "
              "(95 % CI) | few: arm / control | Δ few (95 % CI) |", "|---" * 8 + "|"]
     for r in rows:
