@@ -94,11 +94,11 @@ def test_pll_drs_follows_the_confidences_not_the_truth(monkeypatch):
 def test_drs_resumes_with_the_same_draws(tmp_path):
     x, cand, y = long_tail()
     cfg = engine.TrainConfig(method="proden+drs", arch="tiny_cnn", epochs=3, batch_size=12,
-                             num_classes=4)
+                             num_classes=4, method_params={"drs": {"start": 0}})
     data = dict(train_x=x, candidates=cand, labels=y, test_x=x[:20], test_y=y[:20],
                 class_counts=np.bincount(y))
     whole = engine.train(cfg, data, tmp_path / "a", "cpu", progress=False)
-    engine.train(cfg, data, tmp_path / "b", "cpu", progress=False, stop_after=2)
+    engine.train(cfg, data, tmp_path / "b", "cpu", progress=False, stop_after=1)
     resumed = engine.train(cfg, data, tmp_path / "b", "cpu", progress=False)
     assert resumed["resumed"]
     assert torch.equal(whole["trainer"].conf, resumed["trainer"].conf)
@@ -146,14 +146,16 @@ def test_stage_04_ties_copies_to_their_sources():
     assert training.sources(5, [{"label": 0}]) is None
 
 
-def test_the_dynamic_top_up_draws_without_reading_back(monkeypatch):
+@pytest.mark.parametrize("name, labels", [("rable+drs", "hard"), ("supervised+drs", "soft")])
+def test_the_draws_and_the_dynamic_top_up_read_nothing_back(monkeypatch, name, labels):
+    """+drs's names are left out of test_host_sync (one draw per epoch, before the steps)."""
     from test_host_sync import epoch_guard
     x, cand, y = long_tail()
     source = np.r_[np.full(len(y) - 6, -1), np.arange(6)]   # the last 6 "copies" of rows 0-5
-    cfg = engine.TrainConfig(method="rable+drs", arch="tiny_cnn", epochs=2, batch_size=12,
-                             num_classes=4, method_params={"drs": {"start": 0}})
+    cfg = engine.TrainConfig(method=name, arch="tiny_cnn", epochs=1, batch_size=12,
+                             num_classes=4,
+                             method_params={"drs": {"start": 0, "labels": labels}})
     tr = engine.Trainer(cfg, x, cand, y, "cpu", source=source)
     with epoch_guard(monkeypatch) as guard:
-        for _ in range(2):
-            tr.train_epoch(progress=False)
+        tr.train_epoch(progress=False)
     assert guard.host_reads == [] and guard.ops > 0
