@@ -11,6 +11,12 @@ JSON or image file) into one outcome:
   file and what to do (``fix``).
 
 Never a bare library traceback, never a silent wrong result. An absent file is ``None``.
+
+Paths under a run directory follow one rule, :func:`inside`: a path read from a file
+(a manifest row, a feedback line) or joined under a folder (class folders, captions,
+compared runs) is resolved, links included, and must stay inside its folder; otherwise
+:class:`OutsideError` names it. Deletion under a folder checks the same first, so it never
+follows a link out.
 """
 from __future__ import annotations
 
@@ -26,6 +32,24 @@ DAMAGED_SUFFIX = ".damaged"
 
 class DamagedFileError(RuntimeError):
     """A file the package wrote cannot be read back; the message names it and the fix."""
+
+
+class OutsideError(DamagedFileError):
+    """A path under a folder leads outside it (an absolute path, '..', or a link)."""
+
+
+def inside(root: str | os.PathLike, path: str | os.PathLike, what: str = "file") -> Path:
+    """``root / path`` resolved (links followed, whether or not it exists yet); an
+    :class:`OutsideError` naming it unless it lies inside ``root`` (itself resolved, so a
+    run directory given through a link is fine)."""
+    base = Path(root).resolve()
+    given = Path(root) / path
+    target = given.resolve()
+    if target != base and base not in target.parents:
+        raise OutsideError(f"{what} {given} leads outside {Path(root)} (to {target}); the "
+                           f"package reads and writes only inside it: replace the link or "
+                           f"path by a file inside {Path(root)}, or remove it.")
+    return target
 
 
 def _decode_errors() -> tuple[type[BaseException], ...]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import config, jsonl
+from . import artefacts, config, jsonl
 from .networks import pick_device
 from .tiny_models import TINY, load_pretrained, resolve_model_id
 
@@ -112,7 +112,8 @@ def caption_images(run_dir: str | os.PathLike, images: np.ndarray, labels: np.nd
 
     Indices already in the file are skipped. Returns counts and timing of this call.
     """
-    path = Path(run_dir) / CAPTIONS
+    path = artefacts.inside(run_dir, CAPTIONS, "captions file")
+    artefacts.inside(run_dir, SETTINGS, "captions settings")
     settings = dict(model_id=model_id, prompt=prompt, max_new_tokens=max_new_tokens,
                     rescale=rescale)
     done = {r["index"] for r in jsonl.read(path)}
@@ -144,7 +145,7 @@ def caption_images(run_dir: str | os.PathLike, images: np.ndarray, labels: np.nd
 
 def load_captions(run_dir: str | os.PathLike) -> list[dict]:
     """Rows of ``captions.jsonl`` with a clear error when notebook 02 has not run."""
-    path = Path(run_dir) / CAPTIONS
+    path = artefacts.inside(run_dir, CAPTIONS, "captions file")
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run notebook 02_captioning first "
                                 f"(python -m rable_nb run --only 02 --out {run_dir}).")

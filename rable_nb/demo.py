@@ -41,7 +41,7 @@ import ipywidgets as widgets
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import config, jsonl, predictions
+from . import artefacts, config, jsonl, predictions
 from .predictions import predict_proba
 
 MAX_BYTES = 10 * 1024 * 1024
@@ -205,7 +205,8 @@ def append_feedback(run_dir, image: np.ndarray, sha256: str, candidates: list[in
         raise ValueError("tick at least one plausible label.")
     run_dir = Path(run_dir)
     rel = Path("feedback") / f"{sha256}.png"
-    target = run_dir / rel
+    target = artefacts.inside(run_dir, rel, "feedback image")
+    artefacts.inside(run_dir, FEEDBACK_FILE, "feedback file")
     target.parent.mkdir(parents=True, exist_ok=True)
     if not target.exists():
         config.write_atomic(target, lambda t: t.write_bytes(png_bytes(image, scale=1)))
@@ -219,11 +220,13 @@ def append_feedback(run_dir, image: np.ndarray, sha256: str, candidates: list[in
 def load_feedback(run_dir, num_classes: int = 10) -> dict:
     """``feedback.jsonl`` as partial-label data: images (N×32×32×3), candidates (N×C bool),
     sha256; the latest line wins when an image was labelled more than once."""
-    latest = {e["sha256"]: e for e in jsonl.read(Path(run_dir) / FEEDBACK_FILE)}
+    path = artefacts.inside(run_dir, FEEDBACK_FILE, "feedback file")
+    latest = {e["sha256"]: e for e in jsonl.read(path)}
     images = np.zeros((len(latest), 32, 32, 3), np.uint8)
     candidates = np.zeros((len(latest), num_classes), bool)
     for i, entry in enumerate(latest.values()):
-        with Image.open(Path(run_dir) / entry["image"]) as img:
+        with Image.open(artefacts.inside(run_dir, entry["image"],
+                                         f"feedback image of {path}")) as img:
             images[i] = np.asarray(img.convert("RGB"))
         candidates[i, entry["candidate_ids"]] = True
     return dict(images=images, candidates=candidates, sha256=list(latest))

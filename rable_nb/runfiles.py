@@ -34,7 +34,8 @@ def load_sample(path: Path) -> np.ndarray:
 
 def manifest_rows(run_dir: str | os.PathLike) -> list[dict]:
     """The lines of a run's ``synthetic/manifest.jsonl`` (empty when there is none)."""
-    return jsonl.read(Path(run_dir) / SYNTH_DIR / MANIFEST, repair=False)
+    return jsonl.read(artefacts.inside(run_dir, f"{SYNTH_DIR}/{MANIFEST}", "the manifest"),
+                      repair=False)
 
 
 def read_settings(run_dir: str | os.PathLike) -> dict:
@@ -67,11 +68,14 @@ def check_manifest(run_dir: str | os.PathLike, rows: list[dict], settings: dict,
         if not isinstance(row, dict):
             refuse(f"line {i} is {row!r}, not a mapping with 'file' and 'label'")
         file, label = row.get("file"), row.get("label")
-        inside = (isinstance(file, str) and bool(file) and not Path(file).is_absolute()
-                  and ".." not in Path(file).parts)
-        if not inside or not isinstance(label, int) or isinstance(label, bool) or label < 0:
+        if not isinstance(file, str) or not file or not isinstance(label, int) \
+                or isinstance(label, bool) or label < 0:
             refuse(f"line {i} ({row!r}) needs 'file' (a path inside {out}) and an integer "
                    "'label' >= 0")
+        try:  # resolved, links included: a sample linked elsewhere is not the top-up's
+            artefacts.inside(out, file)
+        except artefacts.OutsideError as err:
+            refuse(f"line {i} ({row!r}) needs 'file' (a path inside {out}): {err}")
         if num_classes is not None and label >= num_classes:
             refuse(f"line {i}: label {label} is not one of the data's {num_classes} classes")
         if file in files:
@@ -100,7 +104,7 @@ def load_synthetic(run_dir: str | os.PathLike, complete: bool = False,
     manifest first checked against ``settings.json`` (:func:`check_manifest`; ``complete``:
     every planned sample must exist, as training requires). A sample file that cannot be
     decoded is an ``artefacts.DamagedFileError`` naming it and the fix."""
-    out = Path(run_dir) / SYNTH_DIR
+    out = artefacts.inside(run_dir, SYNTH_DIR, "the synthetic folder")
     rows = manifest_rows(run_dir)
     if not rows:
         return np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64), []

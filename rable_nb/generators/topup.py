@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .. import captioning, jsonl
+from .. import artefacts, captioning, jsonl
 from ..config import write_atomic
 from ..dataset import long_tail_counts
 from ..runfiles import MANIFEST, SETTINGS, SYNTH_DIR
@@ -46,9 +46,19 @@ def slot_file(classes, label: int, k: int, suffix: str = ".png") -> str:
 
 
 def recover(out_dir: Path) -> list[dict]:
-    """Manifest rows after an interruption: torn line dropped, orphan files deleted."""
+    """Manifest rows after an interruption: torn line dropped, orphan files deleted.
+
+    First every class folder and manifest file must lie inside ``out_dir`` (and it inside
+    the run directory), links resolved (``artefacts.inside``): a folder linked elsewhere is
+    refused before anything is deleted or written, so deletion never follows a link out."""
+    artefacts.inside(out_dir.parent, out_dir.name, "the synthetic folder")
+    for entry in sorted(out_dir.iterdir()) if out_dir.is_dir() else []:
+        artefacts.inside(out_dir, entry.name, "synthetic class folder" if entry.is_dir()
+                         else "synthetic file")
     path = out_dir / MANIFEST
     rows = jsonl.read(path)
+    for r in rows:
+        artefacts.inside(out_dir, r["file"], f"synthetic sample of {path}")
     seen, kept = set(), []
     for r in rows:  # a row whose file vanished, or a repeated file, is not kept
         if r["file"] not in seen and (out_dir / r["file"]).is_file():
@@ -128,7 +138,8 @@ def top_up(run_dir, generator, plan: dict, classes, settings: dict, seed: int = 
     batch_size = batch_size or generator.batch
     todo_n = pending(run_dir, plan, classes, settings, generator.suffix)
     planned = _planned(plan, classes, generator.suffix)
-    done = {r["file"] for r in jsonl.read(out / MANIFEST)}
+    rows_done = jsonl.read(out / MANIFEST)
+    done = {r["file"] for r in rows_done}
     model_id = generator.model_id() if todo_n else None
     stats = dict(planned=sum(plan.values()), skipped=sum(plan.values()) - todo_n, generated=0,
                  seconds=0.0, generator=generator.name, model_id=model_id)

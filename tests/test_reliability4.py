@@ -1,0 +1,79 @@
+"""Reliability round 4 (issue #36): paths stay inside the run directory, records tell the
+truth, contents are checked, the CLI prints one line instead of a traceback, fix commands
+work as printed, and the smaller findings.
+
+Each test builds its files by hand or with a few-step fit; kernels start only where a
+notebook's own behaviour is the point (marked ``notebook``)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rable_nb import artefacts, captioning, data, demo, rebalance, runfiles
+from rable_nb.generators import topup as topup_writer
+
+from test_reliability import topup  # noqa: F401 - the fixture: a complete 2 + 1 top-up
+
+
+def _png(path: Path, value: int = 7, side: int = 4) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((side, side, 3), value, np.uint8)).save(path)
+    return path
+
+
+# -- 1. one rule for paths: resolved, links included, inside the run directory -------------
+def test_a_class_folder_linked_outside_is_refused_and_nothing_there_is_deleted(topup, tmp_path):
+    photos = tmp_path / "photos"
+    photo = _png(photos / "holiday.png")
+    (topup / "synthetic" / "bird").symlink_to(photos, target_is_directory=True)
+    settings = dict(generator="copy", cond_labels="pseudo", plan=[2, 1, 0])
+    with pytest.raises(artefacts.OutsideError, match=r"synthetic class folder .*bird leads "
+                                                     r"outside .*synthetic"):
+        topup_writer.pending(topup, {0: 2, 1: 1, 2: 0}, data.CLASSES, settings)
+    assert photo.exists()  # the user's photo is still there
+    (topup / "synthetic" / "bird").unlink()
+    assert topup_writer.pending(topup, {0: 2, 1: 1, 2: 0}, data.CLASSES, settings) == 0
+
+
+def test_a_sample_linked_outside_is_not_trained_on(topup, tmp_path):
+    sample = topup / "synthetic" / "airplane" / "airplane_00001.png"
+    sample.unlink()
+    sample.symlink_to(_png(tmp_path / "elsewhere.png"))
+    with pytest.raises(runfiles.ManifestError, match=r"line 2 .*airplane_00001\.png leads "
+                                                     r"outside"):
+        runfiles.load_synthetic(topup, True, 3)
+
+
+def test_a_compared_run_whose_synthetic_folder_is_a_link_is_refused(topup, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "synthetic").symlink_to(topup / "synthetic", target_is_directory=True)
+    with pytest.raises(artefacts.OutsideError, match="the synthetic folder .* leads outside"):
+        rebalance.other_samples([str(other)], (4, 4, 3))
+    assert len(rebalance.other_samples([str(topup)], (4, 4, 3))["copy"][1]) == 3
+
+
+def test_feedback_and_captions_are_read_and_written_only_inside_the_run(tmp_path):
+    run = tmp_path / "run"
+    outside = _png(tmp_path / "secret.png", side=32)
+    entry = demo.append_feedback(run, np.zeros((32, 32, 3), np.uint8), "ab" * 32, [1],
+                                 data.CLASSES)
+    assert len(demo.load_feedback(run)["images"]) == 1
+    lines = (run / demo.FEEDBACK_FILE).read_text()
+    (run / demo.FEEDBACK_FILE).write_text(lines + json.dumps(
+        dict(entry, sha256="cd" * 32, image=str(outside))) + "\n")
+    with pytest.raises(artefacts.OutsideError, match=r"feedback image .*secret\.png leads "
+                                                     r"outside"):
+        demo.load_feedback(run)
+    (run / "feedback").rename(run / "fb")
+    (run / "feedback").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(artefacts.OutsideError, match="feedback image"):
+        demo.append_feedback(run, np.ones((32, 32, 3), np.uint8), "ef" * 32, [1], data.CLASSES)
+    assert not (tmp_path / ("ef" * 32 + ".png")).exists()
+    (tmp_path / "captions.jsonl").write_text('{"index": 0, "label": 0, "caption": "x"}\n')
+    (run / captioning.CAPTIONS).symlink_to(tmp_path / "captions.jsonl")
+    with pytest.raises(artefacts.OutsideError, match="captions file"):
+        captioning.load_captions(run)
+
