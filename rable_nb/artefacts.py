@@ -100,13 +100,46 @@ def load(path: str | os.PathLike, reader, *, what: str = "file", fix: str = "",
                                ) from None
 
 
+def check_schema(value, schema, where: str = "") -> None:
+    """``ValueError`` naming the first field of ``value`` that ``schema`` does not allow.
+
+    A schema is a type or tuple of types (``bool`` is no number unless named), a dict
+    ``{field: schema}`` (a field ending in ``?`` may be absent; other fields are free), or a
+    one-item list ``[schema]`` (a list whose every item matches)."""
+    def name(t):
+        return " or ".join(x.__name__ for x in (t if isinstance(t, tuple) else (t,)))
+    at = where or "the top level"
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            raise ValueError(f"{at} is {type(value).__name__}, not an object")
+        for key, sub in schema.items():
+            field = key.rstrip("?")
+            if field not in value:
+                if key.endswith("?"):
+                    continue
+                raise ValueError(f"field '{where + '.' if where else ''}{field}' is missing")
+            check_schema(value[field], sub, f"{where + '.' if where else ''}{field}")
+    elif isinstance(schema, list):
+        if not isinstance(value, list):
+            raise ValueError(f"field '{at}' is {type(value).__name__}, not a list")
+        for i, item in enumerate(value):
+            check_schema(item, schema[0], f"{where}[{i}]")
+    else:
+        types = schema if isinstance(schema, tuple) else (schema,)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ValueError(f"field '{at}' is {type(value).__name__} {value!r:.60}, not "
+                             f"{name(schema)}")
+
+
 def read_json(path: str | os.PathLike, *, what: str = "file", fix: str = "",
-              resumable: bool = False) -> dict | None:
+              resumable: bool = False, schema: dict | None = None) -> dict | None:
     """The JSON object in ``path`` (``None`` when absent), through :func:`load`: a file that
-    is not JSON, or not an object, is damaged."""
+    is not JSON, not an object, or not of its ``schema`` (:func:`check_schema`: the field
+    is named) is damaged."""
     def reader(p: Path):
         obj = json.loads(p.read_text())
         if not isinstance(obj, dict):
             raise ValueError(f"a JSON object was expected, found {type(obj).__name__}")
+        check_schema(obj, schema or {})
         return obj
     return load(path, reader, what=what, fix=fix, resumable=resumable)

@@ -41,7 +41,7 @@ import ipywidgets as widgets
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import artefacts, config, jsonl, predictions
+from . import artefacts, config, jsonl, predictions, runfiles
 from .predictions import predict_proba
 
 MAX_BYTES = 10 * 1024 * 1024
@@ -52,6 +52,7 @@ MAX_BYTES = 10 * 1024 * 1024
 SERVER_MESSAGE_LIMIT = 128 * 2**20
 MAX_PIXELS = 40_000_000  # 40 megapixels: any camera photo; Pillow itself warns at 89 MP
 FEEDBACK_FILE = "feedback.jsonl"
+TRAINING_PREFIX = "04_"  # the notebook that trains the models the demo serves
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # Pillow format names the demo opens
 EXTENSIONS = ".png,.jpg,.jpeg,.gif,.bmp,.webp,.tif,.tiff"  # what the upload button offers
 WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16/32-bit greyscale modes
@@ -97,10 +98,17 @@ def _runs(root: Path) -> list[Path]:
 
 
 def _model_time(run_dir: Path) -> float | None:
-    """Modification time of the run's newest current model, or None when it has none."""
+    """Modification time of the run's newest current model, or None when it has none —
+    also while ``run.json`` records the training notebook as started and not finished (a
+    killed rerun's models are not the run's)."""
     try:
+        log = runfiles.read_run_log(run_dir)
+        if any(nb.startswith(TRAINING_PREFIX) for nb in
+               {e["notebook"] for e in log.get("notebooks", [])} - set(
+                   runfiles.finished_notebooks(log))):
+            return None
         return max(p.stat().st_mtime for p in predictions.find_models(run_dir).values())
-    except (FileNotFoundError, OSError, ValueError):
+    except (FileNotFoundError, OSError, ValueError, artefacts.DamagedFileError):
         return None
 
 

@@ -21,6 +21,31 @@ ACCURACY_FIELDS = ("last", "best", "many", "medium", "few", "per_class")
 FEATURE_SUFFIX = ".npy"  # synthetic feature vectors; images are PNGs
 
 
+RUN_LOG = "run.json"
+# run.json (written by runner): every notebook started, 'running' until it ends 'finished'
+# (an entry without a status comes from before statuses were recorded: it was finished).
+RUN_LOG_SCHEMA = {"profile": str, "notebooks": [{"notebook": str, "parameters": dict,
+                                                 "status?": str, "seconds?": (int, float)}]}
+RUNNING, FINISHED = "running", "finished"
+
+
+def read_run_log(run_dir: str | os.PathLike, resumable: bool = False) -> dict:
+    """``run.json`` of a run directory ({} when absent), checked against its schema; a
+    damaged one is named, or moved aside when ``resumable`` (the runner: nothing is then
+    skipped)."""
+    return artefacts.read_json(
+        artefacts.inside(run_dir, RUN_LOG, "run log"), what="run log", resumable=resumable,
+        schema=RUN_LOG_SCHEMA,
+        fix=f"Run the notebooks again into {run_dir} (the runner moves it aside).") or {}
+
+
+def finished_notebooks(log: dict) -> dict[str, dict]:
+    """{notebook: its run.json entry} of the notebooks the log records as finished; one
+    started again and not ended (killed, failed, or running now) is not among them."""
+    return {e["notebook"]: e for e in log.get("notebooks", [])
+            if e.get("status", FINISHED) == FINISHED}
+
+
 def load_sample(path: Path) -> np.ndarray:
     """A synthetic sample: a feature vector (.npy) or an image (greyscale PNGs come back
     as H×W×1)."""

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from traitlets import Unicode, default
 from traitlets.config import Config
 
-from . import artefacts, config, data
+from . import config, data, runfiles
 from .locks import DirLock, LockedError
 
 NOTEBOOK_DIR = config.PROJECT_ROOT / "notebooks"
@@ -242,16 +242,18 @@ def _dead_kernel_message(nb: Path, out: Path, err: Exception) -> str:
 
 def _previous_log(run_dir: Path, profile: str) -> dict:
     """``run.json`` of earlier runs of this profile in ``run_dir`` (else an empty log)."""
-    log = artefacts.read_json(run_dir / "run.json", what="run log", resumable=True) or {}
+    log = runfiles.read_run_log(run_dir, resumable=True)
     if log.get("profile") != profile:
         log = {"profile": profile, "notebooks": []}
     return dict(log, commit=config.git_commit())
 
 
 def _record(run_dir: Path, log: dict, name: str, params: dict, **entry) -> None:
+    """Replace ``name``'s entry in ``run.json``: ``status`` 'running' before the notebook
+    starts, 'finished' only once it ended, so a killed rerun is never taken as done."""
     log["notebooks"] = [e for e in log["notebooks"] if e["notebook"] != name]
     log["notebooks"].append(dict(notebook=name, parameters=params, **entry))
-    config.write_json(run_dir / "run.json", log)
+    config.write_json(run_dir / runfiles.RUN_LOG, log)
 
 
 def run(profile: str = "smoke", only: str | None = None, out: str | None = None,
@@ -261,7 +263,8 @@ def run(profile: str = "smoke", only: str | None = None, out: str | None = None,
 
     Everything is checked before the first notebook starts, and the run directory is
     locked for the duration; a failing notebook raises :class:`RunError` naming the
-    notebook and cell. ``run.json`` records each finished notebook; with ``resume`` the
+    notebook and cell. ``run.json`` records each notebook as running before it starts and as
+    finished once it ended; with ``resume`` the
     leading notebooks already finished with the same parameters (and data source) are
     skipped. ``log_file`` (an open text file, e.g. a sweep point's ``point.log``) receives
     what the notebooks print and one line per notebook, instead of progress bars.
@@ -287,7 +290,7 @@ def run(profile: str = "smoke", only: str | None = None, out: str | None = None,
 def _execute(notebooks: list[Path], injected: dict, run_dir: Path, profile: str, kernel: str,
              resume: bool, log_file=None) -> None:
     log = _previous_log(run_dir, profile)
-    done = {e["notebook"]: e["parameters"] for e in log["notebooks"]}
+    done = {n: e["parameters"] for n, e in runfiles.finished_notebooks(log).items()}
     skipping = resume  # once a notebook reruns, every later one reruns too (new inputs)
     for nb in tqdm(notebooks, desc=f"run [{profile}]", unit="notebook",
                    disable=log_file is not None):
@@ -298,6 +301,8 @@ def _execute(notebooks: list[Path], injected: dict, run_dir: Path, profile: str,
             tqdm.write(f"skip {nb.name}: already finished with the same parameters", file=log_file)
             continue
         start = time.time()
+        _record(run_dir, log, nb.name, recorded, status=runfiles.RUNNING,
+                started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         if log_file is not None:
             print(f"== {nb.name} -> {target}", file=log_file, flush=True)
         try:
@@ -310,7 +315,8 @@ def _execute(notebooks: list[Path], injected: dict, run_dir: Path, profile: str,
             raise RunError(_failure_message(nb, target, err)) from None
         except DeadKernelError as err:
             raise RunError(_dead_kernel_message(nb, target, err)) from None
-        _record(run_dir, log, nb.name, recorded, seconds=round(time.time() - start, 1))
+        _record(run_dir, log, nb.name, recorded, status=runfiles.FINISHED,
+                seconds=round(time.time() - start, 1))
 
 
 def main_run(args) -> int:

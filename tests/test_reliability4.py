@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rable_nb import artefacts, captioning, data, demo, rebalance, runfiles
+from rable_nb import (artefacts, captioning, data, demo, rebalance, report,
+                      runfiles, runner)
 from rable_nb.generators import topup as topup_writer
 
 from test_reliability import topup  # noqa: F401 - the fixture: a complete 2 + 1 top-up
@@ -77,3 +78,40 @@ def test_feedback_and_captions_are_read_and_written_only_inside_the_run(tmp_path
     with pytest.raises(artefacts.OutsideError, match="captions file"):
         captioning.load_captions(run)
 
+
+# -- 3. records that tell the truth: running before a notebook starts, finished after -----
+def test_a_killed_rerun_is_never_taken_as_finished(tmp_path, monkeypatch, capsys):
+    from test_integrity import _notebook
+    nbs, out = tmp_path / "nbs", tmp_path / "out"
+    nbs.mkdir()
+    for name in ("00_a", "04_train"):
+        _notebook(nbs / f"{name}.ipynb", "PROFILE = None\nRUN_DIR = None", "print('x')")
+    killed = set()
+
+    def execute(nb, target, **kw):  # a kernel-free stand-in for papermill
+        if Path(nb).stem in killed:
+            raise KeyboardInterrupt("stopped by SIGTERM")  # the rerun is killed mid-way
+        Path(target).write_text(Path(nb).read_text())
+    monkeypatch.setattr(runner.pm, "execute_notebook", execute)
+    runner.run("smoke", None, str(out), notebook_dir=nbs)
+    assert set(runfiles.finished_notebooks(runfiles.read_run_log(out))) == {
+        "00_a.ipynb", "04_train.ipynb"}
+    killed.add("04_train")
+    with pytest.raises(KeyboardInterrupt):
+        runner.run("smoke", "04", str(out), notebook_dir=nbs)
+    log = runfiles.read_run_log(out)
+    assert [e.get("status") for e in log["notebooks"]] == ["finished", "running"]
+    assert set(runfiles.finished_notebooks(log)) == {"00_a.ipynb"}
+    assert [p.name for p in report.executed_notebooks(out)] == ["00_a.ipynb"]
+    assert "left out 04_train.ipynb" in capsys.readouterr().err
+    (out / "checkpoints").mkdir()
+    model = out / "checkpoints" / "able.safetensors"
+    model.write_bytes(b"x")
+    monkeypatch.setattr(demo.predictions, "find_models", lambda run_dir: {"able": model})
+    assert demo._model_time(out) is None  # the demo does not serve the killed rerun's models
+    killed.clear()
+    runner.run("smoke", None, str(out), notebook_dir=nbs, resume=True)
+    assert "skip 00_a.ipynb" in capsys.readouterr().out
+    assert set(runfiles.finished_notebooks(runfiles.read_run_log(out))) == {
+        "00_a.ipynb", "04_train.ipynb"}
+    assert demo._model_time(out) is not None
