@@ -74,9 +74,42 @@ def quarantine(path: str | os.PathLike, why: str = "", what: str = "file") -> Pa
     return aside
 
 
+def nonfinite(path: Path) -> str | None:
+    """The name of the first floating-point array of a safetensors, npz or npy file that
+    holds NaN or inf (weights, states, backbones, caches: their contents, not only their
+    decoding), else None. Only float arrays are read."""
+    import numpy as np
+    if path.suffix == ".safetensors":
+        import torch
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                if f.get_slice(key).get_dtype().startswith(("F", "BF")):
+                    if not torch.isfinite(f.get_tensor(key)).all():
+                        return key
+    elif path.suffix == ".npy":
+        arr = np.load(path, mmap_mode="r")
+        return path.name if arr.dtype.kind in "fc" and not np.isfinite(arr).all() else None
+    elif path.suffix == ".npz":
+        with zipfile.ZipFile(path) as zf:
+            floats = []
+            for name in zf.namelist():
+                with zf.open(name) as member:
+                    version = np.lib.format.read_magic(member)
+                    header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                              else np.lib.format.read_array_header_2_0)
+                    if header(member)[2].kind in "fc":
+                        floats.append(name.removesuffix(".npy"))
+        if floats:
+            with np.load(path) as arrays:
+                return next((k for k in floats if not np.isfinite(arrays[k]).all()), None)
+    return None
+
+
 def load(path: str | os.PathLike, reader, *, what: str = "file", fix: str = "",
          resumable: bool = False):
-    """``reader(path)``, or ``None`` when ``path`` does not exist.
+    """``reader(path)``, or ``None`` when ``path`` does not exist. The floating-point
+    arrays of a safetensors, npz or npy file must be finite (:func:`nonfinite`).
 
     A decoding error of ``reader`` moves the file aside and returns ``None`` when
     ``resumable`` (see the module docstring), else raises :class:`DamagedFileError` naming
@@ -87,6 +120,10 @@ def load(path: str | os.PathLike, reader, *, what: str = "file", fix: str = "",
     if not path.exists():
         return None
     try:
+        bad = nonfinite(path)
+        if bad is not None:
+            raise ValueError(f"{bad!r} holds NaN or inf values: the file decodes but its "
+                             "contents are not numbers")
         return reader(path)
     except DamagedFileError:
         raise

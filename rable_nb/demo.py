@@ -52,6 +52,7 @@ MAX_BYTES = 10 * 1024 * 1024
 SERVER_MESSAGE_LIMIT = 128 * 2**20
 MAX_PIXELS = 40_000_000  # 40 megapixels: any camera photo; Pillow itself warns at 89 MP
 FEEDBACK_FILE = "feedback.jsonl"
+FEEDBACK_ROW = {"sha256": str, "image": str, "candidate_ids": [int]}  # one line of it
 TRAINING_PREFIX = "04_"  # the notebook that trains the models the demo serves
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # Pillow format names the demo opens
 EXTENSIONS = ".png,.jpg,.jpeg,.gif,.bmp,.webp,.tif,.tiff"  # what the upload button offers
@@ -131,7 +132,7 @@ def plural(n: int, word: str) -> str:
 
 def feedback_summary(run_dir) -> str:
     """One line on what ``feedback.jsonl`` holds (lines, distinct images)."""
-    entries = jsonl.read(Path(run_dir) / FEEDBACK_FILE)
+    entries = read_feedback(run_dir)
     if not entries:
         return "No feedback saved in this run yet."
     images = len({e["sha256"] for e in entries})
@@ -225,11 +226,17 @@ def append_feedback(run_dir, image: np.ndarray, sha256: str, candidates: list[in
     return entry
 
 
+def read_feedback(run_dir) -> list[dict]:
+    """The lines of ``feedback.jsonl`` (inside the run, each of ``FEEDBACK_ROW``)."""
+    return jsonl.read(artefacts.inside(run_dir, FEEDBACK_FILE, "feedback file"),
+                      schema=FEEDBACK_ROW)
+
+
 def load_feedback(run_dir, num_classes: int = 10) -> dict:
     """``feedback.jsonl`` as partial-label data: images (N×32×32×3), candidates (N×C bool),
     sha256; the latest line wins when an image was labelled more than once."""
     path = artefacts.inside(run_dir, FEEDBACK_FILE, "feedback file")
-    latest = {e["sha256"]: e for e in jsonl.read(path)}
+    latest = {e["sha256"]: e for e in read_feedback(run_dir)}
     images = np.zeros((len(latest), 32, 32, 3), np.uint8)
     candidates = np.zeros((len(latest), num_classes), bool)
     for i, entry in enumerate(latest.values()):

@@ -46,7 +46,7 @@ def stale_figures(run_dir: Path, current: dict) -> list[Path]:
 def run_provenance(run_dir: Path) -> dict:
     """Profile, parameters, devices and commits recorded by a run directory."""
     run_log = runfiles.read_run_log(run_dir)
-    ds = config.read_json(run_dir / "dataset.json")
+    ds = runfiles.read_dataset_record(run_dir)
     profile = run_log.get("profile") or ds.get("PROFILE")
     if profile is None:
         raise FigureError(f"{run_dir} has neither run.json nor dataset.json: not a run "

@@ -5,7 +5,9 @@ through this module, so none of them needs the generator registry or torch to do
 """
 from __future__ import annotations
 
+import json
 import os
+import shlex
 from collections import Counter
 from pathlib import Path
 
@@ -27,6 +29,14 @@ RUN_LOG = "run.json"
 RUN_LOG_SCHEMA = {"profile": str, "notebooks": [{"notebook": str, "parameters": dict,
                                                  "status?": str, "seconds?": (int, float)}]}
 RUNNING, FINISHED = "running", "finished"
+# the small schemas of the run's JSON artefacts (artefacts.check_schema), one reader each
+MANIFEST_ROW = {"file": str, "label": int}  # check_manifest checks the rest
+SYNTH_SETTINGS_SCHEMA = {"generator": str, "cond_labels": str, "plan?": [int]}
+METRICS_SCHEMA = {"method?": str, "params?": dict, "accuracy?": dict}  # typed where present
+# dataset.json (notebook 01): its parameters and what it made
+# (fields typed where present: hand-made records in tests and older runs hold fewer)
+DATASET_SCHEMA = {"num_images?": int, "mean_candidates?": (int, float), "data_identity?": dict,
+                  "IMBALANCE_FACTOR?": (int, float), "PARTIAL?": str, "SEED?": int}
 
 
 def read_run_log(run_dir: str | os.PathLike, resumable: bool = False) -> dict:
@@ -39,11 +49,64 @@ def read_run_log(run_dir: str | os.PathLike, resumable: bool = False) -> dict:
         fix=f"Run the notebooks again into {run_dir} (the runner moves it aside).") or {}
 
 
+def read_dataset_record(run_dir: str | os.PathLike, remake: bool = False) -> dict:
+    """``dataset.json`` of a run directory ({} when absent), checked against its schema; a
+    damaged one is named with the command that remakes it, or moved aside when ``remake``
+    (notebook 01 is about to write it again)."""
+    return artefacts.read_json(
+        artefacts.inside(run_dir, "dataset.json", "dataset record"),
+        what="the run's dataset record", resumable=remake, schema=DATASET_SCHEMA,
+        fix=f"Run notebook 01 again into this run directory ({rerun_command(run_dir, '01')}): "
+            "it writes a new dataset.") or {}
+
+
 def finished_notebooks(log: dict) -> dict[str, dict]:
     """{notebook: its run.json entry} of the notebooks the log records as finished; one
     started again and not ended (killed, failed, or running now) is not among them."""
     return {e["notebook"]: e for e in log.get("notebooks", [])
             if e.get("status", FINISHED) == FINISHED}
+
+
+NOT_GIVEN = ("PROFILE", "RUN_DIR", "RABLE_DATA", "DATA_SOURCE")  # set by the runner itself
+
+
+def _literal(value) -> str:
+    """``value`` as the Python literal ``-p`` parses back (strings in double quotes, so the
+    shell quoting stays readable)."""
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_literal, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_literal(k)}: {_literal(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def rerun_command(run_dir: str | os.PathLike, only: str) -> str:
+    """The command that runs notebooks ``only`` (e.g. '01' or '01,04') again into
+    ``run_dir`` with the run's profile and the parameters ``run.json`` records for them:
+    what a message prints as the fix, complete, so it works as pasted. The profile falls
+    back to ``dataset.json``'s, then smoke, where no run log can be read."""
+    try:
+        log = read_run_log(run_dir)
+    except artefacts.DamagedFileError:
+        log = {}
+    profile = log.get("profile")
+    if not profile:
+        try:
+            profile = (artefacts.read_json(Path(run_dir) / "dataset.json") or {}).get("PROFILE")
+        except artefacts.DamagedFileError:
+            profile = None
+    wanted = {f"{n.strip()}_" for n in only.split(",")}
+    params = {}
+    for entry in log.get("notebooks", []):
+        if entry["notebook"][:3] in wanted:
+            params.update({k: v for k, v in entry["parameters"].items() if k not in NOT_GIVEN})
+    words = ["python", "-m", "rable_nb", "run", "--profile", str(profile or "smoke"),
+             "--only", only, "--out", str(Path(run_dir))]
+    for name, value in params.items():
+        words += ["-p", name, _literal(value)]
+    return shlex.join(words)
 
 
 def load_sample(path: Path) -> np.ndarray:
@@ -66,7 +129,8 @@ def manifest_rows(run_dir: str | os.PathLike) -> list[dict]:
 def read_settings(run_dir: str | os.PathLike) -> dict:
     """``synthetic/settings.json`` of a run ({} when nothing was generated)."""
     return artefacts.read_json(Path(run_dir) / SYNTH_DIR / SETTINGS, what="top-up settings",
-                               fix="Run notebook 03 again into this run directory.") or {}
+                               fix="Run notebook 03 again into this run directory.",
+                               schema=SYNTH_SETTINGS_SCHEMA) or {}
 
 
 class ManifestError(ValueError):

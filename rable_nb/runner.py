@@ -163,7 +163,9 @@ def check_parameters(params: dict, notebooks: list[Path], base: dict | None = No
         raise RunError(f"Unknown parameter(s) {unknown}; the selected notebooks take: "
                        f"{sorted(known)}.")
     run_dir = Path(base.get("RUN_DIR", "."))
-    upstream = config.read_json(run_dir / "dataset.json")
+    # a damaged record is named with its fix, or moved aside when notebook 01 remakes it
+    upstream = runfiles.read_dataset_record(run_dir, remake=any(
+        nb.name[:2] == "01" for nb in notebooks))
     injected = {}
     for nb in notebooks:
         injected[nb] = {k: v for k, v in {**base, **params}.items() if k in declared[nb]}

@@ -43,7 +43,7 @@ import pandas as pd
 import yaml
 from tqdm.auto import tqdm
 
-from . import config, evaluation, runner
+from . import config, evaluation, runfiles, runner
 from .locks import DirLock, LockedError
 from .sweep_executors import LOG_FILE, _local_events, _ray_events, _record, check_executor
 
@@ -149,7 +149,7 @@ def read_metrics(run_dir) -> dict:
 
 def ambiguity(run_dir) -> float | None:
     """Average ambiguity (wrong labels per candidate set) from a run's ``dataset.json``."""
-    mean = config.read_json(Path(run_dir) / "dataset.json").get("mean_candidates")
+    mean = runfiles.read_dataset_record(run_dir).get("mean_candidates")
     return None if mean is None else mean - 1
 
 

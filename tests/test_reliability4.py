@@ -5,17 +5,20 @@ work as printed, and the smaller findings.
 Each test builds its files by hand or with a few-step fit; kernels start only where a
 notebook's own behaviour is the point (marked ``notebook``)."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from rable_nb import (artefacts, captioning, data, demo, rebalance, report,
-                      runfiles, runner)
+from rable_nb import (artefacts, captioning, config, data, demo, engine, networks, predictions,
+                      rebalance, report, runfiles, runner)
 from rable_nb.generators import topup as topup_writer
 
 from test_reliability import topup  # noqa: F401 - the fixture: a complete 2 + 1 top-up
+from test_training import tiny_data
 
 
 def _png(path: Path, value: int = 7, side: int = 4) -> Path:
@@ -115,3 +118,77 @@ def test_a_killed_rerun_is_never_taken_as_finished(tmp_path, monkeypatch, capsys
     assert set(runfiles.finished_notebooks(runfiles.read_run_log(out))) == {
         "00_a.ipynb", "04_train.ipynb"}
     assert demo._model_time(out) is not None
+
+
+# -- 2. contents checked: finite tensors, model ids, finite losses, JSON of its schema -----
+def test_weights_of_nan_are_named_or_moved_aside(tmp_path, capsys):
+    run = tmp_path / "run"
+    net = networks.PLLNet("tiny_cnn")
+    with torch.no_grad():
+        next(net.parameters())[0] = float("nan")  # the header is intact, the data are not
+    networks.save_model(net, run / "checkpoints" / "able.safetensors")
+    config.write_json(run / "metrics-able.json", {"method": "able", "params": {}})
+    with pytest.raises(artefacts.DamagedFileError, match=r"able\.safetensors is damaged .*"
+                                                         r"holds NaN or inf"):
+        predictions.load_models(run, ["able"], "cpu")
+    state = tmp_path / "state.safetensors"
+    shutil.copy(run / "checkpoints" / "able.safetensors", state)
+    assert artefacts.load(state, lambda p: "read", resumable=True) is None  # made again
+    assert "state.safetensors is damaged" in capsys.readouterr().err
+    np.savez(tmp_path / "cache.npz", ok=np.arange(3), x=np.array([1.0, np.inf]))
+    with pytest.raises(artefacts.DamagedFileError, match="'x' holds NaN or inf"):
+        artefacts.load(tmp_path / "cache.npz", np.load)
+
+
+def test_training_stops_on_a_non_finite_loss_naming_the_steps(tmp_path):
+    data_ = tiny_data(64)
+    cfg = engine.TrainConfig(epochs=2, batch_size=32, lr=1e12)  # diverges within 2 epochs
+    with pytest.raises(engine.NonFiniteLoss, match=r"loss term\(s\) \['loss_cls'.* non-finite "
+                                                   r"\(NaN/inf\) within steps \d+-\d+ \(epoch "
+                                                   r"\d\)\. Likely cause"):
+        engine.train(cfg, data_, tmp_path, "cpu", progress=False)
+
+
+class _Generator:
+    """A stand-in backend whose weights (``model_id``) can change between calls."""
+    name, batch, suffix = "fake", 4, ".png"
+
+    def __init__(self, weights: str):
+        self.weights = weights
+
+    def model_id(self) -> str:
+        return f"generator/fake.safetensors@{self.weights}"
+
+    def generate(self, label, seeds):
+        return np.zeros((len(seeds), 4, 4, 3), np.uint8), [{} for _ in seeds]
+
+
+def test_a_top_up_is_not_resumed_with_other_weights_than_drew_it(tmp_path):
+    settings = dict(generator="fake", cond_labels="pseudo", plan=[3, 0])
+    topup_writer.top_up(tmp_path, _Generator("aaa"), {0: 1, 1: 0}, data.CLASSES, settings)
+    with pytest.raises(ValueError, match=r"drawn by generator/fake.safetensors@aaa, but the "
+                                         r"generator's weights are now .*@bbb"):
+        topup_writer.top_up(tmp_path, _Generator("bbb"), {0: 3, 1: 0}, data.CLASSES, settings)
+    stats = topup_writer.top_up(tmp_path, _Generator("aaa"), {0: 3, 1: 0}, data.CLASSES,
+                                settings)
+    assert stats["generated"] == 2
+
+
+def test_json_of_the_wrong_shape_names_the_file_and_the_field(tmp_path, capsys):
+    run = tmp_path / "run"
+    config.write_json(run / "run.json", {"profile": "smoke"})  # no 'notebooks'
+    with pytest.raises(artefacts.DamagedFileError, match=r"run\.json is damaged .*field "
+                                                         r"'notebooks' is missing"):
+        report.executed_notebooks(run)
+    assert runfiles.read_run_log(run, resumable=True) == {}  # the runner: moved aside
+    assert "field 'notebooks' is missing" in capsys.readouterr().err
+    (run / captioning.CAPTIONS).write_text('{"index": 0, "label": 1, "caption": "a"}\n'
+                                           '{"index": 1, "caption": "b"}\n')
+    with pytest.raises(artefacts.DamagedFileError, match=r"captions\.jsonl row 2 .*field "
+                                                         r"'label' is missing"):
+        captioning.load_captions(run)
+    config.write_json(run / "dataset.json", {"num_images": "many", "mean_candidates": 1.5})
+    with pytest.raises(artefacts.DamagedFileError, match=r"dataset\.json is damaged .*field "
+                                                         r"'num_images' is str"):
+        runner.check_parameters({}, runner.select("04", runner.list_notebooks()),
+                                dict(PROFILE="smoke", RUN_DIR=str(run)))

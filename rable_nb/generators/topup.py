@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .. import artefacts, captioning, jsonl
 from ..config import write_atomic
 from ..dataset import long_tail_counts
-from ..runfiles import MANIFEST, SETTINGS, SYNTH_DIR
+from ..runfiles import MANIFEST, MANIFEST_ROW, SETTINGS, SYNTH_DIR
 from .base import slot_seed
 
 # The report's top-up: n_max − n_c summed over CIFAR-10-LT at IF 0.01 (= 37,594).
@@ -56,7 +56,7 @@ def recover(out_dir: Path) -> list[dict]:
         artefacts.inside(out_dir, entry.name, "synthetic class folder" if entry.is_dir()
                          else "synthetic file")
     path = out_dir / MANIFEST
-    rows = jsonl.read(path)
+    rows = jsonl.read(path, schema=MANIFEST_ROW)
     for r in rows:
         artefacts.inside(out_dir, r["file"], f"synthetic sample of {path}")
     seen, kept = set(), []
@@ -141,6 +141,12 @@ def top_up(run_dir, generator, plan: dict, classes, settings: dict, seed: int = 
     rows_done = jsonl.read(out / MANIFEST)
     done = {r["file"] for r in rows_done}
     model_id = generator.model_id() if todo_n else None
+    drawn_by = {r.get("model_id") for r in rows_done} - {None}
+    if model_id and drawn_by and model_id not in drawn_by:  # compared where recorded
+        raise ValueError(f"{out} was drawn by {sorted(drawn_by)[0]}, but the generator's "
+                         f"weights are now {model_id} (same settings, other weights: replaced "
+                         f"or damaged); delete {out} and run notebook 03 again to draw the "
+                         "whole top-up with one model.")
     stats = dict(planned=sum(plan.values()), skipped=sum(plan.values()) - todo_n, generated=0,
                  seconds=0.0, generator=generator.name, model_id=model_id)
     if accept:
