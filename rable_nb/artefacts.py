@@ -28,6 +28,7 @@ import zlib
 from pathlib import Path
 
 DAMAGED_SUFFIX = ".damaged"
+QUARANTINE_NOTICE = "moved aside to"  # in every quarantine notice; the runner repeats them
 
 
 class DamagedFileError(RuntimeError):
@@ -52,6 +53,25 @@ def inside(root: str | os.PathLike, path: str | os.PathLike, what: str = "file")
     return target
 
 
+def os_error_line(err: OSError, what: str = "") -> str:
+    """One line for a failed read or write of the operating system (disk full, read-only,
+    permission, missing): the file, the reason and what to do."""
+    import errno
+    where = f" {err.filename}" if err.filename else ""
+    todo = {errno.ENOSPC: "the disk is full: free space (or choose another --out on a disk "
+                          "with room), then rerun with --resume",
+            errno.EDQUOT: "the disk quota is used up: free space, then rerun with --resume",
+            errno.EROFS: "the file system is read-only: choose a writable directory (--out)",
+            errno.EACCES: "permission denied: make it writable for this user, or choose "
+                          "another directory (--out)",
+            errno.EPERM: "not permitted: make it writable for this user, or choose another "
+                         "directory (--out)",
+            errno.ENOENT: "it does not exist: check the path"}.get(
+        err.errno, "see the reason; fix it and rerun (--resume continues a run)")
+    reason = err.strerror or str(err)
+    return f"{what or 'cannot use'}{where}: {reason}; {todo}."
+
+
 def _decode_errors() -> tuple[type[BaseException], ...]:
     errors = [zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError, IndexError,
               TypeError, OSError]  # json/unicode errors are ValueErrors; PIL's are OSErrors
@@ -69,7 +89,7 @@ def quarantine(path: str | os.PathLike, why: str = "", what: str = "file") -> Pa
     path = Path(path)
     aside = path.with_name(path.name + DAMAGED_SUFFIX)
     os.replace(path, aside)
-    print(f"warning: {what} {path} is damaged ({why}); moved aside to {aside.name} and "
+    print(f"warning: {what} {path} is damaged ({why}); {QUARANTINE_NOTICE} {aside.name} and "
           "made again.", file=sys.stderr, flush=True)
     return aside
 
@@ -158,7 +178,7 @@ def check_schema(value, schema, where: str = "") -> None:
             check_schema(value[field], sub, f"{where + '.' if where else ''}{field}")
     elif isinstance(schema, list):
         if not isinstance(value, list):
-            raise ValueError(f"field '{at}' is {type(value).__name__}, not a list")
+            raise ValueError(f"field '{at}' is {type(value).__name__} {value!r:.60}, not a list")
         for i, item in enumerate(value):
             check_schema(item, schema[0], f"{where}[{i}]")
     else:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from traitlets import Unicode, default
 from traitlets.config import Config
 
-from . import config, data, runfiles
+from . import artefacts, config, data, runfiles
 from .locks import DirLock, LockedError
 
 NOTEBOOK_DIR = config.PROJECT_ROOT / "notebooks"
@@ -242,6 +242,20 @@ def _dead_kernel_message(nb: Path, out: Path, err: Exception) -> str:
             "are kept: run again with --resume to continue from this notebook.")
 
 
+def _show_notices(out: Path, log_file=None) -> None:
+    """Repeat on the terminal the notices of files moved aside (``artefacts.quarantine``)
+    that the kernel printed into the executed notebook ``out``."""
+    try:
+        cells = nbformat.read(out, as_version=4).cells
+    except (OSError, ValueError):
+        return
+    streams = [o.get("text", "") for cell in cells for o in cell.get("outputs", [])
+               if o.get("output_type") == "stream"]
+    for line in "".join(streams).splitlines():
+        if artefacts.QUARANTINE_NOTICE in line:
+            tqdm.write(f"{out.name}: {line}", file=log_file or sys.stderr)
+
+
 def _previous_log(run_dir: Path, profile: str) -> dict:
     """``run.json`` of earlier runs of this profile in ``run_dir`` (else an empty log)."""
     log = runfiles.read_run_log(run_dir, resumable=True)
@@ -317,6 +331,13 @@ def _execute(notebooks: list[Path], injected: dict, run_dir: Path, profile: str,
             raise RunError(_failure_message(nb, target, err)) from None
         except DeadKernelError as err:
             raise RunError(_dead_kernel_message(nb, target, err)) from None
+        except OSError as err:  # papermill saving the executed notebook: disk full, ...
+            index, _ = _running_cell(target)
+            raise RunError(f"Notebook {nb.name}"
+                           + (f" (cell index {index})" if index is not None else "")
+                           + f": {artefacts.os_error_line(err, 'cannot write')}") from None
+        finally:
+            _show_notices(target, log_file)
         _record(run_dir, log, nb.name, recorded, status=runfiles.FINISHED,
                 seconds=round(time.time() - start, 1))
 
@@ -335,8 +356,8 @@ def main_run(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
-        print(f"error: {err or 'interrupted'}; the kernel was shut down. Rerun with --resume "
-              "to continue after the last finished notebook.", file=sys.stderr)
+        print(f"error: {str(err) or 'interrupted (Ctrl-C)'}; the kernel was shut down. Rerun "
+              "with --resume to continue after the last finished notebook.", file=sys.stderr)
         return 128 + err.signum if isinstance(err, Stopped) else 130
     print(f"done: executed notebooks and artefacts in {run_dir}")
     return 0

@@ -4,17 +4,19 @@ work as printed, and the smaller findings.
 
 Each test builds its files by hand or with a few-step fit; kernels start only where a
 notebook's own behaviour is the point (marked ``notebook``)."""
+import errno
 import json
 import shutil
 from pathlib import Path
 
+import nbformat
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from rable_nb import (artefacts, captioning, config, data, demo, engine, networks, predictions,
-                      rebalance, report, runfiles, runner)
+from rable_nb import (artefacts, captioning, cli, config, data, demo, engine, networks,
+                      predictions, rebalance, report, runfiles, runner)
 from rable_nb.generators import topup as topup_writer
 
 from test_reliability import topup  # noqa: F401 - the fixture: a complete 2 + 1 top-up
@@ -192,3 +194,44 @@ def test_json_of_the_wrong_shape_names_the_file_and_the_field(tmp_path, capsys):
                                                          r"'num_images' is str"):
         runner.check_parameters({}, runner.select("04", runner.list_notebooks()),
                                 dict(PROFILE="smoke", RUN_DIR=str(run)))
+
+
+# -- 5. no raw traceback from the CLI: one line naming the file and what to do --------------
+def test_the_cli_ends_project_and_os_errors_in_one_line(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    config.write_json(run / "run.json", {"profile": "smoke", "notebooks": "all"})
+    assert cli.main(["report", "--run", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: run log ")
+    assert "field 'notebooks' is str 'all', not a list" in err and "Traceback" not in err
+    config.write_json(run / "run.json", {"profile": "smoke", "notebooks": []})
+    full = OSError(errno.ENOSPC, "No space left on device", str(run / "run.json"))
+    monkeypatch.setattr(config, "write_atomic", lambda *a, **k: (_ for _ in ()).throw(full))
+    assert cli.main(["run", "--profile", "smoke", "--only", "00", "--out", str(run)]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]  # not the bar
+    assert len(errors) == 1 and "Traceback" not in err
+    assert errors[0].startswith(f"error: cannot use {run / 'run.json'}: No space left on "
+                                "device; the disk is full: free space")
+
+
+def test_a_notebook_that_cannot_be_saved_and_files_moved_aside_are_named(tmp_path, monkeypatch,
+                                                                         capsys):
+    from test_integrity import _notebook
+    nbs, out = tmp_path / "nbs", tmp_path / "out"
+    nbs.mkdir()
+    _notebook(nbs / "04_train.ipynb", "PROFILE = None\nRUN_DIR = None", "print('x')")
+    notice = ("warning: training state /r/able-state.safetensors is damaged (ValueError: x); "
+              f"{artefacts.QUARANTINE_NOTICE} able-state.safetensors.damaged and made again.\n")
+
+    def execute(nb, target, **kw):  # the kernel printed a notice, then the disk filled up
+        book = nbformat.read(nb, as_version=4)
+        book.cells[1].outputs = [nbformat.v4.new_output("stream", name="stderr", text=notice)]
+        book.cells[1].metadata["papermill"] = {"start_time": "now"}
+        nbformat.write(book, target)
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+    monkeypatch.setattr(runner.pm, "execute_notebook", execute)
+    with pytest.raises(runner.RunError, match=r"Notebook 04_train.ipynb \(cell index 1\): "
+                                              r"cannot write .*04_train.ipynb: No space left"):
+        runner.run("smoke", None, str(out), notebook_dir=nbs)
+    assert f"04_train.ipynb: {notice.strip()}" in capsys.readouterr().err  # on the terminal
