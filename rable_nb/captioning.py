@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import artefacts, config, jsonl
+from . import artefacts, config, jsonl, runfiles
 from .networks import pick_device
 from .tiny_models import TINY, load_pretrained, resolve_model_id
 
@@ -149,7 +149,7 @@ def load_captions(run_dir: str | os.PathLike) -> list[dict]:
     path = artefacts.inside(run_dir, CAPTIONS, "captions file")
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run notebook 02_captioning first "
-                                f"(python -m rable_nb run --only 02 --out {run_dir}).")
+                                f"({runfiles.rerun_command(run_dir, '02')}).")
     return jsonl.read(path, schema=CAPTION_ROW)
 
 

@@ -79,7 +79,7 @@ def find_run(run_dir=None, root=None) -> Path:
         if _model_time(run_dir) is not None:
             return run_dir
         others = [p for p in _runs(root) if p != run_dir and _model_time(p) is not None]
-        train = f"python -m rable_nb run --only 01,04 --out {short_path(run_dir)}"
+        train = runfiles.rerun_command(short_path(run_dir), "01,04")
         where = (f"runs with one: {', '.join(short_path(p) for p in others)}" if others else
                  f"train one: {train}")
         raise NoTrainedModel(f"{short_path(run_dir)} has no trained model (notebook 04's "
@@ -90,7 +90,8 @@ def find_run(run_dir=None, root=None) -> Path:
         looked = (", ".join(short_path(p) for p in runs)
                   or f"{short_path(root)} (no run directories)")
         raise NoTrainedModel(f"No trained model: looked at {looked}; train one with "
-                             "python -m rable_nb run --only 01,04 (writes runs/smoke).")
+                             "python -m rable_nb run --profile smoke --only 01,04 (writes "
+                             "runs/smoke).")
     return max(trained)[1]
 
 

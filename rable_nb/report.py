@@ -45,7 +45,7 @@ def executed_notebooks(run_dir: Path) -> list[Path]:
     found = [run_dir / n for n in sorted(names) if (run_dir / n).is_file()]
     if not found:
         raise ReportError(f"{run_dir} has no executed notebooks recorded in run.json: make "
-                          "one with python -m rable_nb run (e.g. --only 01,04).")
+                          f"some, e.g. {runfiles.rerun_command(run_dir, '01,04')}.")
     return found
 
 

@@ -147,8 +147,9 @@ def check_manifest(run_dir: str | os.PathLike, rows: list[dict], settings: dict,
     ``complete``."""
     out = Path(run_dir) / SYNTH_DIR
     where = f"{out / MANIFEST}"
-    fix = (f"The top-up is written by notebook 03 only: run it again into this run directory "
-           f"(it repairs the folder), or delete {out} and rerun it.")
+    fix = (f"The top-up is written by notebook 03 only: run it again "
+           f"({rerun_command(run_dir, '03')}; it repairs the folder), or delete {out} and "
+           "rerun it.")
 
     def refuse(problem: str):
         raise ManifestError(f"{where}: {problem}. {fix}")
@@ -198,8 +199,8 @@ def load_synthetic(run_dir: str | os.PathLike, complete: bool = False,
     if not rows:
         return np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64), []
     check_manifest(run_dir, rows, read_settings(run_dir), complete, num_classes)
-    fix = (f"Delete it and run notebook 03 again into {Path(run_dir)}: the top-up redraws the "
-           "missing sample.")
+    fix = (f"Delete it and run notebook 03 again ({rerun_command(run_dir, '03')}): the top-up "
+           "redraws the missing sample.")
     samples = np.stack([artefacts.load(out / r["file"], load_sample, what="synthetic sample",
                                        fix=fix) for r in rows])
     return samples, np.array([r["label"] for r in rows], dtype=np.int64), rows

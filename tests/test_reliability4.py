@@ -6,6 +6,7 @@ Each test builds its files by hand or with a few-step fit; kernels start only wh
 notebook's own behaviour is the point (marked ``notebook``)."""
 import errno
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -15,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rable_nb import (artefacts, captioning, cli, config, data, demo, engine, networks,
-                      predictions, rebalance, report, runfiles, runner)
+from rable_nb import (artefacts, captioning, cli, config, data, dataset, demo, engine,
+                      networks, predictions, rebalance, report, runfiles, runner)
 from rable_nb.generators import topup as topup_writer
 
 from test_reliability import topup  # noqa: F401 - the fixture: a complete 2 + 1 top-up
@@ -235,3 +236,58 @@ def test_a_notebook_that_cannot_be_saved_and_files_moved_aside_are_named(tmp_pat
                                               r"cannot write .*04_train.ipynb: No space left"):
         runner.run("smoke", None, str(out), notebook_dir=nbs)
     assert f"04_train.ipynb: {notice.strip()}" in capsys.readouterr().err  # on the terminal
+
+
+# -- 4. recovery reachable as printed: complete fix commands; notebook 01 remakes ----------
+def _printed_command(message: str) -> list[str]:
+    """The ``python -m rable_nb run ...`` command a message prints, as the shell splits it."""
+    start = message.index("python -m rable_nb run")
+    return shlex.split(message[start:message.index(")", message.index("--out", start))])
+
+
+def _main_job_run(run: Path) -> None:
+    """run.json of the main job (profile quick): notebook 01 and 04 with their parameters."""
+    common = dict(PROFILE="quick", RUN_DIR=str(run))
+    config.write_json(run / "run.json", dict(profile="quick", notebooks=[
+        dict(notebook="01_dataset_imbalance.ipynb", status="finished",
+             parameters=dict(common, PARTIAL="uniform", Q=0.3, RABLE_DATA=None,
+                             DATA_SOURCE="/data")),
+        dict(notebook="04_training.ipynb", status="finished",
+             parameters=dict(common, METHODS=["able", "rable"], EPOCHS=10))]))
+
+
+def test_a_printed_fix_command_is_complete_and_passes_the_runners_checks(tmp_path,
+                                                                          monkeypatch):
+    run = tmp_path / "my run"  # a space: the command is quoted for the shell
+    _main_job_run(run)
+    (run / "dataset.npz").write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(artefacts.DamagedFileError) as err:
+        dataset.load_dataset(run)
+    words = _printed_command(str(err.value))
+    seen = []
+    monkeypatch.setattr(runner, "run", lambda profile, only, out, params, *a, **k: seen.append(
+        (profile, only, out, params, runner.check_parameters(
+            params, runner.select(only, runner.list_notebooks()),
+            dict(PROFILE=profile, RUN_DIR=out)))) or Path(out))
+    assert cli.main(words[3:]) == 0  # as pasted: no "Unknown parameter(s) ['EPOCHS', ...]"
+    assert seen[0][:4] == ("quick", "01", str(run), dict(PARTIAL="uniform", Q=0.3))
+    with pytest.raises(FileNotFoundError) as err:
+        predictions.find_models(run)
+    words = _printed_command(str(err.value))
+    assert cli.main(words[3:]) == 0
+    assert seen[1][3] == dict(PARTIAL="uniform", Q=0.3, METHODS=["able", "rable"], EPOCHS=10)
+
+
+@pytest.mark.notebook
+def test_notebook_01_remakes_a_damaged_dataset_with_the_printed_command(run_notebooks,
+                                                                        tmp_path, capsys):
+    run = run_notebooks("01", tmp_path / "run")
+    before = dataset.load_dataset(run)
+    (run / "dataset.npz").write_bytes((run / "dataset.npz").read_bytes()[:100])
+    (run / "dataset.json").write_text('{"num_images": 3')
+    with pytest.raises(artefacts.DamagedFileError) as err:
+        dataset.load_dataset(run)
+    assert cli.main(_printed_command(str(err.value))[3:]) == 0
+    after = dataset.load_dataset(run)
+    assert all(np.array_equal(before[k], after[k]) for k in ("indices", "candidates"))
+    assert "dataset.npz.damaged" in capsys.readouterr().err  # the notice, on the terminal
