@@ -33,6 +33,7 @@ order, as points finish.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import sys
 from contextlib import closing
@@ -92,6 +93,14 @@ def load_grid(path, notebook_dir: Path = runner.NOTEBOOK_DIR) -> dict:
     overlap = set(grid) & {k for p in listed for k in p}
     if overlap:
         raise ValueError(f"{path}: {sorted(overlap)} appear in both 'grid' and 'points'.")
+    seen = {}
+    for i, point in enumerate(points(spec)):  # a copy would run again and pass for a seed
+        key = json.dumps(point, sort_keys=True, default=str)
+        if key in seen:
+            raise ValueError(f"{path}: points {seen[key]} and {i} are the same ({point}); each "
+                             "point runs once: list it once (repeats of a setting are a grid "
+                             "parameter, e.g. SEED: [0, 1, 2]).")
+        seen[key] = i
     if spec.get("notebooks") is not None:  # "01,04", [1, 4] or 1 (YAML reads 01 as 1)
         nbs = spec["notebooks"]
         nbs = nbs if isinstance(nbs, list) else str(nbs).split(",")

@@ -8,6 +8,7 @@ import errno
 import json
 import shlex
 import shutil
+import signal
 from pathlib import Path
 
 import nbformat
@@ -17,7 +18,8 @@ import torch
 from PIL import Image
 
 from rable_nb import (artefacts, captioning, cli, config, data, dataset, demo, engine,
-                      networks, predictions, rebalance, report, runfiles, runner)
+                      networks, predictions, rebalance, report, runfiles, runner, sweep,
+                      training)
 from rable_nb.generators import topup as topup_writer
 
 from test_reliability import topup  # noqa: F401 - the fixture: a complete 2 + 1 top-up
@@ -291,3 +293,36 @@ def test_notebook_01_remakes_a_damaged_dataset_with_the_printed_command(run_note
     after = dataset.load_dataset(run)
     assert all(np.array_equal(before[k], after[k]) for k in ("indices", "candidates"))
     assert "dataset.npz.damaged" in capsys.readouterr().err  # the notice, on the terminal
+
+
+# -- 6. smaller: signal messages and codes, an empty top-up plan, a repeated grid point ----
+@pytest.mark.parametrize("stop, code, said", [
+    (KeyboardInterrupt(), 130, "error: interrupted (Ctrl-C); the kernel was shut down"),
+    (runner.Stopped("stopped by SIGTERM", signal.SIGTERM), 143, "error: stopped by SIGTERM;"),
+    (runner.Stopped("stopped by SIGHUP", signal.SIGHUP), 129, "error: stopped by SIGHUP;")])
+def test_a_stopped_run_says_why_and_exits_with_the_documented_code(stop, code, said,
+                                                                  monkeypatch, capsys):
+    monkeypatch.setattr(runner, "run", lambda *a, **k: (_ for _ in ()).throw(stop))
+    assert cli.main(["run", "--profile", "smoke", "--only", "00"]) == code
+    assert capsys.readouterr().err.startswith(said)
+    usage = (config.PROJECT_ROOT / "docs" / "usage.md").read_text()
+    name = {130: "Ctrl-C", 143: "SIGTERM", 129: "SIGHUP"}[code]
+    assert f"{code} ({name})" in usage
+
+
+def test_an_empty_top_up_plan_is_named_not_taken_for_a_missing_notebook_03(tmp_path):
+    settings = dict(generator="fake", cond_labels="pseudo", plan=[0, 0])
+    assert topup_writer.top_up(tmp_path, _Generator("aaa"), {0: 0, 1: 0}, data.CLASSES,
+                               settings)["generated"] == 0
+    assert training.synthetic_problem("rable", tmp_path).startswith(
+        "notebook 03 planned no synthetic samples")
+
+
+def test_a_grid_listing_the_same_point_twice_is_refused(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("notebooks: '01'\ngrid: {SEED: [0, 1]}\npoints: [{Q: 0.3}, {Q: 0.3}]\n")
+    with pytest.raises(ValueError, match=r"points 0 and 1 are the same \({'SEED': 0, 'Q': 0.3}"
+                                         r"\); each point runs once"):
+        sweep.load_grid(grid)
+    grid.write_text("notebooks: '01'\ngrid: {SEED: [0, 1], Q: [0.3]}\n")
+    assert len(sweep.points(sweep.load_grid(grid))) == 2

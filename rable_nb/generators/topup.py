@@ -180,6 +180,8 @@ def top_up(run_dir, generator, plan: dict, classes, settings: dict, seed: int = 
                         stats["kept_unaccepted"][c] += not row["accepted"]
                     if on_image:
                         on_image(row)
+    if not stats["planned"] and not (out / SETTINGS).exists():
+        jsonl.record_settings(out / SETTINGS, settings)  # an empty plan, recorded as such
     stats["seconds"] = round(time.time() - start, 2)
     stats["images_per_s"] = round(stats["generated"] / max(stats["seconds"], 1e-9), 3)
     return stats
