@@ -11,6 +11,8 @@ JSON or image file) into one outcome:
   file and what to do (``fix``).
 
 Never a bare library traceback, never a silent wrong result. An absent file is ``None``.
+Contents count as decoding: a floating-point array holding NaN or inf (:func:`nonfinite`)
+and a JSON file of another shape than its schema (:func:`check_schema`) are damaged too.
 
 Paths under a run directory follow one rule, :func:`inside`: a path read from a file
 (a manifest row, a feedback line) or joined under a folder (class folders, captions,
