@@ -97,9 +97,10 @@ def quarantine(path: str | os.PathLike, why: str = "", what: str = "file") -> Pa
 
 
 def nonfinite(path: Path) -> str | None:
-    """The name of the first floating-point array of a safetensors, npz or npy file that
-    holds NaN or inf (weights, states, backbones, caches: their contents, not only their
-    decoding), else None. Only float arrays are read."""
+    """The name of the first floating-point array of a safetensors or npz file that holds
+    NaN or inf (weights, states, backbones, caches: their contents, not only their
+    decoding), else None. Only float arrays are read. (An array a reader returns, e.g. of
+    an npy file, is checked by :func:`load` itself: no second read.)"""
     import numpy as np
     if path.suffix == ".safetensors":
         import torch
@@ -109,9 +110,6 @@ def nonfinite(path: Path) -> str | None:
                 if f.get_slice(key).get_dtype().startswith(("F", "BF")):
                     if not torch.isfinite(f.get_tensor(key)).all():
                         return key
-    elif path.suffix == ".npy":
-        arr = np.load(path, mmap_mode="r")
-        return path.name if arr.dtype.kind in "fc" and not np.isfinite(arr).all() else None
     elif path.suffix == ".npz":
         with zipfile.ZipFile(path) as zf:
             floats = []
@@ -128,10 +126,17 @@ def nonfinite(path: Path) -> str | None:
     return None
 
 
+def _is_nonfinite_array(value) -> bool:
+    import numpy as np
+    return (isinstance(value, np.ndarray) and value.dtype.kind in "fc"
+            and not np.isfinite(value).all())
+
+
 def load(path: str | os.PathLike, reader, *, what: str = "file", fix: str = "",
          resumable: bool = False):
     """``reader(path)``, or ``None`` when ``path`` does not exist. The floating-point
-    arrays of a safetensors, npz or npy file must be finite (:func:`nonfinite`).
+    arrays of a safetensors or npz file, and an array the reader returns, must be finite
+    (:func:`nonfinite`).
 
     A decoding error of ``reader`` moves the file aside and returns ``None`` when
     ``resumable`` (see the module docstring), else raises :class:`DamagedFileError` naming
@@ -143,10 +148,13 @@ def load(path: str | os.PathLike, reader, *, what: str = "file", fix: str = "",
         return None
     try:
         bad = nonfinite(path)
+        result = reader(path) if bad is None else None
+        if bad is None and _is_nonfinite_array(result):
+            bad = path.name
         if bad is not None:
             raise ValueError(f"{bad!r} holds NaN or inf values: the file decodes but its "
                              "contents are not numbers")
-        return reader(path)
+        return result
     except DamagedFileError:
         raise
     except _decode_errors() as err:

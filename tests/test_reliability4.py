@@ -143,6 +143,9 @@ def test_weights_of_nan_are_named_or_moved_aside(tmp_path, capsys):
     np.savez(tmp_path / "cache.npz", ok=np.arange(3), x=np.array([1.0, np.inf]))
     with pytest.raises(artefacts.DamagedFileError, match="'x' holds NaN or inf"):
         artefacts.load(tmp_path / "cache.npz", np.load)
+    np.save(tmp_path / "feature.npy", np.array([0.5, np.nan], np.float32))  # a sample
+    with pytest.raises(artefacts.DamagedFileError, match="'feature.npy' holds NaN or inf"):
+        artefacts.load(tmp_path / "feature.npy", runfiles.load_sample)
 
 
 def test_training_stops_on_a_non_finite_loss_naming_the_steps(tmp_path):
