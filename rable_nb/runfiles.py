@@ -60,6 +60,22 @@ def read_dataset_record(run_dir: str | os.PathLike, remake: bool = False) -> dic
             "it writes a new dataset.") or {}
 
 
+def check_inside(run_dir: str | os.PathLike) -> None:
+    """Every entry of a run directory and of its folders (class folders, checkpoints, the
+    generator's files, logs, feedback) must resolve inside it (``artefacts.inside``): a
+    link out is refused (``OutsideError`` naming it) before any notebook reads or writes
+    through it. Deeper paths are checked where they are read (manifest rows, feedback)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    for entry in sorted(run_dir.iterdir()):
+        what = f"{entry.name} of the run directory"
+        artefacts.inside(run_dir, entry.name, what)
+        if entry.is_dir():
+            for sub in sorted(entry.iterdir()):
+                artefacts.inside(run_dir, sub.relative_to(run_dir), f"{sub.name} in {what}")
+
+
 def finished_notebooks(log: dict) -> dict[str, dict]:
     """{notebook: its run.json entry} of the notebooks the log records as finished; one
     started again and not ended (killed, failed, or running now) is not among them."""

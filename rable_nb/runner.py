@@ -297,6 +297,7 @@ def run(profile: str = "smoke", only: str | None = None, out: str | None = None,
     injected = check_parameters(params, notebooks, base)
     try:
         with stop_on_signals(), DirLock(run_dir, "run"):
+            runfiles.check_inside(run_dir)  # no link out of the run, before anything runs
             _execute(notebooks, injected, run_dir, profile, kernel, resume, log_file)
     except LockedError as err:
         raise RunError(str(err)) from None

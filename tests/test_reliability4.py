@@ -87,6 +87,27 @@ def test_feedback_and_captions_are_read_and_written_only_inside_the_run(tmp_path
         captioning.load_captions(run)
 
 
+def test_the_runner_refuses_a_run_directory_with_a_link_out_before_anything_runs(tmp_path,
+                                                                                monkeypatch):
+    from test_integrity import _notebook
+    nbs, out, elsewhere = tmp_path / "nbs", tmp_path / "out", tmp_path / "elsewhere"
+    nbs.mkdir()
+    elsewhere.mkdir()
+    _notebook(nbs / "00_a.ipynb", "PROFILE = None\nRUN_DIR = None", "print('x')")
+    (out / "generator").mkdir(parents=True)
+    (out / "generator" / "gan.safetensors").symlink_to(elsewhere / "weights.safetensors")
+    ran = []
+    monkeypatch.setattr(runner.pm, "execute_notebook", lambda nb, target, **kw: ran.append(nb))
+    with pytest.raises(artefacts.OutsideError, match=r"gan.safetensors in generator of the run "
+                                                     r"directory .* leads outside"):
+        runner.run("smoke", None, str(out), notebook_dir=nbs)
+    assert not ran and not (out / "run.json").exists()
+    (out / "generator" / "gan.safetensors").unlink()
+    (out / "linked-run").symlink_to(out, target_is_directory=True)  # inside: allowed
+    runner.run("smoke", None, str(out), notebook_dir=nbs)
+    assert len(ran) == 1
+
+
 # -- 3. records that tell the truth: running before a notebook starts, finished after -----
 def test_a_killed_rerun_is_never_taken_as_finished(tmp_path, monkeypatch, capsys):
     from test_integrity import _notebook
