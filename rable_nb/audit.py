@@ -52,6 +52,10 @@ ALPHA = 0.05
 DIVERSITY_MAX = 500  # images per class for the O(n²) pairwise distances
 
 
+# what rows() reads of a compared run's synthetic/audit.json
+AUDIT_SCHEMA = {"generator": str, "cond_labels": str, "judge": {"arch": str},
+                "overall": {"n_audited": int}, "per_class": [dict]}
+
 def judge_outputs(judge, x_uint8) -> tuple[np.ndarray, np.ndarray]:
     """(penultimate features float64 N×D, predicted classes) of the judge on uint8 images."""
     if not len(x_uint8):
@@ -268,7 +272,8 @@ def compare(run_dirs):
         if not path.exists():
             continue
         result = artefacts.read_json(path, what="audit of a compared run",
-                                     fix=f"Run notebook 03 again into {run}.")
+                                     fix=f"Run notebook 03 again into {run}.",
+                                     schema=AUDIT_SCHEMA)
         mean = lambda key: np.nanmean([np.nan if r[key] is None else r[key]  # noqa: E731
                                        for r in result["per_class"]])
         rows.append(dict(run=run.name, generator=result["generator"],

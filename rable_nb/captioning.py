@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import config, jsonl
+from . import artefacts, config, jsonl, runfiles
 from .networks import pick_device
 from .tiny_models import TINY, load_pretrained, resolve_model_id
 
@@ -24,6 +23,7 @@ WHICH = ("all", "below_target")
 # A top-up beyond this many images per class is a typo (1000000 x 10 classes = ten million)
 MAX_TARGET_PER_CLASS = 50_000
 CAPTIONS, SETTINGS = "captions.jsonl", "captions.json"
+CAPTION_ROW = {"index": int, "label": int, "caption": str}  # one line of captions.jsonl
 
 PROFILE_DEFAULTS = {
     # smoke: tiny random BLIP-2, only the classes that will be topped up (few images).
@@ -112,10 +112,11 @@ def caption_images(run_dir: str | os.PathLike, images: np.ndarray, labels: np.nd
 
     Indices already in the file are skipped. Returns counts and timing of this call.
     """
-    path = Path(run_dir) / CAPTIONS
+    path = artefacts.inside(run_dir, CAPTIONS, "captions file")
+    artefacts.inside(run_dir, SETTINGS, "captions settings")
     settings = dict(model_id=model_id, prompt=prompt, max_new_tokens=max_new_tokens,
                     rescale=rescale)
-    done = {r["index"] for r in jsonl.read(path)}
+    done = {r["index"] for r in jsonl.read(path, schema=CAPTION_ROW)}
     if done:
         jsonl.check_settings(path.with_name(SETTINGS), settings, what=str(path))
     todo = [i for i, idx in enumerate(indices) if int(idx) not in done]
@@ -144,11 +145,11 @@ def caption_images(run_dir: str | os.PathLike, images: np.ndarray, labels: np.nd
 
 def load_captions(run_dir: str | os.PathLike) -> list[dict]:
     """Rows of ``captions.jsonl`` with a clear error when notebook 02 has not run."""
-    path = Path(run_dir) / CAPTIONS
+    path = artefacts.inside(run_dir, CAPTIONS, "captions file")
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run notebook 02_captioning first "
-                                f"(python -m rable_nb run --only 02 --out {run_dir}).")
-    return jsonl.read(path)
+                                f"({runfiles.rerun_command(run_dir, '02')}).")
+    return jsonl.read(path, schema=CAPTION_ROW)
 
 
 def caption_examples(rows: list[dict], images: np.ndarray, indices: np.ndarray, classes,

@@ -82,8 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_project_error(err: BaseException) -> bool:
+    """An error this package raises on purpose (its message names the file and the fix)."""
+    return type(err).__module__.split(".")[0] == __package__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Every command, under one handler: the package's own errors and the operating
+    system's (disk full, read-only, permission) end in one line naming the file and what
+    to do, exit code 1, never a raw traceback."""
     args = build_parser().parse_args(argv)
+    try:
+        return _command(args)
+    except Exception as err:  # noqa: BLE001 - sorted below; anything else is a bug: raised
+        if is_project_error(err):
+            print(f"error: {err}", file=sys.stderr)
+        elif isinstance(err, OSError):
+            from .artefacts import os_error_line
+            print(f"error: {os_error_line(err)}", file=sys.stderr)
+        else:
+            raise
+        return 1
+
+
+def _command(args) -> int:
     if args.command == "run":
         from .runner import main_run
         return main_run(args)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import artefacts, config
+from . import artefacts, config, runfiles
 from .augment import random_crop_flip
 from .data import CLASSES, Cifar, folder_counts, resolve_data_dir
 from .networks import BACKBONES, batched_logits, build_backbone, normalize, pick_device
@@ -279,8 +279,9 @@ def compare_sources(recorded: dict | None, current: dict, run_dir) -> None:
 
 
 def _rerun_01(run_dir) -> str:
-    return (f"Run notebook 01 again into this run directory (python -m rable_nb run --only 01 "
-            f"--out {run_dir}): it writes a new dataset.")
+    return (f"Run notebook 01 again into this run directory "
+            f"({runfiles.rerun_command(run_dir, '01')}): it moves the damaged file aside and "
+            "writes a new dataset.")
 
 
 def _meta(run_dir: Path, resumable: bool = False) -> dict | None:
@@ -294,13 +295,31 @@ def _meta(run_dir: Path, resumable: bool = False) -> dict | None:
                           fix=_rerun_01(run_dir), resumable=resumable)
 
 
-def check_source(run_dir: str | os.PathLike, cifar: Cifar) -> None:
+def _recorded(run_dir: Path, remake: bool = False) -> dict | None:
+    """The parameters a run's dataset records: inside ``dataset.npz``, else (one that
+    predates them, or, with ``remake``, a damaged one moved aside) in ``dataset.json``;
+    ``{}`` when the run has no dataset, ``None`` when nothing readable is left."""
+    if not (run_dir / "dataset.npz").exists():
+        return {}
+    meta = _meta(run_dir, resumable=remake)
+    if meta is None:
+        meta = runfiles.read_dataset_record(run_dir, remake) or None
+    return meta
+
+
+def check_source(run_dir: str | os.PathLike, cifar: Cifar, remake: bool = False) -> None:
     """Refuse ``cifar`` when the run directory's dataset was made from other data (a run
-    directory without a dataset passes)."""
+    directory without a dataset passes). ``remake`` (notebook 01, about to write a new
+    dataset): a damaged ``dataset.npz``/``dataset.json`` is moved aside with a notice; the
+    data is then checked against what is still readable, and a dataset of which nothing is
+    readable is made anew."""
     run_dir = Path(run_dir)
-    if (run_dir / "dataset.npz").exists():
-        meta = _meta(run_dir) or {}
-        compare_sources(meta.get("data_identity"), cifar.identity, run_dir)
+    if not (run_dir / "dataset.npz").exists():
+        return
+    meta = _recorded(run_dir, remake)
+    if meta is None and not (run_dir / "dataset.npz").exists():
+        return  # damaged, moved aside, no readable record left: notebook 01 makes it anew
+    compare_sources((meta or {}).get("data_identity"), cifar.identity, run_dir)
 
 
 def save_dataset(run_dir: str | os.PathLike, ds: dict, params: dict) -> None:
@@ -308,9 +327,7 @@ def save_dataset(run_dir: str | os.PathLike, ds: dict, params: dict) -> None:
     ``dataset.json`` atomically; refuses to replace a dataset made from other data."""
     run_dir = Path(run_dir)
     identity = ds.get("data_identity") or {}
-    old = (_meta(run_dir, resumable=True) or (artefacts.read_json(
-        run_dir / "dataset.json", what="the run's dataset record", resumable=True) or {})
-        ) if (run_dir / "dataset.npz").exists() else {}
+    old = _recorded(run_dir, remake=True) or {}
     if old.get("data_identity"):  # a run directory keeps the data it was made from
         compare_sources(old["data_identity"], identity, run_dir)
     arrays = {k: ds[k] for k in ("indices", "labels", "candidates", "class_counts")}
@@ -328,13 +345,12 @@ def load_dataset(run_dir: str | os.PathLike, cifar: Cifar | None = None) -> dict
     path = Path(run_dir) / "dataset.npz"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run notebook 01_dataset_imbalance first "
-                                f"(python -m rable_nb run --only 01 --out {run_dir}).")
+                                f"({runfiles.rerun_command(run_dir, '01')}).")
     if cifar is not None:
         check_source(run_dir, cifar)
     def arrays(p):
         with np.load(p) as z:
             return {k: z[k] for k in z.files if k != "meta"}
     ds = artefacts.load(path, arrays, what="the run's dataset", fix=_rerun_01(run_dir))
-    ds["params"] = _meta(Path(run_dir)) or artefacts.read_json(
-        Path(run_dir) / "dataset.json", what="the run's dataset record", fix=_rerun_01(run_dir))
+    ds["params"] = _recorded(Path(run_dir))
     return ds

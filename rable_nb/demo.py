@@ -41,7 +41,7 @@ import ipywidgets as widgets
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import config, jsonl, predictions
+from . import artefacts, config, jsonl, predictions, runfiles
 from .predictions import predict_proba
 
 MAX_BYTES = 10 * 1024 * 1024
@@ -52,6 +52,8 @@ MAX_BYTES = 10 * 1024 * 1024
 SERVER_MESSAGE_LIMIT = 128 * 2**20
 MAX_PIXELS = 40_000_000  # 40 megapixels: any camera photo; Pillow itself warns at 89 MP
 FEEDBACK_FILE = "feedback.jsonl"
+FEEDBACK_ROW = {"sha256": str, "image": str, "candidate_ids": [int]}  # one line of it
+TRAINING_PREFIX = "04_"  # the notebook that trains the models the demo serves
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # Pillow format names the demo opens
 EXTENSIONS = ".png,.jpg,.jpeg,.gif,.bmp,.webp,.tif,.tiff"  # what the upload button offers
 WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16/32-bit greyscale modes
@@ -77,7 +79,7 @@ def find_run(run_dir=None, root=None) -> Path:
         if _model_time(run_dir) is not None:
             return run_dir
         others = [p for p in _runs(root) if p != run_dir and _model_time(p) is not None]
-        train = f"python -m rable_nb run --only 01,04 --out {short_path(run_dir)}"
+        train = runfiles.rerun_command(short_path(run_dir), "01,04")
         where = (f"runs with one: {', '.join(short_path(p) for p in others)}" if others else
                  f"train one: {train}")
         raise NoTrainedModel(f"{short_path(run_dir)} has no trained model (notebook 04's "
@@ -88,7 +90,8 @@ def find_run(run_dir=None, root=None) -> Path:
         looked = (", ".join(short_path(p) for p in runs)
                   or f"{short_path(root)} (no run directories)")
         raise NoTrainedModel(f"No trained model: looked at {looked}; train one with "
-                             "python -m rable_nb run --only 01,04 (writes runs/smoke).")
+                             "python -m rable_nb run --profile smoke --only 01,04 (writes "
+                             "runs/smoke).")
     return max(trained)[1]
 
 
@@ -97,10 +100,17 @@ def _runs(root: Path) -> list[Path]:
 
 
 def _model_time(run_dir: Path) -> float | None:
-    """Modification time of the run's newest current model, or None when it has none."""
+    """Modification time of the run's newest current model, or None when it has none —
+    also while ``run.json`` records the training notebook as started and not finished (a
+    killed rerun's models are not the run's)."""
     try:
+        log = runfiles.read_run_log(run_dir)
+        if any(nb.startswith(TRAINING_PREFIX) for nb in
+               {e["notebook"] for e in log.get("notebooks", [])} - set(
+                   runfiles.finished_notebooks(log))):
+            return None
         return max(p.stat().st_mtime for p in predictions.find_models(run_dir).values())
-    except (FileNotFoundError, OSError, ValueError):
+    except (FileNotFoundError, OSError, ValueError, artefacts.DamagedFileError):
         return None
 
 
@@ -123,7 +133,7 @@ def plural(n: int, word: str) -> str:
 
 def feedback_summary(run_dir) -> str:
     """One line on what ``feedback.jsonl`` holds (lines, distinct images)."""
-    entries = jsonl.read(Path(run_dir) / FEEDBACK_FILE)
+    entries = read_feedback(run_dir)
     if not entries:
         return "No feedback saved in this run yet."
     images = len({e["sha256"] for e in entries})
@@ -205,7 +215,8 @@ def append_feedback(run_dir, image: np.ndarray, sha256: str, candidates: list[in
         raise ValueError("tick at least one plausible label.")
     run_dir = Path(run_dir)
     rel = Path("feedback") / f"{sha256}.png"
-    target = run_dir / rel
+    target = artefacts.inside(run_dir, rel, "feedback image")
+    artefacts.inside(run_dir, FEEDBACK_FILE, "feedback file")
     target.parent.mkdir(parents=True, exist_ok=True)
     if not target.exists():
         config.write_atomic(target, lambda t: t.write_bytes(png_bytes(image, scale=1)))
@@ -216,14 +227,22 @@ def append_feedback(run_dir, image: np.ndarray, sha256: str, candidates: list[in
     return entry
 
 
+def read_feedback(run_dir) -> list[dict]:
+    """The lines of ``feedback.jsonl`` (inside the run, each of ``FEEDBACK_ROW``)."""
+    return jsonl.read(artefacts.inside(run_dir, FEEDBACK_FILE, "feedback file"),
+                      schema=FEEDBACK_ROW)
+
+
 def load_feedback(run_dir, num_classes: int = 10) -> dict:
     """``feedback.jsonl`` as partial-label data: images (N×32×32×3), candidates (N×C bool),
     sha256; the latest line wins when an image was labelled more than once."""
-    latest = {e["sha256"]: e for e in jsonl.read(Path(run_dir) / FEEDBACK_FILE)}
+    path = artefacts.inside(run_dir, FEEDBACK_FILE, "feedback file")
+    latest = {e["sha256"]: e for e in read_feedback(run_dir)}
     images = np.zeros((len(latest), 32, 32, 3), np.uint8)
     candidates = np.zeros((len(latest), num_classes), bool)
     for i, entry in enumerate(latest.values()):
-        with Image.open(Path(run_dir) / entry["image"]) as img:
+        with Image.open(artefacts.inside(run_dir, entry["image"],
+                                         f"feedback image of {path}")) as img:
             images[i] = np.asarray(img.convert("RGB"))
         candidates[i, entry["candidate_ids"]] = True
     return dict(images=images, candidates=candidates, sha256=list(latest))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +39,10 @@ from . import artefacts, config, cuda_graph, evaluation, methods, recipe
 from .methods._losses import uniform_confidence
 from .networks import (PLLNet, autocast, autocast_dtype, batch_statistics_of, pick_device,
                        standardize, to_unit, used_precision)
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the steps and causes."""
 
 
 @dataclass
@@ -367,6 +372,16 @@ class Trainer:
         read = torch.stack(values).tolist() if values else []
         for total in self.sums.values():
             total.zero_()
+        bad = [k for k, v in zip(names, read) if not math.isfinite(v)]
+        if bad:  # checked on this one read per epoch: the step itself stays free of reads
+            first = self.epoch * steps + 1
+            raise NonFiniteLoss(
+                f"training stopped: the loss term(s) {bad} became non-finite (NaN/inf) within "
+                f"steps {first}-{first + steps - 1} (epoch {self.epoch + 1}). Likely cause: "
+                "non-finite inputs or weights (a damaged checkpoint, warm-up or synthetic "
+                "top-up), or a learning rate too high (or bf16 overflow: try PRECISION='fp32'"
+                " or a lower LR). Nothing of this epoch is saved; a checkpoint with "
+                "non-finite weights is moved aside when it is loaded.")
         out = {k: v / steps for k, v in zip(names, read)}
         out["pseudo_label_acc"] = read[-1] if self.method.disambiguates else None
         return out

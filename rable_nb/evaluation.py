@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import artefacts, config, jsonl
+from . import artefacts, config, jsonl, runfiles
 from .networks import batched_logits
 from .runfiles import ACCURACY_FIELDS, METRICS_FIELDS, method_label  # noqa: F401
 
@@ -108,7 +108,7 @@ def _synthetic_is_current(metrics: dict, run_dir: Path) -> bool:
     than the one it used (notebook 03 remade it under other settings); a run directory
     without ``synthetic/settings.json`` (e.g. a copy of the results only) cannot tell."""
     used = (metrics.get("params") or {}).get("synthetic")
-    now = config.read_json(run_dir / "synthetic" / "settings.json")
+    now = runfiles.read_settings(run_dir)
     return not used or not now or used == now
 
 
@@ -126,13 +126,14 @@ def current_metrics(run_dir) -> dict[str, dict]:
     run_dir = Path(run_dir)
     paths = sorted(run_dir.glob("metrics-*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name))
     found = {p.stem[len("metrics-"):]: artefacts.read_json(
-        p, what="metrics file", fix="Delete it and run notebook 04 again (training resumes "
-        "from its saved state).") for p in paths}
+        p, what="metrics file", schema=runfiles.METRICS_SCHEMA,
+        fix="Delete it and run notebook 04 again (training resumes from its saved state).")
+        for p in paths}
     if not found:
         return {}
     latest = _shared_params(list(found.values())[-1])
     methods = latest.get("METHODS")
-    data_now = config.read_json(run_dir / "dataset.json")
+    data_now = runfiles.read_dataset_record(run_dir)
     if data_now and latest.get("dataset", data_now) != data_now:
         return {}  # notebook 01 has made a new dataset since: every model is stale
     return {method: m for method, m in found.items()

@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import config, evaluation
+from . import config, evaluation, runfiles
 
 FIGURES_DIR = config.PROJECT_ROOT / "figures"
 PROVENANCE = "provenance.json"
@@ -45,15 +45,15 @@ def stale_figures(run_dir: Path, current: dict) -> list[Path]:
 
 def run_provenance(run_dir: Path) -> dict:
     """Profile, parameters, devices and commits recorded by a run directory."""
-    run_log = config.read_json(run_dir / "run.json")
-    ds = config.read_json(run_dir / "dataset.json")
+    run_log = runfiles.read_run_log(run_dir)
+    ds = runfiles.read_dataset_record(run_dir)
     profile = run_log.get("profile") or ds.get("PROFILE")
     if profile is None:
         raise FigureError(f"{run_dir} has neither run.json nor dataset.json: not a run "
                           "directory written by `python -m rable_nb run`.")
     metrics = evaluation.current_metrics(run_dir)
     run_params = {}
-    for entry in run_log.get("notebooks", []):
+    for entry in runfiles.finished_notebooks(run_log).values():
         run_params.update(entry.get("parameters", {}))
     commits = sorted({m["commit"] for m in metrics.values()
                       if m.get("commit") not in (None, "", "unknown")})

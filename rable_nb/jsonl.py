@@ -10,12 +10,15 @@ import json
 import os
 from pathlib import Path
 
-from .artefacts import read_json
+from .artefacts import DamagedFileError, check_schema, read_json
 from .config import write_atomic, write_json
 
 
-def read(path: str | os.PathLike, repair: bool = True) -> list[dict]:
-    """Rows of a JSON-lines file ([] when absent); a torn last line is dropped."""
+def read(path: str | os.PathLike, repair: bool = True, schema: dict | None = None
+         ) -> list[dict]:
+    """Rows of a JSON-lines file ([] when absent); a torn last line is dropped. With
+    ``schema`` (``artefacts.check_schema``) a row of another shape is an
+    ``artefacts.DamagedFileError`` naming the file, the line and the field."""
     path = Path(path)
     if not path.exists():
         return []
@@ -31,6 +34,14 @@ def read(path: str | os.PathLike, repair: bool = True) -> list[dict]:
             if i != len(lines) - 1:
                 raise ValueError(f"{path} line {i + 1} is corrupt (not the last line, so not "
                                  f"an interrupted write); fix or delete the file.") from None
+    if schema is not None:
+        for i, row in enumerate(rows, 1):
+            try:
+                check_schema(row, schema)
+            except ValueError as err:
+                raise DamagedFileError(f"{path} row {i} is not of its kind: {err}. Fix or "
+                                       "delete that line (or the file) and rerun the stage "
+                                       "that wrote it.") from None
     complete = len(rows) == sum(1 for x in lines if x.strip())
     torn = bool(text) and (not text.endswith("\n") or not complete)
     if torn and repair:

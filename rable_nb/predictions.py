@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import artefacts, config, dataset, evaluation
+from . import artefacts, config, dataset, evaluation, runfiles
 from .networks import batched_logits, load_model, pick_device
 
 CAPTION_PX = 9  # space above each grid row for the predicted label, in image pixels
@@ -43,7 +43,7 @@ def find_models(run_dir, methods=None) -> dict[str, Path]:
     if not found:
         raise FileNotFoundError(
             f"No model trained with this run's current parameters in {folder}: run notebook "
-            f"04_training first (python -m rable_nb run --only 01,04 --out {run_dir}).")
+            f"04_training first ({runfiles.rerun_command(run_dir, '01,04')}).")
     if methods:
         missing = [m for m in methods if m not in found]
         if missing:
@@ -64,8 +64,8 @@ def load_models(run_dir, methods=None, device: str = "auto") -> dict[str, dict]:
     for method, path in find_models(run_dir, methods).items():
         net, meta, extra = artefacts.load(
             path, lambda p: load_model(p, dev), what=f"the final checkpoint of {method!r}",
-            fix=f"Delete it and run notebook 04 again (`python -m rable_nb run --only 04 "
-                f"--out {run_dir}`): training resumes from its saved state.")
+            fix=f"Delete it and run notebook 04 again (`{runfiles.rerun_command(run_dir, '04')}"
+                "`): training resumes from its saved state.")
         models[method] = dict(net=net, meta=meta, prior=extra.get("logit_prior"))
     return models
 

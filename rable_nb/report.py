@@ -18,7 +18,7 @@ from pathlib import Path
 
 import nbformat
 
-from . import config, figures
+from . import config, figures, runfiles
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_NOTE = ("<p><i>An interactive widget: it runs in a live notebook (JupyterLab) or, for "
@@ -34,12 +34,18 @@ class ReportError(RuntimeError):
 
 
 def executed_notebooks(run_dir: Path) -> list[Path]:
-    """The run's executed notebooks: those ``run.json`` records as finished, in its order."""
-    names = [e["notebook"] for e in config.read_json(run_dir / "run.json").get("notebooks", [])]
+    """The run's executed notebooks: those ``run.json`` records as finished, in its order
+    (one started again and not ended — killed, failed or running — is left out, named)."""
+    log = runfiles.read_run_log(run_dir)
+    names = list(runfiles.finished_notebooks(log))
+    unfinished = sorted({e["notebook"] for e in log.get("notebooks", [])} - set(names))
+    if unfinished:
+        print(f"note: left out {', '.join(unfinished)}: started again and not finished "
+              f"(killed or failed); rerun with --resume to finish.", file=sys.stderr)
     found = [run_dir / n for n in sorted(names) if (run_dir / n).is_file()]
     if not found:
         raise ReportError(f"{run_dir} has no executed notebooks recorded in run.json: make "
-                          "one with python -m rable_nb run (e.g. --only 01,04).")
+                          f"some, e.g. {runfiles.rerun_command(run_dir, '01,04')}.")
     return found
 
 
@@ -64,7 +70,7 @@ def to_mathml(markdown: str) -> str:
 
 def _provenance_cell(run_dir: Path, notebooks: list[Path]) -> str:
     info = figures.run_provenance(run_dir)
-    log = {e["notebook"]: e for e in config.read_json(run_dir / "run.json").get("notebooks", [])}
+    log = runfiles.finished_notebooks(runfiles.read_run_log(run_dir))
     device = ", ".join(info["device"]) if info["device"] else "not recorded (no training run)"
     commit = info["commit"] if isinstance(info["commit"], str) else ", ".join(info["commit"])
     rows = "".join(

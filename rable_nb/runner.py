@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from traitlets import Unicode, default
 from traitlets.config import Config
 
-from . import artefacts, config, data
+from . import artefacts, config, data, runfiles
 from .locks import DirLock, LockedError
 
 NOTEBOOK_DIR = config.PROJECT_ROOT / "notebooks"
@@ -163,7 +163,9 @@ def check_parameters(params: dict, notebooks: list[Path], base: dict | None = No
         raise RunError(f"Unknown parameter(s) {unknown}; the selected notebooks take: "
                        f"{sorted(known)}.")
     run_dir = Path(base.get("RUN_DIR", "."))
-    upstream = config.read_json(run_dir / "dataset.json")
+    # a damaged record is named with its fix, or moved aside when notebook 01 remakes it
+    upstream = runfiles.read_dataset_record(run_dir, remake=any(
+        nb.name[:2] == "01" for nb in notebooks))
     injected = {}
     for nb in notebooks:
         injected[nb] = {k: v for k, v in {**base, **params}.items() if k in declared[nb]}
@@ -240,18 +242,34 @@ def _dead_kernel_message(nb: Path, out: Path, err: Exception) -> str:
             "are kept: run again with --resume to continue from this notebook.")
 
 
+def _show_notices(out: Path, log_file=None) -> None:
+    """Repeat on the terminal the notices of files moved aside (``artefacts.quarantine``)
+    that the kernel printed into the executed notebook ``out``."""
+    try:
+        cells = nbformat.read(out, as_version=4).cells
+    except (OSError, ValueError):
+        return
+    streams = [o.get("text", "") for cell in cells for o in cell.get("outputs", [])
+               if o.get("output_type") == "stream"]
+    for line in "".join(streams).splitlines():
+        if artefacts.QUARANTINE_NOTICE in line:
+            tqdm.write(f"{out.name}: {line}", file=log_file or sys.stderr)
+
+
 def _previous_log(run_dir: Path, profile: str) -> dict:
     """``run.json`` of earlier runs of this profile in ``run_dir`` (else an empty log)."""
-    log = artefacts.read_json(run_dir / "run.json", what="run log", resumable=True) or {}
+    log = runfiles.read_run_log(run_dir, resumable=True)
     if log.get("profile") != profile:
         log = {"profile": profile, "notebooks": []}
     return dict(log, commit=config.git_commit())
 
 
 def _record(run_dir: Path, log: dict, name: str, params: dict, **entry) -> None:
+    """Replace ``name``'s entry in ``run.json``: ``status`` 'running' before the notebook
+    starts, 'finished' only once it ended, so a killed rerun is never taken as done."""
     log["notebooks"] = [e for e in log["notebooks"] if e["notebook"] != name]
     log["notebooks"].append(dict(notebook=name, parameters=params, **entry))
-    config.write_json(run_dir / "run.json", log)
+    config.write_json(run_dir / runfiles.RUN_LOG, log)
 
 
 def run(profile: str = "smoke", only: str | None = None, out: str | None = None,
@@ -261,7 +279,8 @@ def run(profile: str = "smoke", only: str | None = None, out: str | None = None,
 
     Everything is checked before the first notebook starts, and the run directory is
     locked for the duration; a failing notebook raises :class:`RunError` naming the
-    notebook and cell. ``run.json`` records each finished notebook; with ``resume`` the
+    notebook and cell. ``run.json`` records each notebook as running before it starts and as
+    finished once it ended; with ``resume`` the
     leading notebooks already finished with the same parameters (and data source) are
     skipped. ``log_file`` (an open text file, e.g. a sweep point's ``point.log``) receives
     what the notebooks print and one line per notebook, instead of progress bars.
@@ -278,6 +297,7 @@ def run(profile: str = "smoke", only: str | None = None, out: str | None = None,
     injected = check_parameters(params, notebooks, base)
     try:
         with stop_on_signals(), DirLock(run_dir, "run"):
+            runfiles.check_inside(run_dir)  # no link out of the run, before anything runs
             _execute(notebooks, injected, run_dir, profile, kernel, resume, log_file)
     except LockedError as err:
         raise RunError(str(err)) from None
@@ -287,7 +307,7 @@ def run(profile: str = "smoke", only: str | None = None, out: str | None = None,
 def _execute(notebooks: list[Path], injected: dict, run_dir: Path, profile: str, kernel: str,
              resume: bool, log_file=None) -> None:
     log = _previous_log(run_dir, profile)
-    done = {e["notebook"]: e["parameters"] for e in log["notebooks"]}
+    done = {n: e["parameters"] for n, e in runfiles.finished_notebooks(log).items()}
     skipping = resume  # once a notebook reruns, every later one reruns too (new inputs)
     for nb in tqdm(notebooks, desc=f"run [{profile}]", unit="notebook",
                    disable=log_file is not None):
@@ -298,6 +318,8 @@ def _execute(notebooks: list[Path], injected: dict, run_dir: Path, profile: str,
             tqdm.write(f"skip {nb.name}: already finished with the same parameters", file=log_file)
             continue
         start = time.time()
+        _record(run_dir, log, nb.name, recorded, status=runfiles.RUNNING,
+                started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         if log_file is not None:
             print(f"== {nb.name} -> {target}", file=log_file, flush=True)
         try:
@@ -310,7 +332,15 @@ def _execute(notebooks: list[Path], injected: dict, run_dir: Path, profile: str,
             raise RunError(_failure_message(nb, target, err)) from None
         except DeadKernelError as err:
             raise RunError(_dead_kernel_message(nb, target, err)) from None
-        _record(run_dir, log, nb.name, recorded, seconds=round(time.time() - start, 1))
+        except OSError as err:  # papermill saving the executed notebook: disk full, ...
+            index, _ = _running_cell(target)
+            raise RunError(f"Notebook {nb.name}"
+                           + (f" (cell index {index})" if index is not None else "")
+                           + f": {artefacts.os_error_line(err, 'cannot write')}") from None
+        finally:
+            _show_notices(target, log_file)
+        _record(run_dir, log, nb.name, recorded, status=runfiles.FINISHED,
+                seconds=round(time.time() - start, 1))
 
 
 def main_run(args) -> int:
@@ -327,8 +357,8 @@ def main_run(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
-        print(f"error: {err or 'interrupted'}; the kernel was shut down. Rerun with --resume "
-              "to continue after the last finished notebook.", file=sys.stderr)
+        print(f"error: {str(err) or 'interrupted (Ctrl-C)'}; the kernel was shut down. Rerun "
+              "with --resume to continue after the last finished notebook.", file=sys.stderr)
         return 128 + err.signum if isinstance(err, Stopped) else 130
     print(f"done: executed notebooks and artefacts in {run_dir}")
     return 0

@@ -33,6 +33,7 @@ order, as points finish.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import sys
 from contextlib import closing
@@ -43,7 +44,7 @@ import pandas as pd
 import yaml
 from tqdm.auto import tqdm
 
-from . import config, evaluation, runner
+from . import config, evaluation, runfiles, runner
 from .locks import DirLock, LockedError
 from .sweep_executors import LOG_FILE, _local_events, _ray_events, _record, check_executor
 
@@ -92,6 +93,14 @@ def load_grid(path, notebook_dir: Path = runner.NOTEBOOK_DIR) -> dict:
     overlap = set(grid) & {k for p in listed for k in p}
     if overlap:
         raise ValueError(f"{path}: {sorted(overlap)} appear in both 'grid' and 'points'.")
+    seen = {}
+    for i, point in enumerate(points(spec)):  # a copy would run again and pass for a seed
+        key = json.dumps(point, sort_keys=True, default=str)
+        if key in seen:
+            raise ValueError(f"{path}: points {seen[key]} and {i} are the same ({point}); each "
+                             "point runs once: list it once (repeats of a setting are a grid "
+                             "parameter, e.g. SEED: [0, 1, 2]).")
+        seen[key] = i
     if spec.get("notebooks") is not None:  # "01,04", [1, 4] or 1 (YAML reads 01 as 1)
         nbs = spec["notebooks"]
         nbs = nbs if isinstance(nbs, list) else str(nbs).split(",")
@@ -149,7 +158,7 @@ def read_metrics(run_dir) -> dict:
 
 def ambiguity(run_dir) -> float | None:
     """Average ambiguity (wrong labels per candidate set) from a run's ``dataset.json``."""
-    mean = config.read_json(Path(run_dir) / "dataset.json").get("mean_candidates")
+    mean = runfiles.read_dataset_record(run_dir).get("mean_candidates")
     return None if mean is None else mean - 1
 
 

@@ -88,7 +88,7 @@ def _record(run_dir: Path) -> dict:
     """A point's ``point.json`` record; empty when it has none (never started, or running)
     or when it is damaged (moved aside with a notice: the point runs again)."""
     return artefacts.read_json(run_dir / POINT_FILE, what="sweep point record",
-                               resumable=True) or {}
+                               resumable=True, schema={"status": str, "params?": dict}) or {}
 
 
 def _lost_point(job: dict, why: str) -> dict:

@@ -317,6 +317,12 @@ def synthetic_problem(method: str, run_dir) -> str | None:
     space = runfiles.synthetic_space(run_dir)
     folder = Path(run_dir) / "synthetic"
     if space is None:
+        plan = runfiles.read_settings(run_dir).get("plan")
+        if plan is not None and not sum(plan):
+            return (f"notebook 03 planned no synthetic samples ({folder}/settings.json: every "
+                    "class already has TARGET_PER_CLASS images, as with IMBALANCE_FACTOR 1), "
+                    "so there is nothing to rebalance: raise TARGET_PER_CLASS above the "
+                    "largest class, or leave it out of METHODS")
         return f"no synthetic images or features in {folder} yet; run notebook 03 first"
     made = runfiles.read_settings(run_dir).get("generator")
     if methods.inputs(method) == "features" and space != "feature":

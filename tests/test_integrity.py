@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from rable_nb import (cli, config, data, dataset, evaluation, figures, predictions, runner,
-                      sweep, training)
+from rable_nb import (cli, config, data, dataset, evaluation, figures, predictions, runfiles,
+                      runner, sweep, training)
 
 
 def _notebook(path, params_src, body_src):
@@ -43,7 +43,7 @@ def test_a_later_stage_refuses_other_data_than_notebook_01_used(small_folder, ci
                                              "METHODS": ["supervised"], "BATCH_SIZE": 16})
     assert not (out / "metrics-supervised.json").exists()
     log = json.loads((out / "run.json").read_text())
-    assert [e["notebook"] for e in log["notebooks"]] == ["01_dataset_imbalance.ipynb"]
+    assert list(runfiles.finished_notebooks(log)) == ["01_dataset_imbalance.ipynb"]  # 04 failed
     recorded = log["notebooks"][0]["parameters"]
     assert recorded["DATA_SOURCE"] == str(small_folder.resolve()) and "RABLE_DATA" in recorded
     meta = json.loads((out / "dataset.json").read_text())["data_identity"]
@@ -271,7 +271,7 @@ def test_a_method_that_cannot_run_fails_the_notebook_unless_skipping_is_allowed(
     with pytest.raises(runner.RunError, match="METHODS has 'rable', which cannot run"):
         runner.run("smoke", "04", str(run), {"METHODS": ["able", "rable"]})
     log = json.loads((run / "run.json").read_text())
-    assert "04_training.ipynb" not in [e["notebook"] for e in log["notebooks"]]
+    assert "04_training.ipynb" not in runfiles.finished_notebooks(log)
     assert not (run / "metrics-able.json").exists()  # refused before any training
     assert training.runnable_methods(["able", "rable"], run, allow_skip=True)[0] == ["able"]
 

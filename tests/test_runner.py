@@ -8,7 +8,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from rable_nb import cli, runner
+from rable_nb import cli, runfiles, runner
 
 
 def _notebook(path, params_src, body_src):
@@ -85,10 +85,11 @@ def test_resume_skips_finished_notebooks_only(nb_dir, tmp_path):
         runner.run("smoke", None, str(out), notebook_dir=nb_dir, resume=True)
     assert (out / "seen.json").stat().st_mtime_ns == stamp  # 00 was not executed again
     log = json.loads((out / "run.json").read_text())
-    assert [e["notebook"] for e in log["notebooks"]] == ["00_ok.ipynb"]  # kept from run 1
+    assert list(runfiles.finished_notebooks(log)) == ["00_ok.ipynb"]  # kept from run 1
+    assert [e.get("status") for e in log["notebooks"]] == ["finished", "running"]  # 01 failed
     runner.run("smoke", "00", str(out), {"Q": 0.6}, notebook_dir=nb_dir, resume=True)
     assert json.loads((out / "seen.json").read_text())[1] == 0.6  # new parameters: rerun
-    assert len(json.loads((out / "run.json").read_text())["notebooks"]) == 1
+    assert list(runfiles.finished_notebooks(runfiles.read_run_log(out))) == ["00_ok.ipynb"]
 
 
 def test_run_without_a_profile_is_the_main_job_and_smoke_is_one_flag_away(monkeypatch):

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import artefacts, config
+from .. import artefacts, config, runfiles
 from ..networks import batched_features, load_model, pick_device, save_model
 from ..profiling import three_figures
 from .fitting import StepFit, TrainedGenerator, bench_report, time_fit_and_sample
@@ -113,8 +113,8 @@ def load_backbone(run_dir, device: str = "auto"):
                                 "saved by notebook 03 with GENERATOR='feature'.")
     net, meta, _ = artefacts.load(
         path, lambda p: load_model(p, pick_device(device)), what="the feature backbone",
-        fix=f"Run notebook 03 again (python -m rable_nb run --only 03 --out {Path(run_dir)}): "
-            "it saves the backbone anew.")
+        fix=f"Run notebook 03 again ({runfiles.rerun_command(run_dir, '03')}): it saves the "
+            "backbone anew.")
     return net, meta
 
 

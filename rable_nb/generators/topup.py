@@ -24,10 +24,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .. import captioning, jsonl
+from .. import artefacts, captioning, jsonl
 from ..config import write_atomic
 from ..dataset import long_tail_counts
-from ..runfiles import MANIFEST, SETTINGS, SYNTH_DIR
+from ..runfiles import MANIFEST, MANIFEST_ROW, SETTINGS, SYNTH_DIR
 from .base import slot_seed
 
 # The report's top-up: n_max − n_c summed over CIFAR-10-LT at IF 0.01 (= 37,594).
@@ -46,9 +46,19 @@ def slot_file(classes, label: int, k: int, suffix: str = ".png") -> str:
 
 
 def recover(out_dir: Path) -> list[dict]:
-    """Manifest rows after an interruption: torn line dropped, orphan files deleted."""
+    """Manifest rows after an interruption: torn line dropped, orphan files deleted.
+
+    First every class folder and manifest file must lie inside ``out_dir`` (and it inside
+    the run directory), links resolved (``artefacts.inside``): a folder linked elsewhere is
+    refused before anything is deleted or written, so deletion never follows a link out."""
+    artefacts.inside(out_dir.parent, out_dir.name, "the synthetic folder")
+    for entry in sorted(out_dir.iterdir()) if out_dir.is_dir() else []:
+        artefacts.inside(out_dir, entry.name, "synthetic class folder" if entry.is_dir()
+                         else "synthetic file")
     path = out_dir / MANIFEST
-    rows = jsonl.read(path)
+    rows = jsonl.read(path, schema=MANIFEST_ROW)
+    for r in rows:
+        artefacts.inside(out_dir, r["file"], f"synthetic sample of {path}")
     seen, kept = set(), []
     for r in rows:  # a row whose file vanished, or a repeated file, is not kept
         if r["file"] not in seen and (out_dir / r["file"]).is_file():
@@ -128,8 +138,15 @@ def top_up(run_dir, generator, plan: dict, classes, settings: dict, seed: int = 
     batch_size = batch_size or generator.batch
     todo_n = pending(run_dir, plan, classes, settings, generator.suffix)
     planned = _planned(plan, classes, generator.suffix)
-    done = {r["file"] for r in jsonl.read(out / MANIFEST)}
+    rows_done = jsonl.read(out / MANIFEST)
+    done = {r["file"] for r in rows_done}
     model_id = generator.model_id() if todo_n else None
+    drawn_by = {r.get("model_id") for r in rows_done} - {None}
+    if model_id and drawn_by and model_id not in drawn_by:  # compared where recorded
+        raise ValueError(f"{out} was drawn by {sorted(drawn_by)[0]}, but the generator's "
+                         f"weights are now {model_id} (same settings, other weights: replaced "
+                         f"or damaged); delete {out} and run notebook 03 again to draw the "
+                         "whole top-up with one model.")
     stats = dict(planned=sum(plan.values()), skipped=sum(plan.values()) - todo_n, generated=0,
                  seconds=0.0, generator=generator.name, model_id=model_id)
     if accept:
@@ -163,6 +180,8 @@ def top_up(run_dir, generator, plan: dict, classes, settings: dict, seed: int = 
                         stats["kept_unaccepted"][c] += not row["accepted"]
                     if on_image:
                         on_image(row)
+    if not stats["planned"] and not (out / SETTINGS).exists():
+        jsonl.record_settings(out / SETTINGS, settings)  # an empty plan, recorded as such
     stats["seconds"] = round(time.time() - start, 2)
     stats["images_per_s"] = round(stats["generated"] / max(stats["seconds"], 1e-9), 3)
     return stats
