@@ -149,11 +149,69 @@ def test_demo_in_a_browser(browser, demo_server, trained_run, cifar_dir, tmp_pat
         page.screenshot(path=str(tmp_path / "demo.png"))
 
 
+def _add_unexecuted_notebooks(run: Path) -> None:
+    """Add notebooks 03, 04 and 09 as they are committed (no outputs, no kernel time) to a
+    run's record, as if executed: their links into docs/, cell ids that collide (03 and 09
+    both number theirs 0, 1, …) and, in 04, a tqdm progress bar's widget output."""
+    import nbformat
+    from tqdm.notebook import tqdm
+
+    from rable_nb import config, report
+    from rable_nb.runner import NOTEBOOK_DIR
+    bar = tqdm(range(3), desc="epochs")
+    for _ in bar:
+        pass
+    record = config.read_json(run / "run.json")
+    for name in ("03_generative_rebalancing", "04_training", "09_rebalancing_study"):
+        nb = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+        if name == "04_training":
+            code = next(c for c in nb.cells if "training.run_method" in c.source)
+            code.outputs = [nbformat.v4.new_output("display_data", data={
+                report.WIDGET_VIEW: {"model_id": "0", "version_major": 2, "version_minor": 0},
+                "text/plain": repr(bar.container)})]
+        nbformat.write(nb, run / f"{name}.ipynb")
+        record["notebooks"].append({"notebook": f"{name}.ipynb", "parameters": {}})
+    config.write_json(run / "run.json", record)
+
+
+def _click_every_link(page, url: str) -> int:
+    """Click each link of the page at ``url``: an anchor must lead to one element, any other
+    link must open (a missing file fails the navigation); returns how many led to files."""
+    page.goto(url)
+    files = 0
+    for i in range(page.locator("a[href]").count()):
+        link = page.locator("a[href]").nth(i)
+        href = link.get_attribute("href")
+        if href.startswith("#"):  # the contents, and each heading's own ¶ (shown on hover)
+            link.dispatch_event("click")
+            assert page.evaluate("location.hash") == href
+            # the element a browser scrolls to: its id is the fragment, as written or decoded
+            assert page.evaluate("(h => [...document.querySelectorAll('[id]')].filter(e => "
+                                 "e.id === h || e.id === decodeURIComponent(h)).length)"
+                                 "(location.hash.slice(1))") == 1, href
+            continue
+        with page.expect_navigation():
+            link.click()
+        assert page.url.startswith("file://") and "docs/" in page.url, (href, page.url)
+        assert page.inner_text("body").startswith("# "), page.url  # the Markdown file's text
+        files += 1
+        page.goto(url)
+    return files
+
+
 def test_report_opens_offline_with_its_figures(browser, run_notebooks, tmp_path, capsys,
                                                monkeypatch):
+    import warnings
     monkeypatch.delenv("MPLBACKEND")  # the kernel's inline backend: figures in the outputs
     run = run_notebooks("00", tmp_path / "run")
-    assert cli.main(["report", "--run", str(run)]) == 0
+    _add_unexecuted_notebooks(run)
+    elsewhere = tmp_path / "elsewhere" / "deeper" / "report.html"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(["report", "--run", str(run)]) == 0
+        assert cli.main(["report", "--run", str(run), "--out", str(elsewhere)]) == 0
+    assert not [w for w in caught if not issubclass(w.category, DeprecationWarning)], \
+        [str(w.message) for w in caught]  # e.g. nbformat's DuplicateCellId
     assert "report.html" in capsys.readouterr().out
     context = browser.new_context(offline=True)  # everything must be inside the file
     page = context.new_page()
@@ -170,5 +228,9 @@ def test_report_opens_offline_with_its_figures(browser, run_notebooks, tmp_path,
         target = links.first.get_attribute("href")[1:]
         assert page.locator(f"[id='{target}']").count() == 1  # the contents lead somewhere
         assert page.locator("math").count() > 0  # formulas drawn from MathML, no MathJax
+        body = page.inner_text("body")
+        assert "epochs:" not in body and body.count("An interactive widget") == 1  # 00's
+        for report_page in (run / "report.html", elsewhere):
+            assert _click_every_link(page, report_page.as_uri()) == 7  # 03: 1, 04: 5, 09: 1
         assert not failed
     context.close()
