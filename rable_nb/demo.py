@@ -31,8 +31,10 @@ import functools
 import hashlib
 import html
 import io
+import json
 import logging
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -41,7 +43,7 @@ import ipywidgets as widgets
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import config, jsonl, predictions
+from . import config, evaluation, jsonl, predictions
 from .predictions import predict_proba
 
 MAX_BYTES = 10 * 1024 * 1024
@@ -216,17 +218,88 @@ def append_feedback(run_dir, image: np.ndarray, sha256: str, candidates: list[in
     return entry
 
 
-def load_feedback(run_dir, num_classes: int = 10) -> dict:
+def load_feedback(run_dir, num_classes: int = 10, classes=None) -> dict:
     """``feedback.jsonl`` as partial-label data: images (N×32×32×3), candidates (N×C bool),
-    sha256; the latest line wins when an image was labelled more than once."""
-    latest = {e["sha256"]: e for e in jsonl.read(Path(run_dir) / FEEDBACK_FILE)}
-    images = np.zeros((len(latest), 32, 32, 3), np.uint8)
-    candidates = np.zeros((len(latest), num_classes), bool)
-    for i, entry in enumerate(latest.values()):
-        with Image.open(Path(run_dir) / entry["image"]) as img:
-            images[i] = np.asarray(img.convert("RGB"))
-        candidates[i, entry["candidate_ids"]] = True
-    return dict(images=images, candidates=candidates, sha256=list(latest))
+    sha256, and ``refused`` (:func:`read_feedback`'s reasons for the lines left out); the
+    latest line wins when an image was labelled more than once."""
+    rows, refused = read_feedback(Path(run_dir) / FEEDBACK_FILE, classes, num_classes)
+    images = np.zeros((len(rows), 32, 32, 3), np.uint8)
+    candidates = np.zeros((len(rows), len(classes) if classes else num_classes), bool)
+    for i, row in enumerate(rows):
+        images[i] = row["image"]
+        candidates[i, row["candidate_ids"]] = True
+    return dict(images=images, candidates=candidates, sha256=[r["sha256"] for r in rows],
+                refused=refused)
+
+
+class BadFeedback(ValueError):
+    """A feedback line that cannot be used; the message says why."""
+
+
+FEEDBACK_FIELDS = {"sha256": str, "image": str, "candidates": list, "candidate_ids": list}
+FEEDBACK_IMAGE = re.compile(r"feedback/([0-9a-f]{64})\.png")  # what append_feedback writes
+
+
+def read_feedback(path, classes=None, num_classes: int = 10) -> tuple[list[dict], list[str]]:
+    """Every line of a ``feedback.jsonl`` checked: ``(rows, refused)``.
+
+    ``rows``: ``{"sha256", "image" (uint8 32×32×3), "candidate_ids", "where"}`` of the lines
+    kept, where a later line for the same image replaces an earlier one (the demo's rule:
+    the latest set counts). ``refused``: ``"FILE line N: reason"`` for each line left out —
+    damaged (not JSON, a field missing or of the wrong type, its image missing, unreadable
+    or not a 32×32 RGB PNG) or foreign (labels that are not ``classes`` or out of range, an
+    image that is not ``feedback/<its sha256>.png`` beside the file).
+    """
+    path = Path(path)
+    num_classes = len(classes) if classes is not None else num_classes
+    kept, refused = {}, []
+    for n, text in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not text.strip():
+            continue
+        where = f"{short_path(path)} line {n}"
+        try:
+            try:
+                entry = json.loads(text)
+            except json.JSONDecodeError:
+                raise BadFeedback("damaged: not a JSON line") from None
+            row = _feedback_row(entry, path.parent, classes, num_classes)
+        except BadFeedback as err:
+            refused.append(f"{where}: {err}")
+            continue
+        kept.pop(row["sha256"], None)
+        kept[row["sha256"]] = {**row, "where": where}
+    return list(kept.values()), refused
+
+
+def _feedback_row(entry, folder: Path, classes, num_classes: int) -> dict:
+    if not isinstance(entry, dict) or any(not isinstance(entry.get(k), t)
+                                          for k, t in FEEDBACK_FIELDS.items()):
+        raise BadFeedback(f"damaged: not a feedback record (it needs {', '.join(FEEDBACK_FIELDS)})")
+    ids = entry["candidate_ids"]
+    if not ids or len(set(map(str, ids))) != len(ids) or not all(
+            config.is_int(c) and 0 <= c < num_classes for c in ids):
+        raise BadFeedback(f"foreign: candidate_ids {ids} are not distinct labels 0–{num_classes - 1}")
+    if classes is not None and entry["candidates"] != [classes[c] for c in ids]:
+        raise BadFeedback(f"foreign: candidates {entry['candidates']} are not the classes "
+                          f"{ids} of this data set")
+    name = FEEDBACK_IMAGE.fullmatch(entry["image"])
+    if not name or name.group(1) != entry["sha256"]:
+        raise BadFeedback(f"foreign: its image {entry['image']!r} is not "
+                          "feedback/<its sha256>.png beside the file")
+    try:
+        with Image.open(folder / entry["image"], formats=["PNG"]) as img:
+            img.load()
+            if img.size != (32, 32) or img.mode != "RGB":
+                raise BadFeedback(f"damaged: its image {entry['image']} is {img.width}×"
+                                  f"{img.height} {img.mode}, not 32×32 RGB")
+            image = np.array(img, dtype=np.uint8)
+    except BadFeedback:
+        raise
+    except FileNotFoundError:
+        raise BadFeedback(f"damaged: its image {entry['image']} is missing") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise BadFeedback(f"damaged: its image {entry['image']} cannot be read ({err})") from None
+    return dict(sha256=entry["sha256"], image=image, candidate_ids=[int(c) for c in ids])
 
 
 def _never_raise(callback):
@@ -271,14 +344,16 @@ class DemoApp:
     """The widget app; ``app.widget`` is what the notebook displays.
 
     ``models``: ``predictions.load_models`` output; ``test_x``/``test_y``: uint8 test images
-    and labels for the "random test image" button. ``adjust``: start with the test-time
+    and labels for the "random test image" button, drawn from a stream seeded by ``seed``
+    (None: fresh entropy, so each kernel — each visitor of the web app — draws its own
+    images). ``adjust``: start with the test-time
     logit adjustment on (where the selected model has a prior). Widgets carry ``rable-*``
     CSS classes, which the browser test uses to find them.
     """
 
     ADJUST_HELP = "subtract the model's log class prior from its logits (RECORDS)"
 
-    def __init__(self, models: dict, classes, test_x, test_y, run_dir, seed: int = 0,
+    def __init__(self, models: dict, classes, test_x, test_y, run_dir, seed: int | None = None,
                  adjust: bool = False, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS):
         self.models, self.classes = models, list(classes)
         self.test_x, self.test_y, self.run_dir = test_x, test_y, Path(run_dir)
@@ -299,6 +374,10 @@ class DemoApp:
                                        indent=False, tooltip=self.ADJUST_HELP,
                                        layout=widgets.Layout(width="210px"))
         self.adjust_note = widgets.HTML()
+        self.trained = widgets.HTML()
+        # how many demo feedback images each model was trained on (notebook 04's FEEDBACK)
+        self.feedback_trained = {m: int(v.get("n_feedback", 0)) for m, v in
+                                 evaluation.current_metrics(self.run_dir).items()}
         self.message = widgets.HTML(layout=widgets.Layout(min_height="24px"))
         self.preview = widgets.Image(value=PLACEHOLDER, format="png", width=PREVIEW_PX,
                                      height=PREVIEW_PX,
@@ -318,6 +397,7 @@ class DemoApp:
         for widget, name in [(self.uploader, "upload"), (self.random_button, "random"),
                              (self.model, "model"), (self.adjust, "adjust"),
                              (self.message, "message"), (self.preview, "preview"),
+                             (self.trained, "trained"),
                              (self.save_button, "save"), (self.summary, "summary"),
                              *[(n, "bar-name") for n in self.bar_names],
                              *[(v, "bar-value") for v in self.bar_values],
@@ -343,7 +423,7 @@ class DemoApp:
             widgets.HBox([self.save_button, self.summary])])
         self.widget = widgets.VBox([
             widgets.HTML(STYLE),
-            widgets.HBox([self.uploader, self.random_button, self.model]),
+            widgets.HBox([self.uploader, self.random_button, self.model, self.trained]),
             widgets.HTML(f'<span style="color:#555">Models of the run <b>'
                          f"{html.escape(short_path(self.run_dir))}</b>. Images ({formats}, …) "
                          f"up to {max_bytes / 2**20:.0f} MB; they are cropped to a square and "
@@ -367,7 +447,11 @@ class DemoApp:
         return self.adjust.value and not self.adjust.disabled
 
     def _update_adjust(self) -> None:
-        """Enable the adjustment only for a model with a logit prior, and say why not."""
+        """Enable the adjustment only for a model with a logit prior, and say why not; say
+        how many feedback images the selected model was trained on."""
+        n = self.feedback_trained.get(self.model.value, 0)
+        self.trained.value = (f'<span style="color:#555">trained on '
+                              f"{plural(n, 'feedback image')}</span>")
         has_prior = self.models[self.model.value]["prior"] is not None
         self.adjust.disabled = not has_prior
         self.adjust_note.value = (
@@ -425,7 +509,7 @@ class DemoApp:
         self._clear_ticks()
         self._update_summary()
         self.show_message(f"Saved {{{', '.join(entry['candidates'])}}} for {cur['source']} "
-                          f"to {self.run_dir / FEEDBACK_FILE}.")
+                          f"to {short_path(self.run_dir / FEEDBACK_FILE)}.")
 
     # -- actions ----------------------------------------------------------------------
     def show(self, image: np.ndarray, sha256: str, source: str, true_label=None) -> None:
