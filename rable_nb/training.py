@@ -149,8 +149,9 @@ def feedback_report(feedback, run_dir, cifar) -> str:
     """What ``FEEDBACK`` adds to the run's training set, and each line it refuses."""
     ds = dataset.load_dataset(run_dir, cifar)
     info = feedback_data(feedback, cifar, cifar.train_x[ds["indices"]])["info"]
-    lines = [f"FEEDBACK: {info['n']} labelled images from {', '.join(info['files'])} join the "
-             f"training set; {len(info['refused'])} lines refused"]
+    from .demo import plural
+    lines = [f"FEEDBACK: {plural(info['n'], 'labelled image')} from {', '.join(info['files'])} "
+             f"join the training set; {plural(len(info['refused']), 'line')} refused"]
     return "\n".join(lines + [f"  refused {r}" for r in info["refused"]])
 
 
