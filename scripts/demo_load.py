@@ -3,7 +3,8 @@
     python -m rable_nb demo --run runs/NAME --port 8866 &
     python scripts/demo_load.py http://127.0.0.1:8866/ $! [VISITORS] [GAP_S]
 
-Opens VISITORS pages (default 3) in headless Chromium (Debian's /usr/bin/chromium), one
+Opens VISITORS pages (default 3) in headless Chromium (Debian's /usr/bin/chromium), each
+in a browser context of its own (no cache or cookies shared, as different people), one
 every GAP_S seconds (default 30: the pool refills meanwhile), each kept open; prints the
 time from the request to a ready app, then the memory of every kernel of the server (RSS;
 USS = what the process alone holds, freed when it ends), then closes the pages without
@@ -35,9 +36,9 @@ def mib(n: int) -> str:
 def main(url: str, server: int, visitors: int = 3, gap: float = 30) -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-        context, pages = browser.new_context(), []
+        pages = []
         for i in range(visitors):
-            page, start = context.new_page(), time.time()
+            page, start = browser.new_context().new_page(), time.time()
             page.goto(url)
             page.wait_for_selector(".rable-upload", timeout=180_000)
             print(f"visitor {i + 1}: page ready in {time.time() - start:.1f} s", flush=True)
