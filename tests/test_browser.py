@@ -42,7 +42,11 @@ def screenshot_on_failure(page, path: Path):
     try:
         yield
     except BaseException as err:
-        page.screenshot(path=str(path), full_page=True)
+        from playwright.sync_api import Error
+        try:
+            page.screenshot(path=str(path), full_page=True)
+        except Error:  # the step that failed came after closing the page
+            raise err from None
         raise AssertionError(f"{err}\n(screenshot of the page: {path})") from err
 
 
