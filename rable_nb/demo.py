@@ -120,7 +120,7 @@ def profile_defaults(params: dict) -> dict:
     return {params["PROFILE"]: {"RUN_DIR": str(find_run())}}
 
 
-def test_images_only(cifar):
+def only_test_images(cifar):
     """``cifar`` without its training images: the demo shows test images only, and each
     web visitor's kernel holds its own copy (CIFAR-10's training set: 150 MB)."""
     return dataclasses.replace(cifar, train_x=cifar.train_x[:0].copy(),
@@ -253,7 +253,7 @@ def read_feedback(path, classes=None, num_classes: int = 10) -> tuple[list[dict]
 
     ``rows``: ``{"sha256", "image" (uint8 32×32×3), "candidate_ids", "where"}`` of the lines
     kept, where a later line for the same image replaces an earlier one (the demo's rule:
-    the latest set counts). ``refused``: ``"FILE line N: reason"`` for each line left out —
+    the latest set counts); none when there is no file. ``refused``: ``"FILE line N: reason"`` for each line left out —
     damaged (not JSON, a field missing or of the wrong type, its image missing, unreadable
     or not a 32×32 RGB PNG) or foreign (labels that are not ``classes`` or out of range, an
     image that is not ``feedback/<its sha256>.png`` beside the file).
@@ -261,7 +261,8 @@ def read_feedback(path, classes=None, num_classes: int = 10) -> tuple[list[dict]
     path = Path(path)
     num_classes = len(classes) if classes is not None else num_classes
     kept, refused = {}, []
-    for n, text in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    for n, text in enumerate(lines, 1):
         if not text.strip():
             continue
         where = f"{short_path(path)} line {n}"
@@ -284,8 +285,8 @@ def _feedback_row(entry, folder: Path, classes, num_classes: int) -> dict:
                                           for k, t in FEEDBACK_FIELDS.items()):
         raise BadFeedback(f"damaged: not a feedback record (it needs {', '.join(FEEDBACK_FIELDS)})")
     ids = entry["candidate_ids"]
-    if not ids or len(set(map(str, ids))) != len(ids) or not all(
-            config.is_int(c) and 0 <= c < num_classes for c in ids):
+    if not ids or not all(config.is_int(c) and 0 <= c < num_classes for c in ids) or len(
+            set(ids)) != len(ids):
         raise BadFeedback(f"foreign: candidate_ids {ids} are not distinct labels 0–{num_classes - 1}")
     if classes is not None and entry["candidates"] != [classes[c] for c in ids]:
         raise BadFeedback(f"foreign: candidates {entry['candidates']} are not the classes "

@@ -210,6 +210,7 @@ def test_feedback_is_appended_as_candidate_sets(app, cifar, tmp_path):
     assert lines[1]["source"] == "upload: sky.png" and lines[1]["model"] == "able"
     assert lines[0]["adjusted"] is False
     assert not any(box.value for box in app.checks)  # cleared after saving
+    assert demo.load_feedback(tmp_path / "nothing saved")["images"].shape == (0, 32, 32, 3)
     fb = demo.load_feedback(tmp_path)
     assert fb["candidates"].tolist()[0] == [c in (3, 5) for c in range(10)]
     assert np.array_equal(fb["images"][0], first["image"])
