@@ -23,6 +23,7 @@ import re
 import sys
 from pathlib import Path
 
+import jinja2
 import nbformat
 
 from . import config, figures
@@ -114,6 +115,12 @@ def combined_notebook(run_dir: Path, link_base: Path | None = None) -> nbformat.
                     to_mathml(relink(cell.source, link_base)), number, toc)
             elif cell.cell_type == "code":
                 cell.outputs = [_static(o) for o in cell.outputs if not is_progress_bar(o)]
+                section = next((text for _, text, a in reversed(toc)
+                                if a.startswith(f"nb-{number}-")), path.stem)
+                for output in cell.outputs:  # alt text of a figure: where it stands
+                    if {"image/png", "image/jpeg"} & set(output.get("data", {})):
+                        output.setdefault("metadata", {})["alt"] = (
+                            f"Figure of notebook {number}, section “{section}”")
             if "id" in cell:
                 cell.id = f"nb{number}-{cell.id}"[:64]  # nbformat's limit
             body.append(cell)
@@ -163,6 +170,16 @@ def _static(output):
     return output
 
 
+# nbconvert's lab page, with each figure's alt text (output metadata "alt"): without one,
+# nbconvert writes a placeholder and warns
+TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{% block data_png scoped %}{{ super() | replace('<img src=', '<img alt="'
+   ~ (output.metadata.get('alt', '') | escape) ~ '" src=', 1) }}{% endblock data_png %}
+{% block data_jpg scoped %}{{ super() | replace('<img src=', '<img alt="'
+   ~ (output.metadata.get('alt', '') | escape) ~ '" src=', 1) }}{% endblock data_jpg %}
+"""
+
+
 def build_report(run_dir, out=None) -> Path:
     """Write the run's report (default ``<run>/report.html``) and return its path."""
     from nbconvert import HTMLExporter
@@ -173,7 +190,9 @@ def build_report(run_dir, out=None) -> Path:
     out = Path(out).resolve() if out else run_dir / "report.html"
     nb = combined_notebook(run_dir, out.parent)
     exporter = HTMLExporter(template_name="lab", exclude_input=True, exclude_input_prompt=True,
-                            exclude_output_prompt=True, embed_images=True)
+                            exclude_output_prompt=True, embed_images=True,
+                            extra_loaders=[jinja2.DictLoader({"report.html.j2": TEMPLATE})],
+                            template_file="report.html.j2")
     body, _ = exporter.from_notebook_node(
         nb, resources={"metadata": {"path": str(run_dir), "name": f"report {run_dir.name}"}})
     body = re.sub(r"<script[^>]*src=\"https?://[^\"]*\"[^>]*>\s*</script>", "", body)

@@ -308,18 +308,21 @@ def _click_every_link(page, url: str) -> int:
 
 
 def test_report_opens_offline_with_its_figures(browser, run_notebooks, tmp_path, capsys,
-                                               monkeypatch):
+                                               monkeypatch, caplog):
+    import logging
     import warnings
     monkeypatch.delenv("MPLBACKEND")  # the kernel's inline backend: figures in the outputs
     run = run_notebooks("00", tmp_path / "run")
     _add_unexecuted_notebooks(run)
     elsewhere = tmp_path / "elsewhere" / "deeper" / "report.html"
+    caplog.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert cli.main(["report", "--run", str(run)]) == 0
         assert cli.main(["report", "--run", str(run), "--out", str(elsewhere)]) == 0
     assert not [w for w in caught if not issubclass(w.category, DeprecationWarning)], \
         [str(w.message) for w in caught]  # e.g. nbformat's DuplicateCellId
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert "report.html" in capsys.readouterr().out
     context = browser.new_context(offline=True)  # everything must be inside the file
     page = context.new_page()
@@ -330,6 +333,8 @@ def test_report_opens_offline_with_its_figures(browser, run_notebooks, tmp_path,
         page.wait_for_load_state("load")
         sizes = page.evaluate("[...document.images].map(i => i.complete ? i.naturalWidth : 0)")
         assert sizes and all(w > 100 for w in sizes), sizes  # the figures decoded
+        alts = page.evaluate("[...document.images].map(i => i.alt)")
+        assert all(a.startswith("Figure of notebook 00, section") for a in alts), alts
         assert "Profile smoke" in page.inner_text("body")
         links = page.locator("a[href^='#nb-']")
         assert links.count() >= 2
