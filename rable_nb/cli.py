@@ -71,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="serve notebook 07's app as a web page (Voilà)")
     demo.add_argument("--run", help="run directory (default: the newest one with a trained model)")
-    demo.add_argument("--port", type=int, help="port (default: a free one)")
+    demo.add_argument("--port", type=int, help="port (default: a free one; a busy one is refused)")
+    demo.add_argument("--pool", type=int, help="pre-heated kernels waiting for visitors "
+                      "(default webapp.POOL = 1; 0: each visitor waits for a new kernel)")
+    demo.add_argument("--cull-after", type=float, help="seconds after which a kernel with no "
+                      "page and no activity is shut down (default webapp.CULL_AFTER = 120)")
 
     report = sub.add_parser("report", help="a run's executed notebooks as one HTML page")
     report.add_argument("--run", required=True, help="run directory, e.g. runs/smoke")

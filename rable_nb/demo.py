@@ -27,12 +27,15 @@ directory. ``python -m rable_nb demo`` serves the notebook as a web page (``weba
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import html
 import io
+import json
 import logging
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -41,7 +44,7 @@ import ipywidgets as widgets
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import artefacts, config, jsonl, predictions, runfiles
+from . import artefacts, config, evaluation, jsonl, predictions, runfiles
 from .predictions import predict_proba
 
 MAX_BYTES = 10 * 1024 * 1024
@@ -127,13 +130,21 @@ def profile_defaults(params: dict) -> dict:
     return {params["PROFILE"]: {"RUN_DIR": str(find_run())}}
 
 
+def only_test_images(cifar):
+    """``cifar`` without its training images: the demo shows test images only, and each
+    web visitor's kernel holds its own copy (CIFAR-10's training set: 150 MB)."""
+    return dataclasses.replace(cifar, train_x=cifar.train_x[:0].copy(),
+                               train_y=cifar.train_y[:0].copy())
+
+
 def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def feedback_summary(run_dir) -> str:
     """One line on what ``feedback.jsonl`` holds (lines, distinct images)."""
-    entries = read_feedback(run_dir)
+    entries = jsonl.read(artefacts.inside(run_dir, FEEDBACK_FILE, "feedback file"),
+                         schema=FEEDBACK_ROW)
     if not entries:
         return "No feedback saved in this run yet."
     images = len({e["sha256"] for e in entries})
@@ -227,25 +238,95 @@ def append_feedback(run_dir, image: np.ndarray, sha256: str, candidates: list[in
     return entry
 
 
-def read_feedback(run_dir) -> list[dict]:
-    """The lines of ``feedback.jsonl`` (inside the run, each of ``FEEDBACK_ROW``)."""
-    return jsonl.read(artefacts.inside(run_dir, FEEDBACK_FILE, "feedback file"),
-                      schema=FEEDBACK_ROW)
-
-
-def load_feedback(run_dir, num_classes: int = 10) -> dict:
+def load_feedback(run_dir, num_classes: int = 10, classes=None) -> dict:
     """``feedback.jsonl`` as partial-label data: images (N×32×32×3), candidates (N×C bool),
-    sha256; the latest line wins when an image was labelled more than once."""
-    path = artefacts.inside(run_dir, FEEDBACK_FILE, "feedback file")
-    latest = {e["sha256"]: e for e in read_feedback(run_dir)}
-    images = np.zeros((len(latest), 32, 32, 3), np.uint8)
-    candidates = np.zeros((len(latest), num_classes), bool)
-    for i, entry in enumerate(latest.values()):
-        with Image.open(artefacts.inside(run_dir, entry["image"],
-                                         f"feedback image of {path}")) as img:
-            images[i] = np.asarray(img.convert("RGB"))
-        candidates[i, entry["candidate_ids"]] = True
-    return dict(images=images, candidates=candidates, sha256=list(latest))
+    sha256, and ``refused`` (:func:`read_feedback`'s reasons for the lines left out); the
+    latest line wins when an image was labelled more than once."""
+    rows, refused = read_feedback(artefacts.inside(run_dir, FEEDBACK_FILE, "feedback file"),
+                                  classes, num_classes)
+    images = np.zeros((len(rows), 32, 32, 3), np.uint8)
+    candidates = np.zeros((len(rows), len(classes) if classes else num_classes), bool)
+    for i, row in enumerate(rows):
+        images[i] = row["image"]
+        candidates[i, row["candidate_ids"]] = True
+    return dict(images=images, candidates=candidates, sha256=[r["sha256"] for r in rows],
+                refused=refused)
+
+
+class BadFeedback(ValueError):
+    """A feedback line that cannot be used; the message says why."""
+
+
+FEEDBACK_FIELDS = {"sha256": str, "image": str, "candidates": list, "candidate_ids": list}
+FEEDBACK_IMAGE = re.compile(r"feedback/([0-9a-f]{64})\.png")  # what append_feedback writes
+
+
+def read_feedback(path, classes=None, num_classes: int = 10) -> tuple[list[dict], list[str]]:
+    """Every line of a ``feedback.jsonl`` checked: ``(rows, refused)``.
+
+    ``rows``: ``{"sha256", "image" (uint8 32×32×3), "candidate_ids", "where"}`` of the lines
+    kept, where a later line for the same image replaces an earlier one (the demo's rule:
+    the latest set counts); none when there is no file. ``refused``: ``"FILE line N:
+    reason"`` for each line left out —
+    damaged (not JSON, a field missing or of the wrong type, its image missing, unreadable
+    or not a 32×32 RGB PNG) or foreign (labels that are not ``classes`` or out of range, an
+    image that is not ``feedback/<its sha256>.png`` beside the file).
+    """
+    path = Path(path)
+    num_classes = len(classes) if classes is not None else num_classes
+    kept, refused = {}, []
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    for n, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        where = f"{short_path(path)} line {n}"
+        try:
+            try:
+                entry = json.loads(text)
+            except json.JSONDecodeError:
+                raise BadFeedback("damaged: not a JSON line") from None
+            row = _feedback_row(entry, path.parent, classes, num_classes)
+        except BadFeedback as err:
+            refused.append(f"{where}: {err}")
+            continue
+        kept.pop(row["sha256"], None)
+        kept[row["sha256"]] = {**row, "where": where}
+    return list(kept.values()), refused
+
+
+def _feedback_row(entry, folder: Path, classes, num_classes: int) -> dict:
+    if not isinstance(entry, dict) or any(not isinstance(entry.get(k), t)
+                                          for k, t in FEEDBACK_FIELDS.items()):
+        raise BadFeedback(f"damaged: not a feedback record (it needs {', '.join(FEEDBACK_FIELDS)})")
+    ids = entry["candidate_ids"]
+    if not ids or not all(config.is_int(c) and 0 <= c < num_classes for c in ids) or len(
+            set(ids)) != len(ids):
+        raise BadFeedback(f"foreign: candidate_ids {ids} are not distinct labels 0–{num_classes - 1}")
+    if classes is not None and entry["candidates"] != [classes[c] for c in ids]:
+        raise BadFeedback(f"foreign: candidates {entry['candidates']} are not the classes "
+                          f"{ids} of this data set")
+    name = FEEDBACK_IMAGE.fullmatch(entry["image"])
+    if not name or name.group(1) != entry["sha256"]:
+        raise BadFeedback(f"foreign: its image {entry['image']!r} is not "
+                          "feedback/<its sha256>.png beside the file")
+    try:
+        target = artefacts.inside(folder, entry["image"], "feedback image")
+    except artefacts.OutsideError as err:
+        raise BadFeedback(f"foreign: {err}") from None
+    try:
+        with Image.open(target, formats=["PNG"]) as img:
+            img.load()
+            if img.size != (32, 32) or img.mode != "RGB":
+                raise BadFeedback(f"damaged: its image {entry['image']} is {img.width}×"
+                                  f"{img.height} {img.mode}, not 32×32 RGB")
+            image = np.array(img, dtype=np.uint8)
+    except BadFeedback:
+        raise
+    except FileNotFoundError:
+        raise BadFeedback(f"damaged: its image {entry['image']} is missing") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise BadFeedback(f"damaged: its image {entry['image']} cannot be read ({err})") from None
+    return dict(sha256=entry["sha256"], image=image, candidate_ids=[int(c) for c in ids])
 
 
 def _never_raise(callback):
@@ -290,14 +371,16 @@ class DemoApp:
     """The widget app; ``app.widget`` is what the notebook displays.
 
     ``models``: ``predictions.load_models`` output; ``test_x``/``test_y``: uint8 test images
-    and labels for the "random test image" button. ``adjust``: start with the test-time
+    and labels for the "random test image" button, drawn from a stream seeded by ``seed``
+    (None: fresh entropy, so each kernel — each visitor of the web app — draws its own
+    images). ``adjust``: start with the test-time
     logit adjustment on (where the selected model has a prior). Widgets carry ``rable-*``
     CSS classes, which the browser test uses to find them.
     """
 
     ADJUST_HELP = "subtract the model's log class prior from its logits (RECORDS)"
 
-    def __init__(self, models: dict, classes, test_x, test_y, run_dir, seed: int = 0,
+    def __init__(self, models: dict, classes, test_x, test_y, run_dir, seed: int | None = None,
                  adjust: bool = False, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS):
         self.models, self.classes = models, list(classes)
         self.test_x, self.test_y, self.run_dir = test_x, test_y, Path(run_dir)
@@ -318,6 +401,10 @@ class DemoApp:
                                        indent=False, tooltip=self.ADJUST_HELP,
                                        layout=widgets.Layout(width="210px"))
         self.adjust_note = widgets.HTML()
+        self.trained = widgets.HTML()
+        # how many demo feedback images each model was trained on (notebook 04's FEEDBACK)
+        self.feedback_trained = {m: int(v.get("n_feedback", 0)) for m, v in
+                                 evaluation.current_metrics(self.run_dir).items()}
         self.message = widgets.HTML(layout=widgets.Layout(min_height="24px"))
         self.preview = widgets.Image(value=PLACEHOLDER, format="png", width=PREVIEW_PX,
                                      height=PREVIEW_PX,
@@ -337,6 +424,7 @@ class DemoApp:
         for widget, name in [(self.uploader, "upload"), (self.random_button, "random"),
                              (self.model, "model"), (self.adjust, "adjust"),
                              (self.message, "message"), (self.preview, "preview"),
+                             (self.trained, "trained"),
                              (self.save_button, "save"), (self.summary, "summary"),
                              *[(n, "bar-name") for n in self.bar_names],
                              *[(v, "bar-value") for v in self.bar_values],
@@ -362,7 +450,7 @@ class DemoApp:
             widgets.HBox([self.save_button, self.summary])])
         self.widget = widgets.VBox([
             widgets.HTML(STYLE),
-            widgets.HBox([self.uploader, self.random_button, self.model]),
+            widgets.HBox([self.uploader, self.random_button, self.model, self.trained]),
             widgets.HTML(f'<span style="color:#555">Models of the run <b>'
                          f"{html.escape(short_path(self.run_dir))}</b>. Images ({formats}, …) "
                          f"up to {max_bytes / 2**20:.0f} MB; they are cropped to a square and "
@@ -386,7 +474,11 @@ class DemoApp:
         return self.adjust.value and not self.adjust.disabled
 
     def _update_adjust(self) -> None:
-        """Enable the adjustment only for a model with a logit prior, and say why not."""
+        """Enable the adjustment only for a model with a logit prior, and say why not; say
+        how many feedback images the selected model was trained on."""
+        n = self.feedback_trained.get(self.model.value, 0)
+        self.trained.value = (f'<span style="color:#555">trained on '
+                              f"{plural(n, 'feedback image')}</span>")
         has_prior = self.models[self.model.value]["prior"] is not None
         self.adjust.disabled = not has_prior
         self.adjust_note.value = (
@@ -444,7 +536,7 @@ class DemoApp:
         self._clear_ticks()
         self._update_summary()
         self.show_message(f"Saved {{{', '.join(entry['candidates'])}}} for {cur['source']} "
-                          f"to {self.run_dir / FEEDBACK_FILE}.")
+                          f"to {short_path(self.run_dir / FEEDBACK_FILE)}.")
 
     # -- actions ----------------------------------------------------------------------
     def show(self, image: np.ndarray, sha256: str, source: str, true_label=None) -> None:

@@ -7,18 +7,27 @@ provenance (profile, commit, device, each notebook's parameters and time, from
 text, printed results and figures, without the code (the notebooks hold it). Everything is
 inside the one file, so it opens offline: figures are embedded, formulas are turned into
 MathML (which browsers draw themselves) instead of loading MathJax from the web, and the
-static copy of an interactive widget is replaced by a note saying where it runs.
+static copy of an interactive widget is replaced by a note saying where it runs. Progress
+bars (tqdm's widgets) are left out: they are not content. Links the notebooks make into the
+project (``../docs/usage.md#data``, relative to ``notebooks/``) are rewritten relative to
+wherever the report is written, so they resolve from ``runs/NAME/report.html`` or any
+``--out``. Each cell's id is prefixed with its notebook's number: every executed notebook
+has a papermill ``parameters`` cell of the same id, and duplicate ids in one notebook are
+invalid (nbformat's ``DuplicateCellId``).
 """
 from __future__ import annotations
 
 import html
+import os
 import re
 import sys
 from pathlib import Path
 
+import jinja2
 import nbformat
 
 from . import config, figures, runfiles
+from .runner import NOTEBOOK_DIR
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_NOTE = ("<p><i>An interactive widget: it runs in a live notebook (JupyterLab) or, for "
@@ -27,6 +36,12 @@ CODE_SPAN = re.compile(r"(`+)(.+?)\1", re.S)
 MATH = re.compile(r"(?<!\\)\$\$(.+?)(?<!\\)\$\$|(?<![\\$])\$(?![\s$])([^$\n]+?)(?<![\\\s])\$",
                   re.S)
 HEADING = re.compile(r"^(#{1,3})\s+(.*)$", re.M)
+# a Markdown link's target or an HTML href: what the notebooks link to
+LINK = re.compile(r"(\]\(|href=\")([^)\s\"]+)")
+EXTERNAL = re.compile(r"^(?:[a-z][a-z0-9+.-]*:|#|/)", re.I)  # a scheme, an anchor, absolute
+# the end of tqdm's text of a progress bar: "desc: 40%|####  | 2/5 [00:01<00:02, 1.5it/s]",
+# "desc: 3it [00:00, 2.5it/s]" (unknown total)
+PROGRESS_BAR = re.compile(r"\[(?:\d+:)?\d\d:\d\d(?:<[^\]]*)?, [^\]]*\]\s*$")
 
 
 class ReportError(RuntimeError):
@@ -89,19 +104,31 @@ def _parameters(params: dict) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in shown.items()) or "–"
 
 
-def combined_notebook(run_dir: Path) -> nbformat.NotebookNode:
+def combined_notebook(run_dir: Path, link_base: Path | None = None) -> nbformat.NotebookNode:
     """One notebook: provenance, contents, then each executed notebook's cells (headings
-    anchored ``nb-<number>-<i>`` for the contents, widgets replaced by a note)."""
+    anchored ``nb-<number>-<i>`` for the contents, widgets replaced by a note, progress
+    bars left out, links into the project made relative to ``link_base``, the folder the
+    report is written to; default: the run directory)."""
     notebooks = executed_notebooks(run_dir)
+    link_base = Path(link_base or run_dir)
     toc, body = [], []
     for path in notebooks:
         nb = nbformat.read(path, as_version=4)
         number = path.name[:2]
         for cell in nb.cells:
             if cell.cell_type == "markdown":
-                cell.source = _anchor_headings(to_mathml(cell.source), number, toc)
+                cell.source = _anchor_headings(
+                    to_mathml(relink(cell.source, link_base)), number, toc)
             elif cell.cell_type == "code":
-                cell.outputs = [_static(o) for o in cell.outputs]
+                cell.outputs = [_static(o) for o in cell.outputs if not is_progress_bar(o)]
+                section = next((text for _, text, a in reversed(toc)
+                                if a.startswith(f"nb-{number}-")), path.stem)
+                for output in cell.outputs:  # alt text of a figure: where it stands
+                    if {"image/png", "image/jpeg"} & set(output.get("data", {})):
+                        output.setdefault("metadata", {})["alt"] = (
+                            f"Figure of notebook {number}, section “{section}”")
+            if "id" in cell:
+                cell.id = f"nb{number}-{cell.id}"[:64]  # nbformat's limit
             body.append(cell)
     contents = "\n".join(f"{'    ' * (level - 1)}- [{html.escape(text)}](#{anchor})"
                          for level, text, anchor in toc if level <= 2)
@@ -122,12 +149,41 @@ def _anchor_headings(markdown: str, number: str, toc: list) -> str:
     return HEADING.sub(anchor, markdown)
 
 
+def relink(markdown: str, link_base: Path) -> str:
+    """Relative link targets (written from ``notebooks/``) rewritten relative to
+    ``link_base``; web addresses, anchors and absolute paths stay as they are."""
+    def target(m):
+        link = m.group(2)
+        if EXTERNAL.match(link):
+            return m.group(0)
+        path, hash_, anchor = link.partition("#")
+        moved = Path(os.path.relpath((NOTEBOOK_DIR / path).resolve(), link_base)).as_posix()
+        return f"{m.group(1)}{moved}{hash_}{anchor}"
+    return LINK.sub(target, markdown)
+
+
+def is_progress_bar(output) -> bool:
+    """A tqdm progress bar: a widget whose text is tqdm's meter (not the run's content)."""
+    data = output.get("data", {})
+    return WIDGET_VIEW in data and bool(PROGRESS_BAR.search(str(data.get("text/plain", ""))))
+
+
 def _static(output):
     """A widget's output becomes the note (its saved text would be a Python repr)."""
     data = output.get("data", {})
     if WIDGET_VIEW in data:
         return nbformat.v4.new_output("display_data", data={"text/html": WIDGET_NOTE})
     return output
+
+
+# nbconvert's lab page, with each figure's alt text (output metadata "alt"): without one,
+# nbconvert writes a placeholder and warns
+TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{% block data_png scoped %}{{ super() | replace('<img src=', '<img alt="'
+   ~ (output.metadata.get('alt', '') | escape) ~ '" src=', 1) }}{% endblock data_png %}
+{% block data_jpg scoped %}{{ super() | replace('<img src=', '<img alt="'
+   ~ (output.metadata.get('alt', '') | escape) ~ '" src=', 1) }}{% endblock data_jpg %}
+"""
 
 
 def build_report(run_dir, out=None) -> Path:
@@ -137,13 +193,15 @@ def build_report(run_dir, out=None) -> Path:
     run_dir = Path(run_dir).resolve()
     if not run_dir.is_dir():
         raise ReportError(f"Run directory {run_dir} does not exist.")
-    nb = combined_notebook(run_dir)
+    out = Path(out).resolve() if out else run_dir / "report.html"
+    nb = combined_notebook(run_dir, out.parent)
     exporter = HTMLExporter(template_name="lab", exclude_input=True, exclude_input_prompt=True,
-                            exclude_output_prompt=True, embed_images=True)
+                            exclude_output_prompt=True, embed_images=True,
+                            extra_loaders=[jinja2.DictLoader({"report.html.j2": TEMPLATE})],
+                            template_file="report.html.j2")
     body, _ = exporter.from_notebook_node(
         nb, resources={"metadata": {"path": str(run_dir), "name": f"report {run_dir.name}"}})
     body = re.sub(r"<script[^>]*src=\"https?://[^\"]*\"[^>]*>\s*</script>", "", body)
-    out = Path(out).resolve() if out else run_dir / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     config.write_atomic(out, lambda tmp: tmp.write_text(body, encoding="utf-8"))
     return out

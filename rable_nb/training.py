@@ -8,6 +8,7 @@ names the protocol, drops the stale results of an earlier run and writes the met
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,6 +30,8 @@ LT_RHO100_IMAGES = 12406  # CIFAR-10-LT, rho = 100, n_max = 5000
 PROFILE_DEFAULTS = config.TRAINING_DEFAULTS
 PROTOCOL_SETTINGS = config.PROTOCOL_SETTINGS
 PROTOCOL_RULE = config.one_of(sorted(PROTOCOL_SETTINGS))
+FEEDBACK_RULE = (lambda v: config.PATH[0](v) or (isinstance(v, list) and bool(v) and all(
+    config.PATH[0](p) for p in v)), "a feedback.jsonl path or a non-empty list of them")
 
 
 def stage_defaults(protocol: str | None = None) -> dict[str, dict]:
@@ -90,13 +93,76 @@ def synthetic_candidates(labels: np.ndarray, ds_params: dict, kind: str, cifar, 
     return dataset.instance_candidates(probs, labels, float(ds_params["RATE"]), seed)
 
 
+def feedback_paths(feedback) -> list[Path]:
+    """``FEEDBACK`` (a path or a list of paths, relative to the project) as files; a missing
+    one is a ``ValueError`` naming it."""
+    paths = [config.project_path(p) for p in ([feedback] if isinstance(feedback, str)
+                                              else feedback or [])]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ValueError(f"FEEDBACK={feedback!r} is invalid: no such file: {', '.join(missing)} "
+                         "(the demo saves feedback.jsonl in the run directory it serves).")
+    return paths
+
+
+def feedback_data(feedback, cifar, train_x: np.ndarray) -> dict:
+    """The images people labelled in the demo (``FEEDBACK``: one or more ``feedback.jsonl``
+    files), as partial-label training data: ``x`` (N×32×32×3 uint8), ``candidates`` (N×C)
+    and ``info`` (files, n, sha256 of each image, refused lines) for the metrics.
+
+    Every line and image is checked (``demo.read_feedback``: damaged or foreign lines are
+    refused); then, by the 32×32 pixels, an image of the CIFAR-10 test set is refused
+    (training on it would leak the test set), and so is a duplicate: an image already in
+    ``train_x`` or given by an earlier line or file. Each refusal names its file and line.
+    """
+    from .demo import read_feedback, short_path  # ipywidgets & co: only with feedback
+
+    def key(image):
+        return hashlib.sha1(np.ascontiguousarray(image).tobytes()).digest()
+
+    test = {key(img): i for i, img in enumerate(cifar.test_x)}
+    seen = {key(img): "the training set" for img in train_x}
+    x, cand, sha, refused = [], [], [], []
+    paths = feedback_paths(feedback)
+    for path in paths:
+        rows, bad = read_feedback(path, list(cifar.classes))
+        refused += bad
+        for row in rows:
+            k = key(row["image"])
+            if k in test:
+                refused.append(f"{row['where']}: CIFAR-10 test image #{test[k]}: training on "
+                               "it would leak the test set")
+            elif k in seen:
+                refused.append(f"{row['where']}: duplicate: the same image as {seen[k]}")
+            else:
+                seen[k] = row["where"]
+                x.append(row["image"])
+                cand.append(np.isin(np.arange(cifar.num_classes), row["candidate_ids"]))
+                sha.append(row["sha256"])
+    info = dict(files=[short_path(p) for p in paths], n=len(x), sha256=sha,
+                refused=refused)
+    return dict(x=np.array(x, np.uint8).reshape(-1, 32, 32, 3),
+                candidates=np.array(cand, bool).reshape(-1, cifar.num_classes), info=info)
+
+
+def feedback_report(feedback, run_dir, cifar) -> str:
+    """What ``FEEDBACK`` adds to the run's training set, and each line it refuses."""
+    ds = dataset.load_dataset(run_dir, cifar)
+    info = feedback_data(feedback, cifar, cifar.train_x[ds["indices"]])["info"]
+    from .demo import plural
+    lines = [f"FEEDBACK: {plural(info['n'], 'labelled image')} from {', '.join(info['files'])} "
+             f"join the training set; {plural(len(info['refused']), 'line')} refused"]
+    return "\n".join(lines + [f"  refused {r}" for r in info["refused"]])
+
+
 def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int = 0,
                  synthetic_labels: str = "exact", device: str = "auto",
                  params: dict | None = None, synth_weight: float = 1.0) -> dict:
     """Training images/candidates/labels (+ synthetic ones when the method's
     ``data_sources`` ask for them, e.g. ``rable``; + pseudo-labelled unlabeled ones for
     ``unlabeled``, e.g. ``able+unlabeled``, with the settings in ``params``: see
-    ``rable_nb/unlabeled.py``) and the test set.
+    ``rable_nb/unlabeled.py``; + the images people labelled in the demo, ``FEEDBACK`` in
+    ``params``: :func:`feedback_data`) and the test set.
 
     A method whose ``inputs`` are ``"features"`` (``rable-feature``) gets the features of the
     run's backbone (``generator/backbone.safetensors``) instead of the images, and
@@ -105,16 +171,25 @@ def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int =
     when it is 1). ``source``: each synthetic sample's source row (the manifest's ``source``,
     −1 for real images and samples made from no one image; None without any). ``class_counts`` stays the real long tail's (it defines
     many/medium/few). The labels of added images are their hidden truth, for the logs'
-    pseudo-label accuracy only.
+    pseudo-label accuracy only; feedback images have none (-1: counted as misses there).
     """
     ds = dataset.load_dataset(run_dir, cifar)
     x, cand, y = cifar.train_x[ds["indices"]], ds["candidates"], ds["labels"]
     n_synth, fields, weight, init, source = 0, {"n_unlabeled": 0}, None, None, None
+    feedback = (params or {}).get("FEEDBACK")
+    if feedback:
+        if methods.parse(method)[0] == "supervised":
+            raise ValueError(f"{method!r} cannot use FEEDBACK: it trains on true labels, and "
+                             "feedback images have a candidate set, no true label.")
+        fb = feedback_data(feedback, cifar, x)
+        x, cand = np.concatenate([x, fb["x"]]), np.concatenate([cand, fb["candidates"]])
+        y = np.concatenate([y.astype(np.int64), np.full(fb["info"]["n"], -1)])  # no truth
+        fields.update(n_feedback=fb["info"]["n"], feedback=fb["info"])
     if "unlabeled" in methods.data_sources(method):
         u = unlabeled.pseudo_labelled(ds, cifar, {"SEED": seed, **(params or {})}, device)
         x, cand = np.concatenate([x, u["x"]]), np.concatenate([cand, u["candidates"]])
         y = np.concatenate([y, u["hidden"]])
-        fields = {"n_unlabeled": u["info"]["n"], "unlabeled": u["info"]}
+        fields.update(n_unlabeled=u["info"]["n"], unlabeled=u["info"])  # feedback's stay
     synthetic = "synthetic" in methods.data_sources(method)
     problem = synthetic and synthetic_problem(method, run_dir)
     if problem:
@@ -291,6 +366,7 @@ def validate(P: dict) -> None:
         "ALLOW_SKIP": config.BOOLEAN, "SYNTH_WEIGHT": config.number(0),
         "SYNTH_PLAUSIBLE": config.number(0, 1, low_open=True),
         "PRECISION": config.one_of(PRECISIONS),
+        "FEEDBACK": FEEDBACK_RULE,
     })
     n = dataset.num_images(P.get("dataset") or {})
     if n is not None and config.is_int(P.get("BATCH_SIZE")) and P["BATCH_SIZE"] > n:

@@ -210,6 +210,7 @@ def test_feedback_is_appended_as_candidate_sets(app, cifar, tmp_path):
     assert lines[1]["source"] == "upload: sky.png" and lines[1]["model"] == "able"
     assert lines[0]["adjusted"] is False
     assert not any(box.value for box in app.checks)  # cleared after saving
+    assert demo.load_feedback(tmp_path / "nothing saved")["images"].shape == (0, 32, 32, 3)
     fb = demo.load_feedback(tmp_path)
     assert fb["candidates"].tolist()[0] == [c in (3, 5) for c in range(10)]
     assert np.array_equal(fb["images"][0], first["image"])
@@ -275,8 +276,8 @@ def test_the_newest_trained_run_is_found_and_a_missing_one_named(tmp_path):
 
 def test_demo_refuses_in_one_line_and_notebook_07_creates_no_run_dir(tmp_path, monkeypatch,
                                                                       capsys):
-    from rable_nb import cli, config
-    monkeypatch.setattr(config, "PROJECT_ROOT", tmp_path)
+    from rable_nb import cli, config, webapp  # noqa: F401 - webapp (and runner) read the
+    monkeypatch.setattr(config, "PROJECT_ROOT", tmp_path)  # project root when imported
     (tmp_path / "runs" / "smoke").mkdir(parents=True)
     assert cli.main(["demo"]) == 1
     err = capsys.readouterr().err.strip()
@@ -296,6 +297,94 @@ def test_servers_accept_a_message_bigger_than_the_largest_upload():
     assert lab == demo.SERVER_MESSAGE_LIMIT > 100 * 2**20 + 2**20  # MAX_UPLOAD_MB <= 100
     with pytest.raises(ValueError, match="MAX_UPLOAD_MB"):
         demo.validate({"MAX_UPLOAD_MB": 101})
-    nb = webapp.without_notebook_only_cells(None, nbformat.read(
-        webapp.NOTEBOOK, as_version=4), None)
+    nb = webapp.without_notebook_only_cells(nbformat.read(webapp.NOTEBOOK, as_version=4))
     assert nb.cells and not any("app.random_button.click()" in c.source for c in nb.cells)
+
+
+def test_each_app_draws_its_own_random_images_unless_seeded(trained_run, cifar, tmp_path):
+    models = predictions.load_models(trained_run, device="cpu")
+
+    def draws(seed):
+        app = demo.DemoApp(models, cifar.classes, cifar.test_x, cifar.test_y, tmp_path, seed=seed)
+        return [int(app.rng.integers(len(cifar.test_x))) for _ in range(8)]
+    assert draws(None) != draws(None)  # a fresh stream per kernel, i.e. per web visitor
+    assert draws(3) == draws(3)
+
+
+def test_the_save_message_names_the_file_relative_to_the_project(app, tmp_path, monkeypatch):
+    from rable_nb import config
+    monkeypatch.setattr(config, "PROJECT_ROOT", tmp_path.parent)
+    app.random_button.click()
+    app.checks[2].value = True
+    app.save_button.click()
+    assert f"to {tmp_path.name}/feedback.jsonl." in app.message.value
+    assert str(tmp_path.parent) not in app.message.value
+
+
+def test_the_app_says_how_many_feedback_images_the_model_was_trained_on(trained_run, cifar,
+                                                                        tmp_path):
+    import shutil
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    metrics = json.loads((run / "metrics-able+records.json").read_text())
+    (run / "metrics-able+records.json").write_text(json.dumps({**metrics, "n_feedback": 3}))
+    app = demo.DemoApp(predictions.load_models(run, device="cpu"), cifar.classes,
+                       cifar.test_x, cifar.test_y, run)
+    assert "trained on 0 feedback images" in app.trained.value
+    app.model.value = "able+records"
+    assert "trained on 3 feedback images" in app.trained.value
+
+
+def _feedback_line(folder, pixels, ids, classes, **change):
+    entry = demo.append_feedback(folder, pixels, hashlib.sha256(pixels.tobytes()).hexdigest(),
+                                 ids, classes)
+    return json.dumps({**entry, **change})
+
+
+def test_feedback_files_are_checked_line_by_line(cifar, tmp_path):
+    from rable_nb import training
+    classes, train = list(cifar.classes), cifar.train_x[:5]
+    new = [np.full((32, 32, 3), v, np.uint8) for v in (7, 77, 177, 250)]
+    a, b = tmp_path / "a", tmp_path / "b"
+    lines = [_feedback_line(a, new[0], [1, 2], classes),                       # 1 kept
+             "{not json",                                                      # 2 damaged
+             json.dumps({"sha256": "x"}),                                      # 3 damaged
+             _feedback_line(a, new[1], [0], classes, candidates=["dog"]),      # 4 foreign
+             _feedback_line(a, new[1], [0], classes, candidate_ids=[12]),      # 5 foreign
+             _feedback_line(a, new[1], [0], classes, image="../evil.png"),     # 6 foreign
+             _feedback_line(a, cifar.test_x[4], [0], classes),                 # 7 test image
+             _feedback_line(a, train[2], [3], classes),                        # 8 duplicate
+             _feedback_line(a, new[2], [4], classes),                          # 9 damaged png
+             _feedback_line(a, new[0], [5, 6], classes)]                       # 10 replaces 1
+    (a / "feedback" / f"{hashlib.sha256(new[2].tobytes()).hexdigest()}.png").write_bytes(b"\x89PNG")
+    (a / "feedback.jsonl").write_text("\n".join(lines) + "\n")
+    other = _feedback_line(b, new[0], [9], classes)  # the same image in a second file
+    (b / "feedback.jsonl").write_text(other + "\n" + _feedback_line(b, new[3], [8], classes))
+    fb = training.feedback_data([str(a / "feedback.jsonl"), str(b / "feedback.jsonl")],
+                                cifar, train)
+    refused = "\n".join(fb["info"]["refused"])
+    for n, reason in [(2, "damaged: not a JSON line"), (3, "damaged: not a feedback record"),
+                      (4, "foreign: candidates ['dog']"), (5, "foreign: candidate_ids [12]"),
+                      (6, "foreign: its image '../evil.png'"), (7, "CIFAR-10 test image #4"),
+                      (8, "duplicate: the same image as the training set"),
+                      (9, "damaged: its image feedback/")]:
+        assert f"a/feedback.jsonl line {n}: {reason}" in refused
+    assert "b/feedback.jsonl line 1: duplicate: the same image as " in refused
+    assert len(fb["info"]["refused"]) == 9 and fb["info"]["n"] == 2
+    assert np.array_equal(fb["x"], np.stack([new[0], new[3]]))
+    assert fb["candidates"][0].nonzero()[0].tolist() == [5, 6]  # line 10 replaced line 1
+    assert fb["candidates"][1].nonzero()[0].tolist() == [8]
+    with pytest.raises(ValueError, match="FEEDBACK=.*no such file"):
+        training.feedback_data(str(tmp_path / "nope.jsonl"), cifar, train)
+
+
+def test_a_busy_port_is_refused_with_a_clear_message(trained_run, capsys):
+    import socket
+
+    from rable_nb import cli
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.main(["demo", "--run", str(trained_run), "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: port {port} on 127.0.0.1 is in use" in err and "--port" in err

@@ -73,9 +73,14 @@ def test_feedback_and_captions_are_read_and_written_only_inside_the_run(tmp_path
     lines = (run / demo.FEEDBACK_FILE).read_text()
     (run / demo.FEEDBACK_FILE).write_text(lines + json.dumps(
         dict(entry, sha256="cd" * 32, image=str(outside))) + "\n")
-    with pytest.raises(artefacts.OutsideError, match=r"feedback image .*secret\.png leads "
-                                                     r"outside"):
-        demo.load_feedback(run)
+    fb = demo.load_feedback(run)   # the outside line is refused, named, and not loaded
+    assert len(fb["images"]) == 1 and len(fb["refused"]) == 1
+    assert "line 2: foreign" in fb["refused"][0]
+    (run / "feedback" / f"{'cd' * 32}.png").symlink_to(outside)
+    (run / demo.FEEDBACK_FILE).write_text(lines + json.dumps(
+        dict(entry, sha256="cd" * 32, image=f"feedback/{'cd' * 32}.png")) + "\n")
+    fb = demo.load_feedback(run)   # a link out of the run's feedback folder: refused too
+    assert len(fb["images"]) == 1 and "leads outside" in fb["refused"][0]
     (run / "feedback").rename(run / "fb")
     (run / "feedback").symlink_to(tmp_path, target_is_directory=True)
     with pytest.raises(artefacts.OutsideError, match="feedback image"):
