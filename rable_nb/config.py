@@ -124,6 +124,13 @@ def project_path(path: str | os.PathLike) -> Path:
     return path if path.is_absolute() else PROJECT_ROOT / path
 
 
+def short_path(path) -> str:
+    """``path`` relative to the project when it lies inside it (for messages), else as given."""
+    path = Path(path)
+    return str(path.relative_to(PROJECT_ROOT) if path.is_relative_to(PROJECT_ROOT)
+               else path)
+
+
 def cache_dir() -> Path:
     """Folder for decoded data and cached classifiers (``RABLE_CACHE`` or ``.cache/``)."""
     path = Path(os.environ.get("RABLE_CACHE", PROJECT_ROOT / ".cache"))

@@ -44,7 +44,7 @@ import ipywidgets as widgets
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import artefacts, config, evaluation, jsonl, predictions, runfiles
+from . import artefacts, config, evaluation, feedback, jsonl, predictions, runfiles
 from .predictions import predict_proba
 
 MAX_BYTES = 10 * 1024 * 1024
@@ -82,16 +82,16 @@ def find_run(run_dir=None, root=None) -> Path:
         if _model_time(run_dir) is not None:
             return run_dir
         others = [p for p in _runs(root) if p != run_dir and _model_time(p) is not None]
-        train = runfiles.rerun_command(short_path(run_dir), "01,04")
-        where = (f"runs with one: {', '.join(short_path(p) for p in others)}" if others else
+        train = runfiles.rerun_command(config.short_path(run_dir), "01,04")
+        where = (f"runs with one: {', '.join(config.short_path(p) for p in others)}" if others else
                  f"train one: {train}")
-        raise NoTrainedModel(f"{short_path(run_dir)} has no trained model (notebook 04's "
+        raise NoTrainedModel(f"{config.short_path(run_dir)} has no trained model (notebook 04's "
                              f"checkpoints with current metrics); {where}.")
     runs = _runs(root)
     trained = [(t, p) for p in runs if (t := _model_time(p)) is not None]
     if not trained:
-        looked = (", ".join(short_path(p) for p in runs)
-                  or f"{short_path(root)} (no run directories)")
+        looked = (", ".join(config.short_path(p) for p in runs)
+                  or f"{config.short_path(root)} (no run directories)")
         raise NoTrainedModel(f"No trained model: looked at {looked}; train one with "
                              "python -m rable_nb run --profile smoke --only 01,04 (writes "
                              "runs/smoke).")
@@ -115,12 +115,6 @@ def _model_time(run_dir: Path) -> float | None:
         return max(p.stat().st_mtime for p in predictions.find_models(run_dir).values())
     except (FileNotFoundError, OSError, ValueError, artefacts.DamagedFileError):
         return None
-
-
-def short_path(path: Path) -> str:
-    path = Path(path)
-    return str(path.relative_to(config.PROJECT_ROOT) if path.is_relative_to(config.PROJECT_ROOT)
-               else path)
 
 
 def profile_defaults(params: dict) -> dict:
@@ -240,9 +234,9 @@ def append_feedback(run_dir, image: np.ndarray, sha256: str, candidates: list[in
 
 def load_feedback(run_dir, num_classes: int = 10, classes=None) -> dict:
     """``feedback.jsonl`` as partial-label data: images (N×32×32×3), candidates (N×C bool),
-    sha256, and ``refused`` (:func:`read_feedback`'s reasons for the lines left out); the
+    sha256, and ``refused`` (:func:`feedback.read_feedback`'s reasons for the lines left out); the
     latest line wins when an image was labelled more than once."""
-    rows, refused = read_feedback(artefacts.inside(run_dir, FEEDBACK_FILE, "feedback file"),
+    rows, refused = feedback.read_feedback(artefacts.inside(run_dir, FEEDBACK_FILE, "feedback file"),
                                   classes, num_classes)
     images = np.zeros((len(rows), 32, 32, 3), np.uint8)
     candidates = np.zeros((len(rows), len(classes) if classes else num_classes), bool)
@@ -251,82 +245,6 @@ def load_feedback(run_dir, num_classes: int = 10, classes=None) -> dict:
         candidates[i, row["candidate_ids"]] = True
     return dict(images=images, candidates=candidates, sha256=[r["sha256"] for r in rows],
                 refused=refused)
-
-
-class BadFeedback(ValueError):
-    """A feedback line that cannot be used; the message says why."""
-
-
-FEEDBACK_FIELDS = {"sha256": str, "image": str, "candidates": list, "candidate_ids": list}
-FEEDBACK_IMAGE = re.compile(r"feedback/([0-9a-f]{64})\.png")  # what append_feedback writes
-
-
-def read_feedback(path, classes=None, num_classes: int = 10) -> tuple[list[dict], list[str]]:
-    """Every line of a ``feedback.jsonl`` checked: ``(rows, refused)``.
-
-    ``rows``: ``{"sha256", "image" (uint8 32×32×3), "candidate_ids", "where"}`` of the lines
-    kept, where a later line for the same image replaces an earlier one (the demo's rule:
-    the latest set counts); none when there is no file. ``refused``: ``"FILE line N:
-    reason"`` for each line left out —
-    damaged (not JSON, a field missing or of the wrong type, its image missing, unreadable
-    or not a 32×32 RGB PNG) or foreign (labels that are not ``classes`` or out of range, an
-    image that is not ``feedback/<its sha256>.png`` beside the file).
-    """
-    path = Path(path)
-    num_classes = len(classes) if classes is not None else num_classes
-    kept, refused = {}, []
-    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
-    for n, text in enumerate(lines, 1):
-        if not text.strip():
-            continue
-        where = f"{short_path(path)} line {n}"
-        try:
-            try:
-                entry = json.loads(text)
-            except json.JSONDecodeError:
-                raise BadFeedback("damaged: not a JSON line") from None
-            row = _feedback_row(entry, path.parent, classes, num_classes)
-        except BadFeedback as err:
-            refused.append(f"{where}: {err}")
-            continue
-        kept.pop(row["sha256"], None)
-        kept[row["sha256"]] = {**row, "where": where}
-    return list(kept.values()), refused
-
-
-def _feedback_row(entry, folder: Path, classes, num_classes: int) -> dict:
-    if not isinstance(entry, dict) or any(not isinstance(entry.get(k), t)
-                                          for k, t in FEEDBACK_FIELDS.items()):
-        raise BadFeedback(f"damaged: not a feedback record (it needs {', '.join(FEEDBACK_FIELDS)})")
-    ids = entry["candidate_ids"]
-    if not ids or not all(config.is_int(c) and 0 <= c < num_classes for c in ids) or len(
-            set(ids)) != len(ids):
-        raise BadFeedback(f"foreign: candidate_ids {ids} are not distinct labels 0–{num_classes - 1}")
-    if classes is not None and entry["candidates"] != [classes[c] for c in ids]:
-        raise BadFeedback(f"foreign: candidates {entry['candidates']} are not the classes "
-                          f"{ids} of this data set")
-    name = FEEDBACK_IMAGE.fullmatch(entry["image"])
-    if not name or name.group(1) != entry["sha256"]:
-        raise BadFeedback(f"foreign: its image {entry['image']!r} is not "
-                          "feedback/<its sha256>.png beside the file")
-    try:
-        target = artefacts.inside(folder, entry["image"], "feedback image")
-    except artefacts.OutsideError as err:
-        raise BadFeedback(f"foreign: {err}") from None
-    try:
-        with Image.open(target, formats=["PNG"]) as img:
-            img.load()
-            if img.size != (32, 32) or img.mode != "RGB":
-                raise BadFeedback(f"damaged: its image {entry['image']} is {img.width}×"
-                                  f"{img.height} {img.mode}, not 32×32 RGB")
-            image = np.array(img, dtype=np.uint8)
-    except BadFeedback:
-        raise
-    except FileNotFoundError:
-        raise BadFeedback(f"damaged: its image {entry['image']} is missing") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise BadFeedback(f"damaged: its image {entry['image']} cannot be read ({err})") from None
-    return dict(sha256=entry["sha256"], image=image, candidate_ids=[int(c) for c in ids])
 
 
 def _never_raise(callback):
@@ -452,7 +370,7 @@ class DemoApp:
             widgets.HTML(STYLE),
             widgets.HBox([self.uploader, self.random_button, self.model, self.trained]),
             widgets.HTML(f'<span style="color:#555">Models of the run <b>'
-                         f"{html.escape(short_path(self.run_dir))}</b>. Images ({formats}, …) "
+                         f"{html.escape(config.short_path(self.run_dir))}</b>. Images ({formats}, …) "
                          f"up to {max_bytes / 2**20:.0f} MB; they are cropped to a square and "
                          "shrunk to 32×32, as the model sees them.</span>"),
             widgets.HBox([self.adjust, self.adjust_note]),
@@ -536,7 +454,7 @@ class DemoApp:
         self._clear_ticks()
         self._update_summary()
         self.show_message(f"Saved {{{', '.join(entry['candidates'])}}} for {cur['source']} "
-                          f"to {short_path(self.run_dir / FEEDBACK_FILE)}.")
+                          f"to {config.short_path(self.run_dir / FEEDBACK_FILE)}.")
 
     # -- actions ----------------------------------------------------------------------
     def show(self, image: np.ndarray, sha256: str, source: str, true_label=None) -> None:

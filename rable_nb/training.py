@@ -18,6 +18,7 @@ import torch
 from . import (config, dataset, engine, evaluation, generators, methods, runfiles, unlabeled,
                warmup)
 from .engine import TrainConfig
+from .feedback import read_feedback
 from .networks import BACKBONES, PRECISIONS, device_name, save_model
 from .warmup import WARMUP_RULES
 
@@ -110,12 +111,11 @@ def feedback_data(feedback, cifar, train_x: np.ndarray) -> dict:
     files), as partial-label training data: ``x`` (N×32×32×3 uint8), ``candidates`` (N×C)
     and ``info`` (files, n, sha256 of each image, refused lines) for the metrics.
 
-    Every line and image is checked (``demo.read_feedback``: damaged or foreign lines are
+    Every line and image is checked (``feedback.read_feedback``: damaged or foreign lines are
     refused); then, by the 32×32 pixels, an image of the CIFAR-10 test set is refused
     (training on it would leak the test set), and so is a duplicate: an image already in
     ``train_x`` or given by an earlier line or file. Each refusal names its file and line.
     """
-    from .demo import read_feedback, short_path  # ipywidgets & co: only with feedback
 
     def key(image):
         return hashlib.sha1(np.ascontiguousarray(image).tobytes()).digest()
@@ -139,7 +139,7 @@ def feedback_data(feedback, cifar, train_x: np.ndarray) -> dict:
                 x.append(row["image"])
                 cand.append(np.isin(np.arange(cifar.num_classes), row["candidate_ids"]))
                 sha.append(row["sha256"])
-    info = dict(files=[short_path(p) for p in paths], n=len(x), sha256=sha,
+    info = dict(files=[config.short_path(p) for p in paths], n=len(x), sha256=sha,
                 refused=refused)
     return dict(x=np.array(x, np.uint8).reshape(-1, 32, 32, 3),
                 candidates=np.array(cand, bool).reshape(-1, cifar.num_classes), info=info)

@@ -35,7 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import demo, runfiles
+from . import config, demo, runfiles
 from .runner import NOTEBOOK_DIR
 
 NOTEBOOK = NOTEBOOK_DIR / "07_interactive_demo.ipynb"
@@ -161,7 +161,7 @@ def main_demo(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if given is None:
-        print(f"using the newest run with a trained model: {demo.short_path(run_dir)} "
+        print(f"using the newest run with a trained model: {config.short_path(run_dir)} "
               "(choose another with --run)")
     port = args.port or free_port()
     if port_in_use(port):
@@ -174,7 +174,7 @@ def main_demo(args) -> int:
         print("error: --pool must be >= 0 and --cull-after > 0.", file=sys.stderr)
         return 1
     app = voila_app(run_dir, port, pool=pool, cull_after=cull_after)
-    print(f"demo of {demo.short_path(run_dir)} at http://127.0.0.1:{app.port}/ (Ctrl-C stops "
+    print(f"demo of {config.short_path(run_dir)} at http://127.0.0.1:{app.port}/ (Ctrl-C stops "
           f"it; {demo.plural(pool, 'pre-heated kernel')}; a kernel without its page is shut "
           f"down after {cull_after:g} s)", flush=True)
     app.start()
