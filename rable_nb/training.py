@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import (config, dataset, engine, evaluation, generators, methods, runfiles, unlabeled,
-               warmup)
+from . import (backbone, config, dataset, engine, evaluation, generators, methods, runfiles,
+               unlabeled, warmup)
 from .engine import TrainConfig
 from .networks import BACKBONES, PRECISIONS, device_name, save_model
 from .warmup import WARMUP_RULES
@@ -46,8 +46,8 @@ def plausible_candidates(labels, x, run_dir, cifar, params: dict, device: str = 
     backbone) gives probability ≥ ``SYNTH_PLAUSIBLE`` — a generated image of c that looks like
     a dog may be one, and its candidate set says so instead of asserting c."""
     from .networks import batched_logits
-    if np.ndim(x) == 2:
-        net, _ = generators.feature.load_backbone(run_dir, device)
+    if np.ndim(x) == 2:  # feature vectors: a feature-space backend's samples
+        net, _ = backbone.load_backbone(run_dir, device)
         with torch.inference_mode():
             logits = net.classifier(torch.as_tensor(x, device=next(net.parameters()).device))
     else:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import audit, conditioning, dataset, engine, generators, jsonl, methods, rebalance, training
+from rable_nb import (audit, backbone, conditioning, dataset, engine, generators, jsonl, methods,
+                      rebalance, training)
 from rable_nb.generators import feature
 from rable_nb.methods import Outputs
 from rable_nb.networks import PLLNet
@@ -154,9 +155,9 @@ def test_copied_training_features_are_fully_memorised(small_long_tail):
     cifar, ds, x = small_long_tail
     torch.manual_seed(0)
     net = PLLNet("tiny_cnn").eval()
-    train_f = feature.encode(net, x)
+    train_f = backbone.encode(net, x)
     test = dataset.balanced_subset(cifar.test_y, 10, 0)
-    test_f = feature.encode(net, cifar.test_x[test])
+    test_f = backbone.encode(net, cifar.test_x[test])
     rows = np.flatnonzero(ds["labels"] >= 7)              # "synthetic" = copies of rare ones
     result = audit.feature_audit(train_f[rows], ds["labels"][rows], train_f, ds["labels"],
                                  test_f, cifar.test_y[test], net.classifier, cifar.classes,
@@ -287,8 +288,8 @@ def test_notebooks_03_04_with_features_train_rable_feature_and_refuse_rable(
     # the checkpoint is a whole network: the frozen backbone of notebook 03 + the new head
     from rable_nb.networks import load_model
     model, _, _ = load_model(tmp_path / "checkpoints" / "rable-feature.safetensors")
-    backbone, _ = feature.load_backbone(tmp_path, "cpu")
-    mine, theirs = model.state_dict(), backbone.state_dict()
+    net, _ = backbone.load_backbone(tmp_path, "cpu")
+    mine, theirs = model.state_dict(), net.state_dict()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine if k.startswith("backbone."))
     assert training.default_methods(tmp_path) == ["able", "rable-feature"]
     with pytest.raises(ValueError, match="'rable'.*holds backbone features.*use 'rable-feature'"):

@@ -47,21 +47,19 @@ fine-tunes the classifier head on real + synthetic features with the backbone fr
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch import nn
 
-from .. import artefacts, config
-from ..networks import batched_features, load_model, pick_device, save_model
+from .. import config
+from ..backbone import encode, load_backbone, save_backbone
+from ..networks import pick_device
 from ..profiling import three_figures
 from .fitting import StepFit, TrainedGenerator, bench_report, time_fit_and_sample
 
 SAMPLERS = ("ddim", "ddpm")
 TRAIN_TIMESTEPS = 1000   # LDMLR: timesteps=1000
 SNR_CAP = 5.0            # min-SNR-γ weight of the x₀ loss
-BACKBONE = "backbone.safetensors"
 
 PROFILE_DEFAULTS = {
     # smoke: a 0.06M-parameter MLP over tiny_cnn's 32-d features, seconds on a CPU.
@@ -93,35 +91,6 @@ def validate(params: dict) -> None:
         "FEATURE_SAMPLE_STEPS": (lambda v: config.is_int(v) and 1 <= v <= TRAIN_TIMESTEPS,
                                  f"an integer in [1, {TRAIN_TIMESTEPS}]"),
     })
-
-
-# --- the backbone: the feature space of a run -------------------------------------------
-def save_backbone(net, run_dir, info: dict | None = None) -> Path:
-    """Copy the backbone network (a ``PLLNet``) to ``generator/backbone.safetensors``."""
-    path = Path(run_dir) / "generator" / BACKBONE
-    # no wall time: the same backbone gives the same file
-    save_model(net, path, meta={"backbone": {k: v for k, v in (info or {}).items()
-                                             if k != "wall_s"}})
-    return path
-
-
-def load_backbone(run_dir, device: str = "auto"):
-    """(network, meta) of the run's backbone; ``FileNotFoundError`` naming the fix."""
-    path = Path(run_dir) / "generator" / BACKBONE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the backbone of the feature space is "
-                                "saved by notebook 03 with GENERATOR='feature'.")
-    net, meta, _ = artefacts.load(
-        path, lambda p: load_model(p, pick_device(device)), what="the feature backbone",
-        fix=f"Run notebook 03 again (python -m rable_nb run --only 03 --out {Path(run_dir)}): "
-            "it saves the backbone anew.")
-    return net, meta
-
-
-def encode(net, x_uint8) -> np.ndarray:
-    """Backbone features (float32 N×D) of uint8 images, the network in evaluation mode."""
-    feats, _ = batched_features(net.backbone, net.classifier, x_uint8)
-    return feats.cpu().numpy().astype(np.float32)
 
 
 # --- the denoiser ------------------------------------------------------------------------
@@ -310,5 +279,4 @@ def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dic
                         sample_steps=prof["FEATURE_SAMPLE_STEPS"])
 
 
-__all__ = ["Feature", "PROFILE_DEFAULTS", "SAMPLERS", "bench", "encode", "load_backbone",
-           "save_backbone", "validate"]
+__all__ = ["Feature", "PROFILE_DEFAULTS", "SAMPLERS", "bench", "validate"]
