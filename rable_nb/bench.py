@@ -1,23 +1,21 @@
 """Benchmarks (``python -m rable_nb bench train|augment|gen|synth``): the training step of the
-engine, the augmented views alone, and the generator backends' own ``bench`` functions. The
-last line the command prints is one JSON object. Timings use ``profiling.timed``.
+engine, the augmented views alone, and the generator backends' own ``bench`` (a backend's
+class declares it; ``synth`` is ``sd``'s). The last line the command prints is one JSON
+object. Timings use ``profiling.timed``.
 """
 from __future__ import annotations
 
-import importlib
 import time
 
 import numpy as np
 import torch
 
-from . import augment, cuda_graph, dataset, evaluation, profiling
+from . import augment, cuda_graph, dataset, evaluation, generators, profiling
 from .engine import TrainConfig, Trainer
 from .networks import PRECISIONS, autocast, device_name, pick_device, to_unit, used_precision
 from .training import LT_RHO100_IMAGES, PROFILE_DEFAULTS
 
 BENCH_STEPS = {"smoke": 3, "quick": 10, "paper": 30}
-# backends with a ``bench`` of their own (sd: ``bench synth``)
-BENCHED_GENERATORS = ("pixel", "feature", "gan")
 
 
 # -- the training step --------------------------------------------------------------------
@@ -130,9 +128,14 @@ def augment_views(device: str = "auto", batch_sizes=None) -> dict:
     return augment.bench(device=device, batch_sizes=batch_sizes)
 
 
+def benched_generators() -> dict:
+    """The registered backends that declare a ``bench`` (name -> class)."""
+    return {name: g for name, g in generators.GENERATORS.items() if g.bench is not None}
+
+
 def generator(name: str, profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dict:
-    """The ``bench`` of generator backend ``name`` (``sd``, or one of ``BENCHED_GENERATORS``)."""
-    if name != "sd" and name not in BENCHED_GENERATORS:
-        raise ValueError(f"`bench gen` times one of {('sd', *BENCHED_GENERATORS)}, not {name!r}")
-    module = importlib.import_module(f".generators.{name}", __package__)
-    return module.bench(profile=profile, device=device, batch_sizes=batch_sizes)
+    """The ``bench`` of generator backend ``name`` (one of :func:`benched_generators`)."""
+    benched = benched_generators()
+    if name not in benched:
+        raise ValueError(f"`bench gen` times one of {sorted(benched)}, not {name!r}")
+    return benched[name].bench(profile=profile, device=device, batch_sizes=batch_sizes)

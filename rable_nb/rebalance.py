@@ -52,6 +52,12 @@ def profile_defaults(P: dict | None = None) -> dict[str, dict]:
 PROFILE_DEFAULTS = profile_defaults()
 
 
+def plugin_parameters() -> list[str]:
+    """What notebook 03 takes beyond its parameters cell: every registered backend's
+    parameters (``generators.knobs``; listed in docs/generator-parameters.md)."""
+    return list(generators.knobs())
+
+
 def validate(params: dict) -> None:
     """Clear ``ValueError`` for every parameter of the generation stage."""
     captioning.validate({"TARGET_PER_CLASS": params.get("TARGET_PER_CLASS")})

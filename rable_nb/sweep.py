@@ -98,7 +98,7 @@ def load_grid(path, notebook_dir: Path = runner.NOTEBOOK_DIR) -> dict:
         spec["notebooks"] = ",".join(f"{int(n):02d}" if str(n).strip().isdigit() else str(n)
                                      for n in nbs)
     notebooks = runner.select(spec.get("notebooks"), runner.list_notebooks(notebook_dir))
-    known = set().union(*(runner.parameter_cell(nb) for nb in notebooks))
+    known = set().union(*(runner.notebook_parameters(nb) for nb in notebooks))
     unknown = sorted((set(grid) | set(spec["fixed"]) | {k for p in listed for k in p}) - known)
     if unknown:
         raise ValueError(f"{path}: unknown parameter(s) {unknown}; notebooks "
@@ -199,7 +199,7 @@ def _extra_params(extra: dict | None, spec: dict, notebook_dir: Path) -> dict:
     if not extra:
         return {}
     selected = runner.select(spec.get("notebooks"), runner.list_notebooks(notebook_dir))
-    known = set().union(*(runner.parameter_cell(nb) for nb in selected))
+    known = set().union(*(runner.notebook_parameters(nb) for nb in selected))
     return {k: v for k, v in extra.items() if k in known}
 
 

@@ -164,8 +164,10 @@ def test_notebooks_01_03_04_on_a_greyscale_folder_with_gan_and_a_comparison(
         run_notebooks, grey_folder, tmp_path):
     common = dict(DATA_DIR=str(grey_folder), N_MAX=40, IMBALANCE_FACTOR=0.1,
                   TARGET_PER_CLASS=20, BATCH_SIZE=16)
+    # GAN_STEPS: a backend's parameter, which notebook 03's cell does not list, reaches it
     run = run_notebooks("01,03,04", tmp_path / "gan", GENERATOR="gan", METHODS=["rable"],
-                        GEN_LABELS="oracle", **common)  # 2 warm-up epochs may miss a rare class
+                        GAN_STEPS=10, GEN_LABELS="oracle", **common)  # 2 warm-up epochs may
+    assert generators.read_settings(run)["GAN_STEPS"] == 10             # miss a rare class
     m = json.loads((run / "metrics-rable.json").read_text())
     assert m["params"]["GENERATOR"] == "gan" and m["params"]["GEN_LABELS"] == "oracle"
     x, _, _ = generators.load_synthetic(run)

@@ -45,6 +45,42 @@ def profile_defaults(profile: str) -> dict:
 PROFILE_DEFAULTS = {profile: profile_defaults(profile) for profile in ("smoke", "quick", "paper")}
 
 
+def knobs() -> dict[str, str]:
+    """Every registered backend's notebook parameters (name -> backend): notebook 03 takes
+    them without listing them in its parameters cell (``rebalance.plugin_parameters``)."""
+    return {k: name for name, g in GENERATORS.items() for k in g.knobs()}
+
+
+KNOB_TABLE = "docs/generator-parameters.md"   # from the project root
+
+
+def knob_table() -> str:
+    """The text of ``docs/generator-parameters.md``: every backend's parameters with their
+    defaults per profile, generated from the registry (a test keeps the file current)."""
+    profiles = ("smoke", "quick", "paper")
+    rows = ["# Generator parameters", "",
+            "Generated from the registry (`rable_nb/generators/`, each backend's "
+            "`PROFILE_DEFAULTS`): notebook 03,",
+            "`run -p NAME VALUE` and `sweep` take every one of them, though notebook 03's "
+            "parameters cell lists none.",
+            "Regenerate after changing a backend: `python -c \"from rable_nb import generators "
+            "as g; g.write_knob_table()\"`.", "",
+            "| parameter | backend | " + " | ".join(profiles) + " |",
+            "|---|---|" + "---|" * len(profiles)]
+    for name, g in GENERATORS.items():
+        for k in g.knobs():
+            cells = [f"`{g.PROFILE_DEFAULTS[p][k]!r}`" if k in g.PROFILE_DEFAULTS.get(p, {})
+                     else "–" for p in profiles]
+            rows.append(f"| `{k}` | `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def write_knob_table() -> None:
+    """Rewrite ``docs/generator-parameters.md`` from the registry."""
+    from ..config import PROJECT_ROOT
+    (PROJECT_ROOT / KNOB_TABLE).write_text(knob_table())
+
+
 def get(name: str) -> Generator:
     """A new backend by name; ``ValueError`` naming the choices for anything else."""
     if name not in GENERATORS:

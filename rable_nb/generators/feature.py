@@ -174,6 +174,9 @@ class Feature(TrainedGenerator):
     validate = staticmethod(validate)
 
     name, prefix, space = "feature", "FEATURE", "feature"
+    REQUIRES, CONTROL = ("diffusers",), "feature-copy"   # cRT: resampled real features
+    TINY = dict(FEATURE_HIDDEN=16, FEATURE_DEPTH=1, FEATURE_STEPS=4, FEATURE_BATCH=4,
+                FEATURE_CHECKPOINT_EVERY=2, FEATURE_SAMPLE_STEPS=2)
     suffix, batch = ".npy", 1024
     FIT_PARAMS = ("FEATURE_HIDDEN", "FEATURE_DEPTH", "FEATURE_STEPS", "FEATURE_BATCH",
                   "FEATURE_LR", "FEATURE_EMA", "FEATURE_BALANCE", "SEED")
@@ -228,6 +231,36 @@ class Feature(TrainedGenerator):
         x = torch.minimum(torch.maximum(x * self.std + self.mean, self.low), self.high)
         return x.cpu().numpy().astype(np.float32), [{} for _ in seeds]
 
+    # --- benchmark ---------------------------------------------------------------------
+    @staticmethod
+    def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dict:
+        """Training features/s (a full step) and sampling features/s (the profile's sampler and
+        steps) of the profile's denoiser on random features of its backbone's width; projects
+        the profile's fit time and the report's 37,594-sample top-up."""
+        from ..config import PROFILE_DEFAULTS as SHARED_DEFAULTS
+        from ..networks import build_backbone
+
+        prof = PROFILE_DEFAULTS[profile]
+        dim = build_backbone(SHARED_DEFAULTS[profile]["WARMUP_ARCH"]).feat_dim
+        dev = pick_device(device)
+        rng = np.random.default_rng(0)
+        rows = []
+        for b in batch_sizes or [prof["FEATURE_BATCH"]]:
+            z = rng.normal(size=(max(4 * b, 1024), dim)).astype(np.float32)
+            tr = FeatureTrainer(z, rng.integers(0, 10, len(z)), 10, {**prof, "FEATURE_BATCH": b},
+                                device=str(dev))
+            noise, steps = torch.randn(b, dim, device=dev), 50 if dev.type == "cuda" else 5
+            gens = [torch.Generator().manual_seed(i) for i in range(b)]
+            train_s, sample_s = time_fit_and_sample(tr, lambda: denoise(  # noqa: B023
+                tr.model, noise, 0, prof["FEATURE_SAMPLER"], prof["FEATURE_SAMPLE_STEPS"], gens),
+                steps)
+            rows.append(dict(batch_size=b, train_features_per_s=three_figures(steps * b / train_s),
+                             sample_features_per_s=three_figures(b / sample_s)))
+        return bench_report("feature", profile, tr, rows, "features",
+                            prof["FEATURE_STEPS"] * prof["FEATURE_BATCH"], feature_dim=dim,
+                            sampler=prof["FEATURE_SAMPLER"],
+                            sample_steps=prof["FEATURE_SAMPLE_STEPS"])
+
 
 def denoise(model, z: torch.Tensor, label: int, sampler: str, steps: int, generators=None):
     """Standardised features x̂₀ of class ``label`` from noise ``z``: ``steps`` steps of the
@@ -249,34 +282,4 @@ def denoise(model, z: torch.Tensor, label: int, sampler: str, steps: int, genera
     return x
 
 
-# --- benchmark -------------------------------------------------------------------------
-def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dict:
-    """Training features/s (a full step) and sampling features/s (the profile's sampler and
-    steps) of the profile's denoiser on random features of its backbone's width; projects
-    the profile's fit time and the report's 37,594-sample top-up."""
-    from ..config import PROFILE_DEFAULTS as SHARED_DEFAULTS
-    from ..networks import build_backbone
-
-    prof = PROFILE_DEFAULTS[profile]
-    dim = build_backbone(SHARED_DEFAULTS[profile]["WARMUP_ARCH"]).feat_dim
-    dev = pick_device(device)
-    rng = np.random.default_rng(0)
-    rows = []
-    for b in batch_sizes or [prof["FEATURE_BATCH"]]:
-        z = rng.normal(size=(max(4 * b, 1024), dim)).astype(np.float32)
-        tr = FeatureTrainer(z, rng.integers(0, 10, len(z)), 10, {**prof, "FEATURE_BATCH": b},
-                            device=str(dev))
-        noise, steps = torch.randn(b, dim, device=dev), 50 if dev.type == "cuda" else 5
-        gens = [torch.Generator().manual_seed(i) for i in range(b)]
-        train_s, sample_s = time_fit_and_sample(tr, lambda: denoise(  # noqa: B023
-            tr.model, noise, 0, prof["FEATURE_SAMPLER"], prof["FEATURE_SAMPLE_STEPS"], gens),
-            steps)
-        rows.append(dict(batch_size=b, train_features_per_s=three_figures(steps * b / train_s),
-                         sample_features_per_s=three_figures(b / sample_s)))
-    return bench_report("feature", profile, tr, rows, "features",
-                        prof["FEATURE_STEPS"] * prof["FEATURE_BATCH"], feature_dim=dim,
-                        sampler=prof["FEATURE_SAMPLER"],
-                        sample_steps=prof["FEATURE_SAMPLE_STEPS"])
-
-
-__all__ = ["Feature", "PROFILE_DEFAULTS", "SAMPLERS", "bench", "validate"]
+__all__ = ["Feature", "PROFILE_DEFAULTS", "SAMPLERS", "validate"]
