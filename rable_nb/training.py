@@ -218,7 +218,7 @@ def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int 
 
 def config_from_params(method: str, P: dict, num_classes: int = 10) -> TrainConfig:
     """TrainConfig from resolved notebook parameters (upper-case names): the pieces'
-    notebook shortcuts (``SSP_EPOCHS``, ``FAITHFUL_BUG``) go into ``METHOD_PARAMS``;
+    notebook shortcuts (:func:`shortcut_rules`) go into ``METHOD_PARAMS``;
     ``PRECISION`` (None: 'bf16')."""
     return TrainConfig(method=method, arch=P["ARCH"], epochs=P["EPOCHS"],
                        batch_size=P["BATCH_SIZE"], lr=float(P.get("LR") or 0.01), seed=P["SEED"],
@@ -239,6 +239,18 @@ def method_params(P: dict) -> dict:
 
 
 # -- notebook helpers ---------------------------------------------------------------------
+def shortcut_rules() -> dict:
+    """The notebook shortcuts every registered method piece declares (``SSP_EPOCHS``), each
+    with the rule of the parameter it sets."""
+    return {short: piece.rules[param] for piece in methods.PIECES.values()
+            for short, param in piece.shortcuts.items()}
+
+
+def plugin_parameters() -> list[str]:
+    """What notebook 04 takes beyond its parameters cell: the method pieces' shortcuts."""
+    return list(shortcut_rules())
+
+
 def profile_defaults(P: dict) -> dict[str, dict]:
     """This stage's defaults for ``config.resolve``: they depend on ``PROTOCOL``."""
     return stage_defaults(P.get("PROTOCOL"))
@@ -266,8 +278,7 @@ def validate(P: dict) -> None:
                 TrainConfig(method=name, method_params=P["METHOD_PARAMS"])
         except ValueError as err:
             raise ValueError(f"METHOD_PARAMS={P['METHOD_PARAMS']!r} is invalid: {err}") from None
-    config.check(P, {**WARMUP_RULES,
-        "SSP_EPOCHS": config.integer(1), "UNLABELED": config.integer(0),
+    config.check(P, {**WARMUP_RULES, **shortcut_rules(), "UNLABELED": config.integer(0),
         "RATIO": config.number(0, low_open=True), "UNLABELED_THRESHOLD": config.number(0, 1),
         "ARCH": config.one_of(sorted(BACKBONES)),
         "PROTOCOL": PROTOCOL_RULE,
@@ -276,7 +287,7 @@ def validate(P: dict) -> None:
         "CHECKPOINT_EVERY": config.integer(1),
         "STOP_AFTER": config.integer(1),
         "N_TEST_PER_CLASS": config.integer(1),
-        "FAITHFUL_BUG": config.BOOLEAN, "COMPILE": config.BOOLEAN, "GRAPH": config.BOOLEAN,
+        "COMPILE": config.BOOLEAN, "GRAPH": config.BOOLEAN,
         "ALLOW_SKIP": config.BOOLEAN, "SYNTH_WEIGHT": config.number(0),
         "SYNTH_PLAUSIBLE": config.number(0, 1, low_open=True),
         "PRECISION": config.one_of(PRECISIONS),
