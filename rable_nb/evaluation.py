@@ -19,7 +19,7 @@ import torch
 
 from . import artefacts, config, jsonl
 from .networks import batched_logits
-from .runfiles import ACCURACY_FIELDS, METRICS_FIELDS, method_label  # noqa: F401
+from .runfiles import ACCURACY_FIELDS, METRICS_FIELDS, method_label
 
 
 
@@ -108,7 +108,7 @@ def _synthetic_is_current(metrics: dict, run_dir: Path) -> bool:
     than the one it used (notebook 03 remade it under other settings); a run directory
     without ``synthetic/settings.json`` (e.g. a copy of the results only) cannot tell."""
     used = (metrics.get("params") or {}).get("synthetic")
-    now = config.read_json(run_dir / "synthetic" / "settings.json")
+    now = artefacts.read_json(run_dir / "synthetic" / "settings.json") or {}
     return not used or not now or used == now
 
 
@@ -132,7 +132,7 @@ def current_metrics(run_dir) -> dict[str, dict]:
         return {}
     latest = _shared_params(list(found.values())[-1])
     methods = latest.get("METHODS")
-    data_now = config.read_json(run_dir / "dataset.json")
+    data_now = artefacts.read_json(run_dir / "dataset.json") or {}
     if data_now and latest.get("dataset", data_now) != data_now:
         return {}  # notebook 01 has made a new dataset since: every model is stale
     return {method: m for method, m in found.items()

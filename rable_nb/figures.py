@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import config, evaluation
+from . import artefacts, config, evaluation
 
 FIGURES_DIR = config.PROJECT_ROOT / "figures"
 PROVENANCE = "provenance.json"
@@ -45,8 +45,8 @@ def stale_figures(run_dir: Path, current: dict) -> list[Path]:
 
 def run_provenance(run_dir: Path) -> dict:
     """Profile, parameters, devices and commits recorded by a run directory."""
-    run_log = config.read_json(run_dir / "run.json")
-    ds = config.read_json(run_dir / "dataset.json")
+    run_log = artefacts.read_json(run_dir / "run.json") or {}
+    ds = artefacts.read_json(run_dir / "dataset.json") or {}
     profile = run_log.get("profile") or ds.get("PROFILE")
     if profile is None:
         raise FigureError(f"{run_dir} has neither run.json nor dataset.json: not a run "
@@ -88,7 +88,7 @@ def copy_figures(run_dir, dest=FIGURES_DIR, force: bool = False) -> list[Path]:
         raise FigureError(f"{run_dir} has no current fig-*.png figures to copy.")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    provenance = config.read_json(dest / PROVENANCE)
+    provenance = artefacts.read_json(dest / PROVENANCE) or {}
     copied = []
     for fig in figs:
         config.write_atomic(dest / fig.name, lambda t, src=fig: shutil.copyfile(src, t))

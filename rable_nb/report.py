@@ -18,7 +18,7 @@ from pathlib import Path
 
 import nbformat
 
-from . import config, figures
+from . import artefacts, config, figures
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_NOTE = ("<p><i>An interactive widget: it runs in a live notebook (JupyterLab) or, for "
@@ -33,9 +33,14 @@ class ReportError(RuntimeError):
     """The report cannot be made; the message says why."""
 
 
+def _finished(run_dir: Path) -> list[dict]:
+    """The notebooks ``run.json`` records as finished (their entries)."""
+    return (artefacts.read_json(run_dir / "run.json") or {}).get("notebooks", [])
+
+
 def executed_notebooks(run_dir: Path) -> list[Path]:
     """The run's executed notebooks: those ``run.json`` records as finished, in its order."""
-    names = [e["notebook"] for e in config.read_json(run_dir / "run.json").get("notebooks", [])]
+    names = [e["notebook"] for e in _finished(run_dir)]
     found = [run_dir / n for n in sorted(names) if (run_dir / n).is_file()]
     if not found:
         raise ReportError(f"{run_dir} has no executed notebooks recorded in run.json: make "
@@ -64,7 +69,7 @@ def to_mathml(markdown: str) -> str:
 
 def _provenance_cell(run_dir: Path, notebooks: list[Path]) -> str:
     info = figures.run_provenance(run_dir)
-    log = {e["notebook"]: e for e in config.read_json(run_dir / "run.json").get("notebooks", [])}
+    log = {e["notebook"]: e for e in _finished(run_dir)}
     device = ", ".join(info["device"]) if info["device"] else "not recorded (no training run)"
     commit = info["commit"] if isinstance(info["commit"], str) else ", ".join(info["commit"])
     rows = "".join(

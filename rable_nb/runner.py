@@ -172,7 +172,7 @@ def check_parameters(params: dict, notebooks: list[Path], base: dict | None = No
         raise RunError(f"Unknown parameter(s) {unknown}; the selected notebooks take: "
                        f"{sorted(known)}.")
     run_dir = Path(base.get("RUN_DIR", "."))
-    upstream = config.read_json(run_dir / "dataset.json")
+    upstream = artefacts.read_json(run_dir / "dataset.json") or {}
     injected = {}
     for nb in notebooks:
         injected[nb] = {k: v for k, v in {**base, **params}.items() if k in declared[nb]}

@@ -43,7 +43,7 @@ import pandas as pd
 import yaml
 from tqdm.auto import tqdm
 
-from . import config, evaluation, runner
+from . import artefacts, config, evaluation, runner
 from .locks import DirLock, LockedError
 from .sweep_executors import LOG_FILE, _local_events, _ray_events, _record, check_executor
 
@@ -149,7 +149,7 @@ def read_metrics(run_dir) -> dict:
 
 def ambiguity(run_dir) -> float | None:
     """Average ambiguity (wrong labels per candidate set) from a run's ``dataset.json``."""
-    mean = config.read_json(Path(run_dir) / "dataset.json").get("mean_candidates")
+    mean = (artefacts.read_json(Path(run_dir) / "dataset.json") or {}).get("mean_candidates")
     return None if mean is None else mean - 1
 
 
@@ -303,11 +303,6 @@ def read_results(sweep_dir) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
-def _project_path(path) -> Path:
-    path = Path(path)
-    return path if path.is_absolute() else config.PROJECT_ROOT / path
-
-
 def notebook_results(P: dict, kernel: str = "python3", smoke_grid: str = SMOKE_GRID,
                      default_dirs: dict[str, str] | None = None
                      ) -> tuple[pd.DataFrame | None, Path]:
@@ -325,15 +320,15 @@ def notebook_results(P: dict, kernel: str = "python3", smoke_grid: str = SMOKE_G
     if grid is None and P.get("SWEEP_DIR") is None and P["PROFILE"] == "smoke":
         grid = smoke_grid
     if grid:
-        grid = _project_path(grid)
-        out = _project_path(P.get("SWEEP_DIR") or Path(P["RUN_DIR"]) / f"sweep-{grid.stem}")
+        grid = config.project_path(grid)
+        out = config.project_path(P.get("SWEEP_DIR") or Path(P["RUN_DIR"]) / f"sweep-{grid.stem}")
         run_sweep(load_grid(grid), out, kernel, extra={"DATA_DIR": P.get("DATA_DIR")}
                   if P.get("DATA_DIR") else None)
         return read_results(out), out
     if P.get("SWEEP_DIR") is None:
-        out = _project_path(default_dirs[P["PROFILE"]])
+        out = config.project_path(default_dirs[P["PROFILE"]])
         return (read_results(out) if (out / "results.csv").exists() else None), out
-    out = _project_path(P["SWEEP_DIR"])
+    out = config.project_path(P["SWEEP_DIR"])
     return read_results(out), out
 
 

@@ -13,7 +13,7 @@ import socket
 import sys
 from pathlib import Path
 
-from . import config, demo
+from . import artefacts, config, demo
 from .runner import NOTEBOOK_DIR
 
 NOTEBOOK = NOTEBOOK_DIR / "07_interactive_demo.ipynb"
@@ -39,7 +39,7 @@ def voila_app(run_dir: Path, port: int, ip: str = "127.0.0.1"):
     from voila.app import Voila
 
     os.environ["RABLE_RUN_DIR"] = str(run_dir)  # the kernels inherit the environment
-    profile = config.read_json(run_dir / "run.json").get("profile")
+    profile = (artefacts.read_json(run_dir / "run.json") or {}).get("profile")
     if profile and not os.environ.get("RABLE_PROFILE"):
         os.environ["RABLE_PROFILE"] = profile
     cfg = Config()

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from rable_nb import cli, config, dataset, generators, jsonl, rebalance
+from rable_nb import cli, config, dataset, generators, jsonl, rebalance, runfiles
 from rable_nb.generators import pixel, sd, topup
 from rable_nb.tiny_models import ModelNotFoundError
 
@@ -105,18 +105,18 @@ def test_every_backend_tops_up_exactly_and_resumes_without_duplicates(tmp_path, 
     assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/*.png")) == sorted(files)
     assert all(r["generator"] == name and r["cond_labels"] == "oracle" for r in rows)
     assert {"file", "label", "seed", "model_id", "prompt"} <= set(rows[0])
-    x, y, _ = generators.load_synthetic(run)
+    x, y, _ = runfiles.load_synthetic(run)
     assert x.shape == (7, 32, 32, 3) and x.dtype == np.uint8
     # Same slots and seeds as one uninterrupted run (copies: the same images too).
     fit_and_top_up(tmp_path / "fresh", name)
     key = lambda r: (r["file"], r["seed"], r.get("prompt"), r.get("source"))  # noqa: E731
     assert sorted(map(key, rows)) == sorted(map(key, manifest(tmp_path / "fresh")))
     if name == "copy":
-        fresh, _, _ = generators.load_synthetic(tmp_path / "fresh")
+        fresh, _, _ = runfiles.load_synthetic(tmp_path / "fresh")
         order = np.argsort(files)
         assert (x[order] == fresh[np.argsort([r["file"] for r in manifest(tmp_path / "fresh")])]).all()
         assert all(LABELS[r["source"]] == r["label"] for r in rows)  # copies of their class
-    assert (generators.synthetic_counts(run, 3) + COUNTS)[1:].tolist() == [8, 8]
+    assert (runfiles.synthetic_counts(run, 3) + COUNTS)[1:].tolist() == [8, 8]
 
 
 def test_sd_prompts_come_from_the_captions_of_the_class_and_the_model_loads_lazily(
@@ -235,7 +235,7 @@ def test_notebooks_02_03_caption_and_top_up_with_sd(run_notebooks, smoke_dataset
     wanted = ds["indices"][captioning.select_rows(ds["labels"], ds["class_counts"],
                                                   "below_target", target)]
     assert sorted(r["index"] for r in caps) == sorted(wanted.tolist())  # one line per image
-    synth = generators.synthetic_counts(tmp_path, len(ds["class_counts"]))
+    synth = runfiles.synthetic_counts(tmp_path, len(ds["class_counts"]))
     short = ds["class_counts"] < target
     assert short.any() and (ds["class_counts"][short] + synth[short] == target).all()
     assert (synth[~short] == 0).all()
@@ -285,7 +285,7 @@ def test_notebooks_03_04_rebalance_audit_and_record_the_generator(
         shutil.copy(smoke_dataset_run / name, tmp_path / name)
     methods = ["rable"] if generator == "pixel" else ["rable+records"]
     run_notebooks("03,04", tmp_path, GENERATOR=generator, GEN_LABELS=gen_labels, METHODS=methods)
-    settings = generators.read_settings(tmp_path)
+    settings = runfiles.read_settings(tmp_path)
     assert settings["generator"] == generator and settings["cond_labels"] == gen_labels
     assert 0 <= settings["accuracy"]["overall"] <= 1
     result = json.loads((tmp_path / "synthetic" / "audit.json").read_text())
@@ -341,7 +341,7 @@ def test_a_new_generator_is_one_class_and_one_registry_line(small_long_tail, tmp
     cifar, ds, _ = small_long_tail
     result = rebalance.run(P, cifar, ds)                                 # the whole stage
     assert result["complete"] and result["audit"] is not None
-    x, y, rows = generators.load_synthetic(tmp_path)
+    x, y, rows = runfiles.load_synthetic(tmp_path)
     assert Counter(y.tolist()) == {c: n for c, n in result["plan"].items() if n}
     assert all((x[y == c] == 128 + c).all() for c in set(y.tolist()))
     assert {r["generator"] for r in rows} == {"shade"}

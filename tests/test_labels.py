@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import backbone, conditioning, generators, labelrules, rebalance, training
+from rable_nb import (backbone, conditioning, generators, labelrules, rebalance, runfiles,
+                      training)
 from rable_nb.networks import PLLNet
 
 PRIOR = np.array([0.5, 0.25, 0.12, 0.08, 0.05])
@@ -101,7 +102,7 @@ def test_rules_read_no_hidden_label_and_record_their_purity(small_long_tail, tmp
     assert len(info["confidence_labels"]) == len(x)
     settings = rebalance.topup_settings(generators.get("copy"), {**P, "SEED": 0}, info)
     assert settings["rule"]["LABEL_RULE"] == "sinkhorn" and "estimated_counts" in settings
-    assert generators.describe({**settings, "generator": "copy"}) == \
+    assert runfiles.describe({**settings, "generator": "copy"}) == \
         "copy, pseudo labels (sinkhorn)"
 
 

@@ -23,8 +23,7 @@ weights, images of any shape or feature vectors).
 """
 from __future__ import annotations
 
-from ..runfiles import (describe, load_synthetic, manifest_rows, read_settings,
-                        synthetic_counts, synthetic_space)
+from ..runfiles import read_settings
 from . import copy, feature, feature_copy, gan, pixel, sd
 from .base import Generator, slot_seed
 from .topup import REPORT_TOPUP, pending, top_up, topup_plan
@@ -105,7 +104,7 @@ def backend_of(run_dir) -> type[Generator]:
     return GENERATORS.get(read_settings(run_dir).get("generator"), Generator)
 
 
-__all__ = ["GENERATORS", "PROFILE_DEFAULTS", "REPORT_TOPUP", "Generator", "backend_of",
-           "describe", "get", "image_generators", "load_synthetic", "manifest_rows", "pending",
-           "profile_defaults", "read_settings", "slot_seed", "synthetic_counts",
-           "synthetic_space", "top_up", "topup_plan", "validate"]
+__all__ = ["GENERATORS", "KNOB_TABLE", "PROFILE_DEFAULTS", "REPORT_TOPUP", "Generator",
+           "backend_of", "get", "image_generators", "knob_table", "knobs", "pending",
+           "profile_defaults", "slot_seed", "top_up", "topup_plan", "validate",
+           "write_knob_table"]
