@@ -158,13 +158,14 @@ def protocol_name(P: dict, ds_params: dict) -> str:
         return P["RECIPE"]
     common = (P.get("ARCH") == "resnet18" and ds_params.get("N_MAX") == 5000
               and P.get("LR") == 0.01 and ds_params.get("SEED") == 0)
+
+    def schedule(name):  # the protocol's epochs and batch size (config.PROTOCOL_SETTINGS)
+        return all(P.get(k) == v for k, v in PROTOCOL_SETTINGS[name].items())
     if (common and ds_params.get("PARTIAL") == "instance" and ds_params.get("RATE") == 0.4
-            and ds_params.get("IMBALANCE_FACTOR") == 0.01
-            and (P["EPOCHS"], P["BATCH_SIZE"]) == (500, 64)):
+            and ds_params.get("IMBALANCE_FACTOR") == 0.01 and schedule("R")):
         return "R"
     if (common and ds_params.get("PARTIAL") == "uniform" and ds_params.get("Q") in (0.3, 0.5, 0.7)
-            and ds_params.get("IMBALANCE_FACTOR") in (0.02, 0.01)
-            and (P["EPOCHS"], P["BATCH_SIZE"]) == (800, 256)):
+            and ds_params.get("IMBALANCE_FACTOR") in (0.02, 0.01) and schedule("L")):
         return "L"
     return "custom"
 
