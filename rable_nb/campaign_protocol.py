@@ -236,8 +236,7 @@ def _probe(method: str, P: dict, data_dir: str, threads: int, epochs: int):
     from . import data, engine, evaluation, training
     torch.set_num_threads(threads)
     cifar = data.load_cifar10(data_dir)
-    d = training.prepare_data(P["RUN_DIR"], cifar, method, P["N_TEST_PER_CLASS"], P["SEED"],
-                              device=P["DEVICE"], params=P)
+    d = training.method_data(method, P, cifar)
     cfg = training.config_from_params(method, {**P, "EPOCHS": epochs}, cifar.num_classes)
     tr = engine.Trainer(cfg, d["train_x"], d["candidates"], d["labels"], P["DEVICE"],
                         graph=P["GRAPH"])
@@ -256,17 +255,13 @@ def _probe(method: str, P: dict, data_dir: str, threads: int, epochs: int):
 
 def _train(method: str, P: dict, epochs: int, tiny: bool, cifar, d: dict) -> dict:
     from . import training
-    P = {**P, "EPOCHS": epochs}
-    cfg = training.config_from_params(method, P, cifar.num_classes)
-    result = training.train(cfg, d, P["RUN_DIR"], P["DEVICE"], False, P["CHECKPOINT_EVERY"],
-                            progress=False, graph=P["GRAPH"])
     full = training.protocol_name({**P, "EPOCHS": L_EPOCHS}, d["dataset_params"])
     campaign = {"protocol": "L", "epochs": epochs, "protocol_epochs": L_EPOCHS, "tiny": tiny,
                 "note": "a GPU campaign's shortened protocol L: the whole cosine schedule in "
                         f"{epochs} of {L_EPOCHS} epochs"}
-    m = training.finish(result, P["RUN_DIR"], {**P, "dataset": d["dataset_params"]},
-                        "L-short" if full == "L" else "custom", d["n_synthetic"],
-                        {**d["fields"], "campaign": campaign})
+    m = training.run_method(method, {**P, "EPOCHS": epochs}, cifar, progress=False, data=d,
+                            protocol="L-short" if full == "L" else "custom",
+                            fields={"campaign": campaign})
     key = m["comparable_to_published"]
     return {"last": m[key]["last"], "best": m[key]["best"], "compared": key,
             "wall_s": round(m["wall_s"], 1), "epochs_done": m["epochs_done"]}

@@ -353,11 +353,20 @@ def runnable_methods(names, run_dir, allow_skip: bool = False
     return [m for m in names if m not in skipped], skipped
 
 
-def run_method(method: str, P: dict, cifar, progress: bool = True) -> dict:
-    """Prepare data, train (resuming), write checkpoint + metrics; returns the metrics."""
-    data = prepare_data(P["RUN_DIR"], cifar, method, P["N_TEST_PER_CLASS"], P["SEED"],
+def method_data(method: str, P: dict, cifar) -> dict:
+    """``prepare_data`` for ``method`` under the resolved notebook parameters ``P``."""
+    return prepare_data(P["RUN_DIR"], cifar, method, P["N_TEST_PER_CLASS"], P["SEED"],
                         P.get("SYNTHETIC_LABELS") or "exact", P["DEVICE"], P,
                         1.0 if P.get("SYNTH_WEIGHT") is None else P["SYNTH_WEIGHT"])
+
+
+def run_method(method: str, P: dict, cifar, progress: bool = True, data: dict | None = None,
+               protocol: str | None = None, fields: dict | None = None) -> dict:
+    """Prepare data (unless ``data`` is given: :func:`method_data`'s), train (resuming),
+    write checkpoint + metrics; returns the metrics. ``protocol`` overrides the detected
+    protocol name and ``fields`` adds top-level metrics fields (the campaign's shortened
+    protocol L)."""
+    data = data or method_data(method, P, cifar)
     cfg = config_from_params(method, P, cifar.num_classes)
     result = train(cfg, data, P["RUN_DIR"], P["DEVICE"], bool(P.get("COMPILE")),
                    P["CHECKPOINT_EVERY"], P.get("STOP_AFTER"), progress, bool(P.get("GRAPH")))
@@ -369,6 +378,6 @@ def run_method(method: str, P: dict, cifar, progress: bool = True) -> dict:
     synthetic = runfiles.read_settings(P["RUN_DIR"]) if data["n_synthetic"] else {}
     marks = (dict(GENERATOR=synthetic.get("generator"), GEN_LABELS=synthetic.get("cond_labels"),
                   synthetic=synthetic) if synthetic else {})
-    metrics = finish(result, P["RUN_DIR"], {**P, "dataset": data["dataset_params"], **marks},
-                     protocol_name(P, data["dataset_params"]), data["n_synthetic"], data["fields"])
-    return metrics
+    return finish(result, P["RUN_DIR"], {**P, "dataset": data["dataset_params"], **marks},
+                  protocol or protocol_name(P, data["dataset_params"]), data["n_synthetic"],
+                  {**data["fields"], **(fields or {})})
