@@ -206,8 +206,7 @@ def run(run_dir, cifar, ds, params: dict, device: str = "auto") -> dict:
 
     import matplotlib.pyplot as plt
 
-    from . import config, viz
-    from .generators import feature
+    from . import backbone, config, viz
     from .runfiles import describe, load_synthetic, read_settings, synthetic_space
 
     run_dir = Path(run_dir)
@@ -220,11 +219,11 @@ def run(run_dir, cifar, ds, params: dict, device: str = "auto") -> dict:
     per_class = params.get("AUDIT_PER_CLASS") or None
     figures = {}
     if space == "feature":
-        net, meta = feature.load_backbone(run_dir, device)
+        net, meta = backbone.load_backbone(run_dir, device)
         judge_info = dict(meta.get("backbone") or {}, judge="the backbone's own classifier",
-                          arch=meta["arch"], file=f"generator/{feature.BACKBONE}")
-        result = feature_audit(syn_x, syn_y, feature.encode(net, train_x), ds["labels"],
-                               feature.encode(net, test_x), test_y, net.classifier,
+                          arch=meta["arch"], file=f"generator/{backbone.BACKBONE}")
+        result = feature_audit(syn_x, syn_y, backbone.encode(net, train_x), ds["labels"],
+                               backbone.encode(net, test_x), test_y, net.classifier,
                                cifar.classes, per_class, seed, device)
     else:
         judge, judge_info = dataset.clean_classifier(

@@ -1,29 +1,27 @@
 """Benchmarks (``python -m rable_nb bench train|augment|gen|synth``): the training step of the
-engine, the augmented views alone, and the generator backends' own ``bench`` functions. The
-last line the command prints is one JSON object. Timings use ``profiling.timed``.
+engine, the augmented views alone, and the generator backends' own ``bench`` (a backend's
+class declares it; ``synth`` is ``sd``'s). The last line the command prints is one JSON
+object. Timings use ``profiling.timed``.
 """
 from __future__ import annotations
 
-import importlib
 import time
 
 import numpy as np
 import torch
 
-from . import augment, cuda_graph, dataset, evaluation, profiling
+from . import augment, config, cuda_graph, dataset, evaluation, generators, profiling
 from .engine import TrainConfig, Trainer
 from .networks import PRECISIONS, autocast, device_name, pick_device, to_unit, used_precision
 from .training import LT_RHO100_IMAGES, PROFILE_DEFAULTS
 
 BENCH_STEPS = {"smoke": 3, "quick": 10, "paper": 30}
-# backends with a ``bench`` of their own (sd: ``bench synth``)
-BENCHED_GENERATORS = ("pixel", "feature", "gan")
 
 
 # -- the training step --------------------------------------------------------------------
 BENCH_PATHS = {"eager": False, "cuda_graph": True}   # step path -> Trainer(graph=...)
 BENCH_TEST_IMAGES = 10_000                           # a CIFAR-10 test set
-PROTOCOL_L_EPOCHS = 800
+PROTOCOL_L_EPOCHS = config.PROTOCOL_SETTINGS["L"]["EPOCHS"]
 
 
 def train(profile: str = "smoke", device: str = "auto", batch_sizes=None,
@@ -37,11 +35,11 @@ def train(profile: str = "smoke", device: str = "auto", batch_sizes=None,
     share of the step's wall time the device is busy (``profiling.busy_share``; on CPU a
     proxy) with kernels and launches per step (CUDA); ATen ops the host dispatches and
     reads back to the host per step; the evaluation of 10,000 test images; the projected
-    epoch on CIFAR-10-LT rho = 100 (12,406 images, drop_last, + evaluation) and 800 of them
-    (protocol L). A CUDA-graph row on a CPU device says why it was skipped, and so does a
-    bf16 row there (CPU passes are fp32: the fp32 row measures them). With both precisions
-    measured, ``fp32_over_bf16`` is the first path's step time in fp32 over bf16 (the
-    speed cost of ``PRECISION='fp32'``).
+    epoch on CIFAR-10-LT rho = 100 (12,406 images, drop_last, + evaluation) and protocol L's
+    800 of them (``run_800_epochs_min``). A CUDA-graph row on a CPU device says why it was
+    skipped, and so does a bf16 row there (CPU passes are fp32: the fp32 row measures
+    them). With both precisions measured, ``fp32_over_bf16`` is the first path's step time
+    in fp32 over bf16 (the speed cost of ``PRECISION='fp32'``).
     """
     unknown = [p for p in paths if p not in BENCH_PATHS]
     if unknown or not paths:
@@ -130,9 +128,14 @@ def augment_views(device: str = "auto", batch_sizes=None) -> dict:
     return augment.bench(device=device, batch_sizes=batch_sizes)
 
 
+def benched_generators() -> dict:
+    """The registered backends that declare a ``bench`` (name -> class)."""
+    return {name: g for name, g in generators.GENERATORS.items() if g.bench is not None}
+
+
 def generator(name: str, profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dict:
-    """The ``bench`` of generator backend ``name`` (``sd``, or one of ``BENCHED_GENERATORS``)."""
-    if name != "sd" and name not in BENCHED_GENERATORS:
-        raise ValueError(f"`bench gen` times one of {('sd', *BENCHED_GENERATORS)}, not {name!r}")
-    module = importlib.import_module(f".generators.{name}", __package__)
-    return module.bench(profile=profile, device=device, batch_sizes=batch_sizes)
+    """The ``bench`` of generator backend ``name`` (one of :func:`benched_generators`)."""
+    benched = benched_generators()
+    if name not in benched:
+        raise ValueError(f"`bench gen` times one of {sorted(benched)}, not {name!r}")
+    return benched[name].bench(profile=profile, device=device, batch_sizes=batch_sizes)

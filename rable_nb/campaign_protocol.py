@@ -2,7 +2,7 @@
 methods side by side on the one device, one process each, all trained for the same number
 of epochs, chosen after timing the first epochs so that the whole cosine schedule ends
 inside the stage's budget. Metrics and logs are notebook 04's (``training.finish``), with a
-``campaign`` block that says how far short of 800 epochs they are (``results.py`` states
+``campaign`` block that says how far short of protocol L's epochs they are (``results.py`` states
 the gap); no checkpoint leaves the scratch folder.
 
 While earlier stages run, a background process decodes CIFAR-10 into the campaign's cache,
@@ -22,7 +22,8 @@ from .campaign_stages import Campaign, error_record
 PROBE_EPOCHS = {False: 2, True: 1}  # timed before the epoch count is chosen (the last counts)
 MARGIN = 0.88                       # share of the time left that the schedule may fill
 END_S = 8                           # final evaluation, metrics, the processes' exit
-MAX_EPOCHS = {False: 800, True: 2}  # tiny: a few epochs prove the mechanics
+L_EPOCHS = config.PROTOCOL_SETTINGS["L"]["EPOCHS"]   # the published schedule's length
+MAX_EPOCHS = {False: L_EPOCHS, True: 2}  # tiny: a few epochs prove the mechanics
 SETTING = dict(IMBALANCE_FACTOR=0.01, PARTIAL="uniform", Q=0.3, RATE=0.4, SEED=0)
 TINY_DATA = dict(n_train=60, n_test=10)   # generated images per class
 TINY_SETTINGS = dict(ARCH="tiny_cnn", BATCH_SIZE=16, N_MAX=24, N_TEST_PER_CLASS=5,
@@ -77,7 +78,7 @@ def stop_background(camp: Campaign) -> None:
 
 # -- the epoch count ------------------------------------------------------------------------
 def choose_epochs(epoch_s: float, seconds_left: float, extra_epochs: int = 0,
-                  cap: int = 800) -> int:
+                  cap: int = L_EPOCHS) -> int:
     """Epochs E (≤ ``cap``) such that E + ``extra_epochs`` (a method's other stages, e.g.
     SoLar's estimation) epochs of ``epoch_s`` each fit into ``MARGIN`` of ``seconds_left``
     less ``END_S``; 0 when not even one does."""
@@ -113,11 +114,7 @@ def protocol_l(camp: Campaign, deadline: float) -> dict:
     cifar = data.load_cifar10(camp.data_dir)
     run = camp.work / "protocol-l"
     P = settings(camp, run)
-    ds = dataset.build_dataset(cifar, P["IMBALANCE_FACTOR"], P["PARTIAL"], P["Q"], P["RATE"],
-                               seed=P["SEED"], n_max=P["N_MAX"])
-    dataset.save_dataset(run, ds, {k: P[k] for k in ("PROFILE", "DATA_DIR", "SEED",
-                                                    "IMBALANCE_FACTOR", "PARTIAL", "Q",
-                                                    "RATE", "N_MAX")} | {"source": cifar.source})
+    dataset.run(P, cifar)                # stage 01, as notebook 01 runs it
     graph, why = use_graph(camp)
     P["GRAPH"] = graph
     if camp.device == "cuda":
@@ -239,8 +236,7 @@ def _probe(method: str, P: dict, data_dir: str, threads: int, epochs: int):
     from . import data, engine, evaluation, training
     torch.set_num_threads(threads)
     cifar = data.load_cifar10(data_dir)
-    d = training.prepare_data(P["RUN_DIR"], cifar, method, P["N_TEST_PER_CLASS"], P["SEED"],
-                              device=P["DEVICE"], params=P)
+    d = training.method_data(method, P, cifar)
     cfg = training.config_from_params(method, {**P, "EPOCHS": epochs}, cifar.num_classes)
     tr = engine.Trainer(cfg, d["train_x"], d["candidates"], d["labels"], P["DEVICE"],
                         graph=P["GRAPH"])
@@ -259,17 +255,13 @@ def _probe(method: str, P: dict, data_dir: str, threads: int, epochs: int):
 
 def _train(method: str, P: dict, epochs: int, tiny: bool, cifar, d: dict) -> dict:
     from . import training
-    P = {**P, "EPOCHS": epochs}
-    cfg = training.config_from_params(method, P, cifar.num_classes)
-    result = training.train(cfg, d, P["RUN_DIR"], P["DEVICE"], False, P["CHECKPOINT_EVERY"],
-                            progress=False, graph=P["GRAPH"])
-    full = training.protocol_name({**P, "EPOCHS": 800}, d["dataset_params"])
-    campaign = {"protocol": "L", "epochs": epochs, "protocol_epochs": 800, "tiny": tiny,
+    full = training.protocol_name({**P, "EPOCHS": L_EPOCHS}, d["dataset_params"])
+    campaign = {"protocol": "L", "epochs": epochs, "protocol_epochs": L_EPOCHS, "tiny": tiny,
                 "note": "a GPU campaign's shortened protocol L: the whole cosine schedule in "
-                        f"{epochs} of 800 epochs"}
-    m = training.finish(result, P["RUN_DIR"], {**P, "dataset": d["dataset_params"]},
-                        "L-short" if full == "L" else "custom", d["n_synthetic"],
-                        {**d["fields"], "campaign": campaign})
+                        f"{epochs} of {L_EPOCHS} epochs"}
+    m = training.run_method(method, {**P, "EPOCHS": epochs}, cifar, progress=False, data=d,
+                            protocol="L-short" if full == "L" else "custom",
+                            fields={"campaign": campaign})
     key = m["comparable_to_published"]
     return {"last": m[key]["last"], "best": m[key]["best"], "compared": key,
             "wall_s": round(m["wall_s"], 1), "epochs_done": m["epochs_done"]}

@@ -31,8 +31,6 @@ PACKAGES = ("torch", "torchvision", "numpy", "pillow", "safetensors", "tqdm", "s
             "tokenizers", "huggingface-hub", "requests", "pytest")
 NOT_NEEDED = ("pyyaml", "matplotlib", "pandas", "papermill")
 CUDA_MARK = "pytest.mark.cuda"          # how a test file marks its CUDA-only tests
-GEN_NEEDS = {"pixel": ("diffusers", "torchcfm", "ot", "torchdiffeq"), "feature": ("diffusers",),
-             "gan": ("sklearn",), "copy": (), "sd": ("diffusers", "transformers", "tokenizers")}
 # device checks: every base alone, every modifier on ABLE, and the combinations that run
 # second step variants (CORR's and SoLar's mixup) or stack modifiers
 CHECK_PARAMS = {"solar": {"queue_batches": 2, "est_epochs": 1}, "ssp": {"epochs": 1}}
@@ -221,9 +219,7 @@ def speed(camp: Campaign, deadline: float) -> dict:
     precisions = None if camp.tiny else ("bf16", "fp32")   # the cost of PRECISION='fp32'
     work = [("train", (), lambda: bench.train(profile, camp.device, train_bs,
                                               ("eager", "cuda_graph"), precisions))]
-    work += [(f"gen_{name}", GEN_NEEDS[name],
-              lambda name=name: bench.generator(name, profile, camp.device, gen_bs))
-             for name in bench.BENCHED_GENERATORS]
+    work += generator_benches(camp.device, profile, gen_bs)
     records, status = items(deadline, work)
     out = {"status": status, "profile": profile, "items": records,
            "headline": summary_line(records)}
@@ -234,6 +230,15 @@ def speed(camp: Campaign, deadline: float) -> dict:
             f"{p}: {r['able_images_per_s']:.0f} img/s" if "skipped" not in r else f"{p}: skipped"
             for p, r in rows.items()) + f" ({summary_line(records)})"
     return out
+
+
+def generator_benches(device: str, profile: str, batch_sizes=None) -> list:
+    """The speed stage's items for every registered backend with a ``bench`` that the
+    campaign runs (``CAMPAIGN_BENCH``)."""
+    from . import bench
+    return [(f"gen_{name}", gen.REQUIRES,
+             lambda name=name: bench.generator(name, profile, device, batch_sizes))
+            for name, gen in bench.benched_generators().items() if gen.CAMPAIGN_BENCH]
 
 
 # -- device checks -------------------------------------------------------------------------
@@ -296,17 +301,10 @@ def method_work(camp: Campaign, name: str, **kw):
     return run
 
 
-GEN_FAST = dict(SEED=0, PIXEL_CHANNELS=[8, 16], PIXEL_STEPS=4, PIXEL_BATCH=8,
-                PIXEL_CHECKPOINT_EVERY=2, PIXEL_SAMPLE_STEPS=2, PIXEL_SAMPLE_BATCH=3,
-                FEATURE_HIDDEN=16, FEATURE_DEPTH=1, FEATURE_STEPS=4, FEATURE_BATCH=4,
-                FEATURE_CHECKPOINT_EVERY=2, FEATURE_SAMPLE_STEPS=2, GAN_CHANNELS=[4, 8],
-                GAN_LATENT=4, GAN_AE_STEPS=3, GAN_STEPS=3, GAN_BATCH=6, GAN_CHECKPOINT_EVERY=2,
-                SD_MODEL_ID="tiny", SD_SIZE=32, SD_STEPS=2, SD_BATCH=3, TARGET_PER_CLASS=8)
-
-
 def generator_check(name: str, device: str, run_dir: Path) -> dict:
-    """Fit backend ``name`` for a few steps on 3 classes of random images (``feature``: their
-    features) and draw 2 samples per class; checks shape, dtype and finiteness."""
+    """Fit backend ``name`` with its ``TINY`` settings on 3 classes of random images (a
+    feature-space backend: random feature vectors) and draw 2 samples per class; checks
+    shape, dtype and finiteness."""
     from . import dataset, generators, jsonl
     counts = [9, 6, 3]
     labels = np.repeat(np.arange(3), counts)
@@ -319,11 +317,11 @@ def generator_check(name: str, device: str, run_dir: Path) -> dict:
                  for i in range(len(labels))])
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8)
-    if name == "feature":
-        x = rng.normal(size=(len(labels), 16)).astype(np.float32)
-    P = {**generators.PROFILE_DEFAULTS["smoke"], **GEN_FAST, "DEVICE": device,
-         "GENERATOR": name, "CLASSES": ("cat", "dog", "frog")}
     gen = generators.get(name)
+    if gen.space == "feature":
+        x = rng.normal(size=(len(labels), 16)).astype(np.float32)
+    P = {**generators.profile_defaults("smoke"), **gen.TINY, "SEED": 0, "TARGET_PER_CLASS": 8,
+         "DEVICE": device, "GENERATOR": name, "CLASSES": ("cat", "dog", "frog")}
     fit = gen.fit(x, labels, counts, P, run_dir)
     samples = np.concatenate([gen.sample(c, 2, seed=0) for c in range(3)])
     if samples.shape[1:] != x.shape[1:]:
@@ -334,6 +332,14 @@ def generator_check(name: str, device: str, run_dir: Path) -> dict:
             "samples": list(samples.shape), "dtype": str(samples.dtype)}
 
 
+def generator_checks(device: str, work_dir: Path) -> list:
+    """The device checks of every registered backend (:func:`generator_check`)."""
+    from . import generators
+    return [(f"generator:{name}", gen.REQUIRES,
+             lambda name=name: generator_check(name, device, work_dir / f"gen-{name}"))
+            for name, gen in generators.GENERATORS.items()]
+
+
 def device_checks(camp: Campaign, deadline: float) -> dict:
     paper = ({"arch": "tiny_cnn", "n": 64, "batch": 16} if camp.tiny else
              {"arch": "resnet18", "n": 1024, "batch": 256})
@@ -341,8 +347,6 @@ def device_checks(camp: Campaign, deadline: float) -> dict:
     work = [("paper_pass", (), method_work(camp, "able+records", epochs=2, **paper))]
     work += [(f"method:{name}", (), method_work(camp, name, **small))
              for name in check_methods(camp)]
-    work += [(f"generator:{name}", GEN_NEEDS[name],
-              lambda name=name: generator_check(name, camp.device, camp.work / f"gen-{name}"))
-             for name in GEN_NEEDS]
+    work += generator_checks(camp.device, camp.work)
     records, status = items(deadline, work)
     return {"status": status, "items": records, "headline": summary_line(records)}

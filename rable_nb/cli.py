@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train: a training step; synth: Stable Diffusion; gen: a generator "
                             "backend; augment: the augmented views alone")
     bench.add_argument("--generator", default="pixel",
-                       help="backend timed by `bench gen` (pixel, feature, gan; "
-                            "sd = `bench synth`)")
+                       help="backend timed by `bench gen`: one whose class has a `bench` "
+                            "(sd's is `bench synth`)")
     bench.add_argument("--profile", default="smoke", help=f"one of {config.PROFILES}")
     bench.add_argument("--device", default="auto", help=f"one of {config.DEVICES}")
     bench.add_argument("--batch-size", type=int, nargs="*", help="batch size(s) to time")

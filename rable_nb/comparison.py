@@ -3,9 +3,9 @@
 A generator's gain counts only against the control that differs from it in one thing, at
 the same training seeds (the data, candidate sets and top-up counts are shared):
 
-- a generator against oversampling at equal counts and labels: ``pixel``/``gan``/``sd`` →
-  ``copy``, ``feature`` → ``feature-copy`` (cRT: class-balanced resampling of real
-  features for the same head fine-tuning);
+- a generator against oversampling at equal counts and labels: the backend its class names
+  as ``CONTROL`` (``pixel``/``gan``/``sd`` → ``copy``, ``feature`` → ``feature-copy``, cRT:
+  class-balanced resampling of real features for the same head fine-tuning);
 - a top-up against the same run with the synthetic samples weighted 0 (the real data
   alone through the same training: the feature comparisons have one);
 - a conditioning-label rule (``LABEL_RULE``/``LABEL_KEEP``) against the warm-up's
@@ -27,10 +27,7 @@ import math
 
 from scipy import stats
 
-from . import config, runfiles
-
-CONTROL_GENERATOR = {"pixel": "copy", "gan": "copy", "sd": "copy", "feature": "feature-copy",
-                     "noise": "copy", "remix": "copy"}
+from . import config, generators, runfiles
 
 
 def _synthetic(m: dict) -> dict:
@@ -91,9 +88,9 @@ def controls(m: dict) -> list[tuple[str, tuple]]:
     if "drs" in mods and base == "rable":   # the dynamic top-up against re-sampling alone
         out.append(("top-up → none (able)", arm(m, {}, method="+".join(["able", *mods]))))
     gen = syn.get("generator")
-    if gen in CONTROL_GENERATOR:
-        out.append((f"{gen} → {CONTROL_GENERATOR[gen]}",
-                    arm(m, {**syn, "generator": CONTROL_GENERATOR[gen]})))
+    control = getattr(generators.GENERATORS.get(gen), "CONTROL", None)
+    if control:
+        out.append((f"{gen} → {control}", arm(m, {**syn, "generator": control})))
     weight = (m.get("params") or {}).get("SYNTH_WEIGHT")
     if weight != 0:  # shown where such a run exists (the feature comparisons have one)
         out.append(("weight → 0", arm(m, weight=0.0)))

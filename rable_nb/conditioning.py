@@ -136,7 +136,7 @@ def sample_filter(mode, net, real, cond, band=(0.05, 0.95)):
 
 
 def _features(net, x) -> np.ndarray:
-    from .generators.feature import encode
+    from .backbone import encode
     return np.asarray(x, np.float32) if np.ndim(x) == 2 else encode(net, x)
 
 

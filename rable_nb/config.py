@@ -110,13 +110,6 @@ def write_json(path: str | os.PathLike, obj) -> Path:
     return write_atomic(path, lambda t: t.write_text(json.dumps(obj, indent=1, default=str)))
 
 
-def read_json(path: str | os.PathLike) -> dict:
-    """The JSON object in ``path``, or ``{}`` when there is no such file; a file that is not
-    a JSON object is an ``artefacts.DamagedFileError`` naming it."""
-    from .artefacts import read_json as read_checked
-    return read_checked(path) or {}
-
-
 def project_path(path: str | os.PathLike) -> Path:
     """``path`` itself when absolute, else relative to the project root (where notebooks
     run interactively, a relative ``RUN_DIR`` or ``COMPARE_RUNS`` entry means this)."""

@@ -339,6 +339,25 @@ def save_dataset(run_dir: str | os.PathLike, ds: dict, params: dict) -> None:
         t, **arrays, meta=np.array(json.dumps(meta, default=str))))
 
 
+# the parameters that define a dataset, recorded in dataset.json with the data's source
+DATASET_KEYS = ("PROFILE", "DATA_DIR", "SEED", "IMBALANCE_FACTOR", "PARTIAL", "Q", "RATE",
+                "N_MAX")
+
+
+def run(P: dict, cifar: Cifar) -> dict:
+    """The whole of stage 01 for resolved parameters ``P`` (notebook 01 and the campaign):
+    the long tail and candidate sets of ``cifar``, written to ``RUN_DIR`` as
+    ``dataset.npz`` and ``dataset.json`` (``DATASET_KEYS`` and the source). A run directory
+    made from other data is refused before anything is built."""
+    check_source(P["RUN_DIR"], cifar, remake=True)  # keeps its data; remakes a damaged one
+    ds = build_dataset(cifar, P["IMBALANCE_FACTOR"], P["PARTIAL"], P["Q"], P["RATE"],
+                       seed=P["SEED"], n_max=P["N_MAX"], clean_arch=P["CLEAN_ARCH"],
+                       clean_epochs=P["CLEAN_EPOCHS"],
+                       clean_per_class=P["CLEAN_PER_CLASS"] or None, device=P["DEVICE"])
+    save_dataset(P["RUN_DIR"], ds, {k: P[k] for k in DATASET_KEYS} | {"source": cifar.source})
+    return ds
+
+
 def load_dataset(run_dir: str | os.PathLike, cifar: Cifar | None = None) -> dict:
     """Read ``dataset.npz`` and its parameters from a run directory, with a clear error;
     with ``cifar``, first check that it is the data the dataset was made from."""

@@ -91,12 +91,6 @@ class TrainConfig:
         methods.build(self)  # every piece checks its settings now, before any training
 
 
-def cosine_lr(cfg: TrainConfig, epoch: int) -> float:
-    """Learning rate of ``epoch`` (0-based, within a stage) under ``cfg.schedule``: cosine
-    from lr to lr_min over ``cfg.epochs`` by default (see ``recipe.lr_at``)."""
-    return recipe.lr_at(cfg, epoch, 0, 1)
-
-
 class Trainer:
     """Network, optimizer, confidences and method state of one method on one training set.
 

@@ -19,7 +19,7 @@ import torch
 
 from . import artefacts, config, jsonl, runfiles
 from .networks import batched_logits
-from .runfiles import ACCURACY_FIELDS, METRICS_FIELDS, method_label  # noqa: F401
+from .runfiles import ACCURACY_FIELDS, METRICS_FIELDS, method_label
 
 
 

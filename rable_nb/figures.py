@@ -88,7 +88,7 @@ def copy_figures(run_dir, dest=FIGURES_DIR, force: bool = False) -> list[Path]:
         raise FigureError(f"{run_dir} has no current fig-*.png figures to copy.")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    provenance = config.read_json(dest / PROVENANCE)
+    provenance = artefacts.read_json(dest / PROVENANCE) or {}
     copied = []
     for fig in figs:
         config.write_atomic(dest / fig.name, lambda t, src=fig: shutil.copyfile(src, t))

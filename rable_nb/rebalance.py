@@ -52,6 +52,12 @@ def profile_defaults(P: dict | None = None) -> dict[str, dict]:
 PROFILE_DEFAULTS = profile_defaults()
 
 
+def plugin_parameters() -> list[str]:
+    """What notebook 03 takes beyond its parameters cell: every registered backend's
+    parameters (``generators.knobs``; listed in docs/generator-parameters.md)."""
+    return list(generators.knobs())
+
+
 def validate(params: dict) -> None:
     """Clear ``ValueError`` for every parameter of the generation stage."""
     captioning.validate({"TARGET_PER_CLASS": params.get("TARGET_PER_CLASS")})
@@ -145,7 +151,7 @@ def run(P: dict, cifar, ds: dict) -> dict:
     result = dict(generator=gen, cond=cond, cond_info=cond_info, counts=counts, plan=plan,
                   target=target, settings=settings, todo=todo, fit_x=fit_x, fit=fit, stats=stats,
                   complete=complete, audit=None,
-                  synth_counts=generators.synthetic_counts(run_dir, cifar.num_classes))
+                  synth_counts=runfiles.synthetic_counts(run_dir, cifar.num_classes))
     if complete:
         synth = result["synth_counts"]
         short = counts < target
@@ -203,7 +209,7 @@ def samples_figure(result: dict, P: dict, cifar, ds: dict):
     syn_x, syn_y, _ = load_synthetic(run_dir)
     if not len(syn_y):
         return None
-    title = generators.describe(read_settings(run_dir) or result["settings"])
+    title = runfiles.describe(read_settings(run_dir) or result["settings"])
     if result["generator"].space == "feature":
         return pca_figure(result["fit_x"], result["cond"], syn_x, syn_y, cifar.classes,
                           title=title)
@@ -225,7 +231,7 @@ def rebalanced(result: dict, P: dict, classes):
     run_dir = Path(P["RUN_DIR"])
     made = read_settings(run_dir) or result["settings"]
     fig = rebalanced_figure(result["counts"], result["synth_counts"], classes,
-                            title=f"{generators.describe(made)}; {P['PROFILE']} profile",
+                            title=f"{runfiles.describe(made)}; {P['PROFILE']} profile",
                             target=result["target"], cond_labels=made["cond_labels"])
     viz.save(fig, run_dir / "fig-rebalanced.png")
     return fig

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from urllib.parse import quote
 
-from . import comparison, config, runfiles
+from . import artefacts, comparison, config, runfiles
 
 RESULTS_DIR = config.PROJECT_ROOT / "results"
 README = "README.md"
@@ -59,6 +59,9 @@ PUBLISHED = {"corr": (66.38, "accuracy"), "corr+records": (77.66, "accuracy_adju
 PUBLISHED_SETTING = "ρ=100, q=0.3"
 
 
+COMMITTED_FIX = "Copy it again from the run that wrote it, or remove it."
+
+
 def load(root) -> list[dict]:
     """Every metrics file below ``root`` with its ``file`` (relative path) and ``group``
     (first folder); ``ValueError`` naming the file when one is not a notebook-04 metrics file."""
@@ -66,8 +69,8 @@ def load(root) -> list[dict]:
     entries = []
     for path in sorted(root.rglob("metrics-*.json")):
         rel = path.relative_to(root)
-        m = _read_json(path)
-        missing = [k for k in runfiles.METRICS_FIELDS if k not in m] if isinstance(m, dict) else "all"
+        m = artefacts.read_json(path, what="metrics file", fix=COMMITTED_FIX)
+        missing = [k for k in runfiles.METRICS_FIELDS if k not in m]
         if missing:
             raise ValueError(f"{path} is not a metrics file of notebook 04: it lacks {missing}.")
         problem = accuracy_problem(m)
@@ -75,14 +78,6 @@ def load(root) -> list[dict]:
             raise ValueError(f"{path} is not a metrics file of notebook 04: {problem}.")
         entries.append(dict(m, file=rel.as_posix(), group=_group(rel)))
     return entries
-
-
-def _read_json(path: Path):
-    """The parsed file; ``ValueError`` naming it when it is not valid JSON."""
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
 
 
 def _group(rel: Path) -> str:
@@ -114,12 +109,9 @@ def accuracy_problem(m: dict) -> str | None:
     return None
 
 
-setting = runfiles.setting
-
-
-def method_label(m: dict) -> str:
-    """The method as figures name it (``runfiles.method_label``), with the size of its
-    top-up: 'rable [copy, pseudo labels] + 4464'; a top-up weighted 0 is marked as the
+def row_label(m: dict) -> str:
+    """A results row's method: as figures name it (``runfiles.method_label``), with the
+    size of its top-up: 'rable [copy, pseudo labels] + 4464'; a top-up weighted 0 is marked as the
     control."""
     added = m.get("n_synthetic") or 0
     if not added:
@@ -181,14 +173,14 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def protocol_table(entries: list[dict], published: bool = False) -> str:
     """Method × setting, cells = last-epoch accuracy linking the metrics file(s);
     ``published``: a last column with the published 800-epoch number of the method."""
-    columns = sorted({setting(m) for m in entries}, key=_sort_key)
-    methods = sorted({method_label(m) for m in entries})
+    columns = sorted({runfiles.setting(m) for m in entries}, key=_sort_key)
+    methods = sorted({row_label(m) for m in entries})
     rows = []
     for method in methods:
         row = [method]
         for col in columns:
             cell = [_link(_pct(m["accuracy"]["last"]), m) for m in entries
-                    if method_label(m) == method and setting(m) == col]
+                    if row_label(m) == method and runfiles.setting(m) == col]
             row.append(" · ".join(cell) or "–")
         if published:
             value = PUBLISHED.get(method)
@@ -216,9 +208,11 @@ def campaign_note(entries: list[dict]) -> str:
 def detail_table(entries: list[dict]) -> str:
     """One row per run and method: accuracies, device, epochs, wall time, commit, file."""
     rows = []
-    for m in sorted(entries, key=lambda m: (_sort_key(setting(m)), method_label(m), m["file"])):
+    for m in sorted(entries, key=lambda m: (_sort_key(runfiles.setting(m)), row_label(m),
+                                            m["file"])):
         acc, adjusted = m["accuracy"], m.get("accuracy_adjusted", {})
-        rows.append([setting(m), method_label(m), _pct(acc.get("last")), _pct(acc.get("best")),
+        rows.append([runfiles.setting(m), row_label(m), _pct(acc.get("last")),
+                     _pct(acc.get("best")),
                      _pct(acc.get("many")), _pct(acc.get("medium")), _pct(acc.get("few")),
                      _pct(adjusted.get("last")), str(m["params"].get("PROFILE", "?")),
                      str(m["params"].get("train", {}).get("arch", "?")), _epochs(m),
@@ -234,7 +228,7 @@ def seed_rows(entries: list[dict]) -> list[dict]:
     setting and method trained with at least two seeds."""
     groups: dict[tuple, dict] = {}
     for m in entries:
-        key = (setting(m), method_label(m))
+        key = (runfiles.setting(m), row_label(m))
         groups.setdefault(key, {})[m["params"].get("SEED")] = m
     rows = []
     for (col, method), by_seed in sorted(groups.items(), key=lambda kv: (_sort_key(kv[0][0]),
@@ -278,8 +272,8 @@ def load_audits(root) -> list[dict]:
     found: dict[tuple, dict] = {}
     for path in sorted(root.rglob(AUDIT)):
         rel = path.relative_to(root)
-        audit = _read_json(path)
-        if not (isinstance(audit, dict) and isinstance(audit.get("overall"), dict)
+        audit = artefacts.read_json(path, what="audit", fix=COMMITTED_FIX)
+        if not (isinstance(audit.get("overall"), dict)
                 and isinstance(audit.get("per_class"), list)):
             raise ValueError(f"{path} is not an audit of notebook 03: it lacks 'overall' "
                              "or 'per_class'.")
@@ -290,7 +284,7 @@ def load_audits(root) -> list[dict]:
         beside = path.with_name("synthetic-settings.json")
         found[key] = dict(audit=audit, file=rel.as_posix(), group=key[0],
                                   folders=[rel.parent.as_posix()],
-                                  settings=_read_json(beside) if beside.exists() else {})
+                                  settings=artefacts.read_json(beside, fix=COMMITTED_FIX) or {})
     return list(found.values())
 
 
@@ -368,7 +362,7 @@ def main_results(args) -> int:
     """``python -m rable_nb results [--root DIR]``."""
     try:
         path, n = write_readme(Path(args.root) if args.root else RESULTS_DIR)
-    except ValueError as err:
+    except (ValueError, artefacts.DamagedFileError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"done: {path} regenerated from {n} metrics file(s)")

@@ -126,6 +126,15 @@ def parameter_cell(path: Path) -> dict:
     raise RunError(f"{path.name} has no cell tagged 'parameters'.")
 
 
+def notebook_parameters(path: Path) -> dict:
+    """Every parameter a notebook takes, with its literal (None: the profile's default): its
+    cell tagged ``parameters`` and what its stage module's plug-ins declare
+    (``plugin_parameters()``: notebook 03 takes every generator backend's parameters)."""
+    stage = config.NOTEBOOK_STAGES.get(path.name[:2])
+    extra = getattr(config.stage_module(stage), "plugin_parameters", None) if stage else None
+    return {**dict.fromkeys(extra() if extra else ()), **parameter_cell(path)}
+
+
 def select(only: str | None, notebooks: list[Path]) -> list[Path]:
     """Notebooks whose two-digit prefix is in ``only`` ('00,01'); all when None."""
     if not only:
@@ -156,7 +165,7 @@ def check_parameters(params: dict, notebooks: list[Path], base: dict | None = No
     recorded in the run directory, so that e.g. BATCH_SIZE is checked against its size.
     """
     base = base or {}
-    declared = {nb: parameter_cell(nb) for nb in notebooks}
+    declared = {nb: notebook_parameters(nb) for nb in notebooks}
     known = set().union(*declared.values())
     unknown = sorted(set(params) - known)
     if unknown:

@@ -107,7 +107,7 @@ def load_grid(path, notebook_dir: Path = runner.NOTEBOOK_DIR) -> dict:
         spec["notebooks"] = ",".join(f"{int(n):02d}" if str(n).strip().isdigit() else str(n)
                                      for n in nbs)
     notebooks = runner.select(spec.get("notebooks"), runner.list_notebooks(notebook_dir))
-    known = set().union(*(runner.parameter_cell(nb) for nb in notebooks))
+    known = set().union(*(runner.notebook_parameters(nb) for nb in notebooks))
     unknown = sorted((set(grid) | set(spec["fixed"]) | {k for p in listed for k in p}) - known)
     if unknown:
         raise ValueError(f"{path}: unknown parameter(s) {unknown}; notebooks "
@@ -208,7 +208,7 @@ def _extra_params(extra: dict | None, spec: dict, notebook_dir: Path) -> dict:
     if not extra:
         return {}
     selected = runner.select(spec.get("notebooks"), runner.list_notebooks(notebook_dir))
-    known = set().union(*(runner.parameter_cell(nb) for nb in selected))
+    known = set().union(*(runner.notebook_parameters(nb) for nb in selected))
     return {k: v for k, v in extra.items() if k in known}
 
 
@@ -312,11 +312,6 @@ def read_results(sweep_dir) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
-def _project_path(path) -> Path:
-    path = Path(path)
-    return path if path.is_absolute() else config.PROJECT_ROOT / path
-
-
 def notebook_results(P: dict, kernel: str = "python3", smoke_grid: str = SMOKE_GRID,
                      default_dirs: dict[str, str] | None = None
                      ) -> tuple[pd.DataFrame | None, Path]:
@@ -334,15 +329,15 @@ def notebook_results(P: dict, kernel: str = "python3", smoke_grid: str = SMOKE_G
     if grid is None and P.get("SWEEP_DIR") is None and P["PROFILE"] == "smoke":
         grid = smoke_grid
     if grid:
-        grid = _project_path(grid)
-        out = _project_path(P.get("SWEEP_DIR") or Path(P["RUN_DIR"]) / f"sweep-{grid.stem}")
+        grid = config.project_path(grid)
+        out = config.project_path(P.get("SWEEP_DIR") or Path(P["RUN_DIR"]) / f"sweep-{grid.stem}")
         run_sweep(load_grid(grid), out, kernel, extra={"DATA_DIR": P.get("DATA_DIR")}
                   if P.get("DATA_DIR") else None)
         return read_results(out), out
     if P.get("SWEEP_DIR") is None:
-        out = _project_path(default_dirs[P["PROFILE"]])
+        out = config.project_path(default_dirs[P["PROFILE"]])
         return (read_results(out) if (out / "results.csv").exists() else None), out
-    out = _project_path(P["SWEEP_DIR"])
+    out = config.project_path(P["SWEEP_DIR"])
     return read_results(out), out
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import (config, dataset, engine, evaluation, generators, methods, runfiles, unlabeled,
-               warmup)
+from . import (backbone, config, dataset, engine, evaluation, generators, methods, runfiles,
+               unlabeled, warmup)
 from .engine import TrainConfig
 from .feedback import read_feedback
 from .networks import BACKBONES, PRECISIONS, device_name, save_model
@@ -50,8 +50,8 @@ def plausible_candidates(labels, x, run_dir, cifar, params: dict, device: str = 
     backbone) gives probability ≥ ``SYNTH_PLAUSIBLE`` — a generated image of c that looks like
     a dog may be one, and its candidate set says so instead of asserting c."""
     from .networks import batched_logits
-    if np.ndim(x) == 2:
-        net, _ = generators.feature.load_backbone(run_dir, device)
+    if np.ndim(x) == 2:  # feature vectors: a feature-space backend's samples
+        net, _ = backbone.load_backbone(run_dir, device)
         with torch.inference_mode():
             logits = net.classifier(torch.as_tensor(x, device=next(net.parameters()).device))
     else:
@@ -244,13 +244,14 @@ def protocol_name(P: dict, ds_params: dict) -> str:
         return P["RECIPE"]
     common = (P.get("ARCH") == "resnet18" and ds_params.get("N_MAX") == 5000
               and P.get("LR") == 0.01 and ds_params.get("SEED") == 0)
+
+    def schedule(name):  # the protocol's epochs and batch size (config.PROTOCOL_SETTINGS)
+        return all(P.get(k) == v for k, v in PROTOCOL_SETTINGS[name].items())
     if (common and ds_params.get("PARTIAL") == "instance" and ds_params.get("RATE") == 0.4
-            and ds_params.get("IMBALANCE_FACTOR") == 0.01
-            and (P["EPOCHS"], P["BATCH_SIZE"]) == (500, 64)):
+            and ds_params.get("IMBALANCE_FACTOR") == 0.01 and schedule("R")):
         return "R"
     if (common and ds_params.get("PARTIAL") == "uniform" and ds_params.get("Q") in (0.3, 0.5, 0.7)
-            and ds_params.get("IMBALANCE_FACTOR") in (0.02, 0.01)
-            and (P["EPOCHS"], P["BATCH_SIZE"]) == (800, 256)):
+            and ds_params.get("IMBALANCE_FACTOR") in (0.02, 0.01) and schedule("L")):
         return "L"
     return "custom"
 
@@ -304,7 +305,7 @@ def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int 
 
 def config_from_params(method: str, P: dict, num_classes: int = 10) -> TrainConfig:
     """TrainConfig from resolved notebook parameters (upper-case names): the pieces'
-    notebook shortcuts (``SSP_EPOCHS``, ``FAITHFUL_BUG``) go into ``METHOD_PARAMS``;
+    notebook shortcuts (:func:`shortcut_rules`) go into ``METHOD_PARAMS``;
     ``PRECISION`` (None: 'bf16')."""
     return TrainConfig(method=method, arch=P["ARCH"], epochs=P["EPOCHS"],
                        batch_size=P["BATCH_SIZE"], lr=float(P.get("LR") or 0.01), seed=P["SEED"],
@@ -325,6 +326,18 @@ def method_params(P: dict) -> dict:
 
 
 # -- notebook helpers ---------------------------------------------------------------------
+def shortcut_rules() -> dict:
+    """The notebook shortcuts every registered method piece declares (``SSP_EPOCHS``), each
+    with the rule of the parameter it sets."""
+    return {short: piece.rules[param] for piece in methods.PIECES.values()
+            for short, param in piece.shortcuts.items()}
+
+
+def plugin_parameters() -> list[str]:
+    """What notebook 04 takes beyond its parameters cell: the method pieces' shortcuts."""
+    return list(shortcut_rules())
+
+
 def profile_defaults(P: dict) -> dict[str, dict]:
     """This stage's defaults for ``config.resolve``: they depend on ``PROTOCOL``."""
     return stage_defaults(P.get("PROTOCOL"))
@@ -352,8 +365,7 @@ def validate(P: dict) -> None:
                 TrainConfig(method=name, method_params=P["METHOD_PARAMS"])
         except ValueError as err:
             raise ValueError(f"METHOD_PARAMS={P['METHOD_PARAMS']!r} is invalid: {err}") from None
-    config.check(P, {**WARMUP_RULES,
-        "SSP_EPOCHS": config.integer(1), "UNLABELED": config.integer(0),
+    config.check(P, {**WARMUP_RULES, **shortcut_rules(), "UNLABELED": config.integer(0),
         "RATIO": config.number(0, low_open=True), "UNLABELED_THRESHOLD": config.number(0, 1),
         "ARCH": config.one_of(sorted(BACKBONES)),
         "PROTOCOL": PROTOCOL_RULE,
@@ -362,7 +374,7 @@ def validate(P: dict) -> None:
         "CHECKPOINT_EVERY": config.integer(1),
         "STOP_AFTER": config.integer(1),
         "N_TEST_PER_CLASS": config.integer(1),
-        "FAITHFUL_BUG": config.BOOLEAN, "COMPILE": config.BOOLEAN, "GRAPH": config.BOOLEAN,
+        "COMPILE": config.BOOLEAN, "GRAPH": config.BOOLEAN,
         "ALLOW_SKIP": config.BOOLEAN, "SYNTH_WEIGHT": config.number(0),
         "SYNTH_PLAUSIBLE": config.number(0, 1, low_open=True),
         "PRECISION": config.one_of(PRECISIONS),
@@ -434,11 +446,20 @@ def runnable_methods(names, run_dir, allow_skip: bool = False
     return [m for m in names if m not in skipped], skipped
 
 
-def run_method(method: str, P: dict, cifar, progress: bool = True) -> dict:
-    """Prepare data, train (resuming), write checkpoint + metrics; returns the metrics."""
-    data = prepare_data(P["RUN_DIR"], cifar, method, P["N_TEST_PER_CLASS"], P["SEED"],
+def method_data(method: str, P: dict, cifar) -> dict:
+    """``prepare_data`` for ``method`` under the resolved notebook parameters ``P``."""
+    return prepare_data(P["RUN_DIR"], cifar, method, P["N_TEST_PER_CLASS"], P["SEED"],
                         P.get("SYNTHETIC_LABELS") or "exact", P["DEVICE"], P,
                         1.0 if P.get("SYNTH_WEIGHT") is None else P["SYNTH_WEIGHT"])
+
+
+def run_method(method: str, P: dict, cifar, progress: bool = True, data: dict | None = None,
+               protocol: str | None = None, fields: dict | None = None) -> dict:
+    """Prepare data (unless ``data`` is given: :func:`method_data`'s), train (resuming),
+    write checkpoint + metrics; returns the metrics. ``protocol`` overrides the detected
+    protocol name and ``fields`` adds top-level metrics fields (the campaign's shortened
+    protocol L)."""
+    data = data or method_data(method, P, cifar)
     cfg = config_from_params(method, P, cifar.num_classes)
     result = train(cfg, data, P["RUN_DIR"], P["DEVICE"], bool(P.get("COMPILE")),
                    P["CHECKPOINT_EVERY"], P.get("STOP_AFTER"), progress, bool(P.get("GRAPH")))
@@ -450,6 +471,6 @@ def run_method(method: str, P: dict, cifar, progress: bool = True) -> dict:
     synthetic = runfiles.read_settings(P["RUN_DIR"]) if data["n_synthetic"] else {}
     marks = (dict(GENERATOR=synthetic.get("generator"), GEN_LABELS=synthetic.get("cond_labels"),
                   synthetic=synthetic) if synthetic else {})
-    metrics = finish(result, P["RUN_DIR"], {**P, "dataset": data["dataset_params"], **marks},
-                     protocol_name(P, data["dataset_params"]), data["n_synthetic"], data["fields"])
-    return metrics
+    return finish(result, P["RUN_DIR"], {**P, "dataset": data["dataset_params"], **marks},
+                  protocol or protocol_name(P, data["dataset_params"]), data["n_synthetic"],
+                  {**data["fields"], **(fields or {})})

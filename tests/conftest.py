@@ -40,7 +40,7 @@ def run_notebooks(cifar_dir):
     def _run(only: str, out: Path, **params) -> Path:
         params.setdefault("DATA_DIR", str(cifar_dir))
         selected = runner.select(only, runner.list_notebooks())
-        known = set().union(*(runner.parameter_cell(nb) for nb in selected))
+        known = set().union(*(runner.notebook_parameters(nb) for nb in selected))
         return runner.run("smoke", only, str(out), {k: v for k, v in params.items() if k in known})
     return _run
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from rable_nb import campaign, campaign_protocol, campaign_stages, cli, config, results
+from rable_nb import campaign, campaign_protocol, campaign_stages, cli, config, generators, results
 
 
 def test_bad_input_is_one_clear_line_and_leaves_no_folder(tmp_path, capsys):
@@ -194,7 +194,7 @@ def test_tiny_campaign_runs_every_stage_on_a_cpu(tmp_path):
     assert speed["train"]["results"][0]["able_images_per_s"] > 0
     assert "CUDA graphs need a CUDA device" in speed["train"]["results"][1]["skipped"]
     checks = stages["device_checks"]["items"]
-    assert {f"generator:{g}" for g in ("pixel", "feature", "gan", "copy", "sd")} <= set(checks)
+    assert {f"generator:{g}" for g in generators.GENERATORS} <= set(checks)  # feature-copy too
     assert {"method:solar", "method:ssp", "method:able+mixup", "paper_pass"} <= set(checks)
     L = stages["protocol_l"]
     assert 1 <= L["epochs"] <= campaign_protocol.MAX_EPOCHS[True] and L["side_by_side"] == 3

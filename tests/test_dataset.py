@@ -120,3 +120,22 @@ def test_instance_dataset_trains_and_caches_clean_classifier(tmp_path, monkeypat
     again = dataset.build_dataset(cifar, 0.1, "instance", 0.3, 0.4, **kw)  # from the cache
     assert np.array_equal(again["candidates"], ds["candidates"])
     assert again["clean_classifier"] == info
+
+
+def test_stage_01_is_one_call_that_writes_the_run_directory(tmp_path, monkeypatch):
+    """``dataset.run``: what notebook 01 and the campaign call (no copy of its cells)."""
+    from rable_nb import config, data
+    monkeypatch.setenv("RABLE_CACHE", str(tmp_path / "cache"))
+    cifar = data.load_cifar10(data.write_fake_cifar(tmp_path / "fake", n_train=40, n_test=10))
+    P = config.resolve("dataset", RUN_DIR=str(tmp_path / "run"), DATA_DIR=str(tmp_path / "fake"),
+                       DEVICE="cpu", SEED=0, IMBALANCE_FACTOR=0.1, PARTIAL="uniform", Q=0.3,
+                       RATE=0.4, N_MAX=40)
+    ds = dataset.run(P, cifar)
+    loaded = dataset.load_dataset(P["RUN_DIR"], cifar)
+    assert np.array_equal(loaded["candidates"], ds["candidates"])
+    assert {k: loaded["params"][k] for k in dataset.DATASET_KEYS} == {
+        k: P[k] for k in dataset.DATASET_KEYS}
+    assert loaded["params"]["source"] == cifar.source
+    other = data.load_cifar10(data.write_fake_cifar(tmp_path / "other", n_train=41, n_test=10))
+    with pytest.raises(dataset.DataSourceError, match="made from other data"):
+        dataset.run(P, other)

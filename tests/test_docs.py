@@ -151,3 +151,10 @@ def test_a_notebook_opens_with_at_most_20_lines_of_markdown(path):
 def test_the_readme_is_at_most_150_lines():
     n = len((ROOT / "README.md").read_text().splitlines())
     assert n <= README_MAX_LINES, f"README.md has {n} lines; move detail into docs/"
+
+
+def test_the_generator_parameter_table_is_the_registrys():
+    from rable_nb import generators
+    text = (ROOT / generators.KNOB_TABLE).read_text()
+    assert text == generators.knob_table(), (
+        f"{generators.KNOB_TABLE} is stale: regenerate it (the command is in its first lines)")

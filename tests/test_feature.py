@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import audit, conditioning, dataset, engine, generators, jsonl, methods, rebalance, training
+from rable_nb import (audit, backbone, conditioning, dataset, engine, generators, jsonl, methods,
+                      rebalance, runfiles, training)
 from rable_nb.generators import feature
 from rable_nb.methods import Outputs
 from rable_nb.networks import PLLNet
@@ -71,17 +72,17 @@ def test_feature_backend_tops_up_exactly_and_resumes_without_duplicates(tmp_path
     assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/*.npy")) == sorted(files)
     assert all(r["generator"] == "feature" and r["cond_labels"] == "oracle" for r in rows)
     assert all(r["model_id"].startswith("generator/feature.safetensors@") for r in rows)
-    x, y, _ = generators.load_synthetic(run)
+    x, y, _ = runfiles.load_synthetic(run)
     assert x.shape == (7, 6) and x.dtype == np.float32 and np.isfinite(x).all()
     real = features()
     assert (x >= real.min(0) - 1e-6).all() and (x <= real.max(0) + 1e-6).all()  # clamped
     fit_and_top_up(tmp_path / "fresh", FEATURE_SAMPLER=sampler)  # one uninterrupted run
-    fresh, _, fresh_rows = generators.load_synthetic(tmp_path / "fresh")
+    fresh, _, fresh_rows = runfiles.load_synthetic(tmp_path / "fresh")
     key = lambda r: (r["file"], r["seed"])  # noqa: E731
     assert sorted(map(key, rows)) == sorted(map(key, fresh_rows))
     np.testing.assert_allclose(x[np.argsort(files)],
                                fresh[np.argsort([r["file"] for r in fresh_rows])], atol=1e-5)
-    assert generators.synthetic_space(run) == "feature"
+    assert runfiles.synthetic_space(run) == "feature"
 
 
 def test_a_sample_depends_on_its_seed_only_and_a_split_fit_equals_a_whole_one(tmp_path):
@@ -138,7 +139,7 @@ def test_pseudo_conditioned_features_never_read_the_hidden_labels(small_long_tai
         plan = generators.topup_plan(np.bincount(cond, minlength=10), 12)
         generators.top_up(run, gen, plan, cifar.classes,
                           rebalance.topup_settings(gen, P, info))
-        outputs.append(generators.load_synthetic(run))
+        outputs.append(runfiles.load_synthetic(run))
     (xa, ya, ra), (xb, yb, rb) = outputs
     assert len(ra) > 0 and (ya == yb).all() and (xa == xb).all()
     assert [(r["file"], r["seed"]) for r in ra] == [(r["file"], r["seed"]) for r in rb]
@@ -154,9 +155,9 @@ def test_copied_training_features_are_fully_memorised(small_long_tail):
     cifar, ds, x = small_long_tail
     torch.manual_seed(0)
     net = PLLNet("tiny_cnn").eval()
-    train_f = feature.encode(net, x)
+    train_f = backbone.encode(net, x)
     test = dataset.balanced_subset(cifar.test_y, 10, 0)
-    test_f = feature.encode(net, cifar.test_x[test])
+    test_f = backbone.encode(net, cifar.test_x[test])
     rows = np.flatnonzero(ds["labels"] >= 7)              # "synthetic" = copies of rare ones
     result = audit.feature_audit(train_f[rows], ds["labels"][rows], train_f, ds["labels"],
                                  test_f, cifar.test_y[test], net.classifier, cifar.classes,
@@ -265,7 +266,7 @@ def test_notebooks_03_04_with_features_train_rable_feature_and_refuse_rable(
     # METHODS: default; issue 21's options on the way: rule, keep, centre filter, label sets
     run_notebooks("03,04", tmp_path, GENERATOR="feature", SYNTH_WEIGHT=0.5, LABEL_RULE="sinkhorn",
                   LABEL_KEEP=0.5, SYNTH_FILTER="centre", SYNTHETIC_LABELS="plausible")
-    settings = generators.read_settings(tmp_path)
+    settings = runfiles.read_settings(tmp_path)
     assert settings["generator"] == "feature" and settings["cond_labels"] == "pseudo"
     assert settings["rule"] == {"LABEL_RULE": "sinkhorn", "LABEL_EPS": 0.1, "LABEL_KEEP": 0.5}
     assert settings["SYNTH_FILTER"] == "centre" and settings["SYNTH_FILTER_BAND"] == [0.05, 0.95]
@@ -287,8 +288,8 @@ def test_notebooks_03_04_with_features_train_rable_feature_and_refuse_rable(
     # the checkpoint is a whole network: the frozen backbone of notebook 03 + the new head
     from rable_nb.networks import load_model
     model, _, _ = load_model(tmp_path / "checkpoints" / "rable-feature.safetensors")
-    backbone, _ = feature.load_backbone(tmp_path, "cpu")
-    mine, theirs = model.state_dict(), backbone.state_dict()
+    net, _ = backbone.load_backbone(tmp_path, "cpu")
+    mine, theirs = model.state_dict(), net.state_dict()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine if k.startswith("backbone."))
     assert training.default_methods(tmp_path) == ["able", "rable-feature"]
     with pytest.raises(ValueError, match="'rable'.*holds backbone features.*use 'rable-feature'"):

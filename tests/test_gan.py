@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import audit, data, dataset, generators, rebalance
+from rable_nb import audit, data, dataset, generators, rebalance, runfiles
 from rable_nb.generators import gan
 
 COUNTS = [12, 7, 3]
@@ -144,11 +144,11 @@ def test_greyscale_28x28_through_every_image_backend_and_the_audit(grey_folder, 
         assert gen.fit(x, y, counts, P, run)["done"]
         settings = rebalance.topup_settings(gen, P, {"gen_labels": "oracle", "sha1": "t"})
         generators.top_up(run, gen, plan, grey.classes, settings)
-        sx, sy, _ = generators.load_synthetic(run)
+        sx, sy, _ = runfiles.load_synthetic(run)
         assert sx.shape == (sum(plan.values()), 28, 28, 1) and sx.dtype == np.uint8, name
     judge, _ = dataset.clean_classifier(grey, "tiny_cnn", 1, 0, "cpu", 20)
     test = dataset.balanced_subset(grey.test_y, 5, 0)
-    sx, sy, _ = generators.load_synthetic(tmp_path / "gan")
+    sx, sy, _ = runfiles.load_synthetic(tmp_path / "gan")
     result = audit.audit(sx, sy, x, y, grey.test_x[test], grey.test_y[test], judge, grey.classes,
                          device="cpu")
     assert sum(r["n_synthetic"] for r in result["per_class"]) == len(sy)
@@ -164,11 +164,13 @@ def test_notebooks_01_03_04_on_a_greyscale_folder_with_gan_and_a_comparison(
         run_notebooks, grey_folder, tmp_path):
     common = dict(DATA_DIR=str(grey_folder), N_MAX=40, IMBALANCE_FACTOR=0.1,
                   TARGET_PER_CLASS=20, BATCH_SIZE=16)
+    # GAN_STEPS: a backend's parameter, which notebook 03's cell does not list, reaches it
     run = run_notebooks("01,03,04", tmp_path / "gan", GENERATOR="gan", METHODS=["rable"],
-                        GEN_LABELS="oracle", **common)  # 2 warm-up epochs may miss a rare class
+                        GAN_STEPS=10, GEN_LABELS="oracle", **common)  # 2 warm-up epochs may
+    assert runfiles.read_settings(run)["GAN_STEPS"] == 10             # miss a rare class
     m = json.loads((run / "metrics-rable.json").read_text())
     assert m["params"]["GENERATOR"] == "gan" and m["params"]["GEN_LABELS"] == "oracle"
-    x, _, _ = generators.load_synthetic(run)
+    x, _, _ = runfiles.load_synthetic(run)
     assert x.shape[1:] == (28, 28, 1) and m["n_synthetic"] == len(x) > 0
     result = json.loads((run / "synthetic" / "audit.json").read_text())
     assert result["generator"] == "gan" and np.asarray(result["confusion"]).sum() == len(x)

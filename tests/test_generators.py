@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from rable_nb import cli, config, dataset, generators, jsonl, rebalance
+from rable_nb import cli, config, dataset, generators, jsonl, rebalance, runfiles
 from rable_nb.generators import pixel, sd, topup
 from rable_nb.tiny_models import ModelNotFoundError
 
@@ -17,12 +17,10 @@ LABELS = np.repeat(np.arange(3), COUNTS)
 CAPTIONS = [{"index": i, "label": int(LABELS[i]), "caption": f"a {CLASSES[LABELS[i]]} number {i}"}
             for i in (0, 9, 10, 15)]
 TARGET, PLANNED = 8, {1: 2, 2: 5}
-# smoke settings made smaller still: a 2-level 8/16-channel UNet trained for 4 steps
-FAST = dict(SEED=0, DEVICE="cpu", TARGET_PER_CLASS=TARGET, SD_SIZE=32, SD_STEPS=2,
-            SD_BATCH=3, SD_MODEL_ID="tiny", PIXEL_CHANNELS=[8, 16], PIXEL_STEPS=4, PIXEL_BATCH=8,
-            PIXEL_CHECKPOINT_EVERY=2, PIXEL_SAMPLE_STEPS=2, PIXEL_SAMPLE_BATCH=3,
-            GAN_CHANNELS=[4, 8], GAN_LATENT=4, GAN_AE_STEPS=3, GAN_STEPS=3, GAN_BATCH=6,
-            GAN_CHECKPOINT_EVERY=2)
+# smoke settings made smaller still: every backend's TINY (the campaign's device check),
+# e.g. a 2-level 8/16-channel UNet trained for 4 steps
+FAST = dict(SEED=0, DEVICE="cpu", TARGET_PER_CLASS=TARGET,
+            **{k: v for g in generators.GENERATORS.values() for k, v in g.TINY.items()})
 
 
 class Stop(Exception):
@@ -107,18 +105,18 @@ def test_every_backend_tops_up_exactly_and_resumes_without_duplicates(tmp_path, 
     assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/*.png")) == sorted(files)
     assert all(r["generator"] == name and r["cond_labels"] == "oracle" for r in rows)
     assert {"file", "label", "seed", "model_id", "prompt"} <= set(rows[0])
-    x, y, _ = generators.load_synthetic(run)
+    x, y, _ = runfiles.load_synthetic(run)
     assert x.shape == (7, 32, 32, 3) and x.dtype == np.uint8
     # Same slots and seeds as one uninterrupted run (copies: the same images too).
     fit_and_top_up(tmp_path / "fresh", name)
     key = lambda r: (r["file"], r["seed"], r.get("prompt"), r.get("source"))  # noqa: E731
     assert sorted(map(key, rows)) == sorted(map(key, manifest(tmp_path / "fresh")))
     if name == "copy":
-        fresh, _, _ = generators.load_synthetic(tmp_path / "fresh")
+        fresh, _, _ = runfiles.load_synthetic(tmp_path / "fresh")
         order = np.argsort(files)
         assert (x[order] == fresh[np.argsort([r["file"] for r in manifest(tmp_path / "fresh")])]).all()
         assert all(LABELS[r["source"]] == r["label"] for r in rows)  # copies of their class
-    assert (generators.synthetic_counts(run, 3) + COUNTS)[1:].tolist() == [8, 8]
+    assert (runfiles.synthetic_counts(run, 3) + COUNTS)[1:].tolist() == [8, 8]
 
 
 def test_noise_and_remix_borrow_from_the_data_and_name_their_source(tmp_path):
@@ -240,7 +238,7 @@ def test_bench_gen_cli_prints_json(capsys, name, rates):
 
 
 def test_bench_synth_on_cpu_reports_throughput_and_projection():
-    r = sd.bench("smoke", "cpu", [1])
+    r = sd.SD.bench("smoke", "cpu", [1])
     assert r["device"] == "cpu" and r["topup_images"] == 37594
     row = r["results"][0]
     assert row["batch_size"] == 1
@@ -263,7 +261,7 @@ def test_notebooks_02_03_caption_and_top_up_with_sd(run_notebooks, smoke_dataset
     wanted = ds["indices"][captioning.select_rows(ds["labels"], ds["class_counts"],
                                                   "below_target", target)]
     assert sorted(r["index"] for r in caps) == sorted(wanted.tolist())  # one line per image
-    synth = generators.synthetic_counts(tmp_path, len(ds["class_counts"]))
+    synth = runfiles.synthetic_counts(tmp_path, len(ds["class_counts"]))
     short = ds["class_counts"] < target
     assert short.any() and (ds["class_counts"][short] + synth[short] == target).all()
     assert (synth[~short] == 0).all()
@@ -313,7 +311,7 @@ def test_notebooks_03_04_rebalance_audit_and_record_the_generator(
         shutil.copy(smoke_dataset_run / name, tmp_path / name)
     methods = ["rable"] if generator == "pixel" else ["rable+records"]
     run_notebooks("03,04", tmp_path, GENERATOR=generator, GEN_LABELS=gen_labels, METHODS=methods)
-    settings = generators.read_settings(tmp_path)
+    settings = runfiles.read_settings(tmp_path)
     assert settings["generator"] == generator and settings["cond_labels"] == gen_labels
     assert 0 <= settings["accuracy"]["overall"] <= 1
     result = json.loads((tmp_path / "synthetic" / "audit.json").read_text())
@@ -336,6 +334,12 @@ class Shade(generators.Generator):
     PARAMS = ("SHADE_LEVEL",)
     PROFILE_DEFAULTS = {"smoke": {"SHADE_LEVEL": 128}, "quick": {"SHADE_LEVEL": 64},
                         "paper": {"SHADE_LEVEL": 32}}
+    CONTROL, TINY = "copy", {"SHADE_LEVEL": 100}
+
+    @staticmethod
+    def bench(profile="smoke", device="auto", batch_sizes=None):
+        return {"generator": "shade", "profile": profile, "device": device,
+                "results": [{"batch_size": b, "images_per_s": 1e6} for b in batch_sizes or [1]]}
 
     @staticmethod
     def validate(params):
@@ -363,7 +367,7 @@ def test_a_new_generator_is_one_class_and_one_registry_line(small_long_tail, tmp
     cifar, ds, _ = small_long_tail
     result = rebalance.run(P, cifar, ds)                                 # the whole stage
     assert result["complete"] and result["audit"] is not None
-    x, y, rows = generators.load_synthetic(tmp_path)
+    x, y, rows = runfiles.load_synthetic(tmp_path)
     assert Counter(y.tolist()) == {c: n for c, n in result["plan"].items() if n}
     assert all((x[y == c] == 128 + c).all() for c in set(y.tolist()))
     assert {r["generator"] for r in rows} == {"shade"}
@@ -371,3 +375,50 @@ def test_a_new_generator_is_one_class_and_one_registry_line(small_long_tail, tmp
     rebalance.rebalanced(result, P, cifar.classes)                      # the stage's figure
     assert (tmp_path / "fig-rebalanced.png").stat().st_size > 10_000
     assert (result["counts"] + result["synth_counts"]).min() >= 12
+
+
+def _shade_metrics(generator: str, seed: int, last: float) -> dict:
+    return {"method": "rable", "n_synthetic": 40, "accuracy": {"last": last, "few": last / 2},
+            "params": {"PROFILE": "smoke", "SEED": seed, "dataset": {"IMBALANCE_FACTOR": 0.01,
+                                                                     "Q": 0.3},
+                       "synthetic": {"generator": generator, "cond_labels": "pseudo"}}}
+
+
+def test_a_new_generator_passes_the_runner_the_campaign_bench_and_the_comparisons(
+        tmp_path, monkeypatch, capsys):
+    """Nothing outside the backend's class lists it: the runner and the sweep take its
+    parameter (notebook 03's cell does not list it), the campaign checks and times it,
+    ``bench gen`` runs its benchmark and the results pair it with its control."""
+    from rable_nb import bench, campaign_stages, comparison, runner, sweep
+    monkeypatch.setitem(generators.GENERATORS, "shade", Shade)
+    nb03 = runner.select("03", runner.list_notebooks())
+    assert "SHADE_LEVEL" not in runner.parameter_cell(nb03[0])
+    base = {"PROFILE": "smoke", "RUN_DIR": str(tmp_path / "run")}
+    injected = runner.check_parameters({"GENERATOR": "shade", "SHADE_LEVEL": 7}, nb03, base)
+    assert injected[nb03[0]]["SHADE_LEVEL"] == 7
+    assert cli.main(["run", "--profile", "smoke", "--only", "03", "--out", base["RUN_DIR"],
+                     "-p", "GENERATOR", "shade", "-p", "SHADE_LEVEL", "300"]) == 1
+    assert "SHADE_LEVEL=300 is invalid" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()                          # refused before writing
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("notebooks: '03'\nfixed: {GENERATOR: shade}\ngrid: {SHADE_LEVEL: [1, 300]}\n")
+    with pytest.raises(ValueError, match="SHADE_LEVEL=300 is invalid"):
+        sweep.check_points(sweep.load_grid(grid), tmp_path / "sweep")
+    # the campaign: its device check (TINY settings) and its benchmark in the speed stage
+    checks = [w for w in campaign_stages.generator_checks("cpu", tmp_path / "camp")
+              if w[0] == "generator:shade"]
+    records, status = campaign_stages.items(float("inf"), checks)
+    assert status == "ok" and records["generator:shade"]["samples"] == [6, 32, 32, 3]
+    assert (generators.get("shade").TINY == {"SHADE_LEVEL": 100})
+    benches = dict((k, fn) for k, _, fn in campaign_stages.generator_benches("cpu", "smoke", [2]))
+    assert benches["gen_shade"]()["results"] == [{"batch_size": 2, "images_per_s": 1e6}]
+    assert "shade" in bench.benched_generators() and "copy" not in bench.benched_generators()
+    assert cli.main(["bench", "gen", "--generator", "shade", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["generator"] == "shade"
+    # the paired comparison: shade against its CONTROL at the same seeds
+    runs = [_shade_metrics(g, seed, last) for seed in (0, 1, 2)
+            for g, last in (("shade", 0.5 + seed / 100), ("copy", 0.4))]
+    rows = [r for r in comparison.paired_rows(runs) if r["change"] == "shade → copy"]
+    assert len(rows) == 1 and rows[0]["seeds"] == [0, 1, 2]
+    assert rows[0]["last"]["diff"][0] == pytest.approx(0.11)
+

@@ -217,7 +217,7 @@ NOTEBOOKS = runner.list_notebooks()
 
 def _resolved(nb, tmp_path, **override):
     stage = config.NOTEBOOK_STAGES[nb.name[:2]]
-    params = {**runner.parameter_cell(nb), "PROFILE": "smoke", "RUN_DIR": str(tmp_path),
+    params = {**runner.notebook_parameters(nb), "PROFILE": "smoke", "RUN_DIR": str(tmp_path),
               **override}
     return config.resolve(stage, create=False, **params)
 
@@ -225,7 +225,7 @@ def _resolved(nb, tmp_path, **override):
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name[:2])
 def test_every_parameter_of_every_notebook_is_validated(nb, tmp_path):
     _resolved(nb, tmp_path)  # the notebook's own defaults pass
-    for name in runner.parameter_cell(nb):
+    for name in runner.notebook_parameters(nb):
         with pytest.raises(ValueError, match=f"{name}=.* is invalid"):
             _resolved(nb, tmp_path, **{name: {"not": "valid"}})
 
@@ -233,7 +233,7 @@ def test_every_parameter_of_every_notebook_is_validated(nb, tmp_path):
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name[:2])
 def test_booleans_are_refused_where_numbers_are_expected(nb, tmp_path):
     resolved = _resolved(nb, tmp_path)
-    numeric = [k for k in runner.parameter_cell(nb) if config.is_number(resolved.get(k))]
+    numeric = [k for k in runner.notebook_parameters(nb) if config.is_number(resolved.get(k))]
     for name in numeric:
         with pytest.raises(ValueError, match=f"{name}=True is invalid"):
             _resolved(nb, tmp_path, **{name: True})

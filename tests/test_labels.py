@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import conditioning, generators, labelrules, rebalance, training
-from rable_nb.generators import feature
+from rable_nb import (backbone, conditioning, generators, labelrules, rebalance, runfiles,
+                      training)
 from rable_nb.networks import PLLNet
 
 PRIOR = np.array([0.5, 0.25, 0.12, 0.08, 0.05])
@@ -102,7 +102,7 @@ def test_rules_read_no_hidden_label_and_record_their_purity(small_long_tail, tmp
     assert len(info["confidence_labels"]) == len(x)
     settings = rebalance.topup_settings(generators.get("copy"), {**P, "SEED": 0}, info)
     assert settings["rule"]["LABEL_RULE"] == "sinkhorn" and "estimated_counts" in settings
-    assert generators.describe({**settings, "generator": "copy"}) == \
+    assert runfiles.describe({**settings, "generator": "copy"}) == \
         "copy, pseudo labels (sinkhorn)"
 
 
@@ -136,8 +136,8 @@ def test_feature_copy_draws_real_features_of_the_class_through_the_backbone(smal
     gen = generators.get("feature-copy")
     assert gen.space == "feature" and gen.suffix == ".npy"
     f = gen.fit_inputs(x, net, tmp_path, {"method": "test"})
-    assert np.allclose(f, feature.encode(net, x)) and (tmp_path / "generator" /
-                                                        feature.BACKBONE).is_file()
+    assert np.allclose(f, backbone.encode(net, x)) and (tmp_path / "generator" /
+                                                        backbone.BACKBONE).is_file()
     gen.fit(f, ds["labels"], ds["class_counts"], {}, tmp_path)
     samples, extras = gen.generate(9, [1, 2, 3])
     assert all((samples[i] == f[e["source"]]).all() and ds["labels"][e["source"]] == 9
@@ -149,7 +149,7 @@ def test_feature_copy_draws_real_features_of_the_class_through_the_backbone(smal
 def test_plausible_candidate_sets_add_the_classes_the_backbone_finds_likely(tmp_path):
     torch.manual_seed(0)
     net = PLLNet("tiny_cnn").eval()
-    feature.save_backbone(net, tmp_path)
+    backbone.save_backbone(net, tmp_path)
     f = np.abs(np.random.default_rng(0).normal(size=(50, net.backbone.feat_dim))).astype(
         np.float32) * 3
     labels = np.arange(50) % 10

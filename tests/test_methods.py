@@ -547,6 +547,7 @@ class Toy(methods.Base):
     needs = "features"
     params = {"aux_weight": 0.5}
     rules = {"aux_weight": config.number(0)}  # every parameter has a rule
+    shortcuts = {"TOY_AUX": "aux_weight"}  # a notebook parameter that sets it
 
     def modules(self, net):
         self.head = torch.nn.Linear(net.backbone.feat_dim, 2)
@@ -583,3 +584,12 @@ def test_a_new_method_is_one_class_and_one_registry_line(tmp_path, monkeypatch):
     assert whole["history"][-1]["loss_aux"] == rest["history"][-1]["loss_aux"]
     untrained = engine.Trainer(cfg, data["train_x"], data["candidates"], data["labels"], "cpu")
     assert not torch.equal(a.extra["toy_head"].weight, untrained.extra["toy_head"].weight)
+    # notebook 04 takes its shortcut though its parameters cell does not list it
+    from rable_nb import runner, training
+    nb04 = runner.select("04", runner.list_notebooks())
+    base = {"PROFILE": "smoke", "RUN_DIR": str(tmp_path / "run")}
+    given = {"METHODS": ["toy"], "TOY_AUX": 0.25}
+    assert runner.check_parameters(given, nb04, base)[nb04[0]]["TOY_AUX"] == 0.25
+    assert training.method_params(given) == {"toy": {"aux_weight": 0.25}}
+    with pytest.raises(runner.RunError, match="TOY_AUX=-1 is invalid"):
+        runner.check_parameters({**given, "TOY_AUX": -1}, nb04, base)

@@ -7,7 +7,7 @@ import matplotlib
 import numpy as np
 import pytest
 
-from rable_nb import captioning, data, dataset, evaluation, generators, rebalance
+from rable_nb import captioning, data, dataset, evaluation, generators, rebalance, runfiles
 
 matplotlib.use("Agg")
 CLASSES = list(data.CLASSES)
@@ -63,8 +63,8 @@ def test_results_table_leads_with_last_and_its_interval_and_labels_best():
 
 def test_method_label_names_the_top_up_and_marks_oracle():
     oracle = _metrics("rable", 0.3, 0.3, synthetic={"generator": "copy", "cond_labels": "oracle"})
-    assert evaluation.method_label("rable", oracle) == "rable [copy, ORACLE labels (ablation)]"
-    assert evaluation.method_label("able", _metrics("able", 0.3, 0.3)) == "able"
+    assert runfiles.method_label("rable", oracle) == "rable [copy, ORACLE labels (ablation)]"
+    assert runfiles.method_label("able", _metrics("able", 0.3, 0.3)) == "able"
 
 
 # -- figures --------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def test_artefacts_load_names_the_file_or_moves_it_aside(tmp_path, capsys):
     assert artefacts.read_json(path) is None  # absent
     path.write_text("[1, 2]")  # JSON, but not the object the package writes
     with pytest.raises(artefacts.DamagedFileError, match="JSON object was expected"):
-        config.read_json(path)
+        artefacts.read_json(path)
 
 
 def test_a_damaged_training_state_is_moved_aside_and_training_starts_again(tmp_path, capsys):

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from rable_nb import cli, results
+from rable_nb import cli, results, runfiles
 
 
 def _plant(root, path, method, last, *, factor=0.01, partial="uniform", q=0.3, rate=0.4,
@@ -78,7 +78,7 @@ def test_the_committed_results_readme_is_up_to_date():
     (dict(IMBALANCE_FACTOR=0.02, PARTIAL="instance", RATE=0.4), "ρ=50, r=0.4"),
 ])
 def test_setting_labels(ds, label):
-    assert results.setting({"params": {"dataset": ds}}) == label
+    assert runfiles.setting({"params": {"dataset": ds}}) == label
 
 
 def test_cpu_runs_get_their_own_section_and_top_ups_their_generator(tmp_path):
@@ -93,7 +93,7 @@ def test_cpu_runs_get_their_own_section_and_top_ups_their_generator(tmp_path):
     cell = "[31.00](quick-cpu/copy-1000/metrics-rable.json)"
     assert f"| rable [copy, pseudo labels] + 4464 | {cell} |" in text
     m["params"]["SYNTH_WEIGHT"] = 0
-    assert results.method_label(m) == "rable [copy, pseudo labels] + 4464 at weight 0 (control)"
+    assert results.row_label(m) == "rable [copy, pseudo labels] + 4464 at weight 0 (control)"
 
 
 def test_methods_run_with_several_seeds_get_mean_and_sd(tmp_path):
@@ -199,7 +199,7 @@ def test_runs_of_another_budget_than_the_profiles_are_rows_of_their_own(tmp_path
         m["params"].update(PROFILE="quick", EPOCHS=epochs)
         f.write_text(json.dumps(m))
     entries = results.load(tmp_path)
-    assert sorted(results.method_label(m) for m in entries) == ["able", "able (10 epochs)"]
+    assert sorted(results.row_label(m) for m in entries) == ["able", "able (10 epochs)"]
     assert len({comparison.arm(m) for m in entries}) == 2  # never paired as one arm's seeds
     text = results.render(entries)
     assert "| able | [33.00]" in text and "| able (10 epochs) | [29.00]" in text

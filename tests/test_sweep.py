@@ -1,5 +1,6 @@
-"""Parameter sweeps: grid checking, failed points recorded, reruns skip finished points,
-results.csv contents and the notebook-08 figure."""
+"""Parameter sweeps: grid checking, results.csv contents and the notebook-08 figure. A sweep
+that runs (failed points recorded, reruns skip finished points) is tests/test_sweep_executors.py's
+one serial sweep and the executors compared with it."""
 import json
 import re
 
@@ -14,38 +15,6 @@ def _grid(tmp_path, **spec):
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
-
-
-@pytest.mark.notebook
-def test_two_point_sweep_records_the_failure_and_a_rerun_skips_finished_points(
-        tmp_path, cifar_dir, capsys):
-    broken = tmp_path / "broken"  # passes every rule, fails in notebook 01
-    broken.mkdir()
-    for name in ("train.tar.gz", "test.tar.gz"):
-        (broken / name).write_bytes(b"not a gzip file")
-    grid = _grid(tmp_path, profile="smoke", notebooks="01",
-                 fixed={"IMBALANCE_FACTOR": 0.1, "Q": 0.2},
-                 grid={"DATA_DIR": [str(cifar_dir), str(broken)]})
-    out = tmp_path / "sweep"
-    assert cli.main(["sweep", str(grid), "--out", str(out)]) == 1  # one point failed
-    assert "1 of 2 points finished" in capsys.readouterr().out
-    res = pd.read_csv(out / "results.csv")
-    assert len(res) == 2 and res["DATA_DIR"].tolist() == [str(cifar_dir), str(broken)]
-    ok, bad = res.iloc[0], res.iloc[1]
-    assert ok["status"] == "done" and bad["status"] == "failed"
-    assert "not a gzip file" in bad["error"]
-    assert 0 < ok["ambiguity"] < 9 * 0.2 + 0.5  # measured from the point's dataset.json
-    done_dir = out / sweep.point_name(0, {"DATA_DIR": str(cifar_dir)})
-    assert (done_dir / "dataset.npz").exists()
-    stamp = (done_dir / "dataset.npz").stat().st_mtime_ns
-    point = json.loads((done_dir / sweep_executors.POINT_FILE).read_text())
-    assert point["status"] == "done" and point["params"]["Q"] == 0.2
-
-    again = sweep.run_sweep(sweep.load_grid(grid), out)
-    assert f"skip {done_dir.name}: finished" in capsys.readouterr().out
-    assert (done_dir / "dataset.npz").stat().st_mtime_ns == stamp  # not run again
-    assert again["status"].tolist() == ["done", "failed"] and len(again) == 2
-    assert pd.read_csv(out / "results.csv")["status"].tolist() == ["done", "failed"]
 
 
 @pytest.mark.parametrize("spec, pattern", [

@@ -5,7 +5,7 @@ rerun finishes the grid without redoing finished points.
 The grid: 3 smoke points of notebook 01; the middle point's DATA_DIR holds archives that are
 not gzip files, so its notebook fails (values that break a rule are refused before the sweep
 starts: tests/test_sweep.py), and the others go on. SIGTERM and SIGHUP stop a sweep as
-Ctrl-C does."""
+Ctrl-C does. The serial sweep of this grid is the suite's only one (``serial_out``)."""
 import json
 import os
 import signal
@@ -51,10 +51,17 @@ def _rows(out: Path) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def serial(grid, tmp_path_factory) -> pd.DataFrame:
+def serial_out(grid, tmp_path_factory) -> Path:
+    """The suite's one serial sweep (a run directory per point): the reference every executor
+    must reproduce."""
     out = tmp_path_factory.mktemp("serial")
     assert cli.main(["sweep", str(grid), "--out", str(out)]) == 1  # one point failed
-    res = _rows(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def serial(serial_out) -> pd.DataFrame:
+    res = _rows(serial_out)
     assert res["status"].tolist() == ["done", "failed", "done"]
     assert "not a gzip file" in res.loc[1, "error"]
     assert "01_dataset_imbalance" in res.loc[1, "error"]
@@ -85,6 +92,40 @@ def _cmdline(proc: psutil.Process) -> str:
         return " ".join(proc.cmdline())
     except psutil.Error:  # exited meanwhile (or a zombie)
         return ""
+
+
+@pytest.mark.notebook
+def test_the_serial_sweep_records_every_point_and_goes_on_after_a_failure(serial_out, serial):
+    """What tests/test_sweep.py's two-point sweep (a second serial sweep) checked, on this
+    module's one: the failure is recorded and the next point runs (the ``serial`` fixture's
+    rows: status, error, measured ambiguity); a rerun skipping finished points is
+    test_interrupted_parallel_sweep_stops_its_kernels_and_resumes's rerun."""
+    records = _points(serial_out)
+    assert [r["status"] for r in records] == ["done", "failed", "done"]
+    assert [r["params"]["N_MAX"] for r in records] == N_MAX
+    assert all(r["params"]["Q"] == 0.3 for r in records)             # fixed values too
+    assert [(serial_out / name / "dataset.npz").exists() for name in serial["run_dir"]] == [
+        True, False, True]
+
+
+def test_a_closed_terminal_stops_a_sweep_through_the_sigterm_handler(tmp_path, monkeypatch):
+    """SIGHUP is handled as SIGTERM is (exit 128 + 1): checked on the handler here, end to
+    end for SIGTERM and SIGINT in test_interrupted_parallel_sweep_stops_its_kernels_and_resumes
+    (a third interrupted sweep, for SIGHUP, used to take ~50 s)."""
+    from rable_nb import runner
+
+    def hung_up(*_, **__):
+        with runner.stop_on_signals():
+            assert signal.getsignal(signal.SIGHUP) is signal.getsignal(signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(5)                     # the handler raises at the next bytecode
+        raise AssertionError("SIGHUP did not stop the sweep")
+    monkeypatch.setattr(sweep, "run_sweep", hung_up)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("notebooks: '01'\ngrid: {Q: [0.1]}\n")
+    before = signal.getsignal(signal.SIGHUP)
+    assert cli.main(["sweep", str(grid), "--out", str(tmp_path / "o")]) == 128 + signal.SIGHUP
+    assert signal.getsignal(signal.SIGHUP) is before                 # restored on the way out
 
 
 def test_workers_get_the_visible_gpus_round_robin(monkeypatch):
@@ -134,11 +175,11 @@ def test_ray_sweep_gives_the_serial_rows(grid, serial, tmp_path):
     assert (out / _rows(out).loc[0, "run_dir"] / sweep_executors.LOG_FILE).exists()
 
 
-# Ctrl-C; what a scheduler or `kill` sends; a closed terminal (each used to leave the workers
-# and their kernels running, so that a rerun collided with them)
+# Ctrl-C; what a scheduler or `kill` sends (each used to leave the workers and their kernels
+# running, so that a rerun collided with them); a closed terminal (SIGHUP) takes SIGTERM's
+# handler: test_a_closed_terminal_stops_a_sweep_through_the_sigterm_handler
 @pytest.mark.notebook
-@pytest.mark.parametrize("sig, code", [
-    (signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_parallel_sweep_stops_its_kernels_and_resumes(grid, serial, tmp_path,
                                                                   capsys, sig, code):
     out = tmp_path / "interrupted"

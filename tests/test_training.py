@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rable_nb import bench, cli, dataset, engine, evaluation, networks, training
+from rable_nb import bench, cli, dataset, engine, evaluation, networks, runfiles, training
 
 
 def tiny_data(n=256, seed=0):
@@ -77,9 +77,9 @@ def test_finish_writes_metrics_and_loadable_checkpoint(tmp_path):
     metrics = training.finish(result, tmp_path, {"PROFILE": "smoke", "EPOCHS": 1}, "custom")
     saved = json.loads((tmp_path / "metrics-able+records.json").read_text())
     assert cfg.precision == "bf16" and saved["precision"] == "fp32"   # what ran: CPU = fp32
-    assert set(evaluation.METRICS_FIELDS) <= set(saved) and saved == json.loads(json.dumps(metrics))
-    assert set(evaluation.ACCURACY_FIELDS) <= set(saved["accuracy"])
-    assert set(evaluation.ACCURACY_FIELDS) <= set(saved["accuracy_adjusted"])
+    assert set(runfiles.METRICS_FIELDS) <= set(saved) and saved == json.loads(json.dumps(metrics))
+    assert set(runfiles.ACCURACY_FIELDS) <= set(saved["accuracy"])
+    assert set(runfiles.ACCURACY_FIELDS) <= set(saved["accuracy_adjusted"])
     assert saved["accuracy"]["best"] >= saved["accuracy"]["last"]
     net, meta, extra = networks.load_model(tmp_path / "checkpoints" / "able+records.safetensors")
     assert meta["method"] == "able+records" and extra["logit_prior"].shape == (10,)
@@ -196,8 +196,8 @@ def test_notebook_04_smoke_writes_metrics_and_checkpoints(run_notebooks, smoke_d
     run_notebooks("04", run, METHODS=SMOKE_METHODS, SYNTHETIC_LABELS="partial")
     for method in SMOKE_METHODS:
         m = json.loads((run / f"metrics-{method}.json").read_text())
-        assert set(evaluation.METRICS_FIELDS) <= set(m)
-        assert set(evaluation.ACCURACY_FIELDS) <= set(m["accuracy"])
+        assert set(runfiles.METRICS_FIELDS) <= set(m)
+        assert set(runfiles.ACCURACY_FIELDS) <= set(m["accuracy"])
         assert len(m["accuracy"]["per_class"]) == 10 and m["wall_s"] > 0
         assert (run / "checkpoints" / f"{method}.safetensors").exists()
         records = "records" in method

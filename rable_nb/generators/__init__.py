@@ -26,8 +26,7 @@ weights, images of any shape or feature vectors).
 """
 from __future__ import annotations
 
-from ..runfiles import (describe, load_synthetic, manifest_rows, read_settings,
-                        synthetic_counts, synthetic_space)
+from ..runfiles import read_settings
 from . import copy, feature, feature_copy, gan, noise, pixel, remix, sd
 from .base import Generator, slot_seed
 from .topup import REPORT_TOPUP, pending, top_up, topup_plan
@@ -47,6 +46,42 @@ def profile_defaults(profile: str) -> dict:
 
 
 PROFILE_DEFAULTS = {profile: profile_defaults(profile) for profile in ("smoke", "quick", "paper")}
+
+
+def knobs() -> dict[str, str]:
+    """Every registered backend's notebook parameters (name -> backend): notebook 03 takes
+    them without listing them in its parameters cell (``rebalance.plugin_parameters``)."""
+    return {k: name for name, g in GENERATORS.items() for k in g.knobs()}
+
+
+KNOB_TABLE = "docs/generator-parameters.md"   # from the project root
+
+
+def knob_table() -> str:
+    """The text of ``docs/generator-parameters.md``: every backend's parameters with their
+    defaults per profile, generated from the registry (a test keeps the file current)."""
+    profiles = ("smoke", "quick", "paper")
+    rows = ["# Generator parameters", "",
+            "Generated from the registry (`rable_nb/generators/`, each backend's "
+            "`PROFILE_DEFAULTS`): notebook 03,",
+            "`run -p NAME VALUE` and `sweep` take every one of them, though notebook 03's "
+            "parameters cell lists none.",
+            "Regenerate after changing a backend: `python -c \"from rable_nb import generators "
+            "as g; g.write_knob_table()\"`.", "",
+            "| parameter | backend | " + " | ".join(profiles) + " |",
+            "|---|---|" + "---|" * len(profiles)]
+    for name, g in GENERATORS.items():
+        for k in g.knobs():
+            cells = [f"`{g.PROFILE_DEFAULTS[p][k]!r}`" if k in g.PROFILE_DEFAULTS.get(p, {})
+                     else "–" for p in profiles]
+            rows.append(f"| `{k}` | `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def write_knob_table() -> None:
+    """Rewrite ``docs/generator-parameters.md`` from the registry."""
+    from ..config import PROJECT_ROOT
+    (PROJECT_ROOT / KNOB_TABLE).write_text(knob_table())
 
 
 def get(name: str) -> Generator:
@@ -73,7 +108,7 @@ def backend_of(run_dir) -> type[Generator]:
     return GENERATORS.get(read_settings(run_dir).get("generator"), Generator)
 
 
-__all__ = ["GENERATORS", "PROFILE_DEFAULTS", "REPORT_TOPUP", "Generator", "backend_of",
-           "describe", "get", "image_generators", "load_synthetic", "manifest_rows", "pending",
-           "profile_defaults", "read_settings", "slot_seed", "synthetic_counts",
-           "synthetic_space", "top_up", "topup_plan", "validate"]
+__all__ = ["GENERATORS", "KNOB_TABLE", "PROFILE_DEFAULTS", "REPORT_TOPUP", "Generator",
+           "backend_of", "get", "image_generators", "knob_table", "knobs", "pending",
+           "profile_defaults", "slot_seed", "top_up", "topup_plan", "validate",
+           "write_knob_table"]

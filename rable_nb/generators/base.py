@@ -19,9 +19,13 @@ on features (``rable-feature``), whose inputs come from its ``training_inputs`` 
 ``PARAMS`` names the notebook parameters that change a backend's output: they are recorded
 in ``synthetic/settings.json``, and a top-up is never extended under other values.
 
-A backend describes itself, so adding one is one file plus one registry line: its notebook
-parameters' defaults per profile (``PROFILE_DEFAULTS``) and their rules (``validate``),
-which the registry merges for notebook 03.
+A backend describes itself, so adding one is one file plus one registry line, and nothing
+outside its file lists it: its notebook parameters' defaults per profile
+(``PROFILE_DEFAULTS``, which are also the parameters the runner and sweep accept for
+notebook 03) and their rules (``validate``), the modules it needs (``REQUIRES``), its
+control in the paired comparisons (``CONTROL``), the settings of a seconds-long fit for the
+campaign's device check (``TINY``) and its benchmark (``bench``, for ``bench gen`` and the
+campaign's speed stage).
 """
 from __future__ import annotations
 
@@ -44,10 +48,23 @@ class Generator:
     suffix = ".png"  # file type of one sample in synthetic/<class>/
     batch = 64  # samples per ``generate`` call of a top-up (a backend's fit may set it)
     PROFILE_DEFAULTS: dict[str, dict] = {}  # profile -> defaults of this backend's parameters
+    REQUIRES: tuple[str, ...] = ()  # modules it imports beyond torch (the campaign skips it
+    #                                 where one is missing and says which)
+    CONTROL: str | None = None  # the backend it must beat at equal counts and labels
+    TINY: dict = {}  # settings for a few steps on 3 classes of random data (device check)
+    # ``bench(profile, device, batch_sizes) -> dict``: its throughput (``bench gen``), a
+    # staticmethod; None: no benchmark. CAMPAIGN_BENCH: the campaign's speed stage runs it.
+    bench = None
+    CAMPAIGN_BENCH = True
 
     @staticmethod
     def validate(params: dict) -> None:
         """``ValueError`` naming a bad value of this backend's parameters (none by default)."""
+
+    @classmethod
+    def knobs(cls) -> list[str]:
+        """Its notebook parameters: the names its profiles give defaults to."""
+        return list(dict.fromkeys(k for d in cls.PROFILE_DEFAULTS.values() for k in d))
 
     def fit_inputs(self, images, backbone, run_dir, info: dict | None = None):
         """What :meth:`fit` takes: the images themselves (a feature-space backend: their

@@ -47,21 +47,19 @@ fine-tunes the classifier head on real + synthetic features with the backbone fr
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch import nn
 
-from .. import artefacts, config, runfiles
-from ..networks import batched_features, load_model, pick_device, save_model
+from .. import config
+from ..backbone import encode, load_backbone, save_backbone
+from ..networks import pick_device
 from ..profiling import three_figures
 from .fitting import StepFit, TrainedGenerator, bench_report, time_fit_and_sample
 
 SAMPLERS = ("ddim", "ddpm")
 TRAIN_TIMESTEPS = 1000   # LDMLR: timesteps=1000
 SNR_CAP = 5.0            # min-SNR-γ weight of the x₀ loss
-BACKBONE = "backbone.safetensors"
 
 PROFILE_DEFAULTS = {
     # smoke: a 0.06M-parameter MLP over tiny_cnn's 32-d features, seconds on a CPU.
@@ -93,35 +91,6 @@ def validate(params: dict) -> None:
         "FEATURE_SAMPLE_STEPS": (lambda v: config.is_int(v) and 1 <= v <= TRAIN_TIMESTEPS,
                                  f"an integer in [1, {TRAIN_TIMESTEPS}]"),
     })
-
-
-# --- the backbone: the feature space of a run -------------------------------------------
-def save_backbone(net, run_dir, info: dict | None = None) -> Path:
-    """Copy the backbone network (a ``PLLNet``) to ``generator/backbone.safetensors``."""
-    path = Path(run_dir) / "generator" / BACKBONE
-    # no wall time: the same backbone gives the same file
-    save_model(net, path, meta={"backbone": {k: v for k, v in (info or {}).items()
-                                             if k != "wall_s"}})
-    return path
-
-
-def load_backbone(run_dir, device: str = "auto"):
-    """(network, meta) of the run's backbone; ``FileNotFoundError`` naming the fix."""
-    path = Path(run_dir) / "generator" / BACKBONE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the backbone of the feature space is "
-                                "saved by notebook 03 with GENERATOR='feature'.")
-    net, meta, _ = artefacts.load(
-        path, lambda p: load_model(p, pick_device(device)), what="the feature backbone",
-        fix=f"Run notebook 03 again ({runfiles.rerun_command(run_dir, '03')}): it saves the "
-            "backbone anew.")
-    return net, meta
-
-
-def encode(net, x_uint8) -> np.ndarray:
-    """Backbone features (float32 N×D) of uint8 images, the network in evaluation mode."""
-    feats, _ = batched_features(net.backbone, net.classifier, x_uint8)
-    return feats.cpu().numpy().astype(np.float32)
 
 
 # --- the denoiser ------------------------------------------------------------------------
@@ -205,6 +174,9 @@ class Feature(TrainedGenerator):
     validate = staticmethod(validate)
 
     name, prefix, space = "feature", "FEATURE", "feature"
+    REQUIRES, CONTROL = ("diffusers",), "feature-copy"   # cRT: resampled real features
+    TINY = dict(FEATURE_HIDDEN=16, FEATURE_DEPTH=1, FEATURE_STEPS=4, FEATURE_BATCH=4,
+                FEATURE_CHECKPOINT_EVERY=2, FEATURE_SAMPLE_STEPS=2)
     suffix, batch = ".npy", 1024
     FIT_PARAMS = ("FEATURE_HIDDEN", "FEATURE_DEPTH", "FEATURE_STEPS", "FEATURE_BATCH",
                   "FEATURE_LR", "FEATURE_EMA", "FEATURE_BALANCE", "SEED")
@@ -259,6 +231,36 @@ class Feature(TrainedGenerator):
         x = torch.minimum(torch.maximum(x * self.std + self.mean, self.low), self.high)
         return x.cpu().numpy().astype(np.float32), [{} for _ in seeds]
 
+    # --- benchmark ---------------------------------------------------------------------
+    @staticmethod
+    def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dict:
+        """Training features/s (a full step) and sampling features/s (the profile's sampler and
+        steps) of the profile's denoiser on random features of its backbone's width; projects
+        the profile's fit time and the report's 37,594-sample top-up."""
+        from ..config import PROFILE_DEFAULTS as SHARED_DEFAULTS
+        from ..networks import build_backbone
+
+        prof = PROFILE_DEFAULTS[profile]
+        dim = build_backbone(SHARED_DEFAULTS[profile]["WARMUP_ARCH"]).feat_dim
+        dev = pick_device(device)
+        rng = np.random.default_rng(0)
+        rows = []
+        for b in batch_sizes or [prof["FEATURE_BATCH"]]:
+            z = rng.normal(size=(max(4 * b, 1024), dim)).astype(np.float32)
+            tr = FeatureTrainer(z, rng.integers(0, 10, len(z)), 10, {**prof, "FEATURE_BATCH": b},
+                                device=str(dev))
+            noise, steps = torch.randn(b, dim, device=dev), 50 if dev.type == "cuda" else 5
+            gens = [torch.Generator().manual_seed(i) for i in range(b)]
+            train_s, sample_s = time_fit_and_sample(tr, lambda: denoise(  # noqa: B023
+                tr.model, noise, 0, prof["FEATURE_SAMPLER"], prof["FEATURE_SAMPLE_STEPS"], gens),
+                steps)
+            rows.append(dict(batch_size=b, train_features_per_s=three_figures(steps * b / train_s),
+                             sample_features_per_s=three_figures(b / sample_s)))
+        return bench_report("feature", profile, tr, rows, "features",
+                            prof["FEATURE_STEPS"] * prof["FEATURE_BATCH"], feature_dim=dim,
+                            sampler=prof["FEATURE_SAMPLER"],
+                            sample_steps=prof["FEATURE_SAMPLE_STEPS"])
+
 
 def denoise(model, z: torch.Tensor, label: int, sampler: str, steps: int, generators=None):
     """Standardised features x̂₀ of class ``label`` from noise ``z``: ``steps`` steps of the
@@ -280,35 +282,4 @@ def denoise(model, z: torch.Tensor, label: int, sampler: str, steps: int, genera
     return x
 
 
-# --- benchmark -------------------------------------------------------------------------
-def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dict:
-    """Training features/s (a full step) and sampling features/s (the profile's sampler and
-    steps) of the profile's denoiser on random features of its backbone's width; projects
-    the profile's fit time and the report's 37,594-sample top-up."""
-    from ..config import PROFILE_DEFAULTS as SHARED_DEFAULTS
-    from ..networks import build_backbone
-
-    prof = PROFILE_DEFAULTS[profile]
-    dim = build_backbone(SHARED_DEFAULTS[profile]["WARMUP_ARCH"]).feat_dim
-    dev = pick_device(device)
-    rng = np.random.default_rng(0)
-    rows = []
-    for b in batch_sizes or [prof["FEATURE_BATCH"]]:
-        z = rng.normal(size=(max(4 * b, 1024), dim)).astype(np.float32)
-        tr = FeatureTrainer(z, rng.integers(0, 10, len(z)), 10, {**prof, "FEATURE_BATCH": b},
-                            device=str(dev))
-        noise, steps = torch.randn(b, dim, device=dev), 50 if dev.type == "cuda" else 5
-        gens = [torch.Generator().manual_seed(i) for i in range(b)]
-        train_s, sample_s = time_fit_and_sample(tr, lambda: denoise(  # noqa: B023
-            tr.model, noise, 0, prof["FEATURE_SAMPLER"], prof["FEATURE_SAMPLE_STEPS"], gens),
-            steps)
-        rows.append(dict(batch_size=b, train_features_per_s=three_figures(steps * b / train_s),
-                         sample_features_per_s=three_figures(b / sample_s)))
-    return bench_report("feature", profile, tr, rows, "features",
-                        prof["FEATURE_STEPS"] * prof["FEATURE_BATCH"], feature_dim=dim,
-                        sampler=prof["FEATURE_SAMPLER"],
-                        sample_steps=prof["FEATURE_SAMPLE_STEPS"])
-
-
-__all__ = ["Feature", "PROFILE_DEFAULTS", "SAMPLERS", "bench", "encode", "load_backbone",
-           "save_backbone", "validate"]
+__all__ = ["Feature", "PROFILE_DEFAULTS", "SAMPLERS", "validate"]

@@ -354,6 +354,9 @@ class Gan(TrainedGenerator):
     validate = staticmethod(validate)
 
     name, prefix = "gan", "GAN"
+    REQUIRES, CONTROL = ("sklearn",), "copy"
+    TINY = dict(GAN_CHANNELS=[4, 8], GAN_LATENT=4, GAN_AE_STEPS=3, GAN_STEPS=3, GAN_BATCH=6,
+                GAN_CHECKPOINT_EVERY=2)
     FIT_PARAMS = ("GAN_CHANNELS", "GAN_LATENT", "GAN_AE", "GAN_AE_STEPS", "GAN_STEPS",
                   "GAN_BATCH", "GAN_LR", "GAN_GP", "GAN_CRITIC", "SEED")
     PARAMS = FIT_PARAMS
@@ -389,38 +392,39 @@ class Gan(TrainedGenerator):
             images = self.dec(z)
         return to_uint8(images), [{} for _ in seeds]
 
-
-# --- benchmark -------------------------------------------------------------------------
-def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dict:
-    """Training img/s of an autoencoder step and of a GAN step (``GAN_CRITIC``
-    discriminator updates with the gradient penalty + one generator update; real images per
-    second), their mix over the profile's fit (``train_images_per_s``) and sampling img/s
-    of the profile's networks on random 32×32×3 data; projects the profile's fit time and
-    the report's 37,594-image top-up."""
-    prof = PROFILE_DEFAULTS[profile]
-    dev = pick_device(device)
-    rng = np.random.default_rng(0)
-    rows = []
-    for b in batch_sizes or [prof["GAN_BATCH"]]:
-        images = rng.integers(0, 256, (max(4 * b, 512), 32, 32, 3), dtype=np.uint8)
-        p = {**prof, "GAN_BATCH": b, "GAN_AE_STEPS": 1, "GAN_STEPS": 10 ** 9}
-        tr = GanTrainer(images, rng.integers(0, 10, len(images)), 10, p, device=str(dev))
-        steps = 20 if dev.type == "cuda" else 2
-        tr.step()  # the autoencoder phase's one step (a warm-up), then the Gaussians
-        ae_s = timed(lambda _: [tr.ae_step(tr.rng()) for _ in range(steps)], 1, dev, 0)  # noqa: B023
-        gen = Gan()
-        gen.dev, gen.dec, gen.means, gen.chol, gen.present = (dev, tr.dec, tr.means, tr.chol,
-                                                              tr.present)
-        gan_s, sample_s = time_fit_and_sample(tr, lambda: gen.generate(0, range(b)),  # noqa: B023
-                                              steps)
-        ae, gan = steps * b / ae_s, steps * b / gan_s
-        mix = prof["GAN_AE_STEPS"] + prof["GAN_STEPS"]  # the profile's fit: ae, then gan steps
-        train = mix / (prof["GAN_AE_STEPS"] / ae + prof["GAN_STEPS"] / gan)
-        rows.append(dict(batch_size=b, ae_images_per_s=three_figures(ae),
-                         gan_images_per_s=three_figures(gan),
-                         train_images_per_s=three_figures(train),
-                         sample_images_per_s=three_figures(b / sample_s)))
-    return bench_report("gan", profile, tr, rows, "images",
-                        (prof["GAN_AE_STEPS"] + prof["GAN_STEPS"]) * prof["GAN_BATCH"],
-                        channels=prof["GAN_CHANNELS"], latent=prof["GAN_LATENT"],
-                        critic=prof["GAN_CRITIC"])
+    # --- benchmark ---------------------------------------------------------------------
+    @staticmethod
+    def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dict:
+        """Training img/s of an autoencoder step and of a GAN step (``GAN_CRITIC``
+        discriminator updates with the gradient penalty + one generator update; real images per
+        second), their mix over the profile's fit (``train_images_per_s``) and sampling img/s
+        of the profile's networks on random 32×32×3 data; projects the profile's fit time and
+        the report's 37,594-image top-up."""
+        prof = PROFILE_DEFAULTS[profile]
+        dev = pick_device(device)
+        rng = np.random.default_rng(0)
+        rows = []
+        for b in batch_sizes or [prof["GAN_BATCH"]]:
+            images = rng.integers(0, 256, (max(4 * b, 512), 32, 32, 3), dtype=np.uint8)
+            p = {**prof, "GAN_BATCH": b, "GAN_AE_STEPS": 1, "GAN_STEPS": 10 ** 9}
+            tr = GanTrainer(images, rng.integers(0, 10, len(images)), 10, p, device=str(dev))
+            steps = 20 if dev.type == "cuda" else 2
+            tr.step()  # the autoencoder phase's one step (a warm-up), then the Gaussians
+            ae_s = timed(lambda _: [tr.ae_step(tr.rng())  # noqa: B023
+                                    for _ in range(steps)], 1, dev, 0)
+            gen = Gan()
+            gen.dev, gen.dec, gen.means, gen.chol, gen.present = (dev, tr.dec, tr.means, tr.chol,
+                                                                  tr.present)
+            gan_s, sample_s = time_fit_and_sample(
+                tr, lambda: gen.generate(0, range(b)), steps)  # noqa: B023
+            ae, gan = steps * b / ae_s, steps * b / gan_s
+            mix = prof["GAN_AE_STEPS"] + prof["GAN_STEPS"]  # the profile's fit: ae, then gan steps
+            train = mix / (prof["GAN_AE_STEPS"] / ae + prof["GAN_STEPS"] / gan)
+            rows.append(dict(batch_size=b, ae_images_per_s=three_figures(ae),
+                             gan_images_per_s=three_figures(gan),
+                             train_images_per_s=three_figures(train),
+                             sample_images_per_s=three_figures(b / sample_s)))
+        return bench_report("gan", profile, tr, rows, "images",
+                            (prof["GAN_AE_STEPS"] + prof["GAN_STEPS"]) * prof["GAN_BATCH"],
+                            channels=prof["GAN_CHANNELS"], latent=prof["GAN_LATENT"],
+                            critic=prof["GAN_CRITIC"])

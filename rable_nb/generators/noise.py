@@ -31,7 +31,7 @@ class Noise(Copy):
 
     PROFILE_DEFAULTS = PROFILE_DEFAULTS
     validate = staticmethod(validate)
-    name, PARAMS = "noise", ("NOISE_SHARE",)
+    name, PARAMS, CONTROL = "noise", ("NOISE_SHARE",), "copy"
 
     def fit(self, images_or_features, cond_labels, class_counts, params, run_dir) -> dict:
         info = super().fit(images_or_features, cond_labels, class_counts, params, run_dir)

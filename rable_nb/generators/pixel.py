@@ -177,6 +177,9 @@ class Pixel(TrainedGenerator):
     validate = staticmethod(validate)
 
     name, prefix = "pixel", "PIXEL"
+    REQUIRES, CONTROL = ("diffusers", "torchcfm", "ot", "torchdiffeq"), "copy"
+    TINY = dict(PIXEL_CHANNELS=[8, 16], PIXEL_STEPS=4, PIXEL_BATCH=8, PIXEL_CHECKPOINT_EVERY=2,
+                PIXEL_SAMPLE_STEPS=2, PIXEL_SAMPLE_BATCH=3)
     FIT_PARAMS = ("PIXEL_CHANNELS", "PIXEL_LAYERS", "PIXEL_ATTENTION", "PIXEL_STEPS",
                   "PIXEL_BATCH", "PIXEL_LR", "PIXEL_EMA", "PIXEL_CFG_DROP", "PIXEL_BALANCE",
                   "SEED")  # what changes the trained weights
@@ -204,6 +207,35 @@ class Pixel(TrainedGenerator):
                            self.p["PIXEL_SAMPLER"], self.p["PIXEL_SAMPLE_STEPS"])
         return to_uint8(crop_to(images, h, w)), [{} for _ in seeds]
 
+    # --- benchmark ---------------------------------------------------------------------
+    @staticmethod
+    def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dict:
+        """Training img/s (full step: balanced batch, noise, bf16 forward on CUDA, AdamW, EMA)
+        and sampling img/s (the profile's sampler, steps and guidance) of the profile's UNet on
+        random data; projects the profile's fit time and the report's 37,594-image top-up."""
+        p = {**PROFILE_DEFAULTS[profile], "PIXEL_STEPS": 1000}
+        dev = pick_device(device)
+        rng = np.random.default_rng(0)
+        rows = []
+        for b in batch_sizes or [p["PIXEL_BATCH"]]:
+            images = rng.integers(0, 256, (max(4 * b, 512), 32, 32, 3), dtype=np.uint8)
+            tr = PixelTrainer(images, rng.integers(0, 10, len(images)), 10,
+                              {**p, "PIXEL_BATCH": b}, device=str(dev))
+            z, steps = torch.randn(b, 3, 32, 32, device=dev), 20 if dev.type == "cuda" else 2
+            train_s, sample_s = time_fit_and_sample(tr, lambda: integrate(  # noqa: B023
+                tr.model, z, 0, 10, p["PIXEL_GUIDANCE"], p["PIXEL_SAMPLER"],
+                p["PIXEL_SAMPLE_STEPS"]), steps)
+            evals = (p["PIXEL_SAMPLE_STEPS"] * SAMPLERS[p["PIXEL_SAMPLER"]]
+                     * (2 if p["PIXEL_GUIDANCE"] != 1 else 1))
+            rows.append(dict(batch_size=b, train_images_per_s=three_figures(steps * b / train_s),
+                             sample_images_per_s=three_figures(b / sample_s),
+                             network_evals_per_s=three_figures(b * evals / sample_s)))
+        prof = PROFILE_DEFAULTS[profile]
+        return bench_report("pixel", profile, tr, rows, "images",
+                            prof["PIXEL_STEPS"] * prof["PIXEL_BATCH"],
+                            channels=prof["PIXEL_CHANNELS"], sampler=p["PIXEL_SAMPLER"],
+                            sample_steps=p["PIXEL_SAMPLE_STEPS"], guidance=p["PIXEL_GUIDANCE"])
+
 
 def integrate(unet, z: torch.Tensor, label: int, num_classes: int, guidance: float,
               method: str, steps: int) -> torch.Tensor:
@@ -228,30 +260,3 @@ def integrate(unet, z: torch.Tensor, label: int, num_classes: int, guidance: flo
     return odeint(velocity, z, span, method=method, options={"step_size": 1 / steps})[-1]
 
 
-# --- benchmark -------------------------------------------------------------------------
-def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dict:
-    """Training img/s (full step: balanced batch, noise, bf16 forward on CUDA, AdamW, EMA)
-    and sampling img/s (the profile's sampler, steps and guidance) of the profile's UNet on
-    random data; projects the profile's fit time and the report's 37,594-image top-up."""
-    p = {**PROFILE_DEFAULTS[profile], "PIXEL_STEPS": 1000}
-    dev = pick_device(device)
-    rng = np.random.default_rng(0)
-    rows = []
-    for b in batch_sizes or [p["PIXEL_BATCH"]]:
-        images = rng.integers(0, 256, (max(4 * b, 512), 32, 32, 3), dtype=np.uint8)
-        tr = PixelTrainer(images, rng.integers(0, 10, len(images)), 10,
-                          {**p, "PIXEL_BATCH": b}, device=str(dev))
-        z, steps = torch.randn(b, 3, 32, 32, device=dev), 20 if dev.type == "cuda" else 2
-        train_s, sample_s = time_fit_and_sample(tr, lambda: integrate(  # noqa: B023
-            tr.model, z, 0, 10, p["PIXEL_GUIDANCE"], p["PIXEL_SAMPLER"],
-            p["PIXEL_SAMPLE_STEPS"]), steps)
-        evals = (p["PIXEL_SAMPLE_STEPS"] * SAMPLERS[p["PIXEL_SAMPLER"]]
-                 * (2 if p["PIXEL_GUIDANCE"] != 1 else 1))
-        rows.append(dict(batch_size=b, train_images_per_s=three_figures(steps * b / train_s),
-                         sample_images_per_s=three_figures(b / sample_s),
-                         network_evals_per_s=three_figures(b * evals / sample_s)))
-    prof = PROFILE_DEFAULTS[profile]
-    return bench_report("pixel", profile, tr, rows, "images",
-                        prof["PIXEL_STEPS"] * prof["PIXEL_BATCH"],
-                        channels=prof["PIXEL_CHANNELS"], sampler=p["PIXEL_SAMPLER"],
-                        sample_steps=p["PIXEL_SAMPLE_STEPS"], guidance=p["PIXEL_GUIDANCE"])

@@ -31,7 +31,7 @@ class Remix(Copy):
 
     PROFILE_DEFAULTS = PROFILE_DEFAULTS
     validate = staticmethod(validate)
-    name, PARAMS = "remix", ("REMIX_KAPPA", "REMIX_TAU")
+    name, PARAMS, CONTROL = "remix", ("REMIX_KAPPA", "REMIX_TAU"), "copy"
 
     def fit(self, images_or_features, cond_labels, class_counts, params, run_dir) -> dict:
         info = super().fit(images_or_features, cond_labels, class_counts, params, run_dir)

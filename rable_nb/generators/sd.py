@@ -24,7 +24,8 @@ from .. import captioning, config, dataset
 from ..data import CLASSES
 from ..networks import pick_device
 from ..profiling import three_figures, timed
-from ..tiny_models import TINY, build_tiny_sd, load_pretrained, resolve_model_id
+from ..tiny_models import TINY as TINY_MODEL
+from ..tiny_models import build_tiny_sd, load_pretrained, resolve_model_id
 from .base import Generator
 from .topup import REPORT_TOPUP
 
@@ -41,7 +42,7 @@ _REPORT = dict(SD_MODEL_ID=DEFAULT_MODEL, SD_SIZE=512, SD_STEPS=50, SD_GUIDANCE=
                SD_FILTER="lanczos", SD_ATTENTION_SLICING=False, SD_VAE_SLICING=False)
 PROFILE_DEFAULTS = {
     # smoke: tiny random SD at 32 px, 2 steps.
-    "smoke": {**_REPORT, "SD_MODEL_ID": TINY, "SD_SIZE": 32, "SD_STEPS": 2, "SD_BATCH": 16},
+    "smoke": {**_REPORT, "SD_MODEL_ID": TINY_MODEL, "SD_SIZE": 32, "SD_STEPS": 2, "SD_BATCH": 16},
     # quick: the fast profile (DPM-Solver++ in 20 steps); still needs a GPU for 37k images.
     "quick": {**_REPORT, "SD_STEPS": 20, "SD_SCHEDULER": "dpm++", "SD_BATCH": 16},
     "paper": {**_REPORT, "SD_BATCH": 32},
@@ -130,6 +131,9 @@ class SD(Generator):
     validate = staticmethod(validate)
 
     name = "sd"
+    REQUIRES, CONTROL = ("diffusers", "transformers", "tokenizers"), "copy"
+    TINY = dict(SD_MODEL_ID=TINY_MODEL, SD_SIZE=32, SD_STEPS=2, SD_BATCH=3)
+    CAMPAIGN_BENCH = False  # SD-2.1's architecture at 512 px: minutes of a lease (bench synth)
     PARAMS = ("SD_MODEL_ID", "SD_SIZE", "SD_STEPS", "SD_GUIDANCE", "SD_SCHEDULER",
               "SD_PROMPT_TEMPLATE", "SD_NEGATIVE_PROMPT", "SD_FILTER")
 
@@ -167,6 +171,49 @@ class SD(Generator):
         small = np.stack([np.asarray(img.convert("L" if c == 1 else "RGB")
                                      .resize((w, h), FILTERS[p["SD_FILTER"]])) for img in images])
         return small.reshape(len(images), h, w, c), [{"prompt": q} for q in prompts]
+
+    # --- benchmark ---------------------------------------------------------------------
+    @staticmethod
+    def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dict:
+        """Images/s of the full pipeline vs bare UNet denoising, and the projected top-up time.
+
+        CUDA: SD-2.1-base architecture, random weights, fp16, at the profile's size/steps/scheduler
+        (``smoke`` → the report's 512 px / 50 steps). CPU: only a check of the machinery, the
+        tiny model at the ``smoke`` settings whatever the profile (its projection means nothing).
+        """
+        import torch
+
+        dev = pick_device(device)
+        cuda = dev.type == "cuda"
+        s = PROFILE_DEFAULTS[("paper" if profile == "smoke" else profile) if cuda else "smoke"]
+        if cuda:
+            pipe = configure(sd21_base_random(dev, torch.float16), s["SD_SCHEDULER"])
+            model = "SD-2.1-base architecture, random weights"
+        else:
+            pipe, model = load_sd(TINY_MODEL, "cpu"), "tiny random SD (CPU check only)"
+        batch_sizes = batch_sizes or ([16, 64] if cuda else [1, 4])
+        size, steps, guidance = s["SD_SIZE"], s["SD_STEPS"], s["SD_GUIDANCE"]
+        run = dict(height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                   output_type="pil")
+        repeats = 1 if cuda else 2  # the shared CPU is noisy: keep the best of two
+        pipe(["warm-up"], **{**run, "num_inference_steps": 1})
+        _unet_loop(pipe, 1, size, 1, guidance)
+        rows = []
+        for b in tqdm(batch_sizes, desc="bench synth", unit="batch size"):
+            full = timed(lambda _: pipe(["a photo of a horse in a field"] * b, **run), 1, dev, 0,
+                         repeats)
+            bare = timed(lambda _: _unet_loop(pipe, b, size, steps, guidance), 1, dev, 0, repeats)
+            rows.append(dict(batch_size=b, pipeline_images_per_s=three_figures(b / full),
+                             unet_images_per_s=three_figures(b / bare),
+                             pipeline_s=three_figures(full), unet_s=three_figures(bare),
+                             non_unet_share=round(1 - bare / full, 3)))
+        best = max(r["pipeline_images_per_s"] for r in rows)
+        return dict(bench="synth", profile=profile, device=str(dev),
+                    gpu=torch.cuda.get_device_name(dev) if cuda else None, model=model,
+                    dtype=str(pipe.unet.dtype).replace("torch.", ""), size=size, steps=steps,
+                    guidance=guidance, scheduler=type(pipe.scheduler).__name__, results=rows,
+                    best_images_per_s=best, topup_images=REPORT_TOPUP,
+                    projected_topup_hours=three_figures(REPORT_TOPUP / best / 3600))
 
 
 # --- benchmark -------------------------------------------------------------------------
@@ -226,45 +273,3 @@ def _unet_loop(pipe, batch: int, size: int, steps: int, guidance: float) -> None
             eps = unet(torch.cat([lat, lat]), t, encoder_hidden_states=cond).sample
             eps_u, eps_c = eps.chunk(2)
             lat = sched.step(eps_u + guidance * (eps_c - eps_u), t, lat).prev_sample
-
-
-def bench(profile: str = "smoke", device: str = "auto", batch_sizes=None) -> dict:
-    """Images/s of the full pipeline vs bare UNet denoising, and the projected top-up time.
-
-    CUDA: SD-2.1-base architecture, random weights, fp16, at the profile's size/steps/scheduler
-    (``smoke`` → the report's 512 px / 50 steps). CPU: only a check of the machinery, the
-    tiny model at the ``smoke`` settings whatever the profile (its projection means nothing).
-    """
-    import torch
-
-    dev = pick_device(device)
-    cuda = dev.type == "cuda"
-    s = PROFILE_DEFAULTS[("paper" if profile == "smoke" else profile) if cuda else "smoke"]
-    if cuda:
-        pipe = configure(sd21_base_random(dev, torch.float16), s["SD_SCHEDULER"])
-        model = "SD-2.1-base architecture, random weights"
-    else:
-        pipe, model = load_sd(TINY, "cpu"), "tiny random SD (CPU check only)"
-    batch_sizes = batch_sizes or ([16, 64] if cuda else [1, 4])
-    size, steps, guidance = s["SD_SIZE"], s["SD_STEPS"], s["SD_GUIDANCE"]
-    run = dict(height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-               output_type="pil")
-    repeats = 1 if cuda else 2  # the shared CPU is noisy: keep the best of two
-    pipe(["warm-up"], **{**run, "num_inference_steps": 1})
-    _unet_loop(pipe, 1, size, 1, guidance)
-    rows = []
-    for b in tqdm(batch_sizes, desc="bench synth", unit="batch size"):
-        full = timed(lambda _: pipe(["a photo of a horse in a field"] * b, **run), 1, dev, 0,
-                     repeats)
-        bare = timed(lambda _: _unet_loop(pipe, b, size, steps, guidance), 1, dev, 0, repeats)
-        rows.append(dict(batch_size=b, pipeline_images_per_s=three_figures(b / full),
-                         unet_images_per_s=three_figures(b / bare),
-                         pipeline_s=three_figures(full), unet_s=three_figures(bare),
-                         non_unet_share=round(1 - bare / full, 3)))
-    best = max(r["pipeline_images_per_s"] for r in rows)
-    return dict(bench="synth", profile=profile, device=str(dev),
-                gpu=torch.cuda.get_device_name(dev) if cuda else None, model=model,
-                dtype=str(pipe.unet.dtype).replace("torch.", ""), size=size, steps=steps,
-                guidance=guidance, scheduler=type(pipe.scheduler).__name__, results=rows,
-                best_images_per_s=best, topup_images=REPORT_TOPUP,
-                projected_topup_hours=three_figures(REPORT_TOPUP / best / 3600))
