@@ -117,6 +117,11 @@ def project_path(path: str | os.PathLike) -> Path:
     return path if path.is_absolute() else PROJECT_ROOT / path
 
 
+def plural(n: int, word: str) -> str:
+    """'1 image', '2 images'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def short_path(path) -> str:
     """``path`` relative to the project when it lies inside it (for messages), else as given."""
     path = Path(path)

@@ -131,10 +131,6 @@ def only_test_images(cifar):
                                train_y=cifar.train_y[:0].copy())
 
 
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
 def feedback_summary(run_dir) -> str:
     """One line on what ``feedback.jsonl`` holds (lines, distinct images)."""
     entries = jsonl.read(artefacts.inside(run_dir, FEEDBACK_FILE, "feedback file"),
@@ -142,8 +138,8 @@ def feedback_summary(run_dir) -> str:
     if not entries:
         return "No feedback saved in this run yet."
     images = len({e["sha256"] for e in entries})
-    return (f"Feedback in this run: {plural(len(entries), 'saved label set')} for "
-            f"{plural(images, 'image')} (the latest set of an image counts).")
+    return (f"Feedback in this run: {config.plural(len(entries), 'saved label set')} for "
+            f"{config.plural(images, 'image')} (the latest set of an image counts).")
 
 
 class RejectedImage(ValueError):
@@ -396,7 +392,7 @@ class DemoApp:
         how many feedback images the selected model was trained on."""
         n = self.feedback_trained.get(self.model.value, 0)
         self.trained.value = (f'<span style="color:#555">trained on '
-                              f"{plural(n, 'feedback image')}</span>")
+                              f"{config.plural(n, 'feedback image')}</span>")
         has_prior = self.models[self.model.value]["prior"] is not None
         self.adjust.disabled = not has_prior
         self.adjust_note.value = (

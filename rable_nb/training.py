@@ -149,9 +149,9 @@ def feedback_report(feedback, run_dir, cifar) -> str:
     """What ``FEEDBACK`` adds to the run's training set, and each line it refuses."""
     ds = dataset.load_dataset(run_dir, cifar)
     info = feedback_data(feedback, cifar, cifar.train_x[ds["indices"]])["info"]
-    from .demo import plural
-    lines = [f"FEEDBACK: {plural(info['n'], 'labelled image')} from {', '.join(info['files'])} "
-             f"join the training set; {plural(len(info['refused']), 'line')} refused"]
+    lines = [f"FEEDBACK: {config.plural(info['n'], 'labelled image')} from "
+             f"{', '.join(info['files'])} join the training set; "
+             f"{config.plural(len(info['refused']), 'line')} refused"]
     return "\n".join(lines + [f"  refused {r}" for r in info["refused"]])
 
 

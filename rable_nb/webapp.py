@@ -175,7 +175,7 @@ def main_demo(args) -> int:
         return 1
     app = voila_app(run_dir, port, pool=pool, cull_after=cull_after)
     print(f"demo of {config.short_path(run_dir)} at http://127.0.0.1:{app.port}/ (Ctrl-C stops "
-          f"it; {demo.plural(pool, 'pre-heated kernel')}; a kernel without its page is shut "
+          f"it; {config.plural(pool, 'pre-heated kernel')}; a kernel without its page is shut "
           f"down after {cull_after:g} s)", flush=True)
     app.start()
     return 0
