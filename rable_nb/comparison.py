@@ -120,10 +120,27 @@ def _stats(values: list[float]) -> tuple[float, float | None]:
     return mean, float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
 
 
+def _same_warmups(entries: list[dict]) -> list[dict]:
+    """``entries`` where a run whose top-up records its warm-up's ``pseudo_sha1`` is keyed
+    like the older records of the same top-up (same cache key and conditioning labels,
+    ``cond_sha1``), which predate that fingerprint: a rerun on one warm-up pairs with them."""
+    old = {(w.get("cache"), s.get("cond_sha1")) for m in entries
+           if (s := _synthetic(m)) and not (w := s.get("warmup") or {}).get("pseudo_sha1")}
+    out = []
+    for m in entries:
+        syn = _synthetic(m)
+        w = syn.get("warmup") or {}
+        if w.get("pseudo_sha1") and (w.get("cache"), syn.get("cond_sha1")) in old:
+            w = {k: v for k, v in w.items() if k != "pseudo_sha1"}
+            m = {**m, "params": {**m["params"], "synthetic": {**syn, "warmup": w}}}
+        out.append(m)
+    return out
+
+
 def paired_rows(entries: list[dict]) -> list[dict]:
     """Every run group with a matching control present, paired by training seed."""
     groups: dict[tuple, dict] = {}
-    for m in entries:
+    for m in _same_warmups(entries):
         groups.setdefault(arm(m), {})[(m.get("params") or {}).get("SEED")] = m
     rows = []
     for key, by_seed in groups.items():

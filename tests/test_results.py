@@ -188,6 +188,23 @@ def test_dynamic_arms_are_paired_with_the_static_and_the_resampling_controls(tmp
     assert by[("rable+drs", "top-up → none (able)")]["last"]["diff"][0] == pytest.approx(0.02)
     assert ("able+drs", "drs → none") not in by          # no plain able run: no row
     assert by[("proden+drs", "drs → none")]["seeds"] == [0, 1, 2]
+    # a record with its warm-up's pseudo_sha1 pairs with older records of the same top-up
+    # (same cache key and conditioning labels) that predate that fingerprint — not with
+    # another top-up
+    for path, method, sha, cond in (("r", "rable", None, "c1"), ("rd", "rable+drs", "p1", "c1"),
+                                    ("rx", "rable+drs", "p2", "c2")):
+        for seed in (0, 1, 2):
+            f = tmp_path / f"quick-cpu/{path}-s{seed}/metrics-{method}.json"
+            m = json.loads(f.read_text()) if f.exists() else None
+            if m is None:
+                plant(path, method, 0.5, seed, topup=True)
+                m = json.loads(f.read_text())
+            warmup = {"cache": "w", "test_accuracy": 0.37, **({"pseudo_sha1": sha} if sha else {})}
+            m["params"]["synthetic"].update(warmup=warmup, cond_sha1=cond)
+            f.write_text(json.dumps(m))
+    rows = [r for r in comparison.paired_rows(results.load(tmp_path))
+            if r["change"] == "drs → none" and r["arm"][1] == "rable+drs"]
+    assert len(rows) == 1 and rows[0]["last"]["diff"][0] == pytest.approx(0.03)
 
 
 def test_runs_of_another_budget_than_the_profiles_are_rows_of_their_own(tmp_path):

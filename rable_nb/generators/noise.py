@@ -19,7 +19,7 @@ import numpy as np
 from .. import config
 from .copy import Copy
 
-PROFILE_DEFAULTS = {p: dict(NOISE_SHARE=1 / 3) for p in ("smoke", "quick", "paper")}
+PROFILE_DEFAULTS = {p: dict(NOISE_SHARE=0.33) for p in ("smoke", "quick", "paper")}  # ≈ 1/3
 
 
 def validate(params: dict) -> None:
@@ -37,7 +37,7 @@ class Noise(Copy):
         info = super().fit(images_or_features, cond_labels, class_counts, params, run_dir)
         x = self.images.reshape(-1, self.images.shape[-1]).astype(np.float64)
         self.mean, self.std = x.mean(0), x.std(0)
-        self.share = float(params.get("NOISE_SHARE", 1 / 3))
+        self.share = float(params.get("NOISE_SHARE", 0.33))
         return info
 
     def generate(self, label, seeds):
