@@ -45,6 +45,17 @@ def budget(m: dict) -> str:
     return f" ({epochs} epochs)" if None not in (epochs, default) and epochs != default else ""
 
 
+def variant(m: dict, method: str | None = None) -> str:
+    """:func:`budget` and the piece parameters the run set for ``method`` (default: its own)
+    with ``METHOD_PARAMS``, e.g. ' (10 epochs) {drs.labels=soft}': a run with other settings
+    of a method is another row and another arm, never pooled with the defaults' seeds."""
+    pieces = (method or m["method"]).split("+")
+    given = (m.get("params") or {}).get("METHOD_PARAMS") or {}
+    set_ = [f"{piece}.{k}={v}" for piece in pieces if isinstance(given.get(piece), dict)
+            for k, v in sorted(given[piece].items())]
+    return budget(m) + (f" {{{', '.join(set_)}}}" if set_ else "")
+
+
 def _warmup(syn: dict) -> tuple:
     """The warm-up behind a top-up: its cache key and the fingerprint of its labels (older
     runs: its test accuracy) — two trainings of one key (other threads) are other arms."""
@@ -70,7 +81,7 @@ def arm(m: dict, synthetic: dict | None = None, weight=None, sets=None,
     p = m.get("params") or {}
     syn = _synthetic(m) if synthetic is None else synthetic
     w = p.get("SYNTH_WEIGHT") if weight is None else weight
-    return (runfiles.setting(m), (method or m["method"]) + budget(m), _topup(syn),
+    return (runfiles.setting(m), (method or m["method"]) + variant(m, method), _topup(syn),
             1.0 if w is None else float(w), sets or p.get("SYNTHETIC_LABELS") or "exact",
             _warmup(syn))
 

@@ -115,13 +115,13 @@ def row_label(m: dict) -> str:
     control."""
     added = m.get("n_synthetic") or 0
     if not added:
-        return m["method"] + comparison.budget(m)
+        return m["method"] + comparison.variant(m)
     w = m["params"].get("SYNTH_WEIGHT")
     weight = (" at weight 0 (control)" if w == 0 else
               f" at weight {w:g}" if w is not None and w != 1 else "")
     sets = m["params"].get("SYNTHETIC_LABELS")
     sets = f" with {sets} label sets" if sets and sets != "exact" else ""
-    return f"{runfiles.method_label(m['method'], m)} + {added}{weight}{sets}{comparison.budget(m)}"
+    return f"{runfiles.method_label(m['method'], m)} + {added}{weight}{sets}{comparison.variant(m)}"
 
 
 def heading(group: str) -> str:

@@ -205,6 +205,18 @@ def test_dynamic_arms_are_paired_with_the_static_and_the_resampling_controls(tmp
     rows = [r for r in comparison.paired_rows(results.load(tmp_path))
             if r["change"] == "drs → none" and r["arm"][1] == "rable+drs"]
     assert len(rows) == 1 and rows[0]["last"]["diff"][0] == pytest.approx(0.03)
+    # other settings of a piece (METHOD_PARAMS) make another arm and another row
+    for seed in (0, 1):
+        plant("ps", "proden+drs", 0.45, seed)
+        f = tmp_path / f"quick-cpu/ps-s{seed}/metrics-proden+drs.json"
+        m = json.loads(f.read_text())
+        m["params"]["METHOD_PARAMS"] = {"drs": {"labels": "soft"}, "la": {"zeta": 2}}
+        f.write_text(json.dumps(m))
+    by = {(r["arm"][1], r["change"]): r for r in comparison.paired_rows(results.load(tmp_path))}
+    assert by[("proden+drs", "drs → none")]["last"]["diff"][0] == pytest.approx(0.11)
+    soft = by[("proden+drs {drs.labels=soft}", "drs → none")]
+    assert soft["seeds"] == [0, 1] and soft["last"]["diff"][0] == pytest.approx(0.05)
+    assert "| proden+drs {drs.labels=soft} |" in results.render(results.load(tmp_path))
 
 
 def test_runs_of_another_budget_than_the_profiles_are_rows_of_their_own(tmp_path):
