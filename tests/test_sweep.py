@@ -144,7 +144,8 @@ def test_shipped_example_grids_are_valid(name):
     if not needed <= {p.name[:2] for p in runner.list_notebooks()}:
         pytest.skip("notebook 04 is not in this checkout")
     spec = sweep.load_grid(sweep.config.PROJECT_ROOT / "examples" / name)
-    assert len(sweep.points(spec)) >= 2
+    # sweep-smoke.yaml is notebook 08's smoke sweep: one point (the machinery, in seconds)
+    assert len(sweep.points(spec)) >= (1 if name == "sweep-smoke.yaml" else 2)
 
 
 def test_the_paper_grid_compares_rable_with_able():
