@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rable_nb import cli, config, data, demo, predictions, training
+from rable_nb import artefacts, cli, config, data, demo, predictions, training
 
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
 pytestmark = [pytest.mark.notebook, pytest.mark.skipif(
@@ -269,7 +269,7 @@ def _add_unexecuted_notebooks(run: Path) -> None:
     bar = tqdm(range(3), desc="epochs")
     for _ in bar:
         pass
-    record = config.read_json(run / "run.json")
+    record = artefacts.read_json(run / "run.json")
     for name in ("03_generative_rebalancing", "04_training", "09_rebalancing_study"):
         nb = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
         if name == "04_training":
