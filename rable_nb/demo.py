@@ -32,10 +32,8 @@ import functools
 import hashlib
 import html
 import io
-import json
 import logging
 import os
-import re
 import time
 import warnings
 from pathlib import Path

@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import config, evaluation, runfiles
+from . import artefacts, config, evaluation, runfiles
 
 FIGURES_DIR = config.PROJECT_ROOT / "figures"
 PROVENANCE = "provenance.json"
