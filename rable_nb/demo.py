@@ -53,7 +53,6 @@ MAX_BYTES = 10 * 1024 * 1024
 SERVER_MESSAGE_LIMIT = 128 * 2**20
 MAX_PIXELS = 40_000_000  # 40 megapixels: any camera photo; Pillow itself warns at 89 MP
 FEEDBACK_FILE = "feedback.jsonl"
-FEEDBACK_ROW = {"sha256": str, "image": str, "candidate_ids": [int]}  # one line of it
 TRAINING_PREFIX = "04_"  # the notebook that trains the models the demo serves
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # Pillow format names the demo opens
 EXTENSIONS = ".png,.jpg,.jpeg,.gif,.bmp,.webp,.tif,.tiff"  # what the upload button offers
@@ -132,7 +131,7 @@ def only_test_images(cifar):
 def feedback_summary(run_dir) -> str:
     """One line on what ``feedback.jsonl`` holds (lines, distinct images)."""
     entries = jsonl.read(artefacts.inside(run_dir, FEEDBACK_FILE, "feedback file"),
-                         schema=FEEDBACK_ROW)
+                         schema=feedback.FEEDBACK_ROW)
     if not entries:
         return "No feedback saved in this run yet."
     images = len({e["sha256"] for e in entries})

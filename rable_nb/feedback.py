@@ -19,7 +19,8 @@ class BadFeedback(ValueError):
     """A feedback line that cannot be used; the message says why."""
 
 
-FEEDBACK_FIELDS = {"sha256": str, "image": str, "candidates": list, "candidate_ids": list}
+# one line of feedback.jsonl (artefacts.check_schema), as demo.append_feedback writes it
+FEEDBACK_ROW = {"sha256": str, "image": str, "candidates": [str], "candidate_ids": [int]}
 FEEDBACK_IMAGE = re.compile(r"feedback/([0-9a-f]{64})\.png")  # what append_feedback writes
 
 
@@ -57,9 +58,10 @@ def read_feedback(path, classes=None, num_classes: int = 10) -> tuple[list[dict]
 
 
 def _feedback_row(entry, folder: Path, classes, num_classes: int) -> dict:
-    if not isinstance(entry, dict) or any(not isinstance(entry.get(k), t)
-                                          for k, t in FEEDBACK_FIELDS.items()):
-        raise BadFeedback(f"damaged: not a feedback record (it needs {', '.join(FEEDBACK_FIELDS)})")
+    try:
+        artefacts.check_schema(entry, FEEDBACK_ROW)
+    except ValueError as err:
+        raise BadFeedback(f"damaged: not a feedback record ({err})") from None
     ids = entry["candidate_ids"]
     if not ids or not all(config.is_int(c) and 0 <= c < num_classes for c in ids) or len(
             set(ids)) != len(ids):
