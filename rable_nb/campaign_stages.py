@@ -31,9 +31,6 @@ PACKAGES = ("torch", "torchvision", "numpy", "pillow", "safetensors", "tqdm", "s
             "tokenizers", "huggingface-hub", "requests", "pytest")
 NOT_NEEDED = ("pyyaml", "matplotlib", "pandas", "papermill")
 CUDA_MARK = "pytest.mark.cuda"          # how a test file marks its CUDA-only tests
-# device checks: every base alone, every modifier on ABLE, and the combinations that run
-# second step variants (CORR's and SoLar's mixup) or stack modifiers
-CHECK_PARAMS = {"solar": {"queue_batches": 2, "est_epochs": 1}, "ssp": {"epochs": 1}}
 
 
 def require(*modules: str) -> str | None:
@@ -243,6 +240,9 @@ def generator_benches(device: str, profile: str, batch_sizes=None) -> list:
 
 # -- device checks -------------------------------------------------------------------------
 def check_methods(camp: Campaign) -> list[str]:
+    """The device checks' methods: every base alone, every modifier on ABLE, and the
+    combinations that run second step variants (CORR's and SoLar's mixup) or stack
+    modifiers; each piece brings its own ``tiny`` settings (:func:`train_check`)."""
     from . import methods
     names = list(methods.BASES) + [f"able+{m}" for m in methods.MODIFIERS]
     names += ["corr+records+mixup", "solar+la+mixup", "supervised+la+mixup",
@@ -262,10 +262,10 @@ def train_check(method: str, device: str, graph: bool, arch: str = "tiny_cnn", n
                 batch: int = 32, epochs: int = 2) -> dict:
     """A few epochs of ``method`` on random images (+ one evaluation): loss terms per epoch,
     finite or not; raises on a crash or a non-finite loss."""
-    from . import engine, evaluation
+    from . import engine, evaluation, methods
     x, cand, y = random_data(n)
     cfg = engine.TrainConfig(method=method, arch=arch, epochs=epochs, batch_size=batch,
-                             method_params=CHECK_PARAMS)
+                             method_params=methods.tiny_params())
     tr = engine.Trainer(cfg, x, cand, y, device, graph=graph)
     rows = [tr.train_epoch(progress=False) for _ in range(tr.total_epochs)]
     raw, adjusted = evaluation.evaluate(tr.net, x[:64], y[:64], np.bincount(y, minlength=10),

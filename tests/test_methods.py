@@ -593,3 +593,13 @@ def test_a_new_method_is_one_class_and_one_registry_line(tmp_path, monkeypatch):
     assert training.method_params(given) == {"toy": {"aux_weight": 0.25}}
     with pytest.raises(runner.RunError, match="TOY_AUX=-1 is invalid"):
         runner.check_parameters({**given, "TOY_AUX": -1}, nb04, base)
+    # the campaign's device check lists it and runs it with its own tiny settings
+    from rable_nb import campaign_stages
+    assert "toy" in campaign_stages.check_methods(SimpleNamespace(methods=[]))
+    monkeypatch.setattr(Toy, "tiny", {"aux_weight": -1})               # reaches the check
+    with pytest.raises(ValueError, match="aux_weight"):
+        campaign_stages.train_check("toy", "cpu", graph=False)
+    monkeypatch.setattr(Toy, "tiny", {"aux_weight": 0.5})
+    assert methods.tiny_params()["toy"] == {"aux_weight": 0.5}
+    check = campaign_stages.train_check("toy", "cpu", graph=False)
+    assert check["epochs"] == 2 and all(math.isfinite(v) for v in check["losses"]["loss_aux"])

@@ -128,7 +128,7 @@ PIECES = {**BASES, **MODIFIERS}
 
 __all__ = ["BASES", "MODIFIERS", "Base", "Batch", "Method", "Modifier", "Outputs", "Stage",
            "build", "check", "data_sources", "explain", "inputs", "names", "parse",
-           "resolve_params"]
+           "resolve_params", "tiny_params"]
 
 
 def parse(name: str) -> tuple[str, list[str]]:
@@ -220,6 +220,12 @@ def resolve_params(name: str, cfg, overrides: dict | None = None) -> dict:
         check_values(piece, values)
     base, mods = parse(name)
     return {p: {**PIECES[p].default_params(cfg), **overrides.get(p, {})} for p in [base, *mods]}
+
+
+def tiny_params() -> dict[str, dict]:
+    """{piece: its ``tiny`` settings} of every piece that has them (a device check's
+    ``method_params``)."""
+    return {name: dict(cls.tiny) for name, cls in PIECES.items() if cls.tiny}
 
 
 def check_values(piece: str, values: dict) -> None:

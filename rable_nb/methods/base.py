@@ -86,6 +86,10 @@ class Piece:
     # One rule per hyper-parameter, {param: config rule} (``config.integer(1)``, ...): a
     # value is checked before anything runs (``methods.resolve_params``); every param needs one.
     rules: dict = {}
+    # Values of ``params`` for a device check on a few random images (the campaign's
+    # ``check_methods``: 2 epochs of 128 images), where a default would not fit, e.g. a
+    # queue of 64 batches: {param: value}.
+    tiny: dict = {}
     needs = "logits"          # the richest forward output this piece reads (see OUTPUTS)
     data_sources: tuple[str, ...] = ()  # training data beyond the real long tail
     # How the rebalancing study (notebook 09) names what this piece adds: '' nothing (ABLE,

@@ -122,6 +122,7 @@ class Solar(Base):
     params = {"lamd": 3.0, "eta": 0.9, "tau": 0.99, "rho_start": 0.2, "rho_end": 0.6,
               "gamma_estimate": 0.1, "gamma_train": 0.01, "queue_batches": 64,
               "sinkhorn_iters": 50, "est_epochs": None, "warmup_epochs": None}
+    tiny = {"queue_batches": 2, "est_epochs": 1}
     rules = {"lamd": config.number(0, low_open=True), "eta": config.number(0, 1),
              "tau": config.number(0, 1), "rho_start": config.number(0, 1),
              "rho_end": config.number(0, 1), "gamma_estimate": config.number(0, 1),

@@ -193,6 +193,7 @@ class Ssp(Able):
     # ABLE's own, then the rotation pre-training's (epochs/batch size: those of the run)
     params = {**Able.params, "epochs": None, "lr": 0.1, "weight_decay": 2e-4,
               "batch_size": None}
+    tiny = {"epochs": 1}
     rules = {**Able.rules, "epochs": config.integer(1), "lr": config.number(0),
              "weight_decay": config.number(0), "batch_size": config.integer(1)}
 
