@@ -10,7 +10,7 @@ import time
 import numpy as np
 import torch
 
-from . import augment, config, cuda_graph, dataset, evaluation, generators, profiling
+from . import augment, candidates, config, cuda_graph, evaluation, generators, profiling
 from .engine import TrainConfig, Trainer
 from .networks import PRECISIONS, autocast, device_name, pick_device, to_unit, used_precision
 from .training import LT_RHO100_IMAGES, PROFILE_DEFAULTS
@@ -60,7 +60,7 @@ def train(profile: str = "smoke", device: str = "auto", batch_sizes=None,
         n = bs * (steps + 1)
         x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
         labels = rng.integers(0, 10, n)
-        cand = dataset.uniform_candidates(labels, 10, 0.3, 0)
+        cand = candidates.uniform_candidates(labels, 10, 0.3, 0)
         for path in paths:
             for precision in precisions:
                 row = {"batch_size": bs, "path": path, "precision": precision}

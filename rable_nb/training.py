@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import (backbone, config, dataset, engine, evaluation, generators, methods, runfiles,
-               unlabeled, warmup)
+from . import (backbone, candidates, config, engine, evaluation, generators, longtail, methods,
+               runfiles, unlabeled, warmup)
 from .engine import TrainConfig
 from .feedback import read_feedback
 from .networks import BACKBONES, PRECISIONS, device_name, save_model
@@ -55,7 +55,7 @@ def plausible_candidates(labels, x, run_dir, cifar, params: dict, device: str = 
         with torch.inference_mode():
             logits = net.classifier(torch.as_tensor(x, device=next(net.parameters()).device))
     else:
-        ds = dataset.load_dataset(run_dir, cifar)
+        ds = runfiles.load_dataset(run_dir, cifar)
         _, net, _ = warmup.from_params(cifar.train_x[ds["indices"]], ds["candidates"], cifar,
                                        params, device)
         logits = batched_logits(net, x)
@@ -81,17 +81,17 @@ def synthetic_candidates(labels: np.ndarray, ds_params: dict, kind: str, cifar, 
         return plausible_candidates(labels, x, run_dir, cifar, params or {}, device)
     seed = int(ds_params.get("SEED", 0)) + 1
     if ds_params["PARTIAL"] == "uniform":
-        return dataset.uniform_candidates(labels, c, float(ds_params["Q"]), seed)
+        return candidates.uniform_candidates(labels, c, float(ds_params["Q"]), seed)
     if np.ndim(x) != 4:
         raise ValueError("SYNTHETIC_LABELS='partial' with PARTIAL='instance' draws candidates "
                          "from a classifier's view of each image; synthetic features have "
                          "none: use SYNTHETIC_LABELS='exact'.")
     info = ds_params["clean_classifier"]
     per_class = None if info["train_images"] >= len(cifar.train_y) else info["train_images"] // c
-    net, _ = dataset.clean_classifier(cifar, info["arch"], info["epochs"], info["seed"], device,
+    net, _ = candidates.clean_classifier(cifar, info["arch"], info["epochs"], info["seed"], device,
                                       per_class)
-    probs = dataset.predict_proba(net, x)
-    return dataset.instance_candidates(probs, labels, float(ds_params["RATE"]), seed)
+    probs = candidates.predict_proba(net, x)
+    return candidates.instance_candidates(probs, labels, float(ds_params["RATE"]), seed)
 
 
 def feedback_paths(feedback) -> list[Path]:
@@ -147,7 +147,7 @@ def feedback_data(feedback, cifar, train_x: np.ndarray) -> dict:
 
 def feedback_report(feedback, run_dir, cifar) -> str:
     """What ``FEEDBACK`` adds to the run's training set, and each line it refuses."""
-    ds = dataset.load_dataset(run_dir, cifar)
+    ds = runfiles.load_dataset(run_dir, cifar)
     info = feedback_data(feedback, cifar, cifar.train_x[ds["indices"]])["info"]
     lines = [f"FEEDBACK: {config.plural(info['n'], 'labelled image')} from "
              f"{', '.join(info['files'])} join the training set; "
@@ -173,7 +173,7 @@ def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int =
     many/medium/few). The labels of added images are their hidden truth, for the logs'
     pseudo-label accuracy only; feedback images have none (-1: counted as misses there).
     """
-    ds = dataset.load_dataset(run_dir, cifar)
+    ds = runfiles.load_dataset(run_dir, cifar)
     x, cand, y = cifar.train_x[ds["indices"]], ds["candidates"], ds["labels"]
     n_synth, fields, weight, init, source = 0, {"n_unlabeled": 0}, None, None, None
     feedback = (params or {}).get("FEEDBACK")
@@ -205,7 +205,7 @@ def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int =
         source = sources(len(y) - n_synth, rows)
         if synth_weight != 1:
             weight = np.concatenate([np.ones(len(y) - n_synth), np.full(n_synth, synth_weight)])
-    test = dataset.balanced_subset(cifar.test_y, n_test_per_class, seed)
+    test = longtail.balanced_subset(cifar.test_y, n_test_per_class, seed)
     return dict(train_x=x, candidates=cand, labels=y, test_x=cifar.test_x[test],
                 test_y=cifar.test_y[test], class_counts=ds["class_counts"],
                 n_synthetic=n_synth, dataset_params=ds["params"], fields=fields,
@@ -299,7 +299,7 @@ def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int 
     if result["adjusted"] is not None:
         metrics["accuracy_adjusted"] = evaluation.accuracy_block(
             history, result["adjusted"], key="test_acc_adjusted")
-    evaluation.write_metrics(run_dir, metrics)
+    runfiles.write_metrics(run_dir, metrics)
     return metrics
 
 
@@ -380,7 +380,7 @@ def validate(P: dict) -> None:
         "PRECISION": config.one_of(PRECISIONS),
         "FEEDBACK": FEEDBACK_RULE,
     })
-    n = dataset.num_images(P.get("dataset") or {})
+    n = longtail.num_images(P.get("dataset") or {})
     if n is not None and config.is_int(P.get("BATCH_SIZE")) and P["BATCH_SIZE"] > n:
         raise ValueError(f"BATCH_SIZE={P['BATCH_SIZE']} is invalid: BATCH_SIZE must be at most "
                          f"the {n} training images of this run's dataset (batches drop the "

@@ -18,7 +18,7 @@ import json
 import numpy as np
 import torch
 
-from . import artefacts, config, dataset, engine, methods
+from . import artefacts, config, engine, longtail, methods
 from .networks import BACKBONES, load_model, pick_device, save_model
 
 WARMUP_TEST_PER_CLASS = 100  # the warm-up logs its test accuracy on this many per class
@@ -88,7 +88,7 @@ def warmup(train_x, candidates, cifar, arch: str, epochs: int, batch_size: int, 
         cached = _load_entry(folder, done, device)
         if cached is not None:
             return cached
-    test = dataset.balanced_subset(cifar.test_y, WARMUP_TEST_PER_CLASS, seed)
+    test = longtail.balanced_subset(cifar.test_y, WARMUP_TEST_PER_CLASS, seed)
     data = dict(train_x=train_x, candidates=candidates,
                 labels=np.full(len(candidates), -1),  # hidden: never given to the warm-up
                 test_x=cifar.test_x[test], test_y=cifar.test_y[test],
