@@ -29,8 +29,7 @@ LT_RHO100_IMAGES = 12406  # CIFAR-10-LT, rho = 100, n_max = 5000
 # Stage defaults per profile and the protocols' settings: config.TRAINING_DEFAULTS and
 # config.PROTOCOL_SETTINGS (there, so that reading results needs no torch).
 PROFILE_DEFAULTS = config.TRAINING_DEFAULTS
-PROTOCOL_SETTINGS = config.PROTOCOL_SETTINGS
-PROTOCOL_RULE = config.one_of(sorted(PROTOCOL_SETTINGS))
+PROTOCOL_RULE = config.one_of(sorted(config.PROTOCOL_SETTINGS))
 FEEDBACK_RULE = (lambda v: config.PATH[0](v) or (isinstance(v, list) and bool(v) and all(
     config.PATH[0](p) for p in v)), "a feedback.jsonl path or a non-empty list of them")
 
@@ -40,7 +39,7 @@ def stage_defaults(protocol: str | None = None) -> dict[str, dict]:
     out = {k: dict(v) for k, v in PROFILE_DEFAULTS.items()}
     if protocol is not None:
         config.check({"PROTOCOL": protocol}, {"PROTOCOL": PROTOCOL_RULE})
-        out["paper"].update(PROTOCOL_SETTINGS[protocol], PROTOCOL=protocol)
+        out["paper"].update(config.PROTOCOL_SETTINGS[protocol], PROTOCOL=protocol)
     return out
 
 
@@ -246,7 +245,7 @@ def protocol_name(P: dict, ds_params: dict) -> str:
               and P.get("LR") == 0.01 and ds_params.get("SEED") == 0)
 
     def schedule(name):  # the protocol's epochs and batch size (config.PROTOCOL_SETTINGS)
-        return all(P.get(k) == v for k, v in PROTOCOL_SETTINGS[name].items())
+        return all(P.get(k) == v for k, v in config.PROTOCOL_SETTINGS[name].items())
     if (common and ds_params.get("PARTIAL") == "instance" and ds_params.get("RATE") == 0.4
             and ds_params.get("IMBALANCE_FACTOR") == 0.01 and schedule("R")):
         return "R"

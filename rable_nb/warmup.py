@@ -13,7 +13,6 @@ checkpoint in the cache folder.
 from __future__ import annotations
 
 import hashlib
-import json
 
 import numpy as np
 import torch
@@ -44,12 +43,7 @@ def from_params(train_x, candidates, cifar, params: dict, device: str = "auto"):
 
 def _key(train_x: np.ndarray, candidates: np.ndarray, settings: dict) -> str:
     """Cache key of a warm-up: its images, candidate sets and settings (never the labels)."""
-    h = hashlib.sha1(json.dumps(settings, sort_keys=True).encode())
-    for arr in (train_x, candidates):
-        arr = np.ascontiguousarray(arr)
-        h.update(f"{arr.shape}{arr.dtype}".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()[:16]
+    return artefacts.fingerprint(train_x, candidates, settings=settings)[:16]
 
 
 def _load_entry(folder, done, device: str):
