@@ -43,11 +43,13 @@ def stage_defaults(protocol: str | None = None) -> dict[str, dict]:
     return out
 
 
-def plausible_candidates(labels, x, run_dir, cifar, params: dict, device: str = "auto"):
+def plausible_candidates(labels, x, run_dir, cifar, threshold: float,
+                         warm: warmup.WarmupSettings | None = None, device: str = "auto"):
     """PLL-native labels of synthetic samples: the intended class c plus every class the
-    warm-up network (the one behind the conditioning labels; for feature vectors, the run's
-    backbone) gives probability ≥ ``SYNTH_PLAUSIBLE`` — a generated image of c that looks like
-    a dog may be one, and its candidate set says so instead of asserting c."""
+    warm-up network (the one behind the conditioning labels, trained with ``warm``; for
+    feature vectors, the run's backbone) gives probability ≥ ``threshold``
+    (``SYNTH_PLAUSIBLE``) — a generated image of c that looks like a dog may be one, and
+    its candidate set says so instead of asserting c."""
     from .networks import batched_logits
     if np.ndim(x) == 2:  # feature vectors: a feature-space backend's samples
         net, _ = backbone.load_backbone(run_dir, device)
@@ -55,11 +57,10 @@ def plausible_candidates(labels, x, run_dir, cifar, params: dict, device: str = 
             logits = net.classifier(torch.as_tensor(x, device=next(net.parameters()).device))
     else:
         ds = runfiles.load_dataset(run_dir, cifar)
-        _, net, _ = warmup.from_params(cifar.train_x[ds["indices"]], ds["candidates"], cifar,
-                                       params, device)
+        _, net, _ = warmup.warmup(cifar.train_x[ds["indices"]], ds["candidates"], cifar, warm,
+                                  device)
         logits = batched_logits(net, x)
     probs = torch.softmax(logits.float(), 1).cpu().numpy()
-    threshold = 0.1 if params.get("SYNTH_PLAUSIBLE") is None else params["SYNTH_PLAUSIBLE"]
     cand = probs >= threshold
     cand[np.arange(len(labels)), labels] = True
     return cand
@@ -77,7 +78,10 @@ def synthetic_candidates(labels: np.ndarray, ds_params: dict, kind: str, cifar, 
     if kind == "exact":
         return np.eye(c, dtype=bool)[labels]
     if kind == "plausible":
-        return plausible_candidates(labels, x, run_dir, cifar, params or {}, device)
+        params = params or {}
+        threshold = 0.1 if params.get("SYNTH_PLAUSIBLE") is None else params["SYNTH_PLAUSIBLE"]
+        warm = None if np.ndim(x) == 2 else warmup.WarmupSettings.from_params(params)
+        return plausible_candidates(labels, x, run_dir, cifar, threshold, warm, device)
     seed = int(ds_params.get("SEED", 0)) + 1
     if ds_params["PARTIAL"] == "uniform":
         return candidates.uniform_candidates(labels, c, float(ds_params["Q"]), seed)
@@ -185,7 +189,9 @@ def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int =
         y = np.concatenate([y.astype(np.int64), np.full(fb["info"]["n"], -1)])  # no truth
         fields.update(n_feedback=fb["info"]["n"], feedback=fb["info"])
     if "unlabeled" in methods.data_sources(method):
-        u = unlabeled.pseudo_labelled(ds, cifar, {"SEED": seed, **(params or {})}, device)
+        u = unlabeled.pseudo_labelled(
+            ds, cifar, unlabeled.UnlabeledSettings.from_params({"SEED": seed, **(params or {})}),
+            device)
         x, cand = np.concatenate([x, u["x"]]), np.concatenate([cand, u["candidates"]])
         y = np.concatenate([y, u["hidden"]])
         fields.update(n_unlabeled=u["info"]["n"], unlabeled=u["info"])  # feedback's stay

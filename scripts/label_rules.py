@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     cifar = data.load_cifar10(P.get("DATA_DIR"))
     ds = runfiles.load_dataset(args.run_dir, cifar)
     x, cand, truth = cifar.train_x[ds["indices"]], ds["candidates"], ds["labels"]
-    conf, net, info = warmup.from_params(x, cand, cifar, P, P.get("DEVICE") or "auto")
+    conf, net, info = warmup.warmup(x, cand, cifar, warmup.WarmupSettings.from_params(P),
+                                    P.get("DEVICE") or "auto")
     logits = batched_logits(net, x).float().cpu().numpy()
     prior = labelrules.estimate_prior(logits, cand)
     true = np.bincount(truth, minlength=cifar.num_classes)

@@ -111,7 +111,7 @@ def test_a_damaged_warmup_entry_is_moved_aside_and_made_again(cache, capsys):
     d = tiny_data(64)
     cifar = data.Cifar(d["train_x"], d["labels"], d["test_x"], d["test_y"],
                        tuple(data.CLASSES), "tiny", {})
-    args = (d["train_x"], d["candidates"], cifar, "tiny_cnn", 1, 32, 0.01)
+    args = (d["train_x"], d["candidates"], cifar, warmup.WarmupSettings("tiny_cnn", 1, 32, 0.01))
     pseudo, _, info = warmup.warmup(*args, device="cpu")
     (folder,) = cache.glob("warmup-*")
     for name, damage in (("warmup.json", b"{"), ("pseudo.npz", b"PK\x03\x04junk"),
