@@ -22,6 +22,7 @@ follows a link out.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -124,6 +125,21 @@ def nonfinite(path: Path) -> str | None:
             with np.load(path) as arrays:
                 return next((k for k in floats if not np.isfinite(arrays[k]).all()), None)
     return None
+
+
+def fingerprint(*arrays, names: tuple[str, ...] = (), settings: dict | None = None) -> str:
+    """SHA-1 of ``settings`` (as sorted JSON, when given), then of each array's shape, type
+    and bytes, prefixed by its name when ``names`` are given: which data (and settings) a
+    saved state or cache entry was made from — the engine's training state, a generator's
+    fit, the warm-up and SSP caches — compared or looked up when it is used again."""
+    import numpy as np
+    h = hashlib.sha1(json.dumps(settings, sort_keys=True).encode() if settings is not None
+                     else b"")
+    for i, arr in enumerate(arrays):
+        arr = np.ascontiguousarray(arr)
+        h.update(f"{names[i] if names else ''}{arr.shape}{arr.dtype}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
 
 
 def _is_nonfinite_array(value) -> bool:

@@ -2,7 +2,7 @@
 diversity and memorisation, scored by a *judge* classifier.
 
 Judge: the classifier trained on clean, balanced CIFAR-10 that the package already trains
-and caches for instance-dependent candidate labels (``dataset.clean_classifier``, profile
+and caches for instance-dependent candidate labels (``candidates.clean_classifier``, profile
 settings ``CLEAN_*``); its features are its penultimate (backbone) outputs. Per class c
 with synthetic images (at most ``per_class`` of them, a seeded subset):
 
@@ -45,7 +45,7 @@ import warnings
 import numpy as np
 import torch
 
-from . import dataset
+from . import candidates, longtail
 from .networks import batched_features, pick_device
 
 ALPHA = 0.05
@@ -117,7 +117,7 @@ def nearest_train(x_uint8, train_uint8, device: str = "auto", chunk: int = 1024)
 def _subset(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
     if per_class is None:
         return np.arange(len(labels))
-    return dataset.balanced_subset(labels, per_class, seed)
+    return longtail.balanced_subset(labels, per_class, seed)
 
 
 def audit(syn_x, syn_y, train_x, train_y, test_x, test_y, judge, classes,
@@ -212,7 +212,7 @@ def run(run_dir, cifar, ds, params: dict, device: str = "auto") -> dict:
     run_dir = Path(run_dir)
     seed = params.get("SEED") or 0
     syn_x, syn_y, _ = load_synthetic(run_dir)
-    test = dataset.balanced_subset(cifar.test_y, params["N_TEST_PER_CLASS"], seed)
+    test = longtail.balanced_subset(cifar.test_y, params["N_TEST_PER_CLASS"], seed)
     train_x, test_x, test_y = cifar.train_x[ds["indices"]], cifar.test_x[test], cifar.test_y[test]
     settings = read_settings(run_dir)
     space = synthetic_space(run_dir)
@@ -226,7 +226,7 @@ def run(run_dir, cifar, ds, params: dict, device: str = "auto") -> dict:
                                backbone.encode(net, test_x), test_y, net.classifier,
                                cifar.classes, per_class, seed, device)
     else:
-        judge, judge_info = dataset.clean_classifier(
+        judge, judge_info = candidates.clean_classifier(
             cifar, params.get("AUDIT_JUDGE_ARCH") or params["CLEAN_ARCH"],
             params.get("AUDIT_JUDGE_EPOCHS") or params["CLEAN_EPOCHS"], seed, device,
             params.get("CLEAN_PER_CLASS") or None)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import torch
 
-from . import augment, config, cuda_graph, dataset, evaluation, generators, profiling
+from . import augment, candidates, config, cuda_graph, evaluation, generators, profiling
 from .engine import TrainConfig, Trainer
 from .networks import PRECISIONS, autocast, device_name, pick_device, to_unit, used_precision
 from .training import LT_RHO100_IMAGES, PROFILE_DEFAULTS
@@ -21,7 +21,6 @@ BENCH_STEPS = {"smoke": 3, "quick": 10, "paper": 30}
 # -- the training step --------------------------------------------------------------------
 BENCH_PATHS = {"eager": False, "cuda_graph": True}   # step path -> Trainer(graph=...)
 BENCH_TEST_IMAGES = 10_000                           # a CIFAR-10 test set
-PROTOCOL_L_EPOCHS = config.PROTOCOL_SETTINGS["L"]["EPOCHS"]
 
 
 def train(profile: str = "smoke", device: str = "auto", batch_sizes=None,
@@ -60,7 +59,7 @@ def train(profile: str = "smoke", device: str = "auto", batch_sizes=None,
         n = bs * (steps + 1)
         x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
         labels = rng.integers(0, 10, n)
-        cand = dataset.uniform_candidates(labels, 10, 0.3, 0)
+        cand = candidates.uniform_candidates(labels, 10, 0.3, 0)
         for path in paths:
             for precision in precisions:
                 row = {"batch_size": bs, "path": path, "precision": precision}
@@ -121,7 +120,7 @@ def _measure(tr: Trainer, steps: int, test_x: torch.Tensor) -> dict:
             "ops_per_step": ops["ops"], "host_syncs_per_step": ops["host_syncs"],
             "able_epoch_s_cifar10_lt_rho100": train_s, "eval_s": eval_s,
             "epoch_s_with_eval": train_s + eval_s,
-            "run_800_epochs_min": PROTOCOL_L_EPOCHS * (train_s + eval_s) / 60}
+            "run_800_epochs_min": config.L_EPOCHS * (train_s + eval_s) / 60}
 
 def augment_views(device: str = "auto", batch_sizes=None) -> dict:
     """Images/s and dispatched ops of the weak and strong views alone (``augment.bench``)."""

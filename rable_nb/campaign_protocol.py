@@ -22,8 +22,7 @@ from .campaign_stages import Campaign, error_record
 PROBE_EPOCHS = {False: 2, True: 1}  # timed before the epoch count is chosen (the last counts)
 MARGIN = 0.88                       # share of the time left that the schedule may fill
 END_S = 8                           # final evaluation, metrics, the processes' exit
-L_EPOCHS = config.PROTOCOL_SETTINGS["L"]["EPOCHS"]   # the published schedule's length
-MAX_EPOCHS = {False: L_EPOCHS, True: 2}  # tiny: a few epochs prove the mechanics
+MAX_EPOCHS = {False: config.L_EPOCHS, True: 2}  # tiny: a few epochs prove the mechanics
 SETTING = dict(IMBALANCE_FACTOR=0.01, PARTIAL="uniform", Q=0.3, RATE=0.4, SEED=0)
 TINY_DATA = dict(n_train=60, n_test=10)   # generated images per class
 TINY_SETTINGS = dict(ARCH="tiny_cnn", BATCH_SIZE=16, N_MAX=24, N_TEST_PER_CLASS=5,
@@ -78,7 +77,7 @@ def stop_background(camp: Campaign) -> None:
 
 # -- the epoch count ------------------------------------------------------------------------
 def choose_epochs(epoch_s: float, seconds_left: float, extra_epochs: int = 0,
-                  cap: int = L_EPOCHS) -> int:
+                  cap: int = config.L_EPOCHS) -> int:
     """Epochs E (≤ ``cap``) such that E + ``extra_epochs`` (a method's other stages, e.g.
     SoLar's estimation) epochs of ``epoch_s`` each fit into ``MARGIN`` of ``seconds_left``
     less ``END_S``; 0 when not even one does."""
@@ -216,7 +215,7 @@ def _worker(method: str, conn) -> None:
     """Import, wait for the stage's settings, time the probe epochs (a throw-away network),
     then train with the epoch count the parent sends (0: stop)."""
     try:
-        from . import data, engine, evaluation, training  # noqa: F401  (while others run)
+        from . import data, training  # noqa: F401  (imported while others run)
         job = conn.recv()
         P, tiny = job["P"], job["tiny"]
         probe, cifar, d = _probe(method, P, job["data_dir"], job["threads"],
@@ -230,24 +229,24 @@ def _worker(method: str, conn) -> None:
 
 
 def _probe(method: str, P: dict, data_dir: str, threads: int, epochs: int):
-    """(timed probe epochs, the decoded data, the method's training data)."""
+    """(timed probe epochs, the decoded data, the method's training data): notebook 04's
+    training (``training.train``) of a throw-away network in a scratch folder beside the
+    run, each epoch timed with its evaluation."""
     import torch
 
-    from . import data, engine, evaluation, training
+    from . import data, training
     torch.set_num_threads(threads)
     cifar = data.load_cifar10(data_dir)
     d = training.method_data(method, P, cifar)
     cfg = training.config_from_params(method, {**P, "EPOCHS": epochs}, cifar.num_classes)
-    tr = engine.Trainer(cfg, d["train_x"], d["candidates"], d["labels"], P["DEVICE"],
-                        graph=P["GRAPH"])
-    test_x = torch.as_tensor(d["test_x"], device=tr.dev)
-    times = []
-    for _ in range(epochs):
-        t0 = time.time()
-        tr.train_epoch(progress=False)
-        evaluation.evaluate(tr.net, test_x, d["test_y"], d["class_counts"], tr.log_prior())
-        times.append(round(time.time() - t0, 3))
-    del tr
+    scratch = Path(P["RUN_DIR"]).parent / f"probe-{method}"
+    shutil.rmtree(scratch, ignore_errors=True)   # never resumed: every epoch is timed
+    try:
+        history = training.train(cfg, d, scratch, P["DEVICE"], checkpoint_every=10**6,
+                                 stop_after=epochs, progress=False, graph=P["GRAPH"])["history"]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    times = [round(h["seconds"], 3) for h in history]
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return {"epoch_s": times}, cifar, d
@@ -255,10 +254,11 @@ def _probe(method: str, P: dict, data_dir: str, threads: int, epochs: int):
 
 def _train(method: str, P: dict, epochs: int, tiny: bool, cifar, d: dict) -> dict:
     from . import training
-    full = training.protocol_name({**P, "EPOCHS": L_EPOCHS}, d["dataset_params"])
-    campaign = {"protocol": "L", "epochs": epochs, "protocol_epochs": L_EPOCHS, "tiny": tiny,
+    full = training.protocol_name({**P, "EPOCHS": config.L_EPOCHS}, d["dataset_params"])
+    campaign = {"protocol": "L", "epochs": epochs, "protocol_epochs": config.L_EPOCHS,
+                "tiny": tiny,
                 "note": "a GPU campaign's shortened protocol L: the whole cosine schedule in "
-                        f"{epochs} of {L_EPOCHS} epochs"}
+                        f"{epochs} of {config.L_EPOCHS} epochs"}
     m = training.run_method(method, {**P, "EPOCHS": epochs}, cifar, progress=False, data=d,
                             protocol="L-short" if full == "L" else "custom",
                             fields={"campaign": campaign})

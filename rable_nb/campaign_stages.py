@@ -251,11 +251,11 @@ def check_methods(camp: Campaign) -> list[str]:
 
 
 def random_data(n: int, seed: int = 0, classes: int = 10):
-    from . import dataset
+    from . import candidates
     rng = np.random.default_rng(seed)
     y = np.arange(n) % classes
     x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    return x, dataset.uniform_candidates(y, classes, 0.3, seed), y
+    return x, candidates.uniform_candidates(y, classes, 0.3, seed), y
 
 
 def train_check(method: str, device: str, graph: bool, arch: str = "tiny_cnn", n: int = 128,
@@ -305,11 +305,11 @@ def generator_check(name: str, device: str, run_dir: Path) -> dict:
     """Fit backend ``name`` with its ``TINY`` settings on 3 classes of random images (a
     feature-space backend: random feature vectors) and draw 2 samples per class; checks
     shape, dtype and finiteness."""
-    from . import dataset, generators, jsonl
+    from . import generators, jsonl, runfiles
     counts = [9, 6, 3]
     labels = np.repeat(np.arange(3), counts)
     run_dir.mkdir(parents=True, exist_ok=True)
-    dataset.save_dataset(run_dir, dict(indices=np.arange(len(labels)), labels=labels,
+    runfiles.save_dataset(run_dir, dict(indices=np.arange(len(labels)), labels=labels,
                                        candidates=np.eye(3, dtype=bool)[labels],
                                        class_counts=np.array(counts)), {})
     jsonl.write(run_dir / "captions.jsonl",            # sd prompts from captions

@@ -160,7 +160,7 @@ def caption_examples(rows: list[dict], images: np.ndarray, indices: np.ndarray, 
     and the caption wrapped at ``width`` characters. One row per class."""
     import textwrap
 
-    from .dataset import examples_per_class, take
+    from .longtail import examples_per_class, take
     position = {int(i): k for k, i in enumerate(indices)}
     slots = examples_per_class([r["label"] for r in rows], per_class, seed)
     picked = [rows[s] if s >= 0 else None for s in slots]

@@ -39,7 +39,7 @@ import torch
 from . import config, labelrules
 from .labelrules import LABEL_RULES
 from .networks import batched_logits
-from .warmup import WARMUP_RULES, from_params
+from .warmup import WARMUP_RULES, WarmupSettings, warmup
 
 GEN_LABELS = ("pseudo", "oracle")
 FILTERS = ("none", "class", "centre")  # SYNTH_FILTER; False / True: 'none' / 'class'
@@ -77,7 +77,8 @@ def cond_labels(kind: str, ds: dict, train_x, cifar, params: dict, device: str =
     validate({"GEN_LABELS": kind})
     net, info = None, {"gen_labels": kind}
     if kind == "pseudo" or filter_mode(params.get("SYNTH_FILTER")) != "none" or need_net:
-        pseudo, net, wi = from_params(train_x, ds["candidates"], cifar, params, device)
+        pseudo, net, wi = warmup(train_x, ds["candidates"], cifar,
+                                 WarmupSettings.from_params(params), device)
         info["warmup"] = wi
     if kind == "pseudo":
         info["rule"] = rule = rule_settings(params)

@@ -42,7 +42,7 @@ import ipywidgets as widgets
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import artefacts, config, evaluation, feedback, jsonl, predictions, runfiles
+from . import artefacts, config, feedback, jsonl, predictions, runfiles
 from .predictions import predict_proba
 
 MAX_BYTES = 10 * 1024 * 1024
@@ -315,7 +315,7 @@ class DemoApp:
         self.trained = widgets.HTML()
         # how many demo feedback images each model was trained on (notebook 04's FEEDBACK)
         self.feedback_trained = {m: int(v.get("n_feedback", 0)) for m, v in
-                                 evaluation.current_metrics(self.run_dir).items()}
+                                 runfiles.current_metrics(self.run_dir).items()}
         self.message = widgets.HTML(layout=widgets.Layout(min_height="24px"))
         self.preview = widgets.Image(value=PLACEHOLDER, format="png", width=PREVIEW_PX,
                                      height=PREVIEW_PX,

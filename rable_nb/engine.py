@@ -22,7 +22,6 @@ the eager step runs, the reference for both.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -35,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import artefacts, config, cuda_graph, evaluation, methods, recipe
+from . import artefacts, config, cuda_graph, evaluation, jsonl, methods, recipe
 from .methods._losses import uniform_confidence
 from .networks import (PLLNet, autocast, autocast_dtype, batch_statistics_of, pick_device,
                        standardize, to_unit, used_precision)
@@ -477,7 +476,7 @@ def train(cfg: TrainConfig, data: dict, out_dir, device: str = "auto", compile: 
         row["commit"] = commit
         trainer.history.append(row)
         bar.set_postfix(test_acc=f"{row['test_acc']:.3f}", loss=f"{row.get('loss_cls', 0):.3f}")
-        write_log(out / "logs" / f"{cfg.method}.jsonl", trainer.history)
+        jsonl.write(out / "logs" / f"{cfg.method}.jsonl", trainer.history)
         if trainer.epoch % checkpoint_every == 0 or trainer.epoch == last:
             trainer.save_state(state_path)
     final, adjusted = evaluate()
@@ -493,22 +492,11 @@ def train(cfg: TrainConfig, data: dict, out_dir, device: str = "auto", compile: 
 
 def data_fingerprint(data: dict) -> str:
     """Hash of the training images (or features), candidates, labels (+ sample weights,
-    sources and starting weights) and test labels."""
-    h = hashlib.sha1()
+    sources and starting weights) and test labels (``artefacts.fingerprint``, named)."""
     arrays = [(key, data.get(key)) for key in ("train_x", "candidates", "labels", "test_y",
                                                "sample_weight", "source")]
     arrays += [(f"init.{k}", v.detach().cpu().numpy())
                for k, v in sorted((data.get("init_weights") or {}).items())]
-    for key, arr in arrays:
-        if arr is None:
-            continue
-        arr = np.ascontiguousarray(arr)
-        h.update(f"{key}{arr.shape}{arr.dtype}".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
-
-
-def write_log(path: Path, history: list[dict]) -> None:
-    config.write_atomic(path, lambda t: t.write_text("".join(json.dumps(h) + "\n" for h in history)))
-
-
+    arrays = [(key, arr) for key, arr in arrays if arr is not None]
+    return artefacts.fingerprint(*(arr for _, arr in arrays),
+                                 names=tuple(key for key, _ in arrays))

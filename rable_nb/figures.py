@@ -4,7 +4,7 @@
 Only runs of the ``paper`` profile belong there; other profiles need ``--force`` (their
 provenance then says so). ``figures/provenance.json`` maps each figure to the run it came
 from: profile, parameters, device, commit, the figure's date and sha256. Only results of
-the run's current parameters are used (``evaluation.current_metrics``): a per-method
+the run's current parameters are used (``runfiles.current_metrics``): a per-method
 figure (``fig-<kind>-<method>.png``) of a method whose results are not current, or drawn
 before its model was last trained, is left out.
 """
@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import artefacts, config, evaluation, runfiles
+from . import artefacts, config, runfiles
 
 FIGURES_DIR = config.PROJECT_ROOT / "figures"
 PROVENANCE = "provenance.json"
@@ -51,7 +51,7 @@ def run_provenance(run_dir: Path) -> dict:
     if profile is None:
         raise FigureError(f"{run_dir} has neither run.json nor dataset.json: not a run "
                           "directory written by `python -m rable_nb run`.")
-    metrics = evaluation.current_metrics(run_dir)
+    metrics = runfiles.current_metrics(run_dir)
     run_params = {}
     for entry in runfiles.finished_notebooks(run_log).values():
         run_params.update(entry.get("parameters", {}))
@@ -79,7 +79,7 @@ def copy_figures(run_dir, dest=FIGURES_DIR, force: bool = False) -> list[Path]:
             f"{run_dir} is a {info['profile']!r} run; only 'paper' runs go into figures/ "
             "(the report's figures). Rerun with --force to copy it anyway; its provenance "
             "will record the profile.")
-    stale = stale_figures(run_dir, evaluation.current_metrics(run_dir))
+    stale = stale_figures(run_dir, runfiles.current_metrics(run_dir))
     figs = [f for f in sorted(run_dir.glob("fig-*.png")) if f not in stale]
     if stale:
         print(f"left out {len(stale)} figure(s) of results that are not current: "

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import artefacts, config, dataset, evaluation, runfiles
+from . import artefacts, config, longtail, runfiles, tables
 from .networks import batched_logits, load_model, pick_device
 
 CAPTION_PX = 9  # space above each grid row for the predicted label, in image pixels
@@ -32,13 +32,13 @@ def validate(P: dict) -> None:
 
 def find_models(run_dir, methods=None) -> dict[str, Path]:
     """``{method: checkpoint}`` of the models trained with the run's current parameters
-    (``evaluation.current_metrics``; all, or ``methods``). Checkpoints of earlier settings
+    (``runfiles.current_metrics``; all, or ``methods``). Checkpoints of earlier settings
     and leftover temporary files are never returned.
 
     Raises ``FileNotFoundError`` naming notebook 04 when there is none (or one is missing).
     """
     folder = Path(run_dir) / "checkpoints"
-    found = {m: folder / f"{m}.safetensors" for m in sorted(evaluation.current_metrics(run_dir))
+    found = {m: folder / f"{m}.safetensors" for m in sorted(runfiles.current_metrics(run_dir))
              if (folder / f"{m}.safetensors").is_file()}
     if not found:
         raise FileNotFoundError(
@@ -87,7 +87,7 @@ def fixed_test_set(test_y: np.ndarray, per_class: int = 10, seed: int = 0) -> np
     if per_class < 1 or per_class > counts.min():
         raise ValueError(f"GRID_PER_CLASS={per_class} is invalid: it must lie in "
                          f"[1, {counts.min()}] (images per class in the test set).")
-    return dataset.balanced_subset(test_y, per_class, seed)
+    return longtail.balanced_subset(test_y, per_class, seed)
 
 
 def greyscale_wrong(images: np.ndarray, correct: np.ndarray) -> np.ndarray:
@@ -159,7 +159,7 @@ def draw_grid(ax, images, preds, truth, classes, title: str, captions: bool = Tr
     for spine in ax.spines.values():
         spine.set_visible(False)
     ax.set_ylabel("true class")
-    lo, hi = evaluation.wilson_interval(int(correct.sum()), len(correct))
+    lo, hi = tables.wilson_interval(int(correct.sum()), len(correct))
     ax.set_title(f"{title}: {int(correct.sum())} correct of {len(correct)}\n"
                  f"(95 % CI {lo:.0%}–{hi:.0%}; chance {1 / len(classes):.0%})", fontsize=10)
     return origins

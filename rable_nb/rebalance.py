@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import audit, captioning, conditioning, config, dataset, generators, runfiles, viz
+from . import audit, captioning, conditioning, config, generators, networks, runfiles, viz
 from .config import project_path
 from .runfiles import load_synthetic, read_settings
 
@@ -73,7 +73,7 @@ def validate(params: dict) -> None:
                               "[0.05, 0.95]"),
         "SYNTH_FILTER_ATTEMPTS": config.integer(1),
         "GEN_STOP_AFTER": config.integer(1), "AUDIT_PER_CLASS": config.integer(0),
-        "AUDIT_JUDGE_ARCH": config.one_of(sorted(dataset.BACKBONES)),
+        "AUDIT_JUDGE_ARCH": config.one_of(sorted(networks.BACKBONES)),
         "AUDIT_JUDGE_EPOCHS": config.integer(1),
         "COMPARE_RUNS": (lambda v: isinstance(v, list) and all(config.PATH[0](x) for x in v),
                          "a list of run directories (paths), e.g. ['runs/smoke-copy']"),

@@ -187,7 +187,7 @@ def protocol_table(entries: list[dict], published: bool = False) -> str:
             row.append(f"{value[0]:.2f} ({value[1].replace('accuracy_', '')})".replace(
                 " (accuracy)", "") if value else "–")
         rows.append(row)
-    extra = [f"published, 800 epochs ({PUBLISHED_SETTING})"] if published else []
+    extra = [f"published, {config.L_EPOCHS} epochs ({PUBLISHED_SETTING})"] if published else []
     return _table(["method"] + columns + extra, rows)
 
 
@@ -200,8 +200,9 @@ def campaign_note(entries: list[dict]) -> str:
     return (f"\n**Shortened protocol L: {' / '.join(gaps)} epochs** — runs of a GPU campaign "
             "(`python -m rable_nb campaign`), all methods side by side with the same epoch "
             "count and the whole cosine schedule compressed into it. These are not the "
-            "800-epoch protocol (the protocol check says `L-short` where every other setting "
-            "is protocol L's); the published 800-epoch numbers are beside them for scale "
+            f"{config.L_EPOCHS}-epoch protocol (the protocol check says `L-short` where every "
+            f"other setting is protocol L's); the published {config.L_EPOCHS}-epoch numbers "
+            "are beside them for scale "
             "(`adjusted`: compare with the adjusted accuracy).\n")
 
 

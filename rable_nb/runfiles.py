@@ -1,7 +1,14 @@
-"""Torch-free readers of a run directory's files: the synthetic top-up of notebook 03
-(``synthetic/manifest.jsonl``, ``synthetic/settings.json``, the samples) and the fields of
-``metrics-<method>.json``. Stages, figures, the study and the results table read run files
-through this module, so none of them needs the generator registry or torch to do so.
+"""Torch-free readers and writers of a run directory's files: the dataset of notebook 01
+(``dataset.npz``, ``dataset.json``, checked against the data a stage loaded), the synthetic
+top-up of notebook 03 (``synthetic/manifest.jsonl``, ``synthetic/settings.json``, the
+samples), the ``metrics-<method>.json`` files and logs of notebook 04 and which of them are
+current. Stages, figures, the study and the results table read run files through this
+module, so none of them needs the generator registry or torch to do so.
+
+A run directory belongs to one data source: ``dataset.npz`` (and its readable copy
+``dataset.json``) records the fingerprint of the decoded CIFAR-10 it indexes
+(``data.Cifar.identity``); :func:`check_source` refuses any later stage that loaded other
+data, and notebook 01 refuses to rewrite a run directory's dataset from other data.
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import artefacts, jsonl
+from . import artefacts, config, jsonl
 
 SYNTH_DIR, MANIFEST, SETTINGS = "synthetic", "manifest.jsonl", "settings.json"
 METRICS_FIELDS = ("method", "protocol", "params", "accuracy", "device", "wall_s",
@@ -274,3 +281,178 @@ def setting(m: dict) -> str:
     if ds.get("PARTIAL") == "instance":
         return f"{rho}, r={ds.get('RATE')}"
     return f"{rho}, q={ds.get('Q')}"
+
+
+# -- the dataset (notebook 01) ---------------------------------------------------------------
+class DataSourceError(ValueError):
+    """A stage loaded other data than the run directory's dataset was made from."""
+
+
+IDENTITY_KEYS = ("sha256", "train_images", "test_images", "classes")
+
+
+def _describe_source(identity: dict) -> str:
+    return (f"{identity.get('data_dir')} ({identity.get('layout')}, "
+            f"{identity.get('train_images')} training + {identity.get('test_images')} test "
+            f"images, sha256 {str(identity.get('sha256'))[:12]})")
+
+
+def compare_sources(recorded: dict | None, current: dict, run_dir) -> None:
+    """:class:`DataSourceError` unless ``current`` is the data ``recorded`` for ``run_dir``.
+
+    The content decides (hash, image counts, class names); a moved copy of the same data
+    is the same source.
+    """
+    if not recorded:
+        raise DataSourceError(
+            f"{run_dir}/dataset.npz records no data fingerprint (it predates them), so the "
+            "data it indexes cannot be checked: rerun notebook 01 into a new run directory.")
+    if any(recorded.get(k) != current.get(k) for k in IDENTITY_KEYS):
+        raise DataSourceError(
+            f"{run_dir} was made from other data: its dataset indexes "
+            f"{_describe_source(recorded)}, but this stage loaded {_describe_source(current)}. "
+            "Use the DATA_DIR (or RABLE_DATA) the run was made with, or a new run directory "
+            "(--out) for the other data.")
+
+
+def _rerun_01(run_dir) -> str:
+    return (f"Run notebook 01 again into this run directory "
+            f"({rerun_command(run_dir, '01')}): it moves the damaged file aside and "
+            "writes a new dataset.")
+
+
+def _dataset_meta(run_dir: Path, resumable: bool = False) -> dict | None:
+    """The parameters stored inside ``dataset.npz`` (None when it predates them). A damaged
+    file is a ``DamagedFileError`` naming the fix, or moved aside (``None``) when
+    ``resumable`` (notebook 01 about to write a new one)."""
+    def reader(path):
+        with np.load(path) as z:
+            return json.loads(str(z["meta"])) if "meta" in z.files else None
+    return artefacts.load(run_dir / "dataset.npz", reader, what="the run's dataset",
+                          fix=_rerun_01(run_dir), resumable=resumable)
+
+
+def _recorded(run_dir: Path, remake: bool = False) -> dict | None:
+    """The parameters a run's dataset records: inside ``dataset.npz``, else (one that
+    predates them, or, with ``remake``, a damaged one moved aside) in ``dataset.json``;
+    ``{}`` when the run has no dataset, ``None`` when nothing readable is left."""
+    if not (run_dir / "dataset.npz").exists():
+        return {}
+    meta = _dataset_meta(run_dir, resumable=remake)
+    if meta is None:
+        meta = read_dataset_record(run_dir, remake) or None
+    return meta
+
+
+def check_source(run_dir: str | os.PathLike, cifar, remake: bool = False) -> None:
+    """Refuse ``cifar`` (a ``data.Cifar``) when the run directory's dataset was made from
+    other data (a run directory without a dataset passes). ``remake`` (notebook 01, about
+    to write a new dataset): a damaged ``dataset.npz``/``dataset.json`` is moved aside with
+    a notice; the data is then checked against what is still readable, and a dataset of
+    which nothing is readable is made anew."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "dataset.npz").exists():
+        return
+    meta = _recorded(run_dir, remake)
+    if meta is None and not (run_dir / "dataset.npz").exists():
+        return  # damaged, moved aside, no readable record left: notebook 01 makes it anew
+    compare_sources((meta or {}).get("data_identity"), cifar.identity, run_dir)
+
+
+def save_dataset(run_dir: str | os.PathLike, ds: dict, params: dict) -> None:
+    """Write ``dataset.npz`` (arrays + parameters + data fingerprint) and its readable copy
+    ``dataset.json`` atomically; refuses to replace a dataset made from other data."""
+    run_dir = Path(run_dir)
+    identity = ds.get("data_identity") or {}
+    old = _recorded(run_dir, remake=True) or {}
+    if old.get("data_identity"):  # a run directory keeps the data it was made from
+        compare_sources(old["data_identity"], identity, run_dir)
+    arrays = {k: ds[k] for k in ("indices", "labels", "candidates", "class_counts")}
+    meta = dict(params, clean_classifier=ds.get("clean_classifier", {}),
+                num_images=int(len(ds["labels"])),
+                mean_candidates=float(ds["candidates"].sum(1).mean()), data_identity=identity)
+    config.write_json(run_dir / "dataset.json", meta)
+    config.write_atomic(run_dir / "dataset.npz", lambda t: np.savez_compressed(
+        t, **arrays, meta=np.array(json.dumps(meta, default=str))))
+
+
+def load_dataset(run_dir: str | os.PathLike, cifar=None) -> dict:
+    """Read ``dataset.npz`` and its parameters from a run directory, with a clear error;
+    with ``cifar`` (a ``data.Cifar``), first check that it is the data the dataset was made
+    from."""
+    path = Path(run_dir) / "dataset.npz"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run notebook 01_dataset_imbalance first "
+                                f"({rerun_command(run_dir, '01')}).")
+    if cifar is not None:
+        check_source(run_dir, cifar)
+    def arrays(p):
+        with np.load(p) as z:
+            return {k: z[k] for k in z.files if k != "meta"}
+    ds = artefacts.load(path, arrays, what="the run's dataset", fix=_rerun_01(run_dir))
+    ds["params"] = _recorded(Path(run_dir))
+    return ds
+
+
+# -- the metrics files and logs (notebook 04) ------------------------------------------------
+def write_metrics(run_dir, metrics: dict) -> Path:
+    """Write ``metrics-<method>.json`` atomically after checking every required field."""
+    missing = [k for k in METRICS_FIELDS if k not in metrics]
+    missing += [f"accuracy.{k}" for k in ACCURACY_FIELDS if k not in metrics.get("accuracy", {})]
+    if missing:
+        raise ValueError(f"metrics for {metrics.get('method')!r} lack {missing}")
+    return config.write_json(Path(run_dir) / f"metrics-{metrics['method']}.json", metrics)
+
+
+# What a method's metrics add about its own training: its config, and for methods trained on
+# synthetic images (``rable``) the generator, its conditioning labels and the top-up settings.
+PER_METHOD_PARAMS = ("train", "synthetic", "GENERATOR", "GEN_LABELS")
+
+
+def _shared_params(metrics: dict) -> dict:
+    """The parameters every method of one training run shares (all but ``PER_METHOD_PARAMS``)."""
+    return {k: v for k, v in (metrics.get("params") or {}).items() if k not in PER_METHOD_PARAMS}
+
+
+def _synthetic_is_current(metrics: dict, run_dir: Path) -> bool:
+    """A model trained on synthetic images is stale once ``synthetic/`` holds another top-up
+    than the one it used (notebook 03 remade it under other settings); a run directory
+    without ``synthetic/settings.json`` (e.g. a copy of the results only) cannot tell."""
+    used = (metrics.get("params") or {}).get("synthetic")
+    now = read_settings(run_dir)
+    return not used or not now or used == now
+
+
+def current_metrics(run_dir) -> dict[str, dict]:
+    """``{method: metrics}`` of the results made with a run directory's current parameters.
+
+    The current parameters are those of the latest training run (the newest
+    ``metrics-*.json``): a method's results count only when they were made with the same
+    shared parameters (everything but the method's own ``train`` block), the method is in
+    that run's ``METHODS``, and they were trained on the run's current dataset (and, for
+    methods trained on synthetic images, on the current ``synthetic/`` top-up). Results of
+    earlier settings, of methods since dropped from ``METHODS`` or of other data are left
+    out, so figures, grids and sweep tables never mix them in.
+    """
+    run_dir = Path(run_dir)
+    paths = sorted(run_dir.glob("metrics-*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    found = {p.stem[len("metrics-"):]: artefacts.read_json(
+        p, what="metrics file", schema=METRICS_SCHEMA,
+        fix="Delete it and run notebook 04 again (training resumes from its saved state).")
+        for p in paths}
+    if not found:
+        return {}
+    latest = _shared_params(list(found.values())[-1])
+    methods = latest.get("METHODS")
+    data_now = read_dataset_record(run_dir)
+    if data_now and latest.get("dataset", data_now) != data_now:
+        return {}  # notebook 01 has made a new dataset since: every model is stale
+    return {method: m for method, m in found.items()
+            if _shared_params(m) == latest and (methods is None or method in methods)
+            and _synthetic_is_current(m, run_dir)}
+
+
+def read_history(run_dir, method: str) -> list[dict]:
+    """The per-epoch rows of ``logs/<method>.jsonl`` (epoch, lr, loss terms, pseudo-label and
+    test accuracy, seconds); [] when the method has no log."""
+    return jsonl.read(Path(run_dir) / "logs" / f"{method}.jsonl", repair=False)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from . import evaluation, methods, runfiles, sweep
+from . import longtail, methods, runfiles, sweep, tables
 from .data import CLASSES
 
 SMOKE_GRID = "examples/sweep-study-smoke.yaml"
@@ -65,15 +65,15 @@ def approach(method: str, generator=None, gen_labels=None) -> str:
 
 def binomial_interval(accuracy: float, n: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of an accuracy measured on ``n`` test images
-    (``evaluation.accuracy_interval``); NaN where the accuracy or ``n`` is unknown."""
+    (``tables.accuracy_interval``); NaN where the accuracy or ``n`` is unknown."""
     if not n or pd.isna(accuracy) or pd.isna(n):
         return float("nan"), float("nan")
-    return evaluation.accuracy_interval(accuracy, int(n), level)
+    return tables.accuracy_interval(accuracy, int(n), level)
 
 
 def few_share(num_classes: int = NUM_CLASSES) -> float:
     """Share of a balanced test set that belongs to the few classes."""
-    return len(evaluation.class_groups(np.arange(num_classes))["few"]) / num_classes
+    return len(longtail.class_groups(np.arange(num_classes))["few"]) / num_classes
 
 
 # Parameters that must be equal across the compared points: the data set and the training
@@ -174,13 +174,13 @@ def details(tab: pd.DataFrame) -> pd.DataFrame:
     rows, found = [], {}
     for r in tab.itertuples():
         if r.run_dir not in found:
-            found[r.run_dir] = evaluation.current_metrics(r.run_dir)
+            found[r.run_dir] = runfiles.current_metrics(r.run_dir)
         m = found[r.run_dir].get(r.method, {})
         ssp = m.get("preparation", {}).get("ssp", {})
         unl = m.get("unlabeled", {})
         rows.append({"approach": r.approach, "method": r.method, "added": r.added,
                      "wall s": m.get("wall_s"), "ssp epochs": ssp.get("epochs"),
-                     "pre-training s": evaluation.preparation_s(m), "rotation acc": ssp.get("rotation_acc_last"),
+                     "pre-training s": tables.preparation_s(m), "rotation acc": ssp.get("rotation_acc_last"),
                      "pseudo-label acc": unl.get("accuracy", {}).get("overall"),
                      "pseudo-label acc (confident)": unl.get("accuracy", {}).get(
                          "confident_overall"),

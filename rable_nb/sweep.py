@@ -44,7 +44,7 @@ import pandas as pd
 import yaml
 from tqdm.auto import tqdm
 
-from . import config, evaluation, runfiles, runner
+from . import config, runfiles, runner
 from .locks import DirLock, LockedError
 from .sweep_executors import LOG_FILE, _local_events, _ray_events, _record, check_executor
 
@@ -139,12 +139,12 @@ def point_name(i: int, point: dict) -> str:
 
 def read_metrics(run_dir) -> dict:
     """``{"<method>/<metric>": value}`` of the run's current results
-    (``evaluation.current_metrics``: leftovers of other parameters are not read): the
+    (``runfiles.current_metrics``: leftovers of other parameters are not read): the
     accuracies ``METRICS`` and, where the metrics file has them, the ``COUNTS`` (test images:
     the confusion matrix's total; synthetic and unlabeled images added to the long tail) and
     the ``MARKS`` of synthetic images (their generator and conditioning labels)."""
     row = {}
-    for method, m in evaluation.current_metrics(run_dir).items():
+    for method, m in runfiles.current_metrics(run_dir).items():
         params = m.get("params") or {}
         values = {**{k: m.get("accuracy", {}).get(k) for k in METRICS},
                   "n_test": int(np.sum(m["confusion"])) if "confusion" in m else None,

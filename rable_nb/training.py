@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import (backbone, config, dataset, engine, evaluation, generators, methods, runfiles,
-               unlabeled, warmup)
+from . import (backbone, candidates, config, engine, evaluation, generators, longtail, methods,
+               runfiles, unlabeled, warmup)
 from .engine import TrainConfig
 from .feedback import read_feedback
 from .networks import BACKBONES, PRECISIONS, device_name, save_model
@@ -29,8 +29,7 @@ LT_RHO100_IMAGES = 12406  # CIFAR-10-LT, rho = 100, n_max = 5000
 # Stage defaults per profile and the protocols' settings: config.TRAINING_DEFAULTS and
 # config.PROTOCOL_SETTINGS (there, so that reading results needs no torch).
 PROFILE_DEFAULTS = config.TRAINING_DEFAULTS
-PROTOCOL_SETTINGS = config.PROTOCOL_SETTINGS
-PROTOCOL_RULE = config.one_of(sorted(PROTOCOL_SETTINGS))
+PROTOCOL_RULE = config.one_of(sorted(config.PROTOCOL_SETTINGS))
 FEEDBACK_RULE = (lambda v: config.PATH[0](v) or (isinstance(v, list) and bool(v) and all(
     config.PATH[0](p) for p in v)), "a feedback.jsonl path or a non-empty list of them")
 
@@ -40,27 +39,28 @@ def stage_defaults(protocol: str | None = None) -> dict[str, dict]:
     out = {k: dict(v) for k, v in PROFILE_DEFAULTS.items()}
     if protocol is not None:
         config.check({"PROTOCOL": protocol}, {"PROTOCOL": PROTOCOL_RULE})
-        out["paper"].update(PROTOCOL_SETTINGS[protocol], PROTOCOL=protocol)
+        out["paper"].update(config.PROTOCOL_SETTINGS[protocol], PROTOCOL=protocol)
     return out
 
 
-def plausible_candidates(labels, x, run_dir, cifar, params: dict, device: str = "auto"):
+def plausible_candidates(labels, x, run_dir, cifar, threshold: float,
+                         warm: warmup.WarmupSettings | None = None, device: str = "auto"):
     """PLL-native labels of synthetic samples: the intended class c plus every class the
-    warm-up network (the one behind the conditioning labels; for feature vectors, the run's
-    backbone) gives probability ≥ ``SYNTH_PLAUSIBLE`` — a generated image of c that looks like
-    a dog may be one, and its candidate set says so instead of asserting c."""
+    warm-up network (the one behind the conditioning labels, trained with ``warm``; for
+    feature vectors, the run's backbone) gives probability ≥ ``threshold``
+    (``SYNTH_PLAUSIBLE``) — a generated image of c that looks like a dog may be one, and
+    its candidate set says so instead of asserting c."""
     from .networks import batched_logits
     if np.ndim(x) == 2:  # feature vectors: a feature-space backend's samples
         net, _ = backbone.load_backbone(run_dir, device)
         with torch.inference_mode():
             logits = net.classifier(torch.as_tensor(x, device=next(net.parameters()).device))
     else:
-        ds = dataset.load_dataset(run_dir, cifar)
-        _, net, _ = warmup.from_params(cifar.train_x[ds["indices"]], ds["candidates"], cifar,
-                                       params, device)
+        ds = runfiles.load_dataset(run_dir, cifar)
+        _, net, _ = warmup.warmup(cifar.train_x[ds["indices"]], ds["candidates"], cifar, warm,
+                                  device)
         logits = batched_logits(net, x)
     probs = torch.softmax(logits.float(), 1).cpu().numpy()
-    threshold = 0.1 if params.get("SYNTH_PLAUSIBLE") is None else params["SYNTH_PLAUSIBLE"]
     cand = probs >= threshold
     cand[np.arange(len(labels)), labels] = True
     return cand
@@ -78,20 +78,23 @@ def synthetic_candidates(labels: np.ndarray, ds_params: dict, kind: str, cifar, 
     if kind == "exact":
         return np.eye(c, dtype=bool)[labels]
     if kind == "plausible":
-        return plausible_candidates(labels, x, run_dir, cifar, params or {}, device)
+        params = params or {}
+        threshold = 0.1 if params.get("SYNTH_PLAUSIBLE") is None else params["SYNTH_PLAUSIBLE"]
+        warm = None if np.ndim(x) == 2 else warmup.WarmupSettings.from_params(params)
+        return plausible_candidates(labels, x, run_dir, cifar, threshold, warm, device)
     seed = int(ds_params.get("SEED", 0)) + 1
     if ds_params["PARTIAL"] == "uniform":
-        return dataset.uniform_candidates(labels, c, float(ds_params["Q"]), seed)
+        return candidates.uniform_candidates(labels, c, float(ds_params["Q"]), seed)
     if np.ndim(x) != 4:
         raise ValueError("SYNTHETIC_LABELS='partial' with PARTIAL='instance' draws candidates "
                          "from a classifier's view of each image; synthetic features have "
                          "none: use SYNTHETIC_LABELS='exact'.")
     info = ds_params["clean_classifier"]
     per_class = None if info["train_images"] >= len(cifar.train_y) else info["train_images"] // c
-    net, _ = dataset.clean_classifier(cifar, info["arch"], info["epochs"], info["seed"], device,
+    net, _ = candidates.clean_classifier(cifar, info["arch"], info["epochs"], info["seed"], device,
                                       per_class)
-    probs = dataset.predict_proba(net, x)
-    return dataset.instance_candidates(probs, labels, float(ds_params["RATE"]), seed)
+    probs = candidates.predict_proba(net, x)
+    return candidates.instance_candidates(probs, labels, float(ds_params["RATE"]), seed)
 
 
 def feedback_paths(feedback) -> list[Path]:
@@ -147,7 +150,7 @@ def feedback_data(feedback, cifar, train_x: np.ndarray) -> dict:
 
 def feedback_report(feedback, run_dir, cifar) -> str:
     """What ``FEEDBACK`` adds to the run's training set, and each line it refuses."""
-    ds = dataset.load_dataset(run_dir, cifar)
+    ds = runfiles.load_dataset(run_dir, cifar)
     info = feedback_data(feedback, cifar, cifar.train_x[ds["indices"]])["info"]
     lines = [f"FEEDBACK: {config.plural(info['n'], 'labelled image')} from "
              f"{', '.join(info['files'])} join the training set; "
@@ -173,7 +176,7 @@ def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int =
     many/medium/few). The labels of added images are their hidden truth, for the logs'
     pseudo-label accuracy only; feedback images have none (-1: counted as misses there).
     """
-    ds = dataset.load_dataset(run_dir, cifar)
+    ds = runfiles.load_dataset(run_dir, cifar)
     x, cand, y = cifar.train_x[ds["indices"]], ds["candidates"], ds["labels"]
     n_synth, fields, weight, init, source = 0, {"n_unlabeled": 0}, None, None, None
     feedback = (params or {}).get("FEEDBACK")
@@ -186,7 +189,9 @@ def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int =
         y = np.concatenate([y.astype(np.int64), np.full(fb["info"]["n"], -1)])  # no truth
         fields.update(n_feedback=fb["info"]["n"], feedback=fb["info"])
     if "unlabeled" in methods.data_sources(method):
-        u = unlabeled.pseudo_labelled(ds, cifar, {"SEED": seed, **(params or {})}, device)
+        u = unlabeled.pseudo_labelled(
+            ds, cifar, unlabeled.UnlabeledSettings.from_params({"SEED": seed, **(params or {})}),
+            device)
         x, cand = np.concatenate([x, u["x"]]), np.concatenate([cand, u["candidates"]])
         y = np.concatenate([y, u["hidden"]])
         fields.update(n_unlabeled=u["info"]["n"], unlabeled=u["info"])  # feedback's stay
@@ -205,7 +210,7 @@ def prepare_data(run_dir, cifar, method: str, n_test_per_class: int, seed: int =
         source = sources(len(y) - n_synth, rows)
         if synth_weight != 1:
             weight = np.concatenate([np.ones(len(y) - n_synth), np.full(n_synth, synth_weight)])
-    test = dataset.balanced_subset(cifar.test_y, n_test_per_class, seed)
+    test = longtail.balanced_subset(cifar.test_y, n_test_per_class, seed)
     return dict(train_x=x, candidates=cand, labels=y, test_x=cifar.test_x[test],
                 test_y=cifar.test_y[test], class_counts=ds["class_counts"],
                 n_synthetic=n_synth, dataset_params=ds["params"], fields=fields,
@@ -246,7 +251,7 @@ def protocol_name(P: dict, ds_params: dict) -> str:
               and P.get("LR") == 0.01 and ds_params.get("SEED") == 0)
 
     def schedule(name):  # the protocol's epochs and batch size (config.PROTOCOL_SETTINGS)
-        return all(P.get(k) == v for k, v in PROTOCOL_SETTINGS[name].items())
+        return all(P.get(k) == v for k, v in config.PROTOCOL_SETTINGS[name].items())
     if (common and ds_params.get("PARTIAL") == "instance" and ds_params.get("RATE") == 0.4
             and ds_params.get("IMBALANCE_FACTOR") == 0.01 and schedule("R")):
         return "R"
@@ -299,7 +304,7 @@ def finish(result: dict, run_dir, params: dict, protocol: str, n_synthetic: int 
     if result["adjusted"] is not None:
         metrics["accuracy_adjusted"] = evaluation.accuracy_block(
             history, result["adjusted"], key="test_acc_adjusted")
-    evaluation.write_metrics(run_dir, metrics)
+    runfiles.write_metrics(run_dir, metrics)
     return metrics
 
 
@@ -380,7 +385,7 @@ def validate(P: dict) -> None:
         "PRECISION": config.one_of(PRECISIONS),
         "FEEDBACK": FEEDBACK_RULE,
     })
-    n = dataset.num_images(P.get("dataset") or {})
+    n = longtail.num_images(P.get("dataset") or {})
     if n is not None and config.is_int(P.get("BATCH_SIZE")) and P["BATCH_SIZE"] > n:
         raise ValueError(f"BATCH_SIZE={P['BATCH_SIZE']} is invalid: BATCH_SIZE must be at most "
                          f"the {n} training images of this run's dataset (batches drop the "

@@ -30,6 +30,7 @@ metrics file's ``unlabeled`` block), never used.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -65,20 +66,35 @@ def pseudo_label(net: torch.nn.Module, images, num_classes: int, threshold: floa
     return labels, conf, candidates
 
 
-def pseudo_labelled(ds: dict, cifar, params: dict, device: str = "auto") -> dict:
+@dataclass(frozen=True)
+class UnlabeledSettings:
+    """What :func:`pseudo_labelled` reads, from notebook 04's parameters once
+    (:meth:`from_params`)."""
+    count: int          # UNLABELED (0: as many as RATIO allows)
+    ratio: float        # RATIO
+    threshold: float    # UNLABELED_THRESHOLD
+    seed: int           # SEED
+    warm: warmup.WarmupSettings   # the warm-up that pseudo-labels them
+
+    @classmethod
+    def from_params(cls, params: dict) -> UnlabeledSettings:
+        return cls(int(params.get("UNLABELED") or 0), float(params.get("RATIO") or 5.0),
+                   float(params.get("UNLABELED_THRESHOLD") or 0.0), int(params.get("SEED") or 0),
+                   warmup.WarmupSettings.from_params(params))
+
+
+def pseudo_labelled(ds: dict, cifar, settings: UnlabeledSettings, device: str = "auto") -> dict:
     """The unlabeled images of a run: ``x`` (uint8), ``candidates``, ``hidden`` (their true
     labels: for the trainer's logs and :func:`report` only) and ``info`` (how they were
     chosen and pseudo-labelled, with the pseudo-label accuracy).
 
-    ``ds``: the run's dataset (``indices``, ``candidates``); ``params``: ``UNLABELED``,
-    ``RATIO``, ``UNLABELED_THRESHOLD``, ``SEED`` and the ``WARMUP_*`` settings.
+    ``ds``: the run's dataset (``indices``, ``candidates``).
     """
     chosen = select(pool(len(cifar.train_y), ds["indices"]), len(ds["indices"]),
-                    int(params.get("UNLABELED") or 0), float(params.get("RATIO") or 5.0),
-                    int(params.get("SEED") or 0))
-    threshold = float(params.get("UNLABELED_THRESHOLD") or 0.0)
-    _, net, warm = warmup.from_params(cifar.train_x[ds["indices"]], ds["candidates"], cifar,
-                                      params, device)
+                    settings.count, settings.ratio, settings.seed)
+    threshold = settings.threshold
+    _, net, warm = warmup.warmup(cifar.train_x[ds["indices"]], ds["candidates"], cifar,
+                                 settings.warm, device)
     x = cifar.train_x[chosen]
     labels, conf, candidates = pseudo_label(net, x, cifar.num_classes, threshold)
     hidden = cifar.train_y[chosen]

@@ -13,12 +13,12 @@ checkpoint in the cache folder.
 from __future__ import annotations
 
 import hashlib
-import json
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import artefacts, config, dataset, engine, methods
+from . import artefacts, config, engine, longtail, methods
 from .networks import BACKBONES, load_model, pick_device, save_model
 
 WARMUP_TEST_PER_CLASS = 100  # the warm-up logs its test accuracy on this many per class
@@ -34,22 +34,30 @@ WARMUP_RULES = {"WARMUP_ARCH": config.one_of(sorted(BACKBONES)),
                 "WARMUP_METHOD": config.one_of(WARMUP_METHODS)}
 
 
-def from_params(train_x, candidates, cifar, params: dict, device: str = "auto"):
-    """:func:`warmup` with the run's ``WARMUP_*``, ``RECIPE`` and ``SEED`` settings."""
-    return warmup(train_x, candidates, cifar, params["WARMUP_ARCH"], params["WARMUP_EPOCHS"],
-                  params["WARMUP_BATCH"], params["WARMUP_LR"], int(params.get("SEED") or 0),
-                  device, method=params.get("WARMUP_METHOD") or "able",
-                  recipe=params.get("RECIPE") or "protocol")
+@dataclass(frozen=True)
+class WarmupSettings:
+    """The warm-up's settings, read once from a notebook's parameters (:meth:`from_params`)
+    and handed to :func:`warmup` by notebook 03's conditioning and notebook 04's
+    ``+unlabeled`` images and ``plausible`` synthetic labels."""
+    arch: str
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int = 0
+    method: str = "able"
+    recipe: str = "protocol"   # ``config.RECIPES``
+
+    @classmethod
+    def from_params(cls, params: dict) -> WarmupSettings:
+        """The run's ``WARMUP_*``, ``RECIPE`` and ``SEED`` settings."""
+        return cls(params["WARMUP_ARCH"], params["WARMUP_EPOCHS"], params["WARMUP_BATCH"],
+                   params["WARMUP_LR"], int(params.get("SEED") or 0),
+                   params.get("WARMUP_METHOD") or "able", params.get("RECIPE") or "protocol")
 
 
 def _key(train_x: np.ndarray, candidates: np.ndarray, settings: dict) -> str:
     """Cache key of a warm-up: its images, candidate sets and settings (never the labels)."""
-    h = hashlib.sha1(json.dumps(settings, sort_keys=True).encode())
-    for arr in (train_x, candidates):
-        arr = np.ascontiguousarray(arr)
-        h.update(f"{arr.shape}{arr.dtype}".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()[:16]
+    return artefacts.fingerprint(train_x, candidates, settings=settings)[:16]
 
 
 def _load_entry(folder, done, device: str):
@@ -71,39 +79,39 @@ def _load_entry(folder, done, device: str):
     return tuple(parts)
 
 
-def warmup(train_x, candidates, cifar, arch: str, epochs: int, batch_size: int, lr: float,
-           seed: int = 0, device: str = "auto", method: str = "able", recipe: str = "protocol"):
-    """(pseudo-labels, warm-up network, info) of ``method`` trained for ``epochs`` with the
-    training recipe ``recipe`` (``config.RECIPES``; cached).
+def warmup(train_x, candidates, cifar, settings: WarmupSettings, device: str = "auto"):
+    """(pseudo-labels, warm-up network, info) of ``settings.method`` trained for
+    ``settings.epochs`` with the training recipe ``settings.recipe`` (cached).
 
     The training run resumes from its own checkpoint in the cache folder when interrupted.
     """
-    settings = dict(method=method, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
-                    seed=seed)
-    if recipe != "protocol":  # (keeps the cache keys of the protocol warm-ups)
-        settings["recipe"] = recipe
-    folder = config.cache_dir() / f"warmup-{_key(train_x, candidates, settings)}"
+    s = settings
+    recorded = dict(method=s.method, arch=s.arch, epochs=s.epochs, batch_size=s.batch_size,
+                    lr=s.lr, seed=s.seed)
+    if s.recipe != "protocol":  # (keeps the cache keys of the protocol warm-ups)
+        recorded["recipe"] = s.recipe
+    folder = config.cache_dir() / f"warmup-{_key(train_x, candidates, recorded)}"
     done = folder / "warmup.json"
     if done.exists():
         cached = _load_entry(folder, done, device)
         if cached is not None:
             return cached
-    test = dataset.balanced_subset(cifar.test_y, WARMUP_TEST_PER_CLASS, seed)
+    test = longtail.balanced_subset(cifar.test_y, WARMUP_TEST_PER_CLASS, s.seed)
     data = dict(train_x=train_x, candidates=candidates,
                 labels=np.full(len(candidates), -1),  # hidden: never given to the warm-up
                 test_x=cifar.test_x[test], test_y=cifar.test_y[test],
                 class_counts=np.ones(cifar.num_classes, np.int64))
-    cfg = engine.TrainConfig(method=method, arch=arch, epochs=epochs, batch_size=batch_size,
-                             lr=lr, seed=seed, num_classes=cifar.num_classes,
-                             **config.RECIPES[recipe])
+    cfg = engine.TrainConfig(method=s.method, arch=s.arch, epochs=s.epochs,
+                             batch_size=s.batch_size, lr=s.lr, seed=s.seed,
+                             num_classes=cifar.num_classes, **config.RECIPES[s.recipe])
     result = engine.train(cfg, data, folder, device, checkpoint_every=1)
     trainer = result["trainer"]
     cand = torch.as_tensor(np.asarray(candidates), device=trainer.conf.device)
     pseudo = (trainer.conf * cand).argmax(1).cpu().numpy()
-    info = dict(settings, test_accuracy=result["final"]["overall"], wall_s=result["wall_s"],
+    info = dict(recorded, test_accuracy=result["final"]["overall"], wall_s=result["wall_s"],
                 cache=folder.name,  # the labels' fingerprint tells two trainings of one key apart
                 pseudo_sha1=hashlib.sha1(np.ascontiguousarray(pseudo, np.int64)).hexdigest())
     config.write_atomic(folder / "pseudo.npz", lambda t: np.savez(t, labels=pseudo))
-    save_model(trainer.net, folder / "warmup.safetensors", meta={"warmup": settings})
+    save_model(trainer.net, folder / "warmup.safetensors", meta={"warmup": recorded})
     config.write_json(done, info)  # written last: marks a complete cache entry
     return pseudo, trainer.net.eval(), info

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from rable_nb import augment, config, dataset, engine, recipe
+from rable_nb import augment, candidates, config, engine, recipe
 from rable_nb.networks import PLLNet, standardize
 
 
@@ -74,7 +74,7 @@ def main() -> int:
     xx = rng.integers(0, 256, (1024, 32, 32, 3), dtype=np.uint8)
     tr = engine.Trainer(engine.TrainConfig(method="able", arch=args.arch, epochs=1,
                                            batch_size=bs, **config.RECIPES["short"]),
-                        xx, dataset.uniform_candidates(yy, 10, 0.3, 0), yy, "cpu")
+                        xx, candidates.uniform_candidates(yy, 10, 0.3, 0), yy, "cpu")
     idx = torch.arange(bs)
     g = tr.epoch_generator(0)
     tr._train_mode()

@@ -22,12 +22,12 @@ from diffusers import UNet2DModel, DDPMScheduler, DPMSolverMultistepScheduler
 from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
 from torchdiffeq import odeint
 from scipy import linalg
-from rable_nb import data, dataset, networks
+from rable_nb import candidates, data, longtail, networks
 torch.set_num_threads(1)
 STEPS, B, C, W = int(sys.argv[2]), 32, 10, 2.0
 kind = sys.argv[1]
 cifar = data.load_cifar10()
-idx = dataset.balanced_subset(cifar.train_y, 200, 0)
+idx = longtail.balanced_subset(cifar.train_y, 200, 0)
 x = networks.to_unit(torch.as_tensor(cifar.train_x[idx])) * 2 - 1
 y = torch.as_tensor(cifar.train_y[idx])
 torch.manual_seed(0)
@@ -57,13 +57,13 @@ for s in range(STEPS):
     if s % 100 == 0: print(s, float(loss), f"{time.time()-t0:.0f}s", flush=True)
 train_s = time.time() - t0
 net.eval()
-judge, info = dataset.clean_classifier(cifar, "small_cnn", 3, 0, "cpu", 1000)
+judge, info = candidates.clean_classifier(cifar, "small_cnn", 3, 0, "cpu", 1000)
 feat = lambda imgs: judge[0](networks.normalize(torch.as_tensor(imgs))).detach().double().numpy()
 def fd(a, b):
     m1, m2 = a.mean(0), b.mean(0); s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     cs = linalg.sqrtm(s1 @ s2).real
     return float(((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * cs))
-test_i = dataset.balanced_subset(cifar.test_y, 100, 0)
+test_i = longtail.balanced_subset(cifar.test_y, 100, 0)
 with torch.no_grad():
     real_f = feat(cifar.test_x[test_i])
 N = 300

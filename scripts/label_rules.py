@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from rable_nb import config, data, dataset, labelrules, warmup
+from rable_nb import config, data, labelrules, runfiles, warmup
 from rable_nb.networks import batched_logits
 
 GRID = [("confidence", {}), ("confidence", {"keep": 0.5}),
@@ -40,9 +40,10 @@ def main(argv=None) -> int:
     P = config.resolve("rebalance", PROFILE=args.profile, RUN_DIR=args.run_dir, create=False,
                        **extra)
     cifar = data.load_cifar10(P.get("DATA_DIR"))
-    ds = dataset.load_dataset(args.run_dir, cifar)
+    ds = runfiles.load_dataset(args.run_dir, cifar)
     x, cand, truth = cifar.train_x[ds["indices"]], ds["candidates"], ds["labels"]
-    conf, net, info = warmup.from_params(x, cand, cifar, P, P.get("DEVICE") or "auto")
+    conf, net, info = warmup.warmup(x, cand, cifar, warmup.WarmupSettings.from_params(P),
+                                    P.get("DEVICE") or "auto")
     logits = batched_logits(net, x).float().cpu().numpy()
     prior = labelrules.estimate_prior(logits, cand)
     true = np.bincount(truth, minlength=cifar.num_classes)

@@ -23,11 +23,12 @@ def small_long_tail(cifar_dir):
     uniform candidate sets (q = 0.3)."""
     import numpy as np
 
-    from rable_nb import dataset
+    from rable_nb import candidates, longtail
     cifar = data.load_cifar10(cifar_dir)
-    idx = dataset.long_tail_indices(cifar.train_y, [40, 30, 20, 15, 10, 8, 6, 5, 4, 3], 0)
+    idx = longtail.long_tail_indices(cifar.train_y, [40, 30, 20, 15, 10, 8, 6, 5, 4, 3], 0)
     labels = cifar.train_y[idx]
-    ds = dict(indices=idx, labels=labels, candidates=dataset.uniform_candidates(labels, 10, 0.3, 0),
+    ds = dict(indices=idx, labels=labels,
+              candidates=candidates.uniform_candidates(labels, 10, 0.3, 0),
               class_counts=np.bincount(labels, minlength=10))
     return cifar, ds, cifar.train_x[idx]
 
@@ -58,10 +59,10 @@ def trained_run(cifar_dir, tmp_path_factory) -> Path:
     import torch
     import torch.nn.functional as F
 
-    from rable_nb import config, dataset, evaluation, networks
+    from rable_nb import config, evaluation, longtail, networks
 
     cifar = data.load_cifar10(cifar_dir)
-    idx = dataset.long_tail_indices(cifar.train_y, [100] * 10, seed=0)
+    idx = longtail.long_tail_indices(cifar.train_y, [100] * 10, seed=0)
     x = networks.normalize(torch.as_tensor(cifar.train_x[idx]))
     y = torch.as_tensor(cifar.train_y[idx])
     run = tmp_path_factory.mktemp("trained-run")
@@ -80,8 +81,8 @@ def trained_run(cifar_dir, tmp_path_factory) -> Path:
         extra = {"logit_prior": torch.log(torch.full((10,), 0.1))} if seed else None
         networks.save_model(net, run / "checkpoints" / f"{method}.safetensors",
                             meta={"method": method}, extra=extra)
-        # what marks a model as the run's current result (evaluation.current_metrics)
-        test = dataset.balanced_subset(cifar.test_y, 20)
+        # what marks a model as the run's current result (runfiles.current_metrics)
+        test = longtail.balanced_subset(cifar.test_y, 20)
         acc = float((evaluation.predict(net, cifar.test_x[test]).numpy() == cifar.test_y[test])
                     .mean())
         config.write_json(run / f"metrics-{method}.json", {

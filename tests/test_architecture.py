@@ -112,7 +112,7 @@ def test_the_engine_knows_no_stage():
                  if isinstance(n, ast.ImportFrom) and not n.level}
     # artefacts: the damaged-file helper, a leaf like config (no torch either)
     assert "torch" not in imported and import_graph()["rable_nb.runfiles"] == {
-        "rable_nb.artefacts", "rable_nb.jsonl"}
+        "rable_nb.artefacts", "rable_nb.config", "rable_nb.jsonl"}
     assert import_graph()["rable_nb.artefacts"] == set()
 
 

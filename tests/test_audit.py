@@ -5,15 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from rable_nb import audit, data, dataset, generators
+from rable_nb import audit, candidates, data, generators, longtail
 
 
 @pytest.fixture(scope="module")
 def setup(cifar_dir):
     cifar = data.load_cifar10(cifar_dir)
-    judge, _ = dataset.clean_classifier(cifar, "tiny_cnn", 1, 0, "cpu", 50)
-    idx = dataset.long_tail_indices(cifar.train_y, [30, 20, 12, 8, 6, 5, 4, 3, 3, 2], 0)
-    test = dataset.balanced_subset(cifar.test_y, 20, 0)
+    judge, _ = candidates.clean_classifier(cifar, "tiny_cnn", 1, 0, "cpu", 50)
+    idx = longtail.long_tail_indices(cifar.train_y, [30, 20, 12, 8, 6, 5, 4, 3, 3, 2], 0)
+    test = longtail.balanced_subset(cifar.test_y, 20, 0)
     return cifar, judge, idx, test
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import cuda_graph, dataset, engine
+from rable_nb import candidates, cuda_graph, engine
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -20,7 +20,7 @@ def data(n=256, seed=0):
     rng = np.random.default_rng(seed)
     y = np.arange(n) % 10
     x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    return x, dataset.uniform_candidates(y, 10, 0.3, seed), y
+    return x, candidates.uniform_candidates(y, 10, 0.3, seed), y
 
 
 def run(method, graph, epochs=3):

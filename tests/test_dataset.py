@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from rable_nb import dataset
+from rable_nb import candidates, dataset, longtail, runfiles
 
 C = 10
 
@@ -14,31 +14,31 @@ C = 10
     (1.0, [5000] * 10),
 ])
 def test_long_tail_counts(factor, expected):
-    assert dataset.long_tail_counts(5000, C, factor) == expected
+    assert longtail.long_tail_counts(5000, C, factor) == expected
 
 
 def test_rho_100_has_12406_images():
-    assert sum(dataset.long_tail_counts(5000, C, 0.01)) == 12406
+    assert sum(longtail.long_tail_counts(5000, C, 0.01)) == 12406
 
 
 def test_long_tail_indices_are_seeded_and_within_class():
     labels = np.repeat(np.arange(C), 100)
-    counts = dataset.long_tail_counts(100, C, 0.1)
-    a = dataset.long_tail_indices(labels, counts, seed=0)
-    assert np.array_equal(a, dataset.long_tail_indices(labels, counts, seed=0))
-    assert not np.array_equal(a, dataset.long_tail_indices(labels, counts, seed=1))
+    counts = longtail.long_tail_counts(100, C, 0.1)
+    a = longtail.long_tail_indices(labels, counts, seed=0)
+    assert np.array_equal(a, longtail.long_tail_indices(labels, counts, seed=0))
+    assert not np.array_equal(a, longtail.long_tail_indices(labels, counts, seed=1))
     assert np.bincount(labels[a], minlength=C).tolist() == counts
     assert len(np.unique(a)) == len(a)
 
 
 def _lt_labels():
-    return np.repeat(np.arange(C), dataset.long_tail_counts(5000, C, 0.01))
+    return np.repeat(np.arange(C), longtail.long_tail_counts(5000, C, 0.01))
 
 
 @pytest.mark.parametrize("q", [0.1, 0.3, 0.5, 0.7])
 def test_uniform_mean_set_size(q):
     labels = _lt_labels()
-    cand = dataset.uniform_candidates(labels, C, q, seed=0)
+    cand = candidates.uniform_candidates(labels, C, q, seed=0)
     assert len(labels) == 12406
     assert abs(cand.sum(1).mean() - (1 + 9 * q)) <= 0.05
     assert cand[np.arange(len(labels)), labels].all()
@@ -52,7 +52,7 @@ def _random_probs(n, seed=0):
 
 def test_instance_flip_rates_bounded_by_rate_times_classes():
     labels = _lt_labels()
-    flip = dataset.instance_flip_rates(_random_probs(len(labels)), labels, rate=0.4)
+    flip = candidates.instance_flip_rates(_random_probs(len(labels)), labels, rate=0.4)
     assert (flip[np.arange(len(labels)), labels] == 0).all()
     assert (flip <= 1).all() and (flip >= 0).all()
     assert flip.sum(1).max() <= 4 + 1e-9  # expected false candidates <= r·C = 4
@@ -61,7 +61,7 @@ def test_instance_flip_rates_bounded_by_rate_times_classes():
 def test_instance_candidates_contain_truth_and_follow_classifier():
     labels = _lt_labels()
     probs = _random_probs(len(labels))
-    cand = dataset.instance_candidates(probs, labels, rate=0.4, seed=0)
+    cand = candidates.instance_candidates(probs, labels, rate=0.4, seed=0)
     assert cand[np.arange(len(labels)), labels].all()
     false = cand.sum(1) - 1
     assert false.mean() <= 4
@@ -76,24 +76,24 @@ def test_instance_candidates_contain_truth_and_follow_classifier():
 
 def test_same_seed_same_candidates_other_seed_differs():
     labels = _lt_labels()
-    a = dataset.uniform_candidates(labels, C, 0.3, seed=0)
-    assert np.array_equal(a, dataset.uniform_candidates(labels, C, 0.3, seed=0))
-    assert not np.array_equal(a, dataset.uniform_candidates(labels, C, 0.3, seed=1))
+    a = candidates.uniform_candidates(labels, C, 0.3, seed=0)
+    assert np.array_equal(a, candidates.uniform_candidates(labels, C, 0.3, seed=0))
+    assert not np.array_equal(a, candidates.uniform_candidates(labels, C, 0.3, seed=1))
     probs = _random_probs(len(labels))
-    b = dataset.instance_candidates(probs, labels, 0.4, seed=3)
-    assert np.array_equal(b, dataset.instance_candidates(probs, labels, 0.4, seed=3))
+    b = candidates.instance_candidates(probs, labels, 0.4, seed=3)
+    assert np.array_equal(b, candidates.instance_candidates(probs, labels, 0.4, seed=3))
 
 
 @pytest.mark.parametrize("factor", [0, -0.5, 1.5])
 def test_bad_imbalance_factor(factor):
     with pytest.raises(ValueError, match="IMBALANCE_FACTOR"):
-        dataset.long_tail_counts(5000, C, factor)
+        longtail.long_tail_counts(5000, C, factor)
 
 
 @pytest.mark.parametrize("q", [-0.1, 1.0, 2])
 def test_bad_q(q):
     with pytest.raises(ValueError, match="Q="):
-        dataset.uniform_candidates(_lt_labels()[:10], C, q)
+        candidates.uniform_candidates(_lt_labels()[:10], C, q)
 
 
 def test_bad_partial_kind():
@@ -103,7 +103,7 @@ def test_bad_partial_kind():
 
 def test_factor_too_small_for_n_max():
     with pytest.raises(ValueError, match="no image"):
-        dataset.long_tail_counts(300, C, 0.001)
+        longtail.long_tail_counts(300, C, 0.001)
 
 
 def test_instance_dataset_trains_and_caches_clean_classifier(tmp_path, monkeypatch):
@@ -131,11 +131,11 @@ def test_stage_01_is_one_call_that_writes_the_run_directory(tmp_path, monkeypatc
                        DEVICE="cpu", SEED=0, IMBALANCE_FACTOR=0.1, PARTIAL="uniform", Q=0.3,
                        RATE=0.4, N_MAX=40)
     ds = dataset.run(P, cifar)
-    loaded = dataset.load_dataset(P["RUN_DIR"], cifar)
+    loaded = runfiles.load_dataset(P["RUN_DIR"], cifar)
     assert np.array_equal(loaded["candidates"], ds["candidates"])
     assert {k: loaded["params"][k] for k in dataset.DATASET_KEYS} == {
         k: P[k] for k in dataset.DATASET_KEYS}
     assert loaded["params"]["source"] == cifar.source
     other = data.load_cifar10(data.write_fake_cifar(tmp_path / "other", n_train=41, n_test=10))
-    with pytest.raises(dataset.DataSourceError, match="made from other data"):
+    with pytest.raises(runfiles.DataSourceError, match="made from other data"):
         dataset.run(P, other)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import dataset, engine, methods
+from rable_nb import candidates, engine, methods
 from rable_nb.methods.drs import balanced_weights, draw
 
 
@@ -47,7 +47,7 @@ def long_tail(n_per=(60, 30, 12, 6), seed=0):
     rng = np.random.default_rng(seed)
     y = np.repeat(np.arange(len(n_per)), n_per)
     x = rng.integers(0, 256, (len(y), 8, 8, 3), dtype=np.uint8)
-    return x, dataset.uniform_candidates(y, len(n_per), 0.3, seed), y
+    return x, candidates.uniform_candidates(y, len(n_per), 0.3, seed), y
 
 
 def orders(name, epochs=3, **params):

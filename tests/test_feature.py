@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import (audit, backbone, conditioning, dataset, engine, generators, jsonl, methods,
-                      rebalance, runfiles, training)
+from rable_nb import (audit, backbone, candidates, conditioning, engine, generators, jsonl,
+                      longtail, methods, rebalance, runfiles, training)
 from rable_nb.generators import feature
 from rable_nb.methods import Outputs
 from rable_nb.networks import PLLNet
@@ -156,7 +156,7 @@ def test_copied_training_features_are_fully_memorised(small_long_tail):
     torch.manual_seed(0)
     net = PLLNet("tiny_cnn").eval()
     train_f = backbone.encode(net, x)
-    test = dataset.balanced_subset(cifar.test_y, 10, 0)
+    test = longtail.balanced_subset(cifar.test_y, 10, 0)
     test_f = backbone.encode(net, cifar.test_x[test])
     rows = np.flatnonzero(ds["labels"] >= 7)              # "synthetic" = copies of rare ones
     result = audit.feature_audit(train_f[rows], ds["labels"][rows], train_f, ds["labels"],
@@ -182,7 +182,7 @@ def feature_trainer(f, cand, y, weight=None, method="rable-feature", batch=None)
 def head_problem(n_real=24, n_synth=12, seed=0):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 10, n_real + n_synth)
-    cand = dataset.uniform_candidates(y, 10, 0.3, seed)
+    cand = candidates.uniform_candidates(y, 10, 0.3, seed)
     cand[n_real:] = np.eye(10, dtype=bool)[y[n_real:]]   # synthetic: exact labels
     return rng.normal(size=(len(y), 32)).astype(np.float32), cand, y
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import audit, data, dataset, generators, rebalance, runfiles
+from rable_nb import audit, candidates, data, generators, longtail, rebalance, runfiles
 from rable_nb.generators import gan
 
 COUNTS = [12, 7, 3]
@@ -132,7 +132,7 @@ def grey_folder(tmp_path_factory):
 def test_greyscale_28x28_through_every_image_backend_and_the_audit(grey_folder, tmp_path):
     grey = data.load_cifar10(grey_folder)
     assert grey.image_shape == (28, 28, 1) and grey.test_x.shape[1:] == (28, 28, 1)
-    idx = dataset.long_tail_indices(grey.train_y, [40, 30, 20, 14, 10, 8, 6, 5, 4, 3], 0)
+    idx = longtail.long_tail_indices(grey.train_y, [40, 30, 20, 14, 10, 8, 6, 5, 4, 3], 0)
     x, y = grey.train_x[idx], grey.train_y[idx]
     counts = np.bincount(y, minlength=10)
     plan = generators.topup_plan(counts, 12)
@@ -146,8 +146,8 @@ def test_greyscale_28x28_through_every_image_backend_and_the_audit(grey_folder, 
         generators.top_up(run, gen, plan, grey.classes, settings)
         sx, sy, _ = runfiles.load_synthetic(run)
         assert sx.shape == (sum(plan.values()), 28, 28, 1) and sx.dtype == np.uint8, name
-    judge, _ = dataset.clean_classifier(grey, "tiny_cnn", 1, 0, "cpu", 20)
-    test = dataset.balanced_subset(grey.test_y, 5, 0)
+    judge, _ = candidates.clean_classifier(grey, "tiny_cnn", 1, 0, "cpu", 20)
+    test = longtail.balanced_subset(grey.test_y, 5, 0)
     sx, sy, _ = runfiles.load_synthetic(tmp_path / "gan")
     result = audit.audit(sx, sy, x, y, grey.test_x[test], grey.test_y[test], judge, grey.classes,
                          device="cpu")

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from rable_nb import cli, config, dataset, generators, jsonl, rebalance, runfiles
+from rable_nb import cli, config, generators, jsonl, rebalance, runfiles
 from rable_nb.generators import pixel, sd, topup
 from rable_nb.tiny_models import ModelNotFoundError
 
@@ -42,7 +42,7 @@ def make_run(run_dir):
     run_dir.mkdir(parents=True, exist_ok=True)
     ds = dict(indices=np.arange(len(LABELS)), labels=LABELS,
               candidates=np.eye(3, dtype=bool)[LABELS], class_counts=np.array(COUNTS))
-    dataset.save_dataset(run_dir, ds, {})
+    runfiles.save_dataset(run_dir, ds, {})
     jsonl.write(run_dir / "captions.jsonl", CAPTIONS)
     x = np.stack([np.full((32, 32, 3), 10 * i, np.uint8) for i in range(len(LABELS))])
     return x
@@ -255,7 +255,7 @@ def test_notebooks_02_03_caption_and_top_up_with_sd(run_notebooks, smoke_dataset
     for name in ("dataset.npz", "dataset.json"):
         shutil.copy(smoke_dataset_run / name, tmp_path / name)
     run_notebooks("02,03", tmp_path, GENERATOR="sd", GEN_LABELS="oracle")
-    ds = dataset.load_dataset(tmp_path)
+    ds = runfiles.load_dataset(tmp_path)
     target = captioning.PROFILE_DEFAULTS["smoke"]["TARGET_PER_CLASS"]
     caps = jsonl.read(tmp_path / "captions.jsonl", repair=False)
     wanted = ds["indices"][captioning.select_rows(ds["labels"], ds["class_counts"],

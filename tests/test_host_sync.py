@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import (config, cuda_graph, dataset, engine, evaluation, methods, networks,
+from rable_nb import (candidates, config, cuda_graph, engine, evaluation, methods, networks,
                       profiling, training)
 
 PATCHED = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
@@ -66,7 +66,7 @@ def small_data(n=48, seed=0):
     rng = np.random.default_rng(seed)
     y = np.arange(n) % 10
     x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    return x, dataset.uniform_candidates(y, 10, 0.3, seed), y
+    return x, candidates.uniform_candidates(y, 10, 0.3, seed), y
 
 
 # +drs changes only the epoch's sample order, drawn before the steps: its draw (with the

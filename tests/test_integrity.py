@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from rable_nb import (cli, config, data, dataset, evaluation, figures, predictions, runfiles,
-                      runner, sweep, training)
+from rable_nb import cli, config, data, figures, predictions, runfiles, runner, sweep, training
 
 
 def _notebook(path, params_src, body_src):
@@ -68,21 +67,21 @@ def _tiny_ds(sha):
 
 
 def test_notebook_01_refuses_to_rewrite_a_run_directory_from_other_data(tmp_path):
-    dataset.save_dataset(tmp_path, _tiny_ds("aaa"), {"SEED": 0})
-    dataset.save_dataset(tmp_path, _tiny_ds("aaa"), {"SEED": 1})  # same data, new parameters
-    with pytest.raises(dataset.DataSourceError, match="made from other data"):
-        dataset.save_dataset(tmp_path, _tiny_ds("bbb"), {"SEED": 0})
-    assert dataset.load_dataset(tmp_path)["params"]["SEED"] == 1  # untouched
+    runfiles.save_dataset(tmp_path, _tiny_ds("aaa"), {"SEED": 0})
+    runfiles.save_dataset(tmp_path, _tiny_ds("aaa"), {"SEED": 1})  # same data, new parameters
+    with pytest.raises(runfiles.DataSourceError, match="made from other data"):
+        runfiles.save_dataset(tmp_path, _tiny_ds("bbb"), {"SEED": 0})
+    assert runfiles.load_dataset(tmp_path)["params"]["SEED"] == 1  # untouched
 
 
 def test_stages_compare_content_not_paths(tmp_path):
-    dataset.save_dataset(tmp_path, _tiny_ds("aaa"), {})
+    runfiles.save_dataset(tmp_path, _tiny_ds("aaa"), {})
     moved = data.Cifar(*[np.zeros(1)] * 4, data.CLASSES, "elsewhere",
                        dict(_identity("aaa"), data_dir="/moved/copy"))
-    dataset.check_source(tmp_path, moved)  # a moved copy of the same data is accepted
+    runfiles.check_source(tmp_path, moved)  # a moved copy of the same data is accepted
     other = data.Cifar(*[np.zeros(1)] * 4, data.CLASSES, "x", _identity("bbb"))
-    with pytest.raises(dataset.DataSourceError, match="sha256 bbb"):
-        dataset.check_source(tmp_path, other)
+    with pytest.raises(runfiles.DataSourceError, match="sha256 bbb"):
+        runfiles.check_source(tmp_path, other)
 
 
 def test_resume_reruns_a_notebook_when_the_data_source_changed(tmp_path, monkeypatch):
@@ -164,7 +163,7 @@ def test_only_results_of_the_current_parameters_are_used(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"No checkpoint for \['supervised'\]"):
         predictions.find_models(run, ["supervised"])
     assert sweep.read_metrics(run) == {"able/last": 0.7}  # no proden/last from a leftover
-    assert list(evaluation.current_metrics(run)) == ["able"]
+    assert list(runfiles.current_metrics(run)) == ["able"]
     for name in ("fig-grid-able.png", "fig-grid-supervised.png", "fig-curves.png"):
         (run / name).write_bytes(b"png")
     (run / "run.json").write_text(json.dumps({"profile": "smoke", "notebooks": []}))
@@ -186,10 +185,10 @@ def test_a_model_trained_on_synthetic_images_does_not_hide_the_others(tmp_path):
     m = json.loads(path.read_text())
     m["params"].update(GENERATOR="pixel", GEN_LABELS="pseudo", synthetic=settings)
     path.write_text(json.dumps(m))
-    assert sorted(evaluation.current_metrics(tmp_path)) == ["able", "rable"]
+    assert sorted(runfiles.current_metrics(tmp_path)) == ["able", "rable"]
     assert sorted(predictions.find_models(tmp_path)) == ["able", "rable"]
     (tmp_path / "synthetic" / "settings.json").write_text(json.dumps(dict(settings, generator="copy")))
-    assert sorted(evaluation.current_metrics(tmp_path)) == ["able"]  # notebook 03 remade it
+    assert sorted(runfiles.current_metrics(tmp_path)) == ["able"]  # notebook 03 remade it
 
 
 def test_a_new_dataset_makes_every_model_stale(tmp_path):
@@ -199,7 +198,7 @@ def test_a_new_dataset_makes_every_model_stale(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"IMBALANCE_FACTOR": 0.01}))  # 01 reran
     with pytest.raises(FileNotFoundError, match="run notebook 04_training first"):
         predictions.find_models(tmp_path)
-    assert evaluation.current_metrics(tmp_path) == {}
+    assert runfiles.current_metrics(tmp_path) == {}
 
 
 def test_a_grid_drawn_before_its_model_was_retrained_is_left_out(tmp_path):

@@ -7,7 +7,7 @@ import nbformat
 import numpy as np
 import pytest
 
-from rable_nb import dataset, runner
+from rable_nb import longtail, runfiles, runner
 
 NOTEBOOKS = runner.list_notebooks()
 
@@ -48,8 +48,8 @@ def test_00_cost_analysis_smoke(run_notebooks, tmp_path, capfd):
 
 
 def test_01_dataset_smoke_writes_the_contract(smoke_dataset_run):
-    ds = dataset.load_dataset(smoke_dataset_run)
-    counts = dataset.long_tail_counts(ds["params"]["N_MAX"], 10, 0.01)
+    ds = runfiles.load_dataset(smoke_dataset_run)
+    counts = longtail.long_tail_counts(ds["params"]["N_MAX"], 10, 0.01)
     assert ds["class_counts"].tolist() == counts
     assert np.bincount(ds["labels"], minlength=10).tolist() == counts
     assert ds["candidates"].shape == (sum(counts), 10) and ds["candidates"].dtype == bool

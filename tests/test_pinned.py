@@ -7,14 +7,14 @@ method's maths updates its row here and says why in the commit message.
 import numpy as np
 import pytest
 
-from rable_nb import dataset, engine
+from rable_nb import candidates, engine
 
 
 def pinned_data(n=96, seed=0):
     rng = np.random.default_rng(seed)
     y = np.repeat(np.arange(10), n // 10 + 1)[:n]
     x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    return x, dataset.uniform_candidates(y, 10, 0.3, seed), y
+    return x, candidates.uniform_candidates(y, 10, 0.3, seed), y
 
 
 # method: (loss terms of epoch 1, confidences of images 0 and 50 after epoch 1 (non-zero

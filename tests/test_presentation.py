@@ -7,7 +7,8 @@ import matplotlib
 import numpy as np
 import pytest
 
-from rable_nb import captioning, data, dataset, evaluation, generators, rebalance, runfiles
+from rable_nb import (captioning, data, dataset, generators, longtail, rebalance, runfiles, tables,
+                      viz)
 
 matplotlib.use("Agg")
 CLASSES = list(data.CLASSES)
@@ -17,15 +18,15 @@ CLASSES = list(data.CLASSES)
 @pytest.mark.parametrize("k, n, lo, hi", [(5, 10, 0.2366, 0.7634), (0, 10, 0.0, 0.2775),
                                           (10, 10, 0.7225, 1.0), (21, 200, 0.0697, 0.1552)])
 def test_wilson_interval_matches_the_closed_form(k, n, lo, hi):
-    assert evaluation.wilson_interval(k, n) == pytest.approx((lo, hi), abs=1e-4)
+    assert tables.wilson_interval(k, n) == pytest.approx((lo, hi), abs=1e-4)
 
 
 def test_reading_note_states_chance_test_size_noise_and_the_profile():
-    note = evaluation.reading_note("smoke", 200, 10)
+    note = tables.reading_note("smoke", 200, 10)
     assert "1/10 = 10%" in note and "200 images (20 per class)" in note
     assert "±6.9 points" in note and "say nothing about which method is better" in note
-    assert evaluation.with_interval(0.105, 200) == "0.105 (95 % CI 0.070–0.155, 200 test images)"
-    assert evaluation.with_interval(0.5, None) == "0.500"
+    assert tables.with_interval(0.105, 200) == "0.105 (95 % CI 0.070–0.155, 200 test images)"
+    assert tables.with_interval(0.5, None) == "0.500"
 
 
 def _metrics(method, last, best, n=200, adjusted=None, synthetic=None):
@@ -48,17 +49,17 @@ def _metrics(method, last, best, n=200, adjusted=None, synthetic=None):
 def test_results_table_leads_with_last_and_its_interval_and_labels_best():
     metrics = {"able": _metrics("able", 0.30, 0.35),
                "able+records": _metrics("able+records", 0.50, 0.55, adjusted=0.55)}
-    table = evaluation.results_table(metrics)
+    table = tables.results_table(metrics)
     assert list(table.columns[:2]) == ["last", "last 95% CI"]
-    assert evaluation.BEST_LABEL == "best (max over epochs, test set)" in table.columns
+    assert tables.BEST_LABEL == "best (max over epochs, test set)" in table.columns
     assert table.loc[("able", "raw"), "test images"] == 200
     assert table.loc[("able", "raw"), "last 95% CI"] == "0.241–0.367"
     assert table.loc[("able+records", "test-time adjusted"), "comparable to published"] == "✓"
-    notes = evaluation.difference_notes(metrics)
+    notes = tables.difference_notes(metrics)
     assert notes == ["able+records − able: +20.0 points (last epoch); the 95 % intervals "
                      "do not overlap."]
     close = {"able": _metrics("able", 0.30, 0.3), "rable": _metrics("rable", 0.33, 0.33)}
-    assert "overlap: no difference shown" in evaluation.difference_notes(close)[0]
+    assert "overlap: no difference shown" in tables.difference_notes(close)[0]
 
 
 def test_method_label_names_the_top_up_and_marks_oracle():
@@ -83,7 +84,7 @@ def _history(epochs, adjusted=True, stages=False):
 
 
 def test_long_curves_are_smoothed_over_the_faint_raw_curve_and_series_differ_in_style():
-    fig = evaluation.plot_curves({"able+records": _history(800, stages=True),
+    fig = viz.plot_curves({"able+records": _history(800, stages=True),
                                   "able": _history(800, adjusted=False)}, 10, 10_000)
     acc = fig.axes[0]
     raw = [line for line in acc.lines if line.get_alpha() == 0.25]
@@ -106,16 +107,16 @@ def test_long_curves_are_smoothed_over_the_faint_raw_curve_and_series_differ_in_
 
 
 def test_short_curves_are_raw_with_markers():
-    fig = evaluation.plot_curves({"able": _history(2)}, 10)
+    fig = viz.plot_curves({"able": _history(2)}, 10)
     line = fig.axes[0].lines[0]
     assert line.get_marker() == "o" and line.get_alpha() is None
     assert "smoothed" not in fig._suptitle.get_text()
 
 
 def test_per_class_bars_carry_values_a_chance_line_and_a_title():
-    counts = dataset.long_tail_counts(300, 10, 0.01)
+    counts = longtail.long_tail_counts(300, 10, 0.01)
     per_class = {"able": list(np.linspace(0, 0.9, 10)), "rable": [0.5] * 10}
-    fig = evaluation.plot_per_class(per_class, CLASSES, counts, 20)
+    fig = viz.plot_per_class(per_class, CLASSES, counts, 20)
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.texts]
     assert labels.count("0.50") >= 10 and "0.90" in labels  # every bar has its value
@@ -125,7 +126,7 @@ def test_per_class_bars_carry_values_a_chance_line_and_a_title():
 
 def test_confusion_matrices_are_normalised_per_true_class_with_a_colour_bar():
     counts = np.random.default_rng(0).integers(0, 20, (10, 10))
-    fig = evaluation.plot_confusion({"able": counts.tolist(), "rable": np.eye(10).tolist()},
+    fig = viz.plot_confusion({"able": counts.tolist(), "rable": np.eye(10).tolist()},
                                     CLASSES)
     shown = fig.axes[0].images[0].get_array()
     assert np.allclose(shown.sum(1), 1) and shown.max() <= 1
@@ -139,13 +140,13 @@ def test_training_figures_are_saved_by_the_package(tmp_path):
     for m in metrics:
         (tmp_path / "logs" / f"{m}.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in _history(3)))
-    figs = evaluation.training_figures(tmp_path, metrics, CLASSES,
-                                       dataset.long_tail_counts(300, 10, 0.01))
+    figs = viz.training_figures(tmp_path, metrics, CLASSES,
+                                       longtail.long_tail_counts(300, 10, 0.01))
     assert sorted(figs) == ["fig-confusion.png", "fig-curves.png", "fig-per-class.png"]
     for name in figs:
         assert (tmp_path / name).stat().st_size > 10_000
-    assert evaluation.read_history(tmp_path, "able")[2]["epoch"] == 3
-    assert evaluation.read_history(tmp_path, "nothing") == []
+    assert runfiles.read_history(tmp_path, "able")[2]["epoch"] == 3
+    assert runfiles.read_history(tmp_path, "nothing") == []
 
 
 def test_figure_5_1_names_the_target_and_labels_the_synthetic_counts():
@@ -162,7 +163,7 @@ def test_figure_5_1_names_the_target_and_labels_the_synthetic_counts():
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend == ["target 16 per class", "real (740)", "synthetic (49)"]
     assert fig._suptitle.get_text() == "Rebalanced training set — pixel, pseudo labels"
-    full = np.array(dataset.long_tail_counts(5000, 10, 0.01))
+    full = np.array(longtail.long_tail_counts(5000, 10, 0.01))
     fig = rebalance.rebalanced_figure(full, 5000 - full, CLASSES, cond_labels="oracle")
     assert fig.axes[0].get_yscale() == "linear" and "ORACLE" in fig.axes[0].get_title()
     assert fig.axes[1].get_ylim()[1] >= 1.25 * 5000  # headroom: labels clear of the top spine
@@ -171,15 +172,15 @@ def test_figure_5_1_names_the_target_and_labels_the_synthetic_counts():
 # -- sample grids of notebooks 01 and 02 ----------------------------------------------------
 def test_sample_grids_have_one_row_per_class_with_blank_fill():
     labels = np.repeat(np.arange(3), [10, 5, 2])
-    slots = dataset.examples_per_class(labels, 4, seed=1)
+    slots = longtail.examples_per_class(labels, 4, seed=1)
     assert len(slots) == 12
     rows = slots.reshape(3, 4)
     for c, row in enumerate(rows):
         assert all(labels[r] == c for r in row if r >= 0)
     assert (rows[2] == -1).sum() == 2 and np.array_equal(
-        slots, dataset.examples_per_class(labels, 4, seed=1))
+        slots, longtail.examples_per_class(labels, 4, seed=1))
     images = np.zeros((len(labels), 4, 4, 3), np.uint8)
-    assert (dataset.take(images, slots)[-1] == 255).all()  # a blank cell is white
+    assert (longtail.take(images, slots)[-1] == 255).all()  # a blank cell is white
     ds = {"labels": labels, "candidates": np.eye(3, dtype=bool)[labels] | np.array([0, 0, 1], bool)}
     grid, titles = dataset.candidate_examples(ds, images, ["cat", "dog", "frog"], 4, seed=1)
     assert grid.shape == (12, 4, 4, 3) and titles[0] == "CAT\nfrog" and titles[-1] == ""

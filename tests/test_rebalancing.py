@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import data, dataset, engine, methods, training, unlabeled
+from rable_nb import candidates, data, engine, longtail, methods, runfiles, training, unlabeled
 from rable_nb.methods import able, ssp
 from rable_nb.networks import standardize, to_unit
 
@@ -55,7 +55,7 @@ def test_rotation_prediction_is_learnable_from_the_labels_it_draws(cifar):
     """Fresh rotations every step: only labels that match the rotations can be learnt
     (chance 0.25; 960 predictions in the last 20 steps, binomial sd 0.014)."""
     x = standardize(to_unit(torch.as_tensor(
-        cifar.train_x[dataset.balanced_subset(cifar.train_y, 5, 0)[:48]])))
+        cifar.train_x[longtail.balanced_subset(cifar.train_y, 5, 0)[:48]])))
     torch.manual_seed(0)
     net = ssp._RotationNet("tiny_cnn")
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
@@ -73,7 +73,7 @@ def test_rotation_prediction_is_learnable_from_the_labels_it_draws(cifar):
 
 # -- SSP pre-training ------------------------------------------------------------------------
 def _images(cifar, n=96):
-    x = cifar.train_x[dataset.balanced_subset(cifar.train_y, n // 10 + 1, 0)[:n]]
+    x = cifar.train_x[longtail.balanced_subset(cifar.train_y, n // 10 + 1, 0)[:n]]
     return torch.as_tensor(x).permute(0, 3, 1, 2).contiguous()
 
 
@@ -115,7 +115,7 @@ def test_ssp_trains_able_from_the_pretrained_backbone(cifar, tmp_path, monkeypat
     monkeypatch.setenv("RABLE_CACHE", str(tmp_path))
     x = _images(cifar).permute(0, 2, 3, 1).numpy()
     y = np.arange(len(x)) % 10
-    cand = dataset.uniform_candidates(y, 10, 0.3, 0)
+    cand = candidates.uniform_candidates(y, 10, 0.3, 0)
     cfg = engine.TrainConfig(method="ssp+records", epochs=1, batch_size=32,
                              method_params={"ssp": {"epochs": 2}})
     assert cfg.method_params["ssp"] == {**able.Able.params, "epochs": 2, "lr": 0.1,
@@ -139,8 +139,8 @@ def test_ssp_trains_able_from_the_pretrained_backbone(cifar, tmp_path, monkeypat
 
 # -- the unlabeled pool ----------------------------------------------------------------------
 def test_the_pool_is_what_the_long_tail_left_out(cifar):
-    counts = dataset.long_tail_counts(5000, 10, 0.01)
-    lt = dataset.long_tail_indices(cifar.train_y, np.minimum(
+    counts = longtail.long_tail_counts(5000, 10, 0.01)
+    lt = longtail.long_tail_indices(cifar.train_y, np.minimum(
         counts, np.bincount(cifar.train_y)).tolist(), 0)
     pool = unlabeled.pool(len(cifar.train_y), lt)
     assert np.intersect1d(pool, lt).size == 0
@@ -188,7 +188,7 @@ def test_hidden_labels_are_never_read(cifar, smoke_dataset_run, monkeypatch, tmp
     """Permuting the unlabeled images' labels changes nothing but the report: the same
     images, pseudo-labels, candidate sets, and the same training to the last weight."""
     monkeypatch.setenv("RABLE_CACHE", str(tmp_path))
-    ds = dataset.load_dataset(smoke_dataset_run)
+    ds = runfiles.load_dataset(smoke_dataset_run)
     pool = unlabeled.pool(len(cifar.train_y), ds["indices"])
     shuffled = _shuffled(cifar, pool)
     assert (shuffled.train_y[pool] != cifar.train_y[pool]).mean() > 0.5
@@ -240,7 +240,7 @@ def test_smoke_run_of_ssp_and_able_unlabeled(run_notebooks, smoke_dataset_run, c
     run_notebooks("04", run, METHODS=["ssp", "able+unlabeled"], EPOCHS=1)
     s = json.loads((run / "metrics-ssp.json").read_text())
     u = json.loads((run / "metrics-able+unlabeled.json").read_text())
-    n_lt = len(dataset.load_dataset(run)["labels"])
+    n_lt = len(runfiles.load_dataset(run)["labels"])
     assert s["preparation"]["ssp"]["epochs"] == 1 and s["n_unlabeled"] == 0
     assert s["n_train"] == n_lt and 0 <= s["accuracy"]["last"] <= 1
     assert u["n_unlabeled"] == n_lt and u["n_train"] == 2 * n_lt  # smoke: RATIO 1
@@ -253,14 +253,13 @@ def test_a_run_with_rable_keeps_its_other_methods_current(tmp_path):
     """``rable`` records its generator and top-up in its parameters; trained last, it must
     not make the run's other methods look like results of other parameters."""
     import time
-    from rable_nb import evaluation
     shared = {"METHODS": ["able", "rable"], "EPOCHS": 1, "dataset": {}}
     for method, own in (("able", {}), ("rable", {"GENERATOR": "copy", "GEN_LABELS": "pseudo",
                                                  "synthetic": {"generator": "copy"}})):
         (tmp_path / f"metrics-{method}.json").write_text(json.dumps(
             {"method": method, "params": {**shared, **own, "train": {"method": method}}}))
         time.sleep(0.01)
-    assert sorted(evaluation.current_metrics(tmp_path)) == ["able", "rable"]
+    assert sorted(runfiles.current_metrics(tmp_path)) == ["able", "rable"]
     (tmp_path / "metrics-able.json").write_text(json.dumps(
         {"method": "able", "params": {**shared, "EPOCHS": 2, "train": {}}}))
-    assert sorted(evaluation.current_metrics(tmp_path)) == ["able"]  # still compared
+    assert sorted(runfiles.current_metrics(tmp_path)) == ["able"]  # still compared

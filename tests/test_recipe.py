@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import config, dataset, engine, recipe, training, warmup
+from rable_nb import candidates, config, engine, recipe, training, warmup
 from rable_nb.methods import _losses as losses
 
 
@@ -82,7 +82,7 @@ def test_short_recipe_trains_and_changes_the_numbers():
     rng = np.random.default_rng(0)
     y = np.arange(64) % 10
     x = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
-    cand = dataset.uniform_candidates(y, 10, 0.3, 0)
+    cand = candidates.uniform_candidates(y, 10, 0.3, 0)
     rows = {}
     for name, fields in config.RECIPES.items():
         tr = engine.Trainer(engine.TrainConfig(method="able", epochs=2, batch_size=16, **fields),

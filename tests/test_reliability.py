@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rable_nb import (artefacts, config, data, dataset, engine, generators, methods, networks,
-                      predictions, rebalance, results, runfiles, runner, sweep_executors,
-                      training, warmup)
+from rable_nb import (artefacts, candidates, config, data, engine, generators, methods, networks,
+                      predictions, rebalance, results, runfiles, runner, sweep_executors, training,
+                      warmup)
 from rable_nb.generators import fitting
 from rable_nb.methods import ssp
 
@@ -111,7 +111,7 @@ def test_a_damaged_warmup_entry_is_moved_aside_and_made_again(cache, capsys):
     d = tiny_data(64)
     cifar = data.Cifar(d["train_x"], d["labels"], d["test_x"], d["test_y"],
                        tuple(data.CLASSES), "tiny", {})
-    args = (d["train_x"], d["candidates"], cifar, "tiny_cnn", 1, 32, 0.01)
+    args = (d["train_x"], d["candidates"], cifar, warmup.WarmupSettings("tiny_cnn", 1, 32, 0.01))
     pseudo, _, info = warmup.warmup(*args, device="cpu")
     (folder,) = cache.glob("warmup-*")
     for name, damage in (("warmup.json", b"{"), ("pseudo.npz", b"PK\x03\x04junk"),
@@ -125,10 +125,10 @@ def test_a_damaged_warmup_entry_is_moved_aside_and_made_again(cache, capsys):
 def test_a_damaged_clean_classifier_entry_is_trained_again(tmp_path, cache, capsys):
     root = data.write_fake_cifar(tmp_path / "folder", n_train=4, n_test=2)
     cifar = data.load_cifar10(root)
-    _, info = dataset.clean_classifier(cifar, "tiny_cnn", 1, device="cpu", per_class=2)
+    _, info = candidates.clean_classifier(cifar, "tiny_cnn", 1, device="cpu", per_class=2)
     (weights,) = cache.glob("clean-*.safetensors")
     truncate(weights)
-    _, again = dataset.clean_classifier(cifar, "tiny_cnn", 1, device="cpu", per_class=2)
+    _, again = candidates.clean_classifier(cifar, "tiny_cnn", 1, device="cpu", per_class=2)
     assert "clean-classifier cache entry" in capsys.readouterr().err
     assert again["test_accuracy"] == info["test_accuracy"]
 
@@ -172,13 +172,13 @@ def test_damaged_final_artefacts_are_named_with_what_to_do(tmp_path):
         predictions.load_models(run, ["able"], "cpu")
     ds_run = tmp_path / "ds"
     labels = np.array([0, 0, 1])
-    dataset.save_dataset(ds_run, dict(indices=np.arange(3), labels=labels,
+    runfiles.save_dataset(ds_run, dict(indices=np.arange(3), labels=labels,
                                       candidates=np.eye(2, dtype=bool)[labels],
                                       class_counts=np.array([2, 1])), {"N_MAX": 2})
-    assert dataset.load_dataset(ds_run)["params"]["N_MAX"] == 2
+    assert runfiles.load_dataset(ds_run)["params"]["N_MAX"] == 2
     truncate(ds_run / "dataset.npz", 100)
     with pytest.raises(artefacts.DamagedFileError, match=r"dataset\.npz is damaged.*--only 01"):
-        dataset.load_dataset(ds_run)
+        runfiles.load_dataset(ds_run)
 
 
 # -- 3. piece parameters: a rule each, checked before anything runs ------------------------

@@ -17,9 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rable_nb import (artefacts, captioning, cli, config, data, dataset, demo, engine,
-                      networks, predictions, rebalance, report, runfiles, runner, sweep,
-                      training)
+from rable_nb import (artefacts, captioning, cli, config, data, demo, engine, networks,
+                      predictions, rebalance, report, runfiles, runner, sweep, training)
 from rable_nb.generators import topup as topup_writer
 
 from test_reliability import topup  # noqa: F401 - the fixture: a complete 2 + 1 top-up
@@ -293,7 +292,7 @@ def test_a_printed_fix_command_is_complete_and_passes_the_runners_checks(tmp_pat
     _main_job_run(run)
     (run / "dataset.npz").write_bytes(b"PK\x03\x04 torn")
     with pytest.raises(artefacts.DamagedFileError) as err:
-        dataset.load_dataset(run)
+        runfiles.load_dataset(run)
     words = _printed_command(str(err.value))
     seen = []
     monkeypatch.setattr(runner, "run", lambda profile, only, out, params, *a, **k: seen.append(
@@ -313,13 +312,13 @@ def test_a_printed_fix_command_is_complete_and_passes_the_runners_checks(tmp_pat
 def test_notebook_01_remakes_a_damaged_dataset_with_the_printed_command(run_notebooks,
                                                                         tmp_path, capsys):
     run = run_notebooks("01", tmp_path / "run")
-    before = dataset.load_dataset(run)
+    before = runfiles.load_dataset(run)
     (run / "dataset.npz").write_bytes((run / "dataset.npz").read_bytes()[:100])
     (run / "dataset.json").write_text('{"num_images": 3')
     with pytest.raises(artefacts.DamagedFileError) as err:
-        dataset.load_dataset(run)
+        runfiles.load_dataset(run)
     assert cli.main(_printed_command(str(err.value))[3:]) == 0
-    after = dataset.load_dataset(run)
+    after = runfiles.load_dataset(run)
     assert all(np.array_equal(before[k], after[k]) for k in ("indices", "candidates"))
     assert "dataset.npz.damaged" in capsys.readouterr().err  # the notice, on the terminal
 

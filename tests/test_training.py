@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rable_nb import bench, cli, dataset, engine, evaluation, networks, runfiles, training
+from rable_nb import (bench, candidates, cli, dataset, engine, evaluation, longtail, networks,
+                      runfiles, training)
 
 
 def tiny_data(n=256, seed=0):
@@ -15,7 +16,7 @@ def tiny_data(n=256, seed=0):
     y = np.repeat(np.arange(10), n // 10 + 1)[:n]
     base = np.stack([np.full((32, 32, 3), (c * 25, 255 - c * 20, (c * 70) % 256)) for c in y])
     x = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
-    cand = dataset.uniform_candidates(y, 10, 0.3, seed)
+    cand = candidates.uniform_candidates(y, 10, 0.3, seed)
     return dict(train_x=x, candidates=cand, labels=y, test_x=x[:100], test_y=y[:100],
                 class_counts=np.bincount(y, minlength=10))
 
@@ -144,7 +145,7 @@ def test_bench_train_rows_per_precision():
 
 def test_summary_groups_and_confusion():
     counts = [500, 300, 200, 100, 90, 80, 70, 20, 10, 5]
-    groups = evaluation.class_groups(counts)
+    groups = longtail.class_groups(counts)
     assert groups == {"many": [0, 1, 2], "medium": [3, 4, 5, 6], "few": [7, 8, 9]}
     truth = np.arange(10).repeat(2)
     pred = truth.copy()

@@ -47,16 +47,6 @@ from .base import Generator
 
 
 # --- data and image tensors ------------------------------------------------------------
-def fingerprint(*arrays) -> str:
-    """SHA-1 of the arrays' shapes, types and bytes (which data a fit was made from)."""
-    h = hashlib.sha1()
-    for arr in arrays:
-        arr = np.ascontiguousarray(arr)
-        h.update(f"{arr.shape}{arr.dtype}".encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
-
-
 def class_weights(cond_labels: np.ndarray, balance: float, num_classes: int) -> np.ndarray:
     """Per-sample drawing weight n_c^(−balance) (balance 1: every class equally often)."""
     counts = np.bincount(cond_labels, minlength=num_classes).astype(np.float64)
@@ -158,7 +148,7 @@ class StepTrainer:
                  balance: float = 1.0):
         data, cond_labels = np.asarray(data), np.asarray(cond_labels)
         self.p, self.num_classes, self.seed = p, num_classes, seed
-        self.dev, self.data_key = pick_device(device), fingerprint(data, cond_labels)
+        self.dev, self.data_key = pick_device(device), artefacts.fingerprint(data, cond_labels)
         x = torch.as_tensor(data, device=self.dev)
         self.x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x
         self.y = torch.as_tensor(cond_labels, device=self.dev).long()
@@ -350,7 +340,7 @@ class TrainedGenerator(Generator):
         folder = Path(run_dir) / "generator"
         settings = {k: params.get(k) for k in self.FIT_PARAMS}
         self.weights_path = folder / f"{self.name}.safetensors"
-        data_key = fingerprint(images_or_features, cond_labels)
+        data_key = artefacts.fingerprint(images_or_features, cond_labels)
         if self._load_finished(settings, data_key):
             return dict(done=True, loaded=str(self.weights_path), **self.info)
         tr = self.trainer(images_or_features, cond_labels, params)

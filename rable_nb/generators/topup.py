@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .. import artefacts, captioning, jsonl
 from ..config import write_atomic
-from ..dataset import long_tail_counts
+from ..longtail import long_tail_counts
 from ..runfiles import MANIFEST, MANIFEST_ROW, SETTINGS, SYNTH_DIR
 from .base import slot_seed
 

@@ -29,7 +29,6 @@ the training epochs — the reference pre-trains 200 and trains 200), ``lr`` 0.1
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -69,10 +68,7 @@ def rotation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def _cache_key(images: np.ndarray, settings: dict) -> str:
-    h = hashlib.sha1(json.dumps(settings, sort_keys=True).encode())
-    h.update(f"{images.shape}{images.dtype}".encode())
-    h.update(np.ascontiguousarray(images).tobytes())
-    return h.hexdigest()[:16]
+    return artefacts.fingerprint(images, settings=settings)[:16]
 
 
 class _RotationNet(torch.nn.Module):
