@@ -14,7 +14,7 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import artefacts, config, jsonl, runfiles
+from . import artefacts, config, jsonl, longtail, runfiles
 from .networks import pick_device
 from .tiny_models import TINY, load_pretrained, resolve_model_id
 
@@ -22,8 +22,7 @@ DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
 WHICH = ("all", "below_target")
 # A top-up beyond this many images per class is a typo (1000000 x 10 classes = ten million)
 MAX_TARGET_PER_CLASS = 50_000
-CAPTIONS, SETTINGS = "captions.jsonl", "captions.json"
-CAPTION_ROW = {"index": int, "label": int, "caption": str}  # one line of captions.jsonl
+SETTINGS = "captions.json"
 
 PROFILE_DEFAULTS = {
     # smoke: tiny random BLIP-2, only the classes that will be topped up (few images).
@@ -50,17 +49,13 @@ def validate(params: dict) -> None:
     })
 
 
-def target_count(class_counts, target: int | None) -> int:
-    """Images per class after top-up: ``target``, or n_max when None."""
-    return int(np.max(class_counts)) if target is None else int(target)
-
 
 def select_rows(labels: np.ndarray, class_counts, which: str, target: int | None) -> np.ndarray:
     """Dataset rows to caption: all, or those of classes with fewer than the target images."""
     validate({"CAPTION_WHICH": which})
     if which == "all":
         return np.arange(len(labels))
-    short = np.flatnonzero(np.asarray(class_counts) < target_count(class_counts, target))
+    short = np.flatnonzero(np.asarray(class_counts) < longtail.target_count(class_counts, target))
     return np.flatnonzero(np.isin(labels, short))
 
 
@@ -112,11 +107,11 @@ def caption_images(run_dir: str | os.PathLike, images: np.ndarray, labels: np.nd
 
     Indices already in the file are skipped. Returns counts and timing of this call.
     """
-    path = artefacts.inside(run_dir, CAPTIONS, "captions file")
+    path = artefacts.inside(run_dir, runfiles.CAPTIONS, "captions file")
     artefacts.inside(run_dir, SETTINGS, "captions settings")
     settings = dict(model_id=model_id, prompt=prompt, max_new_tokens=max_new_tokens,
                     rescale=rescale)
-    done = {r["index"] for r in jsonl.read(path, schema=CAPTION_ROW)}
+    done = {r["index"] for r in jsonl.read(path, schema=runfiles.CAPTION_ROW)}
     if done:
         jsonl.check_settings(path.with_name(SETTINGS), settings, what=str(path))
     todo = [i for i, idx in enumerate(indices) if int(idx) not in done]
@@ -142,14 +137,6 @@ def caption_images(run_dir: str | os.PathLike, images: np.ndarray, labels: np.nd
     stats["images_per_s"] = round(len(todo) / max(stats["seconds"], 1e-9), 2)
     return stats
 
-
-def load_captions(run_dir: str | os.PathLike) -> list[dict]:
-    """Rows of ``captions.jsonl`` with a clear error when notebook 02 has not run."""
-    path = artefacts.inside(run_dir, CAPTIONS, "captions file")
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run notebook 02_captioning first "
-                                f"({runfiles.rerun_command(run_dir, '02')}).")
-    return jsonl.read(path, schema=CAPTION_ROW)
 
 
 def caption_examples(rows: list[dict], images: np.ndarray, indices: np.ndarray, classes,

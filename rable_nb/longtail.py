@@ -82,3 +82,8 @@ def class_groups(class_counts) -> dict[str, list[int]]:
     order = [int(c) for c in np.argsort(-counts, kind="stable")]
     k = len(order) // 3
     return {"many": order[:k], "medium": order[k:len(order) - k], "few": order[len(order) - k:]}
+
+
+def target_count(class_counts, target: int | None) -> int:
+    """Images per class after top-up: ``target``, or n_max when None."""
+    return int(np.max(class_counts)) if target is None else int(target)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import audit, captioning, conditioning, config, generators, networks, runfiles, viz
+from . import (audit, captioning, conditioning, config, generators, longtail, networks, runfiles,
+               viz)
 from .config import project_path
 from .runfiles import load_synthetic, read_settings
 
@@ -147,7 +148,7 @@ def run(P: dict, cifar, ds: dict) -> dict:
                                   accept=accept, max_attempts=P["SYNTH_FILTER_ATTEMPTS"])
     complete = fit["done"] and generators.pending(run_dir, plan, cifar.classes, settings,
                                                   gen.suffix) == 0
-    target = captioning.target_count(counts, P["TARGET_PER_CLASS"])
+    target = longtail.target_count(counts, P["TARGET_PER_CLASS"])
     result = dict(generator=gen, cond=cond, cond_info=cond_info, counts=counts, plan=plan,
                   target=target, settings=settings, todo=todo, fit_x=fit_x, fit=fit, stats=stats,
                   complete=complete, audit=None,
@@ -252,7 +253,7 @@ def rebalanced_figure(real_counts, synth_counts, classes, title: str = "",
     import matplotlib.pyplot as plt
 
     real, synth = np.asarray(real_counts), np.asarray(synth_counts)
-    target = captioning.target_count(real, target)
+    target = longtail.target_count(real, target)
     total = real + synth
     x = np.arange(len(classes))
     log = total.max() > 5 * target

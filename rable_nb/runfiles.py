@@ -456,3 +456,16 @@ def read_history(run_dir, method: str) -> list[dict]:
     """The per-epoch rows of ``logs/<method>.jsonl`` (epoch, lr, loss terms, pseudo-label and
     test accuracy, seconds); [] when the method has no log."""
     return jsonl.read(Path(run_dir) / "logs" / f"{method}.jsonl", repair=False)
+
+
+# -- captions.jsonl (notebook 02) ------------------------------------------------------------
+CAPTIONS = "captions.jsonl"
+CAPTION_ROW = {"index": int, "label": int, "caption": str}  # one line of captions.jsonl
+
+def load_captions(run_dir: str | os.PathLike) -> list[dict]:
+    """Rows of ``captions.jsonl`` with a clear error when notebook 02 has not run."""
+    path = artefacts.inside(run_dir, CAPTIONS, "captions file")
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run notebook 02_captioning first "
+                                f"({runfiles.rerun_command(run_dir, '02')}).")
+    return jsonl.read(path, schema=CAPTION_ROW)

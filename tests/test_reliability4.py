@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rable_nb import (artefacts, captioning, cli, config, data, demo, engine, networks,
+from rable_nb import (artefacts, cli, config, data, demo, engine, networks,
                       predictions, rebalance, report, runfiles, runner, sweep, training)
 from rable_nb.generators import topup as topup_writer
 
@@ -86,9 +86,9 @@ def test_feedback_and_captions_are_read_and_written_only_inside_the_run(tmp_path
         demo.append_feedback(run, np.ones((32, 32, 3), np.uint8), "ef" * 32, [1], data.CLASSES)
     assert not (tmp_path / ("ef" * 32 + ".png")).exists()
     (tmp_path / "captions.jsonl").write_text('{"index": 0, "label": 0, "caption": "x"}\n')
-    (run / captioning.CAPTIONS).symlink_to(tmp_path / "captions.jsonl")
+    (run / runfiles.CAPTIONS).symlink_to(tmp_path / "captions.jsonl")
     with pytest.raises(artefacts.OutsideError, match="captions file"):
-        captioning.load_captions(run)
+        runfiles.load_captions(run)
 
 
 def test_the_runner_refuses_a_run_directory_with_a_link_out_before_anything_runs(tmp_path,
@@ -215,11 +215,11 @@ def test_json_of_the_wrong_shape_names_the_file_and_the_field(tmp_path, capsys):
         report.executed_notebooks(run)
     assert runfiles.read_run_log(run, resumable=True) == {}  # the runner: moved aside
     assert "field 'notebooks' is missing" in capsys.readouterr().err
-    (run / captioning.CAPTIONS).write_text('{"index": 0, "label": 1, "caption": "a"}\n'
+    (run / runfiles.CAPTIONS).write_text('{"index": 0, "label": 1, "caption": "a"}\n'
                                            '{"index": 1, "caption": "b"}\n')
     with pytest.raises(artefacts.DamagedFileError, match=r"captions\.jsonl row 2 .*field "
                                                          r"'label' is missing"):
-        captioning.load_captions(run)
+        runfiles.load_captions(run)
     config.write_json(run / "dataset.json", {"num_images": "many", "mean_candidates": 1.5})
     with pytest.raises(artefacts.DamagedFileError, match=r"dataset\.json is damaged .*field "
                                                          r"'num_images' is str"):

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .. import captioning, config, runfiles
+from .. import config, runfiles
 from ..data import CLASSES
 from ..networks import pick_device
 from ..profiling import three_figures, timed
@@ -119,7 +119,7 @@ def captions_by_class(run_dir, cond_labels) -> dict[int, list[str]]:
     """Captions of ``run_dir/captions.jsonl`` grouped by their image's conditioning label."""
     position = {int(i): r for r, i in enumerate(runfiles.load_dataset(run_dir)["indices"])}
     groups = defaultdict(list)
-    for row in captioning.load_captions(run_dir):
+    for row in runfiles.load_captions(run_dir):
         groups[int(cond_labels[position[int(row["index"])]])].append(row["caption"])
     return groups
 

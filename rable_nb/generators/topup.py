@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .. import artefacts, captioning, jsonl
+from .. import artefacts, jsonl, longtail
 from ..config import write_atomic
 from ..longtail import long_tail_counts
 from ..runfiles import MANIFEST, MANIFEST_ROW, SETTINGS, SYNTH_DIR
@@ -36,7 +36,7 @@ REPORT_TOPUP = sum(5000 - n for n in long_tail_counts(5000, 10, 0.01))
 
 def topup_plan(class_counts, target: int | None = None) -> dict[int, int]:
     """Synthetic samples per class: max(0, target − n_c), target default n_max."""
-    goal = captioning.target_count(class_counts, target)
+    goal = longtail.target_count(class_counts, target)
     return {c: max(0, goal - int(n)) for c, n in enumerate(class_counts)}
 
 
