@@ -27,19 +27,19 @@ N_MAX = [150, 200, 250]
 
 
 @pytest.fixture(scope="module")
-def grid(cifar_dir, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("grid")
-    broken = folder / "broken"  # archives that are not gzip files: notebook 01 fails
-    broken.mkdir()
-    for name in ("train.tar.gz", "test.tar.gz"):
-        (broken / name).write_bytes(b"not a gzip file")
-    points = [{"N_MAX": n} for n in N_MAX]
-    points[1]["DATA_DIR"] = str(broken)
-    path = folder / "grid.yaml"
-    path.write_text(yaml.safe_dump(dict(
-        profile="smoke", notebooks="01", points=points,
-        fixed={"DATA_DIR": str(cifar_dir), "PARTIAL": "uniform", "Q": 0.3})))
-    return path
+def grid(cifar_dir, made_once) -> Path:
+    """The grid file (one for all xdist workers: the rows they compare name its folders)."""
+    def write(folder):
+        broken = folder / "broken"  # archives that are not gzip files: notebook 01 fails
+        broken.mkdir()
+        for name in ("train.tar.gz", "test.tar.gz"):
+            (broken / name).write_bytes(b"not a gzip file")
+        points = [{"N_MAX": n} for n in N_MAX]
+        points[1]["DATA_DIR"] = str(broken)
+        (folder / "grid.yaml").write_text(yaml.safe_dump(dict(
+            profile="smoke", notebooks="01", points=points,
+            fixed={"DATA_DIR": str(cifar_dir), "PARTIAL": "uniform", "Q": 0.3})))
+    return made_once("grid", write) / "grid.yaml"
 
 
 def _rows(out: Path) -> pd.DataFrame:
@@ -51,12 +51,12 @@ def _rows(out: Path) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def serial_out(grid, tmp_path_factory) -> Path:
+def serial_out(grid, made_once) -> Path:
     """The suite's one serial sweep (a run directory per point): the reference every executor
-    must reproduce."""
-    out = tmp_path_factory.mktemp("serial")
-    assert cli.main(["sweep", str(grid), "--out", str(out)]) == 1  # one point failed
-    return out
+    must reproduce (made once for all xdist workers)."""
+    def sweep_into(out):
+        assert cli.main(["sweep", str(grid), "--out", str(out)]) == 1  # one point failed
+    return made_once("serial", sweep_into)
 
 
 @pytest.fixture(scope="module")
