@@ -1,7 +1,12 @@
 """Shared fixtures: a CIFAR-10 source (the shared copy, else a generated one) and
-papermill execution of notebooks into temporary run directories."""
+papermill execution of notebooks into temporary run directories.
+
+``scripts/test.sh`` runs the suite in two pytest-xdist workers: the session fixtures that cost
+a kernel or a decoding (notebook 01's run directory, the decoded CIFAR-10 cache entry) are
+made once per test run, by the first worker that needs them, and read by the others."""
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 
 import pytest
@@ -9,12 +14,42 @@ import pytest
 from rable_nb import data
 
 
+def _made_once(request, name: str, make) -> Path:
+    """A folder where ``make(folder)`` has run once for this test run: under pytest-xdist the
+    first worker to get here makes it while the others wait on a lock, then all reuse it;
+    without xdist, a fresh temporary folder as before. Tests read it or copy it."""
+    factory = request.getfixturevalue("tmp_path_factory")
+    if not hasattr(request.config, "workerinput"):  # not an xdist worker
+        folder = factory.mktemp(name)
+        make(folder)
+        return folder
+    shared = factory.getbasetemp().parent  # one per run, above the workers' own folders
+    folder, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
-def cifar_dir(tmp_path_factory) -> Path:
+def made_once(request):
+    """``made_once(name, make)``: the folder where ``make(folder)`` ran once for the test run
+    (for all xdist workers), for a module's costly fixture that tests only read."""
+    return lambda name, make: _made_once(request, name, make)
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(request) -> Path:
     """The real CIFAR-10 copy in ../shared when present, else a small generated one."""
     if data.SHARED_COPY.is_dir():
+        if hasattr(request.config, "workerinput"):  # decoded into the cache by one worker
+            _made_once(request, "cifar-decoded", lambda _: data.load_cifar10(data.SHARED_COPY))
         return data.SHARED_COPY
-    return data.write_fake_cifar(tmp_path_factory.mktemp("fake-cifar"), n_train=300, n_test=20)
+    return _made_once(request, "fake-cifar",
+                      lambda folder: data.write_fake_cifar(folder, n_train=300, n_test=20))
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +82,10 @@ def run_notebooks(cifar_dir):
 
 
 @pytest.fixture(scope="session")
-def smoke_dataset_run(run_notebooks, tmp_path_factory) -> Path:
-    """A run directory where notebook 01 has written dataset.npz (smoke profile)."""
-    return run_notebooks("01", tmp_path_factory.mktemp("run-01"))
+def smoke_dataset_run(run_notebooks, request) -> Path:
+    """A run directory where notebook 01 has written dataset.npz (smoke profile); tests read
+    it or copy it (one for all xdist workers)."""
+    return _made_once(request, "run-01", lambda folder: run_notebooks("01", folder))
 
 
 @pytest.fixture(scope="session")
@@ -94,12 +130,24 @@ def trained_run(cifar_dir, tmp_path_factory) -> Path:
     return run
 
 
+# Run first under xdist: the suite's one serial sweep (the other sweep tests, on either worker,
+# then find it made: test_sweep_executors.serial_out) and the longest test.
+LONGEST_FIRST = ("test_the_serial_sweep_records_every_point_and_goes_on_after_a_failure",
+                 "test_08_09_run_their_smoke_sweeps_and_draw_their_figures")
+
 # Fixtures that execute notebooks: a test using one starts kernels, so it is a `notebook`
 # test (left out of `scripts/test.sh --fast`) whether or not it says so itself.
 KERNEL_FIXTURES = {"run_notebooks", "smoke_dataset_run"}
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     for item in items:
         if KERNEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.notebook)
+    if hasattr(config, "workerinput"):
+        # xdist hands tests out one by one in this order (scripts/test.sh: --maxschedchunk 1):
+        # the longest first, so that the short ones fill the gaps and no long test starts last,
+        # alone on one worker (every worker sorts alike: the same collection for all)
+        items.sort(key=lambda item: (
+            LONGEST_FIRST.index(item.originalname) if item.originalname in LONGEST_FIRST
+            else len(LONGEST_FIRST) + (item.get_closest_marker("notebook") is None)))

@@ -84,6 +84,7 @@ def test_tiny_models_are_built_once_and_reused():
     assert tiny_models.resolve_model_id("org/model", "SD_MODEL_ID") == "org/model"
 
 
+@pytest.mark.slow  # builds each tiny model twice: ~25 s under load
 def test_tiny_models_are_byte_identical_across_fresh_caches(tmp_path):
     """Smoke runs reproduce exactly only if every fresh cache builds the same files."""
     from rable_nb import tiny_models

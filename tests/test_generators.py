@@ -271,6 +271,7 @@ def test_notebooks_02_03_caption_and_top_up_with_sd(run_notebooks, smoke_dataset
         assert (tmp_path / fig).stat().st_size > 0
 
 
+@pytest.mark.notebook  # starts a process to kill
 def test_killed_process_resumes_to_exact_counts(tmp_path):
     """A real SIGKILL mid-run (not an exception): the rerun completes exactly the rest."""
     import os

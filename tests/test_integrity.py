@@ -291,6 +291,7 @@ def _alive(pid):
         return f.read().split()[2] != "Z"
 
 
+@pytest.mark.notebook  # starts the runner and its kernel in a process
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_killing_the_runner_stops_its_kernel_and_releases_the_lock(tmp_path, sig):
     # A kernel behind a wrapper process (as conda-run or module-loading kernels are) cannot

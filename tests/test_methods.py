@@ -414,7 +414,7 @@ def test_solar_mixup_pass_has_the_batch_statistics_of_the_selected_images(fixed_
     assert torch.equal(net.norm.num_batches_tracked, official.norm.num_batches_tracked)
 
 
-@pytest.mark.parametrize("arch", ["tiny_cnn", "resnet18"])
+@pytest.mark.parametrize("arch", ["tiny_cnn", pytest.param("resnet18", marks=pytest.mark.slow)])
 def test_batch_statistics_of_selected_rows_equal_a_pass_over_those_rows(arch):
     """In float64 (float32 gradients of a deep ReLU network differ between any two
     summation orders): outputs of the selected rows, running statistics and gradients

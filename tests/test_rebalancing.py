@@ -51,6 +51,7 @@ def test_rotation_loss_is_cross_entropy_over_the_four_rotations():
     assert ssp.rotation_loss(logits, labels).item() == pytest.approx(expected.item())
 
 
+@pytest.mark.slow  # ~17 s under load
 def test_rotation_prediction_is_learnable_from_the_labels_it_draws(cifar):
     """Fresh rotations every step: only labels that match the rotations can be learnt
     (chance 0.25; 960 predictions in the last 20 steps, binomial sd 0.014)."""

@@ -1,6 +1,7 @@
 """Notebooks 05-06 and the figures/ copy: prediction grids coloured by correctness,
 t-SNE panels, model discovery, provenance."""
 import json
+import shutil
 
 import matplotlib
 import numpy as np
@@ -151,8 +152,10 @@ def test_tsne_is_seeded_and_features_have_the_right_shape(trained_run, cifar_dir
         embedding.validate({"EMBEDDINGS": ["logits"], "N_TSNE": 100, "PERPLEXITY": 30})
 
 
-def test_notebooks_05_06_07_on_trained_checkpoints(run_notebooks, trained_run):
-    out = run_notebooks("05,06,07", trained_run)
+def test_notebooks_05_06_07_on_trained_checkpoints(run_notebooks, trained_run, tmp_path):
+    # into a copy: the session's trained run stays as the demo and browser tests expect it,
+    # whichever of them a pytest-xdist worker runs first
+    out = run_notebooks("05,06,07", shutil.copytree(trained_run, tmp_path / "run"))
     for method in ("able", "able+records"):
         assert (out / f"fig-grid-{method}.png").stat().st_size > 20_000
         assert (out / f"fig-tsne-{method}.png").stat().st_size > 20_000

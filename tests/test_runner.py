@@ -69,6 +69,7 @@ def test_parse_value():
     assert runner.parse_value("None") is None
 
 
+@pytest.mark.notebook  # starts the CLI in a process
 def test_cli_exits_non_zero_with_one_clear_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rable_nb", "run", "--only", "99",
                            "--out", str(tmp_path / "r")], capture_output=True, text=True)
@@ -76,6 +77,7 @@ def test_cli_exits_non_zero_with_one_clear_line(tmp_path):
     assert proc.stderr.strip().startswith("error: Unknown notebook(s) ['99']")
 
 
+@pytest.mark.notebook  # starts kernels
 def test_resume_skips_finished_notebooks_only(nb_dir, tmp_path):
     out = tmp_path / "r"
     with pytest.raises(runner.RunError):

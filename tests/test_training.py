@@ -27,8 +27,11 @@ def weights(tr):
 
 # stateful pieces: RECORDS' feature mean, mixup, SoLar's stages (the split falls on the
 # stage boundary), queue and prior, +la's prior
-@pytest.mark.parametrize("method", ["able+records", "proden+mixup", "corr+records+mixup",
-                                    "solar+la+mixup"])
+# (--fast keeps proden+mixup, the quickest; the other three are `slow`: 25-35 s each under load)
+@pytest.mark.parametrize("method", [
+    pytest.param("able+records", marks=pytest.mark.slow), "proden+mixup",
+    pytest.param("corr+records+mixup", marks=pytest.mark.slow),
+    pytest.param("solar+la+mixup", marks=pytest.mark.slow)])
 def test_split_run_equals_uninterrupted_run(tmp_path, method):
     data = tiny_data()
     cfg = engine.TrainConfig(method=method, epochs=3, batch_size=32)
@@ -132,6 +135,7 @@ def test_the_precision_reaches_training_and_evaluation_passes(monkeypatch):
                               atol=1e-4)
 
 
+@pytest.mark.slow  # ~50 s under load
 def test_bench_train_rows_per_precision():
     out = bench.train(device="cpu", batch_sizes=[16], precisions=("fp32", "bf16"))
     fp32, bf16 = out["results"]
@@ -219,6 +223,7 @@ def test_notebook_04_smoke_writes_metrics_and_checkpoints(run_notebooks, smoke_d
     assert rable["n_train"] == json.loads((run / "metrics-able.json").read_text())["n_train"] + 40
 
 
+@pytest.mark.slow  # ~12 s under load
 def test_bench_train_cli_prints_json(capsys):
     assert cli.main(["bench", "train", "--device", "cpu", "--batch-size", "16", "--both"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
