@@ -166,7 +166,7 @@ def test_demo_in_a_browser(browser, demo_server, trained_run, cifar_dir, smoke_d
                            tmp_path):
     """One visitor uploads, saves feedback, meets the refusals and switches the model; the
     page asks nothing of another machine. Leaving the page ends its kernel; the next
-    visitor's page (pre-heated) is ready in 3 s; a page lost without a goodbye is culled,
+    visitor's page (pre-heated) is ready in seconds; a page lost without a goodbye is culled,
     and the kernels return to the pool's one. The saved feedback then trains a model."""
     url, run, server = demo_server
     cifar = data.load_cifar10(cifar_dir)
@@ -227,7 +227,9 @@ def test_demo_in_a_browser(browser, demo_server, trained_run, cifar_dir, smoke_d
         start = time.time()
         page.goto(url)
         page.wait_for_selector(".rable-upload", timeout=60_000)
-        assert time.time() - start <= 3, f"the page took {time.time() - start:.1f} s"
+        # pre-heated: 2.7-3.5 s measured at load 6-7 (docs/demo.md), 17-18 s without the
+        # pool; 8 s leaves room for the suite's second worker and still fails a cold start
+        assert time.time() - start <= 8, f"the page took {time.time() - start:.1f} s"
         second = _page_kernel(page)
         page.close()  # gone without the shutdown request (a crash, a lost connection)
         time.sleep(1)
