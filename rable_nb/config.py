@@ -26,7 +26,7 @@ PROFILES = ("smoke", "quick", "paper")
 PARTIAL_KINDS = ("uniform", "instance")
 DEVICES = ("auto", "cpu", "cuda")
 # Training recipes (``RECIPE``): the TrainConfig settings each one switches on
-# (rable_nb/recipe.py; the choices and their measurements: docs/quick-profile.md).
+# (rable_nb/engine/recipe.py; the choices and their measurements: docs/quick-profile.md).
 # 'protocol': the published protocols' settings (the TrainConfig defaults); 'short': the
 # short-budget recipe of the quick profile.
 RECIPES: dict[str, dict] = {
@@ -40,7 +40,7 @@ PROFILE_DEFAULTS: dict[str, dict] = {
     # N_MAX: images of the most frequent class; CLEAN_*: the classifier behind `instance`
     # candidates (CLEAN_PER_CLASS 0 = the whole clean training set); WARMUP_*: the
     # intermediate ABLE model behind pseudo-labels (generator conditioning in notebook 03,
-    # `+unlabeled` images in notebook 04; rable_nb/conditioning.py), trained with WARMUP_METHOD;
+    # `+unlabeled` images in notebook 04; rable_nb/parts/conditioning.py), trained with WARMUP_METHOD;
     # RECIPE: the training recipe of notebook 04 and the warm-up (RECIPES).
     "smoke": dict(N_MAX=300, N_TEST_PER_CLASS=20, CLEAN_ARCH="tiny_cnn", CLEAN_EPOCHS=2,
                   CLEAN_PER_CLASS=100, WARMUP_ARCH="tiny_cnn", WARMUP_EPOCHS=2,
@@ -59,7 +59,7 @@ PROFILE_DEFAULTS: dict[str, dict] = {
 # Notebook 04's stage defaults per profile (training.PROFILE_DEFAULTS;
 # config.resolve(stage_defaults=...)); protocol L changes the
 # paper profile's epochs and batch size (see stage_defaults).
-# UNLABELED / RATIO / UNLABELED_THRESHOLD: the ``+unlabeled`` images (rable_nb/unlabeled.py):
+# UNLABELED / RATIO / UNLABELED_THRESHOLD: the ``+unlabeled`` images (rable_nb/parts/unlabeled.py):
 # how many (0 = all), at most RATIO per long-tailed image (the reference's 5; smoke: 1, to
 # stay small), confidence needed to train with the pseudo-label (0: always, as the reference).
 _UNLABELED = dict(UNLABELED=0, RATIO=5, UNLABELED_THRESHOLD=0.0)
@@ -229,8 +229,9 @@ NOTEBOOK_STAGES = {"00": "cost", "01": "dataset", "02": "captioning", "03": "reb
 
 
 def stage_module(stage: str):
-    """The stage module ``rable_nb.<stage>``."""
-    return importlib.import_module(f"{__package__}.{stage}")
+    """The stage module ``rable_nb.stages.s<NN>_<stage>`` of notebook NN."""
+    number = {name: n for n, name in NOTEBOOK_STAGES.items()}[stage]
+    return importlib.import_module(f"{__package__}.stages.s{number}_{stage}")
 
 
 def resolve(stage: str | None = None, *, stage_defaults: dict[str, dict] | None = None,

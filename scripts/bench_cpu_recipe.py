@@ -18,8 +18,10 @@ import time
 import numpy as np
 import torch
 
-from rable_nb import augment, candidates, config, engine, recipe
-from rable_nb.networks import PLLNet, standardize
+from rable_nb.engine import augment, engine, recipe
+from rable_nb.parts import candidates
+from rable_nb import config
+from rable_nb.engine.networks import PLLNet, standardize
 
 
 def timed(fn, reps: int) -> float:

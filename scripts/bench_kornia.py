@@ -1,7 +1,7 @@
 """Kornia's augmentations next to rable_nb.augment: images/s and dispatched ops per view.
 
 The project does not depend on kornia (its own views were faster); to repeat the
-comparison recorded in rable_nb/augment.py:
+comparison recorded in rable_nb/engine/augment.py:
 
     pip install kornia==0.9.0
     OMP_NUM_THREADS=1 python scripts/bench_kornia.py --device cpu --batch-size 256
@@ -20,8 +20,8 @@ import kornia.augmentation as K
 import torch
 from kornia.augmentation.auto import RandAugment
 
-from rable_nb import augment
-from rable_nb.networks import pick_device
+from rable_nb.engine import augment
+from rable_nb.engine.networks import pick_device
 
 POLICY = [[("auto_contrast", 0, 1)], [("equalize", 0, 1)], [("rotate", -30.0, 30.0)],
           [("posterize", 4.0, 8.0)], [("solarize", 0.0, 1.0)], [("color", 0.05, 1.95)],

@@ -22,7 +22,9 @@ from diffusers import UNet2DModel, DDPMScheduler, DPMSolverMultistepScheduler
 from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
 from torchdiffeq import odeint
 from scipy import linalg
-from rable_nb import candidates, data, longtail, networks
+from rable_nb.parts import candidates
+from rable_nb.data import images as data, longtail
+from rable_nb.engine import networks
 torch.set_num_threads(1)
 STEPS, B, C, W = int(sys.argv[2]), 32, 10, 2.0
 kind = sys.argv[1]

@@ -19,8 +19,11 @@ import sys
 
 import numpy as np
 
-from rable_nb import config, data, labelrules, runfiles, warmup
-from rable_nb.networks import batched_logits
+from rable_nb import config
+from rable_nb.data import images as data
+from rable_nb.parts import labelrules, warmup
+from rable_nb.rundir import runfiles
+from rable_nb.engine.networks import batched_logits
 
 GRID = [("confidence", {}), ("confidence", {"keep": 0.5}),
         ("adjusted", {"tau": 0.5}), ("adjusted", {"tau": 0.5, "keep": 0.5}),

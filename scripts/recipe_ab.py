@@ -24,7 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rable_nb import config, data, engine, training
+from rable_nb import config
+from rable_nb.data import images as data
+from rable_nb.engine import engine
+from rable_nb.stages import s04_training as training
 
 
 def pseudo_label_quality(trainer) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rable_nb import data
+from rable_nb.data import images as data
 
 
 def _made_once(request, name: str, make) -> Path:
@@ -58,7 +58,8 @@ def small_long_tail(cifar_dir):
     uniform candidate sets (q = 0.3)."""
     import numpy as np
 
-    from rable_nb import candidates, longtail
+    from rable_nb.parts import candidates
+    from rable_nb.data import longtail
     cifar = data.load_cifar10(cifar_dir)
     idx = longtail.long_tail_indices(cifar.train_y, [40, 30, 20, 15, 10, 8, 6, 5, 4, 3], 0)
     labels = cifar.train_y[idx]
@@ -71,7 +72,7 @@ def small_long_tail(cifar_dir):
 @pytest.fixture(scope="session")
 def run_notebooks(cifar_dir):
     """Callable: execute notebooks (``only='01,04'``) in smoke into ``out``; returns the dir."""
-    from rable_nb import runner  # papermill & co: not on a bare torch image (campaign's tests)
+    from rable_nb.batch import runner  # papermill & co: not on a bare torch image (campaign's tests)
 
     def _run(only: str, out: Path, **params) -> Path:
         params.setdefault("DATA_DIR", str(cifar_dir))
@@ -95,7 +96,9 @@ def trained_run(cifar_dir, tmp_path_factory) -> Path:
     import torch
     import torch.nn.functional as F
 
-    from rable_nb import config, evaluation, longtail, networks
+    from rable_nb import config
+    from rable_nb.engine import evaluation, networks
+    from rable_nb.data import longtail
 
     cifar = data.load_cifar10(cifar_dir)
     idx = longtail.long_tail_indices(cifar.train_y, [100] * 10, seed=0)

@@ -1,5 +1,5 @@
 """REFERENCE for the tests: the per-op augmentation of commit 32004e9, kept verbatim below
-this docstring (except this docstring) so that the batched ``rable_nb.augment`` can be
+this docstring (except this docstring) so that the batched ``rable_nb.engine.augment`` can be
 checked against it.
 
 It loops over every operation and, on CPU, gathers the images that chose it (``nonzero``,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import engine
+from rable_nb.engine import engine
 from rable_nb.methods import _losses as losses
 from rable_nb.methods import able, records
 

@@ -5,7 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from rable_nb import audit, candidates, data, generators, longtail
+from rable_nb.parts import audit, candidates
+from rable_nb.data import images as data, longtail
+from rable_nb import generators
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,7 @@ def test_confusion_matrix_of_gan_samples_counts_the_judges_predictions(setup, tm
     for the samples meant as class c; a collapsed generator fills a single column."""
     import torch
 
-    from rable_nb.networks import batched_logits
+    from rable_nb.engine.networks import batched_logits
     cifar, judge, idx, test = setup
     x, y = cifar.train_x[idx], cifar.train_y[idx]
     gen = generators.get("gan")

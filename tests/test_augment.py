@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import reference_augment as ref
-from rable_nb import augment, cli, networks
+from rable_nb.engine import augment, networks
+from rable_nb.commands import cli
 
 
 def varied_images(n: int, seed: int = 0) -> torch.Tensor:

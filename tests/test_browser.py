@@ -20,7 +20,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rable_nb import artefacts, cli, config, data, demo, predictions, training
+from rable_nb.rundir import artefacts
+from rable_nb.commands import cli
+from rable_nb import config
+from rable_nb.data import images as data
+from rable_nb.stages import s07_demo as demo, s05_predictions as predictions, s04_training as training
 
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
 pytestmark = [pytest.mark.notebook, pytest.mark.skipif(
@@ -242,7 +246,7 @@ def test_demo_in_a_browser(browser, demo_server, trained_run, cifar_dir, smoke_d
 
     # the feedback saved in the page trains a model (smoke profile, notebook 04's stage)
     train_run = shutil.copytree(smoke_dataset_run, tmp_path / "train")
-    from rable_nb import runner
+    from rable_nb.batch import runner
     P = config.resolve("training", create=False, **{
         **runner.parameter_cell(runner.NOTEBOOK_DIR / "04_training.ipynb"), "PROFILE": "smoke",
         "RUN_DIR": str(train_run), "METHODS": ["able"],
@@ -266,8 +270,9 @@ def _add_unexecuted_notebooks(run: Path) -> None:
     import nbformat
     from tqdm.notebook import tqdm
 
-    from rable_nb import config, report
-    from rable_nb.runner import NOTEBOOK_DIR
+    from rable_nb import config
+    from rable_nb.commands import report
+    from rable_nb.batch.runner import NOTEBOOK_DIR
     bar = tqdm(range(3), desc="epochs")
     for _ in bar:
         pass

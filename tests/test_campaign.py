@@ -11,7 +11,9 @@ import time
 
 import pytest
 
-from rable_nb import campaign, campaign_protocol, campaign_stages, cli, config, generators, results
+from rable_nb.commands import campaign, campaign_protocol, campaign_stages, cli
+from rable_nb import config, generators
+from rable_nb.batch import results
 
 
 def test_bad_input_is_one_clear_line_and_leaves_no_folder(tmp_path, capsys):
@@ -233,7 +235,7 @@ def test_graph_and_eager_are_compared_within_bf16_tolerance_and_graphs_need_proo
 
 
 def test_a_gpu_campaigns_protocol_l_settings_are_protocol_ls_but_for_the_epochs(tmp_path):
-    from rable_nb import training
+    from rable_nb.stages import s04_training as training
     camp = _camp(tmp_path)
     camp.device, camp.data_dir, camp.methods = "cuda", tmp_path, list(campaign.DEFAULT_METHODS)
     P = campaign_protocol.settings(camp, tmp_path / "run")

@@ -4,8 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from rable_nb import captioning, jsonl
-from rable_nb.tiny_models import ModelNotFoundError
+from rable_nb.stages import s02_captioning as captioning
+from rable_nb.rundir import jsonl
+from rable_nb.parts.tiny_models import ModelNotFoundError
 
 COUNTS = [6, 3, 1]
 LABELS = np.repeat(np.arange(3), COUNTS)
@@ -76,7 +77,7 @@ def test_validate_rejects_bad_parameters():
 
 
 def test_tiny_models_are_built_once_and_reused():
-    from rable_nb import tiny_models
+    from rable_nb.parts import tiny_models
     path = tiny_models.build_tiny_blip2()
     stamp = (path / "model.safetensors").stat().st_mtime_ns
     assert tiny_models.resolve_model_id("tiny", "CAPTION_MODEL_ID") == str(path)
@@ -87,7 +88,7 @@ def test_tiny_models_are_built_once_and_reused():
 @pytest.mark.slow  # builds each tiny model twice: ~25 s under load
 def test_tiny_models_are_byte_identical_across_fresh_caches(tmp_path):
     """Smoke runs reproduce exactly only if every fresh cache builds the same files."""
-    from rable_nb import tiny_models
+    from rable_nb.parts import tiny_models
     for build in (tiny_models.build_tiny_sd, tiny_models.build_tiny_blip2):
         a, b = build(tmp_path / build.__name__ / "a"), build(tmp_path / build.__name__ / "b")
         files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from rable_nb import conditioning, engine
+from rable_nb.parts import conditioning
+from rable_nb.engine import engine
 
 PARAMS = dict(WARMUP_ARCH="tiny_cnn", WARMUP_EPOCHS=1, WARMUP_BATCH=32, WARMUP_LR=0.01, SEED=0)
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from rable_nb.cost import CostModel, breakdown, cumulative
+from rable_nb.stages.s00_cost import CostModel, breakdown, cumulative
 
 
 def test_defaults_reproduce_the_report():

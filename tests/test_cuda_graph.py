@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import candidates, cuda_graph, engine
+from rable_nb.parts import candidates
+from rable_nb.engine import cuda_graph, engine
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
-from rable_nb import data
+from rable_nb.data import images as data
 
 
 @pytest.fixture

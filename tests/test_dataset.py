@@ -2,7 +2,10 @@
 import numpy as np
 import pytest
 
-from rable_nb import candidates, dataset, longtail, runfiles
+from rable_nb.parts import candidates
+from rable_nb.stages import s01_dataset as dataset
+from rable_nb.data import longtail
+from rable_nb.rundir import runfiles
 
 C = 10
 
@@ -107,7 +110,7 @@ def test_factor_too_small_for_n_max():
 
 
 def test_instance_dataset_trains_and_caches_clean_classifier(tmp_path, monkeypatch):
-    from rable_nb import data
+    from rable_nb.data import images as data
     monkeypatch.setenv("RABLE_CACHE", str(tmp_path / "cache"))
     cifar = data.load_cifar10(data.write_fake_cifar(tmp_path / "fake", n_train=40, n_test=10))
     kw = dict(seed=0, n_max=40, clean_arch="tiny_cnn", clean_epochs=3, device="cpu")
@@ -124,7 +127,8 @@ def test_instance_dataset_trains_and_caches_clean_classifier(tmp_path, monkeypat
 
 def test_stage_01_is_one_call_that_writes_the_run_directory(tmp_path, monkeypatch):
     """``dataset.run``: what notebook 01 and the campaign call (no copy of its cells)."""
-    from rable_nb import config, data
+    from rable_nb import config
+    from rable_nb.data import images as data
     monkeypatch.setenv("RABLE_CACHE", str(tmp_path / "cache"))
     cifar = data.load_cifar10(data.write_fake_cifar(tmp_path / "fake", n_train=40, n_test=10))
     P = config.resolve("dataset", RUN_DIR=str(tmp_path / "run"), DATA_DIR=str(tmp_path / "fake"),

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rable_nb import data, demo, predictions
+from rable_nb.data import images as data
+from rable_nb.stages import s07_demo as demo, s05_predictions as predictions
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +277,8 @@ def test_the_newest_trained_run_is_found_and_a_missing_one_named(tmp_path):
 
 def test_demo_refuses_in_one_line_and_notebook_07_creates_no_run_dir(tmp_path, monkeypatch,
                                                                       capsys):
-    from rable_nb import cli, config, webapp  # noqa: F401 - webapp (and runner) read the
+    from rable_nb.commands import cli, webapp
+    from rable_nb import config  # noqa: F401 - webapp (and runner) read the
     monkeypatch.setattr(config, "PROJECT_ROOT", tmp_path)  # project root when imported
     (tmp_path / "runs" / "smoke").mkdir(parents=True)
     assert cli.main(["demo"]) == 1
@@ -291,7 +293,8 @@ def test_demo_refuses_in_one_line_and_notebook_07_creates_no_run_dir(tmp_path, m
 
 
 def test_servers_accept_a_message_bigger_than_the_largest_upload():
-    from rable_nb import config, webapp
+    from rable_nb import config
+    from rable_nb.commands import webapp
     lab = json.loads((config.PROJECT_ROOT / "jupyter-config" / "jupyter_server_config.json")
                      .read_text())["ServerApp"]["tornado_settings"]["websocket_max_message_size"]
     assert lab == demo.SERVER_MESSAGE_LIMIT > 100 * 2**20 + 2**20  # MAX_UPLOAD_MB <= 100
@@ -341,7 +344,7 @@ def _feedback_line(folder, pixels, ids, classes, **change):
 
 
 def test_feedback_files_are_checked_line_by_line(cifar, tmp_path):
-    from rable_nb import training
+    from rable_nb.stages import s04_training as training
     classes, train = list(cifar.classes), cifar.train_x[:5]
     new = [np.full((32, 32, 3), v, np.uint8) for v in (7, 77, 177, 250)]
     a, b = tmp_path / "a", tmp_path / "b"
@@ -380,7 +383,7 @@ def test_feedback_files_are_checked_line_by_line(cifar, tmp_path):
 def test_a_busy_port_is_refused_with_a_clear_message(trained_run, capsys):
     import socket
 
-    from rable_nb import cli
+    from rable_nb.commands import cli
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -3,7 +3,7 @@
 Checked: README.md, every other committed Markdown file (docs/, figures/, results/) and
 the markdown cells of every notebook. A citation is a Markdown link ``[text](path)``
 (relative to the citing file; ``#anchor`` dropped) or a path written from the project
-root that starts with one of the project's top-level folders (``rable_nb/engine.py``,
+root that starts with one of the project's top-level folders (``rable_nb/engine/engine.py``,
 ``tests/test_x.py::test_name``, ``scripts/run.sh``, ``examples/x.yaml``, ``docs/x.md``),
 in prose, backticks or code blocks. Module names (``rable_nb.engine``) are not paths.
 For ``tests/...py::name`` the test function must exist too.
@@ -128,7 +128,7 @@ def test_the_citation_check_catches_what_it_should_and_nothing_else():
     text = ("see [algorithms](algorithms.md#bases), `tests/test_nothere.py`, "
             "tests/test_docs.py::test_no_such_test, `rable_nb.engine`, "
             "`examples/sweep-{smoke,nothere}.yaml`, `results/x/feature-*`, `docs/<name>.md`, "
-            "runs/smoke/fig-cost.png, [web](https://example.org/x.py), `rable_nb/engine.py:12`.")
+            "runs/smoke/fig-cost.png, [web](https://example.org/x.py), `rable_nb/engine/engine.py:12`.")
     assert missing(text, ROOT / "docs") == [
         "tests/test_nothere.py", "tests/test_docs.py::test_no_such_test",
         "examples/sweep-{smoke,nothere}.yaml"]

@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import candidates, engine, methods
+from rable_nb.parts import candidates
+from rable_nb.engine import engine
+from rable_nb import methods
 from rable_nb.methods.drs import balanced_weights, draw
 
 
@@ -140,7 +142,7 @@ def test_a_copy_drops_out_when_its_source_leaves_its_class():
 def test_stage_04_ties_copies_to_their_sources():
     """prepare_data hands the trainer each copy's source row from the manifest (−1 for the
     real images and for samples made from no one image)."""
-    from rable_nb import training
+    from rable_nb.stages import s04_training as training
     rows = [{"label": 0, "source": 3}, {"label": 1}, {"label": 1, "source": 0}]
     assert training.sources(5, rows).tolist() == [-1] * 5 + [3, -1, 0]
     assert training.sources(5, [{"label": 0}]) is None

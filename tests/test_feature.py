@@ -11,11 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import (audit, backbone, candidates, conditioning, engine, generators, jsonl,
-                      longtail, methods, rebalance, runfiles, training)
+from rable_nb.parts import audit, candidates, conditioning
+from rable_nb.engine import backbone, engine
+from rable_nb import generators, methods
+from rable_nb.rundir import jsonl, runfiles
+from rable_nb.data import longtail
+from rable_nb.stages import s03_rebalance as rebalance, s04_training as training
 from rable_nb.generators import feature
 from rable_nb.methods import Outputs
-from rable_nb.networks import PLLNet
+from rable_nb.engine.networks import PLLNet
 
 CLASSES = ("cat", "dog", "frog")
 COUNTS = [9, 6, 3]  # target 8 → 0, 2 and 5 synthetic features
@@ -286,7 +290,7 @@ def test_notebooks_03_04_with_features_train_rable_feature_and_refuse_rable(
     assert m["params"]["SYNTH_WEIGHT"] == 0.5 and m["params"]["SYNTHETIC_LABELS"] == "plausible"
     assert m["n_synthetic"] == len(manifest(tmp_path)) > 0
     # the checkpoint is a whole network: the frozen backbone of notebook 03 + the new head
-    from rable_nb.networks import load_model
+    from rable_nb.engine.networks import load_model
     model, _, _ = load_model(tmp_path / "checkpoints" / "rable-feature.safetensors")
     net, _ = backbone.load_backbone(tmp_path, "cpu")
     mine, theirs = model.state_dict(), net.state_dict()
@@ -306,7 +310,7 @@ def test_rable_feature_is_refused_on_images(tmp_path):
 
 
 def test_bench_gen_feature_cli_prints_json(capsys):
-    from rable_nb import cli
+    from rable_nb.commands import cli
     assert cli.main(["bench", "gen", "--generator", "feature", "--device", "cpu",
                      "--batch-size", "8"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from rable_nb import generators, rebalance
+from rable_nb import generators
+from rable_nb.stages import s03_rebalance as rebalance
 
 COUNTS = [6, 4, 2]
 LABELS = np.repeat(np.arange(3), COUNTS)

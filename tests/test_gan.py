@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import audit, candidates, data, generators, longtail, rebalance, runfiles
+from rable_nb.parts import audit, candidates
+from rable_nb.data import images as data, longtail
+from rable_nb import generators
+from rable_nb.stages import s03_rebalance as rebalance
+from rable_nb.rundir import runfiles
 from rable_nb.generators import gan
 
 COUNTS = [12, 7, 3]

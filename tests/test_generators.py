@@ -7,9 +7,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from rable_nb import cli, config, generators, jsonl, rebalance, runfiles
+from rable_nb.commands import cli
+from rable_nb import config, generators
+from rable_nb.rundir import jsonl, runfiles
+from rable_nb.stages import s03_rebalance as rebalance
 from rable_nb.generators import pixel, sd, topup
-from rable_nb.tiny_models import ModelNotFoundError
+from rable_nb.parts.tiny_models import ModelNotFoundError
 
 CLASSES = ("cat", "dog", "frog")
 COUNTS = [9, 6, 3]  # target 8 → 0, 2 and 5 synthetic images
@@ -251,7 +254,7 @@ def test_bench_synth_on_cpu_reports_throughput_and_projection():
 def test_notebooks_02_03_caption_and_top_up_with_sd(run_notebooks, smoke_dataset_run, tmp_path):
     import shutil
 
-    from rable_nb import captioning
+    from rable_nb.stages import s02_captioning as captioning
     for name in ("dataset.npz", "dataset.json"):
         shutil.copy(smoke_dataset_run / name, tmp_path / name)
     run_notebooks("02,03", tmp_path, GENERATOR="sd", GEN_LABELS="oracle")
@@ -390,7 +393,9 @@ def test_a_new_generator_passes_the_runner_the_campaign_bench_and_the_comparison
     """Nothing outside the backend's class lists it: the runner and the sweep take its
     parameter (notebook 03's cell does not list it), the campaign checks and times it,
     ``bench gen`` runs its benchmark and the results pair it with its control."""
-    from rable_nb import bench, campaign_stages, comparison, runner, sweep
+    from rable_nb.commands import bench, campaign_stages
+    from rable_nb.batch import comparison, runner
+    from rable_nb.stages import s08_sweep as sweep
     monkeypatch.setitem(generators.GENERATORS, "shade", Shade)
     nb03 = runner.select("03", runner.list_notebooks())
     assert "SHADE_LEVEL" not in runner.parameter_cell(nb03[0])

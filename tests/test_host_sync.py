@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import (candidates, config, cuda_graph, engine, evaluation, methods, networks,
-                      profiling, training)
+from rable_nb.parts import candidates
+from rable_nb import config, methods
+from rable_nb.engine import cuda_graph, engine, evaluation, networks, profiling
+from rable_nb.stages import s04_training as training
 
 PATCHED = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 

@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from rable_nb import cli, config, data, figures, predictions, runfiles, runner, sweep, training
+from rable_nb.commands import cli, figures
+from rable_nb import config
+from rable_nb.data import images as data
+from rable_nb.stages import s05_predictions as predictions, s08_sweep as sweep, s04_training as training
+from rable_nb.rundir import runfiles
+from rable_nb.batch import runner
 
 
 def _notebook(path, params_src, body_src):
@@ -101,12 +106,12 @@ def test_resume_reruns_a_notebook_when_the_data_source_changed(tmp_path, monkeyp
 
 
 # -- 4. one writer per directory ---------------------------------------------------------------
-HOLD = ("import sys, time\nfrom rable_nb.locks import DirLock\n"
+HOLD = ("import sys, time\nfrom rable_nb.rundir.locks import DirLock\n"
         "DirLock(sys.argv[1], 'run').acquire()\nprint('held', flush=True)\ntime.sleep(120)")
 
 
 def test_a_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path, capsys):
-    from rable_nb import locks
+    from rable_nb.rundir import locks
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE,
                               text=True)
@@ -134,7 +139,7 @@ def test_a_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_pa
 
 
 def test_a_lock_of_another_host_is_not_taken_over(tmp_path):
-    from rable_nb import locks
+    from rable_nb.rundir import locks
     (tmp_path / locks.LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere"}))
     with pytest.raises(locks.LockedError, match="host elsewhere.*cannot be checked"):
         locks.DirLock(tmp_path).acquire()
@@ -276,7 +281,7 @@ def test_a_method_that_cannot_run_fails_the_notebook_unless_skipping_is_allowed(
 
 
 # -- 7. the kernel stops with the runner -------------------------------------------------------
-DRIVE = ("import signal, sys\nfrom pathlib import Path\nfrom rable_nb import runner\n"
+DRIVE = ("import signal, sys\nfrom pathlib import Path\nfrom rable_nb.batch import runner\n"
          "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # even if inherited ignored
          "runner.run('smoke', None, sys.argv[1], notebook_dir=Path(sys.argv[2]), "
          "kernel='wrapped')")

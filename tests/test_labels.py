@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import (backbone, conditioning, generators, labelrules, rebalance, runfiles,
-                      training)
-from rable_nb.networks import PLLNet
+from rable_nb.engine import backbone
+from rable_nb.parts import conditioning, labelrules
+from rable_nb import generators
+from rable_nb.stages import s03_rebalance as rebalance, s04_training as training
+from rable_nb.rundir import runfiles
+from rable_nb.engine.networks import PLLNet
 
 PRIOR = np.array([0.5, 0.25, 0.12, 0.08, 0.05])
 

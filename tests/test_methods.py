@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rable_nb import config, engine, methods, networks, training
+from rable_nb import config, methods
+from rable_nb.engine import engine, networks
+from rable_nb.stages import s04_training as training
 from rable_nb.methods import corr, mixup, solar
 
 B, C, D = 12, 5, 6
@@ -532,7 +534,7 @@ def test_per_image_weights(name):
 
 
 def test_runner_refuses_an_unknown_method_before_running_anything(tmp_path):
-    from rable_nb import runner
+    from rable_nb.batch import runner
     with pytest.raises(runner.RunError, match=r"METHODS=\[.*\] is invalid: 'corr\+mixup\+records': modifiers"):
         runner.run("smoke", "01,04", str(tmp_path / "r"),
                    {"METHODS": ["corr", "corr+mixup+records"]})
@@ -585,7 +587,8 @@ def test_a_new_method_is_one_class_and_one_registry_line(tmp_path, monkeypatch):
     untrained = engine.Trainer(cfg, data["train_x"], data["candidates"], data["labels"], "cpu")
     assert not torch.equal(a.extra["toy_head"].weight, untrained.extra["toy_head"].weight)
     # notebook 04 takes its shortcut though its parameters cell does not list it
-    from rable_nb import runner, training
+    from rable_nb.batch import runner
+    from rable_nb.stages import s04_training as training
     nb04 = runner.select("04", runner.list_notebooks())
     base = {"PROFILE": "smoke", "RUN_DIR": str(tmp_path / "run")}
     given = {"METHODS": ["toy"], "TOY_AUX": 0.25}
@@ -594,7 +597,7 @@ def test_a_new_method_is_one_class_and_one_registry_line(tmp_path, monkeypatch):
     with pytest.raises(runner.RunError, match="TOY_AUX=-1 is invalid"):
         runner.check_parameters({**given, "TOY_AUX": -1}, nb04, base)
     # the campaign's device check lists it and runs it with its own tiny settings
-    from rable_nb import campaign_stages
+    from rable_nb.commands import campaign_stages
     assert "toy" in campaign_stages.check_methods(SimpleNamespace(methods=[]))
     monkeypatch.setattr(Toy, "tiny", {"aux_weight": -1})               # reaches the check
     with pytest.raises(ValueError, match="aux_weight"):

@@ -7,7 +7,9 @@ import nbformat
 import numpy as np
 import pytest
 
-from rable_nb import longtail, runfiles, runner
+from rable_nb.data import longtail
+from rable_nb.rundir import runfiles
+from rable_nb.batch import runner
 
 NOTEBOOKS = runner.list_notebooks()
 

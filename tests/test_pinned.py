@@ -7,7 +7,8 @@ method's maths updates its row here and says why in the commit message.
 import numpy as np
 import pytest
 
-from rable_nb import candidates, engine
+from rable_nb.parts import candidates
+from rable_nb.engine import engine
 
 
 def pinned_data(n=96, seed=0):

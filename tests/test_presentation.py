@@ -7,8 +7,11 @@ import matplotlib
 import numpy as np
 import pytest
 
-from rable_nb import (captioning, data, dataset, generators, longtail, rebalance, runfiles, tables,
-                      viz)
+from rable_nb.stages import s02_captioning as captioning, s01_dataset as dataset, s03_rebalance as rebalance
+from rable_nb.data import images as data, longtail
+from rable_nb import generators
+from rable_nb.rundir import runfiles
+from rable_nb.parts import tables, viz
 
 matplotlib.use("Agg")
 CLASSES = list(data.CLASSES)

@@ -8,9 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import candidates, data, engine, longtail, methods, runfiles, training, unlabeled
+from rable_nb.parts import candidates, unlabeled
+from rable_nb.data import images as data, longtail
+from rable_nb.engine import engine
+from rable_nb import methods
+from rable_nb.rundir import runfiles
+from rable_nb.stages import s04_training as training
 from rable_nb.methods import able, ssp
-from rable_nb.networks import standardize, to_unit
+from rable_nb.engine.networks import standardize, to_unit
 
 
 @pytest.fixture(scope="module")

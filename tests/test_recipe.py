@@ -1,4 +1,4 @@
-"""The short-budget recipe (rable_nb/recipe.py): schedules, light views, label smoothing,
+"""The short-budget recipe (rable_nb/engine/recipe.py): schedules, light views, label smoothing,
 their parameter rules, and that the published protocols' settings stay the defaults."""
 import dataclasses
 
@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from rable_nb import candidates, config, engine, recipe, training, warmup
+from rable_nb.parts import candidates, warmup
+from rable_nb import config
+from rable_nb.engine import engine, recipe
+from rable_nb.stages import s04_training as training
 from rable_nb.methods import _losses as losses
 
 

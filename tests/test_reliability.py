@@ -11,9 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rable_nb import (artefacts, candidates, config, data, engine, generators, methods, networks,
-                      predictions, rebalance, results, runfiles, runner, sweep_executors, training,
-                      warmup)
+from rable_nb.rundir import artefacts, runfiles
+from rable_nb.parts import candidates, warmup
+from rable_nb import config, generators, methods
+from rable_nb.data import images as data
+from rable_nb.engine import engine, networks
+from rable_nb.stages import s05_predictions as predictions, s03_rebalance as rebalance, s04_training as training
+from rable_nb.batch import results, runner, sweep_executors
 from rable_nb.generators import fitting
 from rable_nb.methods import ssp
 

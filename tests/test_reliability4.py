@@ -17,8 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from rable_nb import (artefacts, cli, config, data, demo, engine, networks,
-                      predictions, rebalance, report, runfiles, runner, sweep, training)
+from rable_nb.rundir import artefacts, runfiles
+from rable_nb.commands import cli, report
+from rable_nb import config
+from rable_nb.data import images as data
+from rable_nb.stages import s07_demo as demo, s05_predictions as predictions, s03_rebalance as rebalance, s08_sweep as sweep, s04_training as training
+from rable_nb.engine import engine, networks
+from rable_nb.batch import runner
 from rable_nb.generators import topup as topup_writer
 
 from test_reliability import topup  # noqa: F401 - the fixture: a complete 2 + 1 top-up

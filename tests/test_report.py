@@ -7,7 +7,9 @@ import matplotlib
 import numpy as np
 import pytest
 
-from rable_nb import cli, data, embedding, figures, predictions
+from rable_nb.commands import cli, figures
+from rable_nb.data import images as data
+from rable_nb.stages import s06_embedding as embedding, s05_predictions as predictions
 
 matplotlib.use("Agg")
 CLASSES = data.CLASSES

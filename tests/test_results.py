@@ -3,7 +3,9 @@ import json
 
 import pytest
 
-from rable_nb import cli, results, runfiles
+from rable_nb.commands import cli
+from rable_nb.batch import results
+from rable_nb.rundir import runfiles
 
 
 def _plant(root, path, method, last, *, factor=0.01, partial="uniform", q=0.3, rate=0.4,
@@ -107,7 +109,7 @@ def test_methods_run_with_several_seeds_get_mean_and_sd(tmp_path):
 
 
 def test_top_ups_are_paired_with_their_matching_controls_by_seed(tmp_path):
-    from rable_nb import comparison
+    from rable_nb.batch import comparison
 
     def plant(path, method, last, seed, generator, weight=None, rule=None, filt=None,
               sets=None, **gen_settings):
@@ -166,7 +168,7 @@ def test_top_ups_are_paired_with_their_matching_controls_by_seed(tmp_path):
 
 
 def test_dynamic_arms_are_paired_with_the_static_and_the_resampling_controls(tmp_path):
-    from rable_nb import comparison
+    from rable_nb.batch import comparison
 
     def plant(path, method, last, seed, topup=False):
         _plant(tmp_path, f"quick-cpu/{path}-s{seed}", method, last, seed=seed)
@@ -220,7 +222,7 @@ def test_dynamic_arms_are_paired_with_the_static_and_the_resampling_controls(tmp
 
 
 def test_runs_of_another_budget_than_the_profiles_are_rows_of_their_own(tmp_path):
-    from rable_nb import comparison
+    from rable_nb.batch import comparison
     for path, epochs, last in (("q", 25, 0.33), ("main-job", 10, 0.29)):
         _plant(tmp_path, f"quick-cpu/{path}", "able", last, seed=0)
         f = tmp_path / f"quick-cpu/{path}/metrics-able.json"

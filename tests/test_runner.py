@@ -8,7 +8,9 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from rable_nb import cli, runfiles, runner
+from rable_nb.commands import cli
+from rable_nb.rundir import runfiles
+from rable_nb.batch import runner
 
 
 def _notebook(path, params_src, body_src):

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from rable_nb import config, methods, study, sweep
+from rable_nb import config, methods
+from rable_nb.stages import s09_study as study, s08_sweep as sweep
 
 
 def _grid(tmp_path, **spec):

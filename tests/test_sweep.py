@@ -8,7 +8,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from rable_nb import cli, runner, sweep, sweep_executors
+from rable_nb.commands import cli
+from rable_nb.batch import runner, sweep_executors
+from rable_nb.stages import s08_sweep as sweep
 
 
 def _grid(tmp_path, **spec):

@@ -21,7 +21,10 @@ import psutil
 import pytest
 import yaml
 
-from rable_nb import cli, config, sweep, sweep_executors
+from rable_nb.commands import cli
+from rable_nb import config
+from rable_nb.stages import s08_sweep as sweep
+from rable_nb.batch import sweep_executors
 
 N_MAX = [150, 200, 250]
 
@@ -117,7 +120,7 @@ def test_a_closed_terminal_or_ctrl_c_stops_a_sweep_as_sigterm_does(tmp_path, mon
     test_interrupted_parallel_sweep_stops_its_kernels_and_resumes (an interrupted sweep for
     SIGHUP, then one for SIGINT, each took 50-130 s: the real SIGINT sweep is covered by the
     SIGTERM one, whose workers and kernels are stopped on the same KeyboardInterrupt path)."""
-    from rable_nb import runner
+    from rable_nb.batch import runner
 
     def interrupted(*_, **__):
         with runner.stop_on_signals():

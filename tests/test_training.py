@@ -7,8 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from rable_nb import (bench, candidates, cli, dataset, engine, evaluation, longtail, networks,
-                      runfiles, training)
+from rable_nb.commands import bench, cli
+from rable_nb.parts import candidates
+from rable_nb.stages import s01_dataset as dataset, s04_training as training
+from rable_nb.engine import engine, evaluation, networks
+from rable_nb.data import longtail
+from rable_nb.rundir import runfiles
 
 
 def tiny_data(n=256, seed=0):
@@ -247,7 +251,7 @@ def test_bench_train_cli_prints_json(capsys):
 
 @pytest.mark.parametrize("partial", ["uniform", "instance"])
 def test_synthetic_partial_labels_use_the_real_data_generator(cifar_dir, partial):
-    from rable_nb import data
+    from rable_nb.data import images as data
     cifar = data.load_cifar10(cifar_dir)
     ds = dataset.build_dataset(cifar, 0.1, partial, 0.3, 0.4, seed=0, n_max=20,
                                clean_arch="tiny_cnn", clean_epochs=1, clean_per_class=10,

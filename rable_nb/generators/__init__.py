@@ -1,5 +1,5 @@
 """Generator backends for the top-up of the rare classes, one file each (a pure plug-in
-folder: stage 03 itself is ``rable_nb/rebalance.py``).
+folder: stage 03 itself is ``rable_nb/stages/s03_rebalance.py``).
 
 ``GENERATOR`` picks one by name (``GENERATORS``); every backend implements
 ``base.Generator`` (``fit``, ``generate``/``sample``, its parameters' ``PROFILE_DEFAULTS`` and
@@ -26,7 +26,7 @@ weights, images of any shape or feature vectors).
 """
 from __future__ import annotations
 
-from ..runfiles import read_settings
+from ..rundir.runfiles import read_settings
 from . import copy, feature, feature_copy, gan, noise, pixel, remix, sd
 from .base import Generator, slot_seed
 from .topup import REPORT_TOPUP, pending, top_up, topup_plan

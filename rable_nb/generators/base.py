@@ -1,7 +1,7 @@
 """The interface every generator backend implements, and the seed of a top-up slot.
 
 A backend is fitted on the long-tailed training data with *conditioning labels* (pseudo-labels
-or the hidden truth, see ``rable_nb.conditioning``) and then draws samples of a class:
+or the hidden truth, see ``rable_nb.parts.conditioning``) and then draws samples of a class:
 
 - ``fit(images_or_features, cond_labels, class_counts, params, run_dir) -> dict`` trains,
   loads or simply stores what it needs (resumable; returns what it did, ``done`` False when

@@ -52,9 +52,9 @@ import torch
 from torch import nn
 
 from .. import config
-from ..backbone import encode, load_backbone, save_backbone
-from ..networks import pick_device
-from ..profiling import three_figures
+from ..engine.backbone import encode, load_backbone, save_backbone
+from ..engine.networks import pick_device
+from ..engine.profiling import three_figures
 from .fitting import StepFit, TrainedGenerator, bench_report, time_fit_and_sample
 
 SAMPLERS = ("ddim", "ddpm")
@@ -238,7 +238,7 @@ class Feature(TrainedGenerator):
         steps) of the profile's denoiser on random features of its backbone's width; projects
         the profile's fit time and the report's 37,594-sample top-up."""
         from ..config import PROFILE_DEFAULTS as SHARED_DEFAULTS
-        from ..networks import build_backbone
+        from ..engine.networks import build_backbone
 
         prof = PROFILE_DEFAULTS[profile]
         dim = build_backbone(SHARED_DEFAULTS[profile]["WARMUP_ARCH"]).feat_dim

@@ -40,9 +40,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .. import artefacts, config
-from ..networks import pick_device
-from ..profiling import three_figures, timed
+from ..rundir import artefacts
+from .. import config
+from ..engine.networks import pick_device
+from ..engine.profiling import three_figures, timed
 from .base import Generator
 
 

@@ -15,7 +15,7 @@ b57fc15; GH920/improved-bagan-gp ``codes/improved_bagan_gp.py`` at 57a2e3a, "BAG
 2. **Class-conditional latent Gaussians** (BAGAN lines 389-403 fit ``np.cov`` and the mean
    of the codes of each class; sampling lines 151-157): fitted on the codes of the images
    of each *conditioning* label (``GEN_LABELS``: pseudo-labels or the oracle, see
-   ``rable_nb.conditioning``). Deviation: the covariance is the Ledoit-Wolf shrinkage
+   ``rable_nb.parts.conditioning``). Deviation: the covariance is the Ledoit-Wolf shrinkage
    estimate (scikit-learn), because a rare class has fewer images than code dimensions (50
    images at ρ = 100, 128 dimensions), where ``np.cov`` is singular; a class with a single
    image gets the pooled within-class covariance.
@@ -64,11 +64,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import config
-from ..networks import pick_device
-from ..profiling import three_figures, timed
-from .fitting import (StepTrainer, TrainedGenerator, bench_report, crop_to, pad_to_multiple,
-                      padded_size, prefixed, time_fit_and_sample, to_signed, to_uint8,
-                      unprefixed)
+from ..engine.networks import pick_device
+from ..engine.profiling import three_figures, timed
+from .fitting import StepTrainer, TrainedGenerator, bench_report, crop_to, pad_to_multiple, padded_size, prefixed, time_fit_and_sample, to_signed, to_uint8, unprefixed
 
 AUTOENCODERS = ("bagan", "scdl")
 BETAS = (0.5, 0.9)

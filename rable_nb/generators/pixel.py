@@ -44,10 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import config
-from ..networks import pick_device
-from ..profiling import three_figures
-from .fitting import (StepFit, TrainedGenerator, bench_report, crop_to, pad_to_multiple,
-                      padded_size, time_fit_and_sample, to_signed, to_uint8)
+from ..engine.networks import pick_device
+from ..engine.profiling import three_figures
+from .fitting import StepFit, TrainedGenerator, bench_report, crop_to, pad_to_multiple, padded_size, time_fit_and_sample, to_signed, to_uint8
 
 SAMPLERS = {"euler": 1, "midpoint": 2, "rk4": 4}  # torchdiffeq method: calls per step
 TIME_SCALE = 999  # t in [0, 1] → the UNet's timestep input

@@ -20,12 +20,13 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .. import config, runfiles
-from ..data import CLASSES
-from ..networks import pick_device
-from ..profiling import three_figures, timed
-from ..tiny_models import TINY as TINY_MODEL
-from ..tiny_models import build_tiny_sd, load_pretrained, resolve_model_id
+from .. import config
+from ..rundir import runfiles
+from ..data.images import CLASSES
+from ..engine.networks import pick_device
+from ..engine.profiling import three_figures, timed
+from ..parts.tiny_models import TINY as TINY_MODEL
+from ..parts.tiny_models import build_tiny_sd, load_pretrained, resolve_model_id
 from .base import Generator
 from .topup import REPORT_TOPUP
 

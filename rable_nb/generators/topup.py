@@ -1,7 +1,7 @@
 """The top-up writer shared by every generator backend, and the readers of its output.
 
 Class c receives ``max(0, T − n_c)`` samples (T = ``TARGET_PER_CLASS``, default n_max; n_c
-counts the *conditioning* labels, see ``rable_nb.conditioning``). Every sample has a fixed
+counts the *conditioning* labels, see ``rable_nb.parts.conditioning``). Every sample has a fixed
 slot (class, k) whose seed derives from (SEED, class, k), so the output does not depend on
 batching or interruptions. ``synthetic/manifest.jsonl`` is the source of truth: the samples
 of a batch are written atomically, then their manifest lines are appended and flushed
@@ -24,10 +24,11 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .. import artefacts, jsonl, longtail
+from ..rundir import artefacts, jsonl
+from ..data import longtail
 from ..config import write_atomic
-from ..longtail import long_tail_counts
-from ..runfiles import MANIFEST, MANIFEST_ROW, SETTINGS, SYNTH_DIR
+from ..data.longtail import long_tail_counts
+from ..rundir.runfiles import MANIFEST, MANIFEST_ROW, SETTINGS, SYNTH_DIR
 from .base import slot_seed
 
 # The report's top-up: n_max − n_c summed over CIFAR-10-LT at IF 0.01 (= 37,594).

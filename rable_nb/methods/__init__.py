@@ -18,7 +18,7 @@ class-balanced by the learner's current labels).
 
 The interface (``base.py``)
 ---------------------------
-The trainer (``rable_nb/engine.py``) owns the network, optimizer, the N×C confidence
+The trainer (``rable_nb/engine/engine.py``) owns the network, optimizer, the N×C confidence
 table ``trainer.conf``, the candidate masks, the data on the device, checkpoints and logs.
 It never looks at a method's name; each step it builds a :class:`base.Batch` and calls
 ``method.step(batch) -> (loss, terms, new_confidences or None)``, then back-propagates,
@@ -66,7 +66,7 @@ Per-image loss weights arrive as ``batch.weight`` (None = plain means; see
 
 Rules that keep a step capturable in a CUDA graph (``GRAPH=True`` records the whole step —
 views, forward, losses, backward, optimizer, confidence update — once and replays it;
-``rable_nb/cuda_graph.py``), checked on CPU by ``tests/test_host_sync.py`` (every name
+``rable_nb/engine/cuda_graph.py``), checked on CPU by ``tests/test_host_sync.py`` (every name
 trained under a guard against host reads; replays simulated against eager training):
 
 - nothing read back to the host inside ``step``: no ``.item()``, ``float(tensor)``,

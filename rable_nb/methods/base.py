@@ -9,10 +9,10 @@ from typing import Callable
 
 import torch
 
-from .. import augment
+from ..engine import augment
 from ._losses import smoothed, soft_cross_entropy
 
-# Views a method can ask for by name (rable_nb/augment.py; the recipe may swap them).
+# Views a method can ask for by name (rable_nb/engine/augment.py; the recipe may swap them).
 VIEWS: dict[str, Callable] = augment.VIEWS
 # What a method trains on: images, or the features of a frozen backbone (see Base.inputs).
 INPUTS = ("images", "features")

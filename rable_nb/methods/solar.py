@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import config
-from ..networks import batched_logits
+from ..engine.networks import batched_logits
 from ._losses import class_counts, updated_confidence, weighted_mean
 from .base import Base, Stage
 

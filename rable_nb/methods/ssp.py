@@ -40,9 +40,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .. import artefacts, config
-from ..augment import random_crop_flip
-from ..networks import build_backbone, standardize, to_unit
+from ..rundir import artefacts
+from .. import config
+from ..engine.augment import random_crop_flip
+from ..engine.networks import build_backbone, standardize, to_unit
 from .able import Able
 
 ROTATIONS = 4

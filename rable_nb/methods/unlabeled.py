@@ -5,7 +5,7 @@ YyzHarry/imbalanced-semi-self).
 
 The modifier changes only the data: it asks for the ``unlabeled`` source, which the
 trainer's data preparation fills with the CIFAR-10 training images the long tail left out,
-every class a candidate, then pseudo-labelled (``rable_nb/unlabeled.py`` states the rule).
+every class a candidate, then pseudo-labelled (``rable_nb/parts/unlabeled.py`` states the rule).
 The base method's step is unchanged, so ``able+unlabeled``, ``ssp+unlabeled``,
 ``corr+unlabeled+records`` … compose as usual. ``supervised`` is refused: it trains on
 the hidden labels, which unlabeled images must not give away.
