@@ -38,16 +38,17 @@ NOTEBOOK_DIR = config.PROJECT_ROOT / "notebooks"
 # The main job (``python -m rable_nb run`` without --profile, what scripts/run.sh runs): the
 # quick profile's short-budget recipe on the real long tail (CIFAR-10-LT, rho = 100, uniform
 # q = 0.3): ABLE, ABLE rebalanced with a static copy top-up to 1,000 images per class, and
-# the best dynamic arm (PRODEN + mixup with each epoch's batches drawn class-balanced by its
-# current labels, +drs: 51.90 % against +drs on ABLE's 48.28 % at 10 epochs, seed 0,
-# docs/dynamic-rebalancing.md), then the prediction grids, t-SNE and the demo. Cut to fit 20 minutes on a 2-core CPU: 10 epochs
-# and a mini_cnn audit judge (idle, at 25 epochs ABLE alone took 10.1 min and the small_cnn
-# judge 6 min; the cut job 15.1 min: docs/quick-profile.md#the-main-job).
+# the best dynamic arm (PRODEN + mixup, each epoch's batches drawn class-balanced by its
+# current labels: 51.90 % against 48.28 for +drs on ABLE at 10 epochs, seed 0,
+# results/quick-cpu/d4-main-arms), then the prediction grids, t-SNE and the demo. Cut to
+# fit 20 minutes on a 2-core CPU: 10 epochs and a mini_cnn audit judge (idle, at 25 epochs
+# ABLE alone took 10.1 min and the small_cnn judge 6 min; docs/quick-profile.md#the-main-job).
 # Any --only / -p given replaces or joins these; --profile smoke|quick|paper runs that
 # profile's every notebook, as before.
 MAIN_JOB = dict(profile="quick", only="00,01,03,04,05,06,07", out="runs/main",
                 params=dict(PARTIAL="uniform", Q=0.3, GENERATOR="copy", TARGET_PER_CLASS=1000,
-                            METHODS=["able", "rable", "proden+mixup+drs"], EPOCHS=10, AUDIT_JUDGE_ARCH="mini_cnn"))
+                            METHODS=["able", "rable", "proden+mixup+drs"], EPOCHS=10,
+                            AUDIT_JUDGE_ARCH="mini_cnn"))
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 KERNEL_LOG = "kernel.log"
 
