@@ -30,6 +30,11 @@ FAST = dict(SEED=0, DEVICE="cpu", TARGET_PER_CLASS=TARGET, FEATURE_HIDDEN=16, FE
 PARAMS = {**rebalance.PROFILE_DEFAULTS["smoke"], **FAST, "GENERATOR": "feature"}
 
 
+def _settings(kind: str, params: dict):
+    """Conditioning settings of ``params`` with ``GEN_LABELS=kind``."""
+    return conditioning.ConditioningSettings.from_params({**params, "GEN_LABELS": kind})
+
+
 class Stop(Exception):
     pass
 
@@ -135,8 +140,8 @@ def test_pseudo_conditioned_features_never_read_the_hidden_labels(small_long_tai
         monkeypatch.setenv("RABLE_CACHE", str(tmp_path / f"cache-{name}"))  # warm up twice
         run = tmp_path / name
         gen = generators.get("feature")
-        cond, net, info = conditioning.cond_labels("pseudo", {**ds, "labels": labels}, x, cifar,
-                                                   P, "cpu", need_net=True)
+        cond, net, info = conditioning.cond_labels(
+            {**ds, "labels": labels}, x, cifar, _settings("pseudo", P), "cpu", need_net=True)
         fit_x = gen.fit_inputs(x, net, run, info["warmup"])
         assert fit_x.shape == (len(x), net.backbone.feat_dim)
         gen.fit(fit_x, cond, np.bincount(cond, minlength=10), P, run)
@@ -148,7 +153,8 @@ def test_pseudo_conditioned_features_never_read_the_hidden_labels(small_long_tai
     assert len(ra) > 0 and (ya == yb).all() and (xa == xb).all()
     assert [(r["file"], r["seed"]) for r in ra] == [(r["file"], r["seed"]) for r in rb]
     # oracle conditioning still trains the warm-up: its network is the backbone
-    labels, net, info = conditioning.cond_labels("oracle", ds, x, cifar, P, "cpu", need_net=True)
+    labels, net, info = conditioning.cond_labels(ds, x, cifar, _settings("oracle", P), "cpu",
+                                                 need_net=True)
     assert (labels == ds["labels"]).all() and net is not None and "warmup" in info
     with pytest.raises(ValueError, match="backbone"):
         generators.get("feature").fit_inputs(x, None, tmp_path)

@@ -97,8 +97,9 @@ def test_rules_read_no_hidden_label_and_record_their_purity(small_long_tail, tmp
     P = dict(WARMUP_ARCH="tiny_cnn", WARMUP_EPOCHS=1, WARMUP_BATCH=32, WARMUP_LR=0.01,
              LABEL_RULE="sinkhorn", LABEL_EPS=0.1)
     shuffled = {**ds, "labels": np.random.default_rng(1).permutation(ds["labels"])}
-    a, _, info = conditioning.cond_labels("pseudo", ds, x, cifar, P, "cpu")
-    b, _, _ = conditioning.cond_labels("pseudo", shuffled, x, cifar, P, "cpu")
+    settings = conditioning.ConditioningSettings.from_params({**P, "GEN_LABELS": "pseudo"})
+    a, _, info = conditioning.cond_labels(ds, x, cifar, settings, "cpu")
+    b, _, _ = conditioning.cond_labels(shuffled, x, cifar, settings, "cpu")
     assert (a == b).all() and ds["candidates"][np.arange(len(a)), a].all()
     assert info["rule"] == {"LABEL_RULE": "sinkhorn", "LABEL_EPS": 0.1}
     assert sum(info["estimated_counts"]) == pytest.approx(len(x), abs=10)

@@ -41,6 +41,7 @@ rule. No figure of closest pairs exists for them (a feature vector is not an ima
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -197,7 +198,29 @@ def _summary(syn_y, keep, s_feat, s_pred, s_dist, s_near, test_y, t_feat, t_pred
                               distance=float(s_dist[i]), label=int(sy[i])) for i in closest])
 
 
-def run(run_dir, cifar, ds, params: dict, device: str = "auto") -> dict:
+@dataclass(frozen=True)
+class AuditSettings:
+    """The audit's settings, read once from notebook 03's parameters (:meth:`from_params`):
+    the seed of its picks, the test images per class, the samples audited per class (None:
+    all) and the image judge (``AUDIT_JUDGE_*``, else the clean classifier's ``CLEAN_*``)."""
+    seed: int
+    test_per_class: int
+    judge_arch: str
+    judge_epochs: int
+    per_class: int | None = None
+    clean_per_class: int | None = None
+
+    @classmethod
+    def from_params(cls, params: dict) -> AuditSettings:
+        return cls(seed=int(params.get("SEED") or 0),
+                   test_per_class=params["N_TEST_PER_CLASS"],
+                   judge_arch=params.get("AUDIT_JUDGE_ARCH") or params["CLEAN_ARCH"],
+                   judge_epochs=params.get("AUDIT_JUDGE_EPOCHS") or params["CLEAN_EPOCHS"],
+                   per_class=params.get("AUDIT_PER_CLASS") or None,
+                   clean_per_class=params.get("CLEAN_PER_CLASS") or None)
+
+
+def run(run_dir, cifar, ds, settings: AuditSettings, device: str = "auto") -> dict:
     """Audit ``run_dir/synthetic``: images with the profile's judge, features (the
     ``feature`` backend) in the run's backbone feature space. Writes
     ``synthetic/audit.json`` (``space``: 'image' or 'feature'), ``fig-audit.png``,
@@ -213,13 +236,12 @@ def run(run_dir, cifar, ds, params: dict, device: str = "auto") -> dict:
     from ..rundir.runfiles import describe, load_synthetic, read_settings, synthetic_space
 
     run_dir = Path(run_dir)
-    seed = params.get("SEED") or 0
+    seed, per_class = settings.seed, settings.per_class
     syn_x, syn_y, _ = load_synthetic(run_dir)
-    test = longtail.balanced_subset(cifar.test_y, params["N_TEST_PER_CLASS"], seed)
+    test = longtail.balanced_subset(cifar.test_y, settings.test_per_class, seed)
     train_x, test_x, test_y = cifar.train_x[ds["indices"]], cifar.test_x[test], cifar.test_y[test]
-    settings = read_settings(run_dir)
+    recorded = read_settings(run_dir)
     space = synthetic_space(run_dir)
-    per_class = params.get("AUDIT_PER_CLASS") or None
     figures = {}
     if space == "feature":
         net, meta = backbone.load_backbone(run_dir, device)
@@ -230,15 +252,14 @@ def run(run_dir, cifar, ds, params: dict, device: str = "auto") -> dict:
                                cifar.classes, per_class, seed, device)
     else:
         judge, judge_info = candidates.clean_classifier(
-            cifar, params.get("AUDIT_JUDGE_ARCH") or params["CLEAN_ARCH"],
-            params.get("AUDIT_JUDGE_EPOCHS") or params["CLEAN_EPOCHS"], seed, device,
-            params.get("CLEAN_PER_CLASS") or None)
+            cifar, settings.judge_arch, settings.judge_epochs, seed, device,
+            settings.clean_per_class)
         result = audit(syn_x, syn_y, train_x, ds["labels"], test_x, test_y, judge,
                        cifar.classes, per_class, seed, device)
-    result = dict(generator=settings.get("generator"), cond_labels=settings.get("cond_labels"),
+    result = dict(generator=recorded.get("generator"), cond_labels=recorded.get("cond_labels"),
                   space=space, judge=judge_info, **result)
     config.write_json(run_dir / "synthetic" / "audit.json", result)
-    title = f"synthetic-data audit: {describe(settings)}"
+    title = f"synthetic-data audit: {describe(recorded)}"
     figures["fig-audit.png"] = audit_figure(result, cifar.classes, title)
     figures["fig-audit-confusion.png"] = confusion_figure(result, cifar.classes, title)
     if space != "feature":

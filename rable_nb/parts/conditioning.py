@@ -32,6 +32,7 @@ warm-up's pseudo-labels instead of true labels.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -67,53 +68,72 @@ def validate(params: dict) -> None:
                           "LABEL_KEEP": config.number(0, 1, low_open=True)})
 
 
-def cond_labels(kind: str, ds: dict, train_x, cifar, params: dict, device: str = "auto",
+@dataclass(frozen=True)
+class ConditioningSettings:
+    """What the conditioning labels depend on, read once from notebook 03's parameters
+    (:meth:`from_params`): the source (``GEN_LABELS``), the warm-up behind pseudo-labels,
+    the assignment rule (``LABEL_RULE`` and the one setting it reads, ``LABEL_KEEP``) and
+    whether a sample filter needs the warm-up's network (``SYNTH_FILTER``)."""
+    kind: str
+    warmup: WarmupSettings
+    rule: str = "confidence"
+    tau: float = 1.0           # LABEL_TAU ('adjusted')
+    eps: float = 0.1           # LABEL_EPS ('sinkhorn')
+    keep: float = 1.0          # LABEL_KEEP: the most confident share kept
+    synth_filter: str = "none"
+
+    @classmethod
+    def from_params(cls, params: dict) -> ConditioningSettings:
+        keep = params.get("LABEL_KEEP")
+        return cls(kind=params["GEN_LABELS"], warmup=WarmupSettings.from_params(params),
+                   rule=params.get("LABEL_RULE") or "confidence",
+                   tau=1.0 if params.get("LABEL_TAU") is None else float(params["LABEL_TAU"]),
+                   eps=float(params.get("LABEL_EPS") or 0.1),
+                   keep=1.0 if keep is None else float(keep),
+                   synth_filter=filter_mode(params.get("SYNTH_FILTER")))
+
+    def rule_record(self) -> dict:
+        """The assignment rule and the setting it reads (recorded in synthetic/settings.json)."""
+        out = {"LABEL_RULE": self.rule}
+        if self.rule == "adjusted":
+            out["LABEL_TAU"] = self.tau
+        elif self.rule == "sinkhorn":
+            out["LABEL_EPS"] = self.eps
+        if self.keep < 1:
+            out["LABEL_KEEP"] = self.keep
+        return out
+
+
+def cond_labels(ds: dict, train_x, cifar, settings: ConditioningSettings, device: str = "auto",
                 need_net: bool = False):
-    """(conditioning labels, warm-up network or None, info) for ``GEN_LABELS=kind``.
+    """(conditioning labels, warm-up network or None, info) for ``settings.kind``.
 
     ``'pseudo'`` reads only images and candidate sets; ``'oracle'`` returns ``ds['labels']``.
     The warm-up also runs for ``'oracle'`` when ``SYNTH_FILTER`` or ``need_net`` (the
     ``feature`` backend's backbone) needs its network.
     """
+    kind = settings.kind
     validate({"GEN_LABELS": kind})
     net, info = None, {"gen_labels": kind}
-    if kind == "pseudo" or filter_mode(params.get("SYNTH_FILTER")) != "none" or need_net:
-        pseudo, net, wi = warmup(train_x, ds["candidates"], cifar,
-                                 WarmupSettings.from_params(params), device)
+    if kind == "pseudo" or settings.synth_filter != "none" or need_net:
+        pseudo, net, wi = warmup(train_x, ds["candidates"], cifar, settings.warmup, device)
         info["warmup"] = wi
     if kind == "pseudo":
-        info["rule"] = rule = rule_settings(params)
+        info["rule"] = rule = settings.rule_record()
         if rule != {"LABEL_RULE": "confidence"}:
             logits = batched_logits(net, train_x).float().cpu().numpy()
             prior = labelrules.estimate_prior(logits, ds["candidates"])
             info["estimated_counts"] = np.round(prior * len(train_x)).astype(int).tolist()
             info["confidence_labels"] = pseudo  # today's rule, shown beside the chosen one
-            how = dict(tau=rule_tau(params), prior=prior, eps=rule.get("LABEL_EPS", 0.1))
+            how = dict(tau=settings.tau, prior=prior, eps=settings.eps)
             every, score = labelrules.labelled(rule["LABEL_RULE"], logits, ds["candidates"],
                                                pseudo, **how)
             info["assigned_counts"] = np.bincount(every, minlength=ds["candidates"].shape[1]
                                                   ).tolist()  # the plan counts them all
-            pseudo = labelrules.keep_confident(every, score, rule.get("LABEL_KEEP", 1.0))
+            pseudo = labelrules.keep_confident(every, score, settings.keep)
     labels = pseudo if kind == "pseudo" else np.asarray(ds["labels"])
     info["sha1"] = hashlib.sha1(np.ascontiguousarray(labels, np.int64).tobytes()).hexdigest()
     return labels, net, info
-
-
-def rule_tau(params: dict) -> float:
-    return 1.0 if params.get("LABEL_TAU") is None else float(params["LABEL_TAU"])
-
-
-def rule_settings(params: dict) -> dict:
-    """The assignment rule and the setting it reads (recorded in synthetic/settings.json)."""
-    rule = params.get("LABEL_RULE") or "confidence"
-    out = {"LABEL_RULE": rule}
-    if rule == "adjusted":
-        out["LABEL_TAU"] = rule_tau(params)
-    elif rule == "sinkhorn":
-        out["LABEL_EPS"] = float(params.get("LABEL_EPS") or 0.1)
-    if params.get("LABEL_KEEP") is not None and params["LABEL_KEEP"] < 1:
-        out["LABEL_KEEP"] = float(params["LABEL_KEEP"])
-    return out
 
 
 def accuracy(cond, truth, num_classes: int) -> dict:

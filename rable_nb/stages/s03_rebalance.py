@@ -131,7 +131,8 @@ def run(P: dict, cifar, ds: dict) -> dict:
     real_x = cifar.train_x[ds["indices"]]
     gen = generators.get(P["GENERATOR"])
     cond, warm_net, cond_info = conditioning.cond_labels(
-        P["GEN_LABELS"], ds, real_x, cifar, P, P["DEVICE"], need_net=gen.space == "feature")
+        ds, real_x, cifar, conditioning.ConditioningSettings.from_params(P), P["DEVICE"],
+        need_net=gen.space == "feature")
     cond_info["accuracy"] = conditioning.accuracy(cond, ds["labels"], cifar.num_classes)
     if "confidence_labels" in cond_info:  # today's rule beside the chosen one (report only)
         cond_info["accuracy_confidence"] = conditioning.accuracy(
@@ -164,7 +165,8 @@ def run(P: dict, cifar, ds: dict) -> dict:
             raise RuntimeError(f"{run_dir / 'synthetic'}: the top-up is incomplete "
                                f"({(counts + synth).tolist()} per class for target {target}).")
         if synth.sum():
-            result["audit"] = audit.run(run_dir, cifar, ds, P, P["DEVICE"])
+            result["audit"] = audit.run(run_dir, cifar, ds, audit.AuditSettings.from_params(P),
+                                        P["DEVICE"])
     return result
 
 
