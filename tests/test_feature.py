@@ -18,6 +18,7 @@ from rable_nb.rundir import jsonl, runfiles
 from rable_nb.data import longtail
 from rable_nb.stages import s03_rebalance as rebalance, s04_training as training
 from rable_nb.generators import feature
+from test_conditioning import conditioning_settings
 from rable_nb.methods import Outputs
 from rable_nb.engine.networks import PLLNet
 
@@ -28,11 +29,6 @@ TARGET, PLANNED = 8, {1: 2, 2: 5}
 FAST = dict(SEED=0, DEVICE="cpu", TARGET_PER_CLASS=TARGET, FEATURE_HIDDEN=16, FEATURE_DEPTH=1,
             FEATURE_STEPS=4, FEATURE_BATCH=8, FEATURE_CHECKPOINT_EVERY=2, FEATURE_SAMPLE_STEPS=3)
 PARAMS = {**rebalance.PROFILE_DEFAULTS["smoke"], **FAST, "GENERATOR": "feature"}
-
-
-def _settings(kind: str, params: dict):
-    """Conditioning settings of ``params`` with ``GEN_LABELS=kind``."""
-    return conditioning.ConditioningSettings.from_params({**params, "GEN_LABELS": kind})
 
 
 class Stop(Exception):
@@ -141,7 +137,8 @@ def test_pseudo_conditioned_features_never_read_the_hidden_labels(small_long_tai
         run = tmp_path / name
         gen = generators.get("feature")
         cond, net, info = conditioning.cond_labels(
-            {**ds, "labels": labels}, x, cifar, _settings("pseudo", P), "cpu", need_net=True)
+            {**ds, "labels": labels}, x, cifar, conditioning_settings("pseudo", P), "cpu",
+            need_net=True)
         fit_x = gen.fit_inputs(x, net, run, info["warmup"])
         assert fit_x.shape == (len(x), net.backbone.feat_dim)
         gen.fit(fit_x, cond, np.bincount(cond, minlength=10), P, run)
@@ -153,7 +150,8 @@ def test_pseudo_conditioned_features_never_read_the_hidden_labels(small_long_tai
     assert len(ra) > 0 and (ya == yb).all() and (xa == xb).all()
     assert [(r["file"], r["seed"]) for r in ra] == [(r["file"], r["seed"]) for r in rb]
     # oracle conditioning still trains the warm-up: its network is the backbone
-    labels, net, info = conditioning.cond_labels(ds, x, cifar, _settings("oracle", P), "cpu",
+    labels, net, info = conditioning.cond_labels(ds, x, cifar, conditioning_settings("oracle", P),
+                                                 "cpu",
                                                  need_net=True)
     assert (labels == ds["labels"]).all() and net is not None and "warmup" in info
     with pytest.raises(ValueError, match="backbone"):

@@ -12,6 +12,7 @@ from rable_nb import generators
 from rable_nb.stages import s03_rebalance as rebalance, s04_training as training
 from rable_nb.rundir import runfiles
 from rable_nb.engine.networks import PLLNet
+from test_conditioning import conditioning_settings
 
 PRIOR = np.array([0.5, 0.25, 0.12, 0.08, 0.05])
 
@@ -97,7 +98,7 @@ def test_rules_read_no_hidden_label_and_record_their_purity(small_long_tail, tmp
     P = dict(WARMUP_ARCH="tiny_cnn", WARMUP_EPOCHS=1, WARMUP_BATCH=32, WARMUP_LR=0.01,
              LABEL_RULE="sinkhorn", LABEL_EPS=0.1)
     shuffled = {**ds, "labels": np.random.default_rng(1).permutation(ds["labels"])}
-    settings = conditioning.ConditioningSettings.from_params({**P, "GEN_LABELS": "pseudo"})
+    settings = conditioning_settings("pseudo", P)
     a, _, info = conditioning.cond_labels(ds, x, cifar, settings, "cpu")
     b, _, _ = conditioning.cond_labels(shuffled, x, cifar, settings, "cpu")
     assert (a == b).all() and ds["candidates"][np.arange(len(a)), a].all()
